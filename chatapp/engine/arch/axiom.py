@@ -1,0 +1,155 @@
+"""Axiom-Dense (user-anto): pre-norm GQA transformer with interleaved RoPE and a SwiGLU FFN.
+
+Spec: shared/specs/axiom.md. Checked against: github user-anto/Axiom-Dense-380M model.py @ b21f4004
+(fixtures/axiom: full-forward logits, cached step logits, greedy ids).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import RMSNorm, apply_rope_interleaved, causal_attention, rope_angles, rope_frequencies
+from ..state import KVState, StateList
+from .base import ArchArgs, ArchModel
+
+
+@dataclass
+class ModelArgs(ArchArgs):
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    ffn_dim_multiplier: float = 2.6667
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        self.head_dim = self.dim // self.n_heads
+        # The authors truncate, then round the FFN width up to a multiple of 256 (spec §2.2).
+        self.ffn_dim = (int(self.dim * self.ffn_dim_multiplier) + 255) // 256 * 256
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+        self.wqkv = nn.Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=False)
+        self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVState | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
+        q = apply_rope_interleaved(q.view(b, t, self.n_heads, hd), cos, sin)  # [B, T, H, D]
+        k = apply_rope_interleaved(k.view(b, t, self.n_kv, hd), cos, sin)  # [B, T, Hkv, D]
+        v = v.view(b, t, self.n_kv, hd)
+        if kv is not None:
+            k_all, v_all = kv.update(k, v)  # [B, Hkv, L, D]
+        else:
+            k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
+        return self.wo(causal_attention(q, k_all, v_all).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.ffn_dim = a.ffn_dim
+        self.w13 = nn.Linear(a.dim, 2 * a.ffn_dim, bias=False)  # gate | up, fused by sanitize
+        self.w2 = nn.Linear(a.ffn_dim, a.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.ffn_dim, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(a.dim, a.norm_eps)
+        self.attn = Attention(a)
+        self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
+        self.ffn = FeedForward(a)
+
+    def forward(self, x, cos, sin, kv):
+        h = x + self.attn(self.attn_norm(x), cos, sin, kv)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Model(ArchModel):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        # Tied to embed unless the checkpoint carries a different head (sanitize decides).
+        self.lm_head: nn.Linear | None = None
+        self._inv_freq: torch.Tensor | None = None
+
+    @property
+    def max_context(self) -> int:
+        # Trained on 1,024-token windows; positions beyond were never seen (spec §4).
+        return self.args.max_seq_len
+
+    def forward(self, ids: torch.Tensor, state: StateList | None = None, last_only: bool = False) -> torch.Tensor:
+        t = ids.shape[1]
+        start = 0
+        if state is not None:
+            state.check_room(t)
+            start = state.length
+        if self._inv_freq is None or self._inv_freq.device != ids.device:
+            self._inv_freq = rope_frequencies(self.args.head_dim, self.args.rope_theta, ids.device)
+        cos, sin = rope_angles(torch.arange(start, start + t, device=ids.device), self._inv_freq)
+        x = self.embed(ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, state[i] if state is not None else None)
+        if state is not None:
+            state.advance(t)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
+        return F.linear(x, head).float()
+
+    def make_state(self, max_len: int, device, dtype) -> StateList:
+        a = self.args
+        return StateList([KVState(max_len, a.n_kv_heads, a.head_dim, device, dtype) for _ in range(a.n_layers)],
+                         max_len=max_len)
+
+    def sanitize(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # A save_pretrained export would prefix every key with "model." (spec §2.3).
+        weights = {k.removeprefix("model."): v for k, v in weights.items()}
+        # Stored RoPE tables are recomputed, never trusted.
+        weights.pop("rope_cos", None)
+        weights.pop("rope_sin", None)
+        # The export stores the tied head twice; keep one copy unless they really differ.
+        head = weights.pop("lm_head.weight", None)
+        if head is not None and "embed.weight" not in weights:
+            weights["embed.weight"] = head
+        elif head is not None and not _same(head, weights["embed.weight"]):
+            warnings.warn("lm_head.weight differs from embed.weight; using it as an untied head")
+            self.lm_head = nn.Linear(self.args.dim, self.args.vocab_size, bias=False, device=head.device)
+            weights["lm_head.weight"] = head
+        for i in range(self.args.n_layers):
+            p = f"layers.{i}."
+            # q | k | v fused into one matmul.
+            if p + "attn.wq.weight" in weights:
+                weights[p + "attn.wqkv.weight"] = torch.cat(
+                    [weights.pop(p + f"attn.{n}.weight") for n in ("wq", "wk", "wv")])
+            # gate (w1) | up (w3) fused into one matmul.
+            if p + "ffn.w1.weight" in weights:
+                weights[p + "ffn.w13.weight"] = torch.cat(
+                    [weights.pop(p + "ffn.w1.weight"), weights.pop(p + "ffn.w3.weight")])
+        return weights
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.is_meta or b.is_meta:
+        return a.shape == b.shape
+    return a.shape == b.shape and torch.equal(a, b)

@@ -1,0 +1,111 @@
+"""What every architecture file shares: config parsing, the control record, the model base class."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..api import ControlSpec
+from ..state import StateList
+
+__all__ = ["ArchArgs", "ControlSpec", "ArchModel", "arch_module", "ARCHITECTURES", "UnknownArchitecture"]
+
+# model_type -> module under engine/arch. Aliases map other spellings seen in configs.
+ARCHITECTURES = {
+    "axiom": "axiom",
+    "odinnext": "odinnext",
+    "genesis": "genesis",
+    "huginn_raven": "huginn_raven",
+    "spike_whale": "spike_whale",
+}
+ALIASES = {"raven": "huginn_raven", "spikewhale": "spike_whale"}
+
+
+class UnknownArchitecture(ValueError):
+    """The model_type names no architecture this engine implements (exit code 2 in the CLI)."""
+
+
+def arch_module(model_type: str):
+    """Import engine/arch/<model_type>.py; raise UnknownArchitecture if it does not exist."""
+    name = ALIASES.get(model_type, model_type)
+    if name not in ARCHITECTURES:
+        raise UnknownArchitecture(
+            f"unknown model_type {model_type!r}; smollchat implements: {', '.join(sorted(ARCHITECTURES))}")
+    try:
+        return importlib.import_module(f"{__package__}.{ARCHITECTURES[name]}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.endswith(f"arch.{ARCHITECTURES[name]}"):
+            raise UnknownArchitecture(
+                f"architecture {name!r} is not implemented in this version of smollchat yet") from None
+        raise
+
+
+@dataclasses.dataclass
+class ArchArgs:
+    """Base for each architecture's ModelArgs: the dataclass fields are the config keys it reads."""
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **options: Any):
+        """Build from a config dict. Keys that are not fields are ignored (configs carry training
+        settings); `options` (the catalog's reading options) override config values."""
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        merged = {k: v for k, v in config.items() if k in names}
+        unknown = set(options) - names
+        if unknown:
+            raise ValueError(f"{cls.__module__.rsplit('.', 1)[-1]}: unknown option(s) {', '.join(sorted(unknown))}")
+        merged.update(options)
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.init and f.name not in merged
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"config.json lacks required key(s): {', '.join(missing)}")
+        return cls(**merged)
+
+
+class ArchModel(nn.Module):
+    """Base of every architecture's Model.
+
+    Subclasses define `forward(ids [B, T], state: StateList | None) -> logits [B, T, V]`,
+    `make_state`, `sanitize` and, where they have them, `CONTROLS` and `OPTIONS`.
+    """
+
+    #: Compute controls the UI renders (Huginn's recurrence); empty for most models.
+    CONTROLS: tuple[ControlSpec, ...] = ()
+    #: Named reading options for uncertain architecture facts (OdinNext): name -> choices.
+    OPTIONS: dict[str, tuple[Any, ...]] = {}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.controls: dict[str, Any] = {c.name: c.default for c in self.CONTROLS}
+        #: Recurrence steps the last forward used per position, where the architecture has them.
+        self.last_steps: int | None = None
+
+    def set_controls(self, values: dict[str, Any] | None) -> None:
+        """Validate and apply control values (unknown names raise ValueError)."""
+        specs = {c.name: c for c in self.CONTROLS}
+        for k, v in (values or {}).items():
+            if k not in specs:
+                known = ", ".join(specs) or "none"
+                raise ValueError(f"unknown control {k!r} for this architecture (controls: {known})")
+            self.controls[k] = specs[k].coerce(v)
+
+    def make_state(self, max_len: int, device, dtype) -> StateList:
+        raise NotImplementedError
+
+    @staticmethod
+    def sanitize(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return weights
+
+    def post_load(self, device: torch.device) -> None:
+        """Called after the weights are assigned: rebuild derived tables (never stored) here."""
+
+    @property
+    def max_context(self) -> int:
+        """The most tokens the model was trained to see."""
+        raise NotImplementedError
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())

@@ -1,0 +1,92 @@
+"""Pieces shared by two or more architectures: RMSNorm variants, RoPE layouts, SwiGLU, cached attention.
+
+Layout is [B, T, H, D] throughout.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = w * cast(x * rsqrt(mean(x^2) + eps)), normalised in fp32.
+
+    `zero_centered=True` stores w around 0 and applies (1 + w) (Gemma/Genesis/OdinNext style).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, zero_centered: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.zero_centered = zero_centered
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, self.zero_centered)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, zero_centered: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dim; the weight multiplies after the cast back (Llama/Axiom order)."""
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    if weight is None:
+        return y
+    return y * (1.0 + weight) if zero_centered else y * weight
+
+
+def rope_frequencies(dim: int, theta: float, device=None) -> torch.Tensor:
+    """inv_freq_j = 1 / theta^(2j/dim), j < dim/2, in fp32."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+
+
+def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of positions (int [T]) x inv_freq ([D/2]) as fp32 [T, D/2]."""
+    ang = torch.outer(positions.to(torch.float32), inv_freq)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2j], x[2j+1]) by the angles; x [B, T, H, D], cos/sin [T, D/2]. Computed in fp32."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[j], x[j + D/2]) (HF-Llama "rotate_half" layout); shapes as above."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    x0, x1 = xf[..., :half], xf[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).to(x.dtype)
+
+
+def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x))."""
+    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Attention of T new queries over L cached keys (the last T of which are the queries' own).
+
+    q [B, T, H, D]; k, v [B, H_kv, L, D] with H a multiple of H_kv (query head h uses kv head
+    h // (H / H_kv)). The causal mask is aligned bottom-right, so a multi-token chunk appended to a
+    cache sees the whole prefix. Returns [B, T, H, D].
+    """
+    t, length = q.shape[1], k.shape[2]
+    rep = q.shape[2] // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    qh = q.transpose(1, 2)
+    if t == 1:
+        o = F.scaled_dot_product_attention(qh, k, v, scale=scale)
+    elif t == length:
+        o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale)
+    else:
+        i = torch.arange(t, device=q.device)[:, None] + (length - t)
+        mask = torch.arange(length, device=q.device)[None, :] <= i
+        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale)
+    return o.transpose(1, 2)

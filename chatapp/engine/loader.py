@@ -1,0 +1,198 @@
+"""config + safetensors -> Model, strictly.
+
+Weights load from `*.safetensors` only (never pickle), tensor by tensor, cast to the target dtype as
+they are read, so a large F32 checkpoint never sits in memory twice. After the architecture's
+`sanitize`, every expected tensor must be present with its shape and a floating dtype, and no other
+tensor may remain; anything else is a `LoadError` that names the tensor.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .arch.base import ArchModel, UnknownArchitecture, arch_module
+
+GENESIS_META_KEY = "genesis_config_json"
+INDEX_NAME = "model.safetensors.index.json"
+
+__all__ = ["LoadError", "UnknownArchitecture", "read_config", "safetensors_files", "build_model",
+           "load_model", "check_inventory", "resolve_dtype", "resolve_device"]
+
+
+class LoadError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message says what is wrong and what to do."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LoadError("--device cuda was asked for, but this torch build sees no CUDA device; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu",
+                  cpu_default: str = "float32") -> torch.dtype:
+    """bf16 on CUDA; on CPU the catalog's choice (fp32 unless it says otherwise)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.device(device).type == "cuda" else cpu_default
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise LoadError(f"unknown dtype {dtype!r}; use auto, float32 or bfloat16")
+    return names[dtype]
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's shard files: from the index when there is one, else every *.safetensors."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise LoadError(f"{index} is not a valid safetensors index ({e}); re-download the model") from None
+        files = sorted({model_dir / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise LoadError(f"{model_dir} lacks shard(s) {', '.join(missing)} named by {INDEX_NAME}; "
+                            "re-run `smollchat download` to fetch them")
+        return files
+    # golden.safetensors sits beside the weights in fixture directories; it is never a weight file.
+    files = [p for p in sorted(model_dir.glob("*.safetensors")) if p.name != "golden.safetensors"]
+    if not files:
+        bins = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
+        hint = f" (found {', '.join(bins)}: pickled weights are never loaded)" if bins else ""
+        raise LoadError(f"no *.safetensors file in {model_dir}{hint}")
+    return files
+
+
+def _header(path: Path) -> dict[str, Any]:
+    """Parse a safetensors header and check that the file is as long as the header says."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise LoadError(f"{path} is empty or truncated ({size} bytes); delete it and download again")
+        n = struct.unpack("<Q", raw)[0]
+        if n > size - 8 or n > 100_000_000:
+            raise LoadError(f"{path} is not a safetensors file or is truncated; delete it and download again")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise LoadError(f"{path} has a corrupt safetensors header; delete it and download again") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise LoadError(f"{path} is truncated: {size} bytes on disk, {8 + n + end} expected; "
+                        "delete it and download again (downloads resume)")
+    return header
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """config.json, or the Genesis config stored in the safetensors metadata."""
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "config.json"
+    config: dict[str, Any] | None = None
+    if cfg_path.exists():
+        try:
+            config = json.loads(cfg_path.read_text())
+        except ValueError as e:
+            raise LoadError(f"{cfg_path} is not valid JSON ({e})") from None
+    shards = safetensors_files(model_dir) if any(model_dir.glob("*.safetensors")) else []
+    meta = (_header(shards[0]).get("__metadata__") or {}) if shards else {}
+    if GENESIS_META_KEY in meta:
+        # Genesis carries its config in the weights file; the loader names the architecture.
+        try:
+            config = {**json.loads(meta[GENESIS_META_KEY]), **(config or {})}
+        except ValueError:
+            raise LoadError(f"{shards[0]}: metadata {GENESIS_META_KEY} is not valid JSON") from None
+        config["model_type"] = "genesis"
+    if config is None:
+        raise LoadError(f"{model_dir} has no config.json (and no config in the safetensors metadata)")
+    if config.get("model_type") is None and "n_embd" in config and "gla_expand_k" in config:
+        config["model_type"] = "genesis"
+    if not config.get("model_type"):
+        raise LoadError(f"{cfg_path} has no model_type; pass the architecture with the catalog entry")
+    return config
+
+
+def build_model(config: dict[str, Any], options: dict[str, Any] | None = None,
+                arch: str | None = None, device: torch.device | str = "meta") -> ArchModel:
+    """Instantiate the architecture's Model for a config, with parameters on `device`."""
+    mod = arch_module(arch or config["model_type"])
+    try:
+        args = mod.ModelArgs.from_config(config, **(options or {}))
+    except (TypeError, ValueError) as e:
+        raise LoadError(f"config does not fit architecture {mod.__name__.rsplit('.', 1)[-1]}: {e}") from None
+    with torch.device(device):
+        return mod.Model(args)
+
+
+def check_inventory(model: ArchModel, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sanitize, then check names, shapes and dtypes against the model. Returns the sanitized dict."""
+    try:
+        weights = model.sanitize(dict(weights))
+    except KeyError as e:
+        raise LoadError(f"checkpoint lacks tensor {e.args[0]}") from None
+    expected = {k: v for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing:
+        raise LoadError(f"checkpoint lacks {len(missing)} tensor(s): {', '.join(missing[:6])}"
+                        f"{' ...' if len(missing) > 6 else ''}; is this the right model or a partial download?")
+    if extra:
+        raise LoadError(f"checkpoint has {len(extra)} unexpected tensor(s): {', '.join(extra[:6])}"
+                        f"{' ...' if len(extra) > 6 else ''}; it does not match this architecture/config")
+    for k, ref in expected.items():
+        got = weights[k]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise LoadError(f"tensor {k} has shape {list(got.shape)}, expected {list(ref.shape)} from the config")
+        if ref.is_floating_point() != got.is_floating_point():
+            raise LoadError(f"tensor {k} has dtype {got.dtype}, expected a {'floating' if ref.is_floating_point() else 'integer'} tensor")
+    return weights
+
+
+def _read_tensors(files: list[Path], device: torch.device, dtype: torch.dtype, keep_fp32: set[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        _header(f)
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for name in sf.keys():
+                    t = sf.get_tensor(name)
+                    if t.is_floating_point():
+                        t = t.to(torch.float32 if name in keep_fp32 else dtype)
+                    # Cast before moving, one tensor at a time: no second full copy of the model.
+                    out[name] = t.to(device)
+        except LoadError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise LoadError(f"cannot read {f}: {e}; delete it and download again") from None
+    return out
+
+
+def load_model(model_dir: Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+               options: dict[str, Any] | None = None, arch: str | None = None,
+               config: dict[str, Any] | None = None) -> ArchModel:
+    """Load a model directory strictly. Parameters end up on `device` in `dtype`."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise LoadError(f"model directory {model_dir} does not exist")
+    config = config or read_config(model_dir)
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype, device)
+    model = build_model(config, options, arch)
+    keep = set(getattr(model, "FP32_TENSORS", ()))
+    weights = check_inventory(model, _read_tensors(safetensors_files(model_dir), device, dtype, keep))
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.post_load(device)
+    model.requires_grad_(False)
+    return model.eval()
