@@ -69,6 +69,8 @@ class ChatFormat:
     default_system: str = ""
     #: Strings whose token ids stop generation (special tokens).
     stop: tuple[str, ...] = ()
+    #: Strip surrounding whitespace from message content (Huginn's template does).
+    trim_content: bool = False
 
 
 @dataclass(frozen=True)

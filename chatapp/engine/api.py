@@ -129,6 +129,8 @@ class Done:
     """The end of one generation.
 
     stop_reason is one of "eos" | "stop_string" | "max_tokens" | "cancelled" | "context_full".
+    `text` is streamed text held back until the end (a partial stop string that never completed,
+    or an incomplete UTF-8 sequence); append it to the reply.
     """
 
     stop_reason: str
@@ -139,6 +141,7 @@ class Done:
     decode_tok_s: float
     reused_tokens: int = 0
     detail: str = ""
+    text: str = ""
 
 
 STOP_REASONS = ("eos", "stop_string", "max_tokens", "cancelled", "context_full")

@@ -107,5 +107,25 @@ class ArchModel(nn.Module):
         """The most tokens the model was trained to see."""
         raise NotImplementedError
 
+    def _arg(self, *names: str) -> int:
+        for n in names:
+            if hasattr(self.args, n):
+                return int(getattr(self.args, n))
+        raise AttributeError(f"{type(self).__module__}: ModelArgs has none of {names}")
+
+    @property
+    def n_layers(self) -> int:
+        """Layer count (for the UI's same-size-transformer KV comparison)."""
+        return self._arg("n_layers", "num_hidden_layers", "n_layer")
+
+    @property
+    def hidden_size(self) -> int:
+        return self._arg("dim", "hidden_size", "n_embd")
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the output head (may exceed the tokenizer's vocabulary when padded)."""
+        return self._arg("padded_vocab_size", "vocab_size")
+
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())

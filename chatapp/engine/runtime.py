@@ -1,0 +1,208 @@
+"""The engine handle the chat layer holds: a loaded model, its tokenizer and one preallocated state.
+
+`load_engine(entry)` resolves the entry's files (a downloaded snapshot, or the demo checkpoint made
+on first use), loads the model strictly and allocates the state for the whole context once.
+`Engine.generate` reuses whatever the state already holds: a KV cache is trimmed back to the common
+prefix with the new prompt; a recurrent state (which cannot drop tokens) continues when the new
+prompt extends what it absorbed, or restores the snapshot taken at the end of the last prompt
+(regenerate), else starts over.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..catalog import CatalogError, ModelEntry, load_catalog
+from .api import ControlSpec, Done, MemoryReport, SamplingSettings, StepEvent
+from .generate import Timer, decode_loop, prefill
+from .loader import LoadError, load_model, read_config, resolve_device, resolve_dtype
+from .tokenizer import Tokenizer, load_tokenizer
+
+
+class Engine:
+    """A loaded model ready to generate. Fits `api.EngineProtocol`."""
+
+    def __init__(self, model, tokenizer: Tokenizer, entry: ModelEntry, device: torch.device, dtype: torch.dtype,
+                 context_limit: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.entry = entry
+        self.entry_id = entry.id
+        self.device = device
+        self.dtype = dtype
+        self.context_limit = context_limit
+        self.controls: tuple[ControlSpec, ...] = tuple(model.CONTROLS)
+        self.state = model.make_state(context_limit, device, dtype)
+        self._fed: list[int] = []  # ids absorbed by self.state, in order
+        self._prompt_snap: tuple[tuple[int, ...], object, torch.Tensor] | None = None
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+        model.set_controls(entry.controls)
+
+    # Contract.
+    def cancel(self) -> None:
+        """Stop the running generation before its next token."""
+        self._cancel.set()
+
+    def default_settings(self) -> SamplingSettings:
+        return self.entry.sampling()
+
+    def generate(self, ids: list[int], settings: SamplingSettings | None = None,
+                 controls: dict[str, Any] | None = None) -> Iterator[StepEvent | Done]:
+        """Stream a reply to the prompt `ids`; see api.StepEvent / api.Done."""
+        settings = settings or self.default_settings()
+        settings.validate()
+        stop_ids = set(settings.stop_ids) | set(self.tokenizer.stop_ids)
+        self._cancel.clear()
+        with self._lock, torch.inference_mode():
+            start = time.perf_counter()
+            if controls:
+                self.model.set_controls(controls)
+            if not ids:
+                raise ValueError("the prompt is empty")
+            if len(ids) >= self.context_limit:
+                yield Done("context_full", len(ids), 0, 0.0, 0.0, 0.0,
+                           detail=f"the prompt has {len(ids)} tokens; the context holds {self.context_limit}")
+                return
+            budget = min(settings.max_new_tokens, self.context_limit - len(ids))
+            settings = replace(settings, max_new_tokens=max(1, budget))
+            timer = Timer(start)
+            logits, reused = self._prefill(list(ids))
+            timer.prefill_s = time.perf_counter() - start
+            yield from decode_loop(self.model, self.state, logits, list(ids), self.tokenizer, settings, stop_ids,
+                                   self.context_limit, self._cancel, timer, self._fed, reused)
+
+    def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+        """Bring the state to `ids` minus what it already holds; return the next-token logits."""
+        snap = self._prompt_snap
+        if snap is not None and snap[0] == tuple(ids):
+            # Same prompt again (regenerate): restore the state and logits it ended with.
+            self.state.restore(snap[1])
+            self._fed = list(ids)
+            return snap[2].clone(), len(ids)
+        common = 0
+        for a, b in zip(self._fed, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # at least one token must run to produce logits
+        if common < len(self._fed):
+            if self.state.can_trim:
+                self.state.trim(common)
+                self._fed = self._fed[:common]
+            elif snap is not None and len(snap[0]) < len(ids) and tuple(ids[:len(snap[0])]) == snap[0]:
+                self.state.restore(snap[1])
+                self._fed, common = list(snap[0]), len(snap[0])
+            else:
+                self.state.reset()
+                self._fed, common = [], 0
+        logits = prefill(self.model, self.state, ids[common:], self.device)
+        self._fed = list(ids)
+        if not self.state.can_trim:
+            self._prompt_snap = (tuple(ids), self.state.snapshot(), logits.clone())
+        return logits, common
+
+    def reset(self) -> None:
+        """Forget everything the state holds."""
+        self.state.reset()
+        self._fed = []
+        self._prompt_snap = None
+
+    def snapshot(self) -> object:
+        return (list(self._fed), self.state.snapshot())
+
+    def restore(self, snap: object) -> None:
+        fed, state_snap = snap  # type: ignore[misc]
+        self.state.restore(state_snap)
+        self._fed = list(fed)
+
+    def memory(self) -> MemoryReport:
+        b = self.state.bytes()
+        alloc: dict[str, int] = {}
+        if self.device.type == "cuda":
+            alloc = {"allocated": torch.cuda.memory_allocated(self.device),
+                     "reserved": torch.cuda.memory_reserved(self.device),
+                     "peak": torch.cuda.max_memory_allocated(self.device)}
+        else:
+            alloc = {"rss": _rss_bytes()}
+        return MemoryReport(weights=self.model.weight_bytes(), allocated=b.allocated, used=b.used,
+                            context_used=self.state.length, context_limit=self.context_limit,
+                            device=str(self.device), allocator=alloc)
+
+    def info(self) -> dict[str, Any]:
+        """Figures the UI shows beside the model (and needs for the KV "ghost" line)."""
+        return {"model_id": self.entry_id, "name": self.entry.name, "architecture": self.entry.architecture,
+                "n_layers": self.model.n_layers, "hidden_size": self.model.hidden_size,
+                "params": sum(p.numel() for p in self.model.parameters()),
+                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "context_limit": self.context_limit, "demo": self.entry.demo}
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def model_files(entry: ModelEntry) -> Path:
+    """The entry's local directory: the demo checkpoint (made on first use) or the downloaded snapshot."""
+    from . import hub
+
+    if entry.demo:
+        return hub.ensure_demo(entry)
+    d = hub.local_dir(entry)
+    if d is None:
+        raise LoadError(f"{entry.id} is not downloaded yet; run `smollchat download {entry.id}` "
+                        f"(about {entry.source.size_bytes / 1e9:.1f} GB)" if entry.source else
+                        f"{entry.id} is not downloaded yet")
+    return d
+
+
+def entry_for_directory(path: Path, catalog: dict[str, ModelEntry] | None = None) -> ModelEntry:
+    """A catalog-like entry for a local model directory: the chat format and tokenizer of the
+    catalog's (non-demo) entry with the same architecture."""
+    config = read_config(path)
+    arch = config["model_type"]
+    catalog = catalog if catalog is not None else load_catalog()
+    base = next((e for e in catalog.values() if e.architecture == arch and not e.demo), None)
+    if base is None:
+        raise CatalogError(f"{path}: model_type {arch!r} has no catalog entry to take a chat format from")
+    return replace(base, id=str(path), name=f"{base.name} (local: {Path(path).name})", source=None,
+                   extra_sources=(), demo=False, path=Path(path))
+
+
+def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", model_dir: Path | None = None,
+                progress: Callable[[str], None] | None = None) -> Engine:
+    """Load an entry (or a local directory) onto a device; `progress` receives short stage names."""
+    say = progress or (lambda _msg: None)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, entry.cpu_dtype)
+    if dev.type == "cpu" and dt == torch.float16:
+        raise LoadError("float16 is not supported on CPU; use float32 or bfloat16")
+    say("locating files")
+    directory = Path(model_dir) if model_dir else (entry.path if entry.path and entry.path.is_dir() else model_files(entry))
+    say("loading tokenizer")
+    tok_file = None
+    if entry.tokenizer.kind == "hf-json" and not (directory / entry.tokenizer.file).exists() and not entry.demo:
+        from . import hub
+        tok_file = hub.file_path(entry, entry.tokenizer.file)
+    tokenizer = load_tokenizer(entry, directory, tok_file)
+    say("loading weights")
+    model = load_model(directory, dev, dt, options=entry.options)
+    vocab = model.vocab_size
+    too_big = [s for s, i in tokenizer.specials.items() if i >= vocab]
+    if too_big:
+        raise LoadError(f"tokenizer special(s) {too_big} have ids beyond the model's vocabulary ({vocab}); "
+                        "the tokenizer does not belong to this checkpoint")
+    limit = min(entry.context, model.max_context)
+    say("allocating state")
+    return Engine(model, tokenizer, entry, dev, dt, limit)
+
