@@ -103,7 +103,7 @@ def decode_loop(model, state: StateList, logits: torch.Tensor, prompt: list[int]
             break
         if new >= settings.max_new_tokens:
             break
-        if state.length + 1 > context_limit:
+        if len(prompt) + new >= context_limit:
             reason, detail = "context_full", f"the context holds {context_limit} tokens"
             break
         sampler.extend([draw.token_id])

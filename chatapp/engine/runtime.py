@@ -70,8 +70,6 @@ class Engine:
                 yield Done("context_full", len(ids), 0, 0.0, 0.0, 0.0,
                            detail=f"the prompt has {len(ids)} tokens; the context holds {self.context_limit}")
                 return
-            budget = min(settings.max_new_tokens, self.context_limit - len(ids))
-            settings = replace(settings, max_new_tokens=max(1, budget))
             timer = Timer(start)
             logits, reused = self._prefill(list(ids))
             timer.prefill_s = time.perf_counter() - start
