@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
 import sys
 
 import pytest
@@ -130,3 +131,96 @@ def test_dispatch_follows_the_device_and_the_override(monkeypatch):
     monkeypatch.setenv("SMOLLCHAT_OPS", "fast")
     with pytest.raises(ValueError, match="SMOLLCHAT_OPS"):
         gla.backend(cpu)
+
+
+CUDA = torch.cuda.is_available()
+if not CUDA and "triton" not in sys.modules:
+    # Triton picks the interpreter when its own library functions are decorated, i.e. at first import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _interpreted() -> bool:
+    import triton.language.standard as std
+    return type(std.cumsum).__name__ == "InterpretedFunction"
+
+
+@pytest.fixture
+def gla_triton(monkeypatch):
+    """The Triton module and the device its kernels run on (CPU through the interpreter without CUDA)."""
+    pytest.importorskip("triton")
+    if CUDA:
+        return importlib.import_module("chatapp.engine.ops.gla.triton"), "cuda"
+    if not _interpreted():
+        pytest.skip("triton was imported before TRITON_INTERPRET was set; "
+                    "test_triton_paths_in_a_fresh_interpreter runs these tests in a subprocess")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    mod = importlib.import_module("chatapp.engine.ops.gla.triton")
+    if type(mod._gla_step_kernel).__name__ != "InterpretedFunction":
+        mod = importlib.reload(mod)
+    return mod, "cpu"
+
+
+def test_triton_paths_in_a_fresh_interpreter():
+    """Runs the Triton tests in a fresh process when this one imported triton without the interpreter."""
+    pytest.importorskip("triton")
+    if CUDA or _interpreted():
+        pytest.skip("the Triton tests run in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton_"
+                          " and not fresh_interpreter"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout[-1000:]
+
+
+def _on(device, *xs):
+    return [x.to(device) for x in xs]
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("per_head", [False, True], ids=["gate-per-channel", "gate-per-head"])
+@pytest.mark.parametrize("t", [1, 63, 200])
+def test_triton_chunk_matches_naive(gla_triton, t, per_head, dtype):
+    mod, device = gla_triton
+    q, k, v, g, s0 = make_inputs(t, per_head, dtype, b=1, h=2)
+    o_ref, s_ref = oracle(q, k, v, g, s0)
+    # NaN-filled outputs would show any element the kernel forgot to write.
+    o, s = mod.gla_chunk(*_on(device, q, k, v, g), None, s0.to(device))
+    assert o.dtype == dtype and s.dtype == torch.float32
+    assert_close(o.cpu(), o_ref, dtype, "output")
+    assert_close(s.cpu(), s_ref, dtype, "final state")
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("per_head", [False, True], ids=["gate-per-channel", "gate-per-head"])
+@pytest.mark.parametrize("t", [1, 63])
+def test_triton_step_matches_naive(gla_triton, t, per_head, dtype):
+    mod, device = gla_triton
+    q, k, v, g, s0 = make_inputs(t, per_head, dtype, b=1, h=2)
+    o_ref, s_ref = oracle(q, k, v, g, s0)
+    buf = torch.full_like(s0, float("nan")).to(device)
+    o, s = mod.gla_step(*_on(device, q, k, v, g), None, s0.to(device), out_state=buf)
+    assert s is buf
+    assert_close(o.cpu(), o_ref, dtype, "output")
+    assert_close(s.cpu(), s_ref, dtype, "final state")
+
+
+def test_triton_step_in_place_and_without_initial_state(gla_triton):
+    mod, device = gla_triton
+    q, k, v, g, s0 = make_inputs(1, False, torch.float32, b=1, h=2)
+    state = s0.clone().to(device)
+    ptr = state.data_ptr()
+    o, s = mod.gla_step(*_on(device, q, k, v, g), None, state, out_state=state)
+    assert s.data_ptr() == ptr
+    assert_close(state.cpu(), oracle(q, k, v, g, s0)[1], torch.float32, "in-place state")
+    o, s = mod.gla_chunk(*_on(device, q, k, v, g))
+    assert_close(s.cpu(), oracle(q, k, v, g, torch.zeros_like(s0))[1], torch.float32, "zero initial state")
+
+
+def test_triton_chunk_stays_finite_with_gates_far_below_zero(gla_triton):
+    mod, device = gla_triton
+    q, k, v, _, s0 = make_inputs(40, False, torch.float32, b=1, h=1)
+    g = F.logsigmoid(torch.randn(q.shape[:-1] + (32,), generator=torch.Generator().manual_seed(1)) * 30 - 15)
+    o, s = mod.gla_chunk(*_on(device, q, k, v, g), None, s0.to(device))
+    o_ref, s_ref = oracle(q, k, v, g, s0)
+    assert_close(o.cpu(), o_ref, torch.float32, "output")
+    assert_close(s.cpu(), s_ref, torch.float32, "final state")
