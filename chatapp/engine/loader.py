@@ -17,6 +17,8 @@ import torch
 from .arch.base import ArchModel, UnknownArchitecture, arch_module
 
 GENESIS_META_KEY = "genesis_config_json"
+#: A tensor only Genesis checkpoints have (its zero-centred final norm).
+GENESIS_MARKER_TENSOR = "ln_f.omega"
 INDEX_NAME = "model.safetensors.index.json"
 
 __all__ = ["LoadError", "UnknownArchitecture", "read_config", "safetensors_files", "build_model",
@@ -113,6 +115,10 @@ def read_config(model_dir: Path) -> dict[str, Any]:
         except ValueError:
             raise LoadError(f"{shards[0]}: metadata {GENESIS_META_KEY} is not valid JSON") from None
         config["model_type"] = "genesis"
+    elif config is None and shards and GENESIS_MARKER_TENSOR in _header(shards[0]):
+        # A Genesis file without the metadata key: the reference falls back to its genesis_147m preset,
+        # which genesis.ModelArgs applies to a config that names no Genesis key (spec §1).
+        config = {"model_type": "genesis"}
     if config is None:
         raise LoadError(f"{model_dir} has no config.json (and no config in the safetensors metadata)")
     if config.get("model_type") is None and "n_embd" in config and "gla_expand_k" in config:
