@@ -4,8 +4,9 @@ Same arguments and result as `naive.forgetting_attn_naive` (see README.md). Chec
 tests/engine/ops/test_forgetting_attn.py (odd lengths, chunks appended to a cache, GQA, bf16).
 
 Keys stay at their own head count: query heads are grouped per key head, so the cache is never
-expanded. Scores, the gate bias and the softmax are fp32; probabilities are cast to v's dtype for the
-value product, as flash attention does.
+expanded. Scores, the gate bias and the softmax are fp32. Prefill computes entirely in fp32; the decode
+step multiplies in the cache's dtype and casts the probabilities to it for the value product, as flash
+attention does.
 """
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ def forgetting_attn_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: 
     b, t, h, d = q.shape
     length = k.shape[2]
     scale = d ** -0.5 if scale is None else scale
-    c = c.float()
+    out_dtype = v.dtype
+    # CPU bf16 matmuls with many rows are several times slower than fp32 ones (and less exact): upcast.
+    q, k, v, c = q.float(), k.float(), v.float(), c.float()
     outs = []
     for start in range(0, t, QBLOCK):
         end = min(start + QBLOCK, t)
@@ -51,7 +54,7 @@ def forgetting_attn_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: 
         future = torch.arange(hi, device=q.device)[None, :] > pos[:, None]  # [Tq, hi]
         bias = (c[:, :, length - t + start:hi, None] - c[:, :, None, :hi]).masked_fill(future, float("-inf"))
         outs.append(_apply((s + bias).softmax(-1), v[:, :, :hi]))
-    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    return (torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]).to(out_dtype)
 
 
 def forgetting_attn_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor,
