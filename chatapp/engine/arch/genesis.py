@@ -386,6 +386,23 @@ class Model(ArchModel):
             weights.pop(f"metacognition.{name}.weight", None)
         return weights
 
+    def init_demo_weights(self) -> None:
+        """The reference's initialisation (Genesis._init_weights) for the random demo checkpoint: with
+        PyTorch's default N(0, 1) embedding the tied head only echoes the last input token."""
+        a = self.args
+        width = a.n_embd / a.mup_base_width if a.use_mup else 1.0
+        std = 0.02 / math.sqrt(width) if width > 1 else 0.02
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                nn.init.normal_(mod.weight, std=std)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+        nn.init.normal_(self.tok_emb.weight, std=0.02)
+        for block in self.blocks:
+            if block.fox:
+                # The reference's model-wide init zeroes every Linear bias, the forget gate's included.
+                nn.init.zeros_(block.attn.fgate_bias)
+
     def _resize_vocab(self, rows: int) -> None:
         dev = self.tok_emb.weight.device
         self.args.vocab_size = rows
