@@ -315,3 +315,34 @@ def test_chat_rendering_with_the_pythia_tokenizer(fixtures_root):
     # Default system prompt of the reference CLI; no BOS.
     assert tok.render_text([{"role": "user", "content": "x"}]).startswith(
         "<|im_start|>system\nYou are a helpful assistant.\n<|im_end|>\n")
+
+
+def test_demo_entry_streams_through_the_engine_with_a_hybrid_memory_report(tmp_path):
+    # What the demo maker does (seeded model, state_dict, config.json), then the Engine the CLI uses.
+    from chatapp.catalog import get_entry
+    from chatapp.engine.runtime import load_engine
+
+    entry = get_entry("genesis-tiny")
+    torch.manual_seed(entry.demo_seed)
+    demo = build_model(entry.demo_config, device="cpu")
+    demo.init_demo_weights()
+    assert sum(p.numel() for p in demo.parameters()) == entry.params
+    save_file({k: v.contiguous() for k, v in demo.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(entry.demo_config))
+    engine = load_engine(entry, device="cpu", model_dir=tmp_path)
+    ids = engine.tokenizer.render([{"role": "user", "content": "hi"}], system="Be brief.")
+    assert ids[0] == 257 and engine.tokenizer.stop_ids == (258, 256)
+    settings = engine.default_settings().with_overrides(seed=3, max_new_tokens=12)
+    events = list(engine.generate(ids, settings))
+    done = events[-1]
+    assert done.new_tokens == len(events) - 1 and done.stop_reason in ("max_tokens", "eos")
+    mem = engine.memory()
+    a, gdn = engine.model.args, 3
+    # Constant GDN state (fp32 S + q|k|v tails) beside a FoX cache that holds exactly the tokens fed.
+    assert mem.allocated["recurrent"] == mem.used["recurrent"] == gdn * a.n_head * a.dk * a.dv * 4
+    assert mem.used["kv"] == engine.state.length * ((a.n_kv_head + a.n_head) * a.head_dim * 4 + a.n_head * 4)
+    assert engine.state.length == len(ids) + done.new_tokens - 1
+    # Regenerate: the recurrent state cannot trim, so the prompt snapshot is restored and reused.
+    again = list(engine.generate(ids, settings))
+    assert again[-1].reused_tokens == len(ids)
+    assert [e.token_id for e in again[:-1]] == [e.token_id for e in events[:-1]]
