@@ -6,8 +6,10 @@ the generation semantics (TTT off); `logits_ttt` is the reference's scoring forw
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from pathlib import Path
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -346,3 +348,22 @@ def test_demo_entry_streams_through_the_engine_with_a_hybrid_memory_report(tmp_p
     again = list(engine.generate(ids, settings))
     assert again[-1].reused_tokens == len(ids)
     assert [e.token_id for e in again[:-1]] == [e.token_id for e in events[:-1]]
+
+
+def test_fixture_passes_on_the_naive_ops(fx, monkeypatch):
+    monkeypatch.setenv("SMOLLCHAT_OPS", "naive")
+    report = verify(fx)
+    assert report.ok, "\n".join(report.lines())
+
+
+def test_fixture_passes_on_the_triton_kernels(fx):
+    """The GPU path (GLA + FoX Triton kernels) end to end; on CPU through the interpreter, in a fresh process
+    because Triton reads TRITON_INTERPRET when it is first imported."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "SMOLLCHAT_OPS": "triton", "OMP_NUM_THREADS": "1"}
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    res = subprocess.run([sys.executable, "-m", "chatapp", "verify", str(fx)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "greedy_ids           match" in res.stdout and res.stdout.rstrip().endswith("PASS")

@@ -94,21 +94,20 @@ def _forgetting_attn_step_kernel(q, k, v, c, o, scale, L, H,
     tl.store(o + i_b * so_b + i_h * so_h + o_dv, (acc / l_i).to(o.dtype.element_ty), mask=o_dv < DV)
 
 
-def _check(q, k, v, c):
-    b, t, h, d = q.shape
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.stride(-1) != 1:
-            raise ValueError(f"forgetting_attn (triton): {name} needs a contiguous last dimension")
-    if c.stride(-1) != 1 or c.dtype != torch.float32:
-        raise ValueError("forgetting_attn (triton): c must be fp32 with a contiguous last dimension")
+def _prepare(q, k, v, c):
+    """Kernels index the last dimension of every tensor (and c's L) with stride 1; copy only if needed."""
+    h = q.shape[2]
     if h % k.shape[1] or h % v.shape[1]:
         raise ValueError(f"forgetting_attn: {h} query heads cannot share {k.shape[1]} key / {v.shape[1]} value heads")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    c = c if c.dtype == torch.float32 and c.stride(-1) == 1 else c.float().contiguous()
+    return q, k, v, c
 
 
 def forgetting_attn_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor,
                           scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Prefill: q [B, T, H, D] over k [B, Hk, L, D], v [B, Hv, L, Dv], c [B, H, L] -> [B, T, H, Dv]."""
-    _check(q, k, v, c)
+    q, k, v, c = _prepare(q, k, v, c)
     b, t, h, d = q.shape
     length, dv = k.shape[2], v.shape[-1]
     scale = d ** -0.5 if scale is None else scale
@@ -127,7 +126,7 @@ def forgetting_attn_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: 
 def forgetting_attn_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor,
                          scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode: q [B, 1, H, D] over the whole cache (its own token last) -> [B, 1, H, Dv]."""
-    _check(q, k, v, c)
+    q, k, v, c = _prepare(q, k, v, c)
     b, t, h, d = q.shape
     if t != 1:
         return forgetting_attn_chunk(q, k, v, c, scale, out)
