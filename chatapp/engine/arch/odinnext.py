@@ -232,6 +232,14 @@ class Model(ArchModel):
     def post_load(self, device: torch.device) -> None:
         self._rope = None
 
+    @torch.no_grad()
+    def init_demo_weights(self) -> None:
+        """Small normal weights for the random demo checkpoint. With nn's N(0, 1) embedding the tied head
+        would just echo the last token (the residual stream is the embedding itself)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, 0.02)
+
     def _rope_table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].device != device:
             a = self.args

@@ -7,7 +7,10 @@ real checkpoint's tensor inventory.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -238,3 +241,49 @@ def test_bf16_compute_agrees_with_fp32_on_argmax(fx, golden):
         got = load_model(fx, "cpu", torch.bfloat16)(tensors["input_ids"])
     agree = (got.argmax(-1) == tensors["logits"].argmax(-1)).float().mean().item()
     assert agree >= 0.9
+
+
+def test_demo_entry_streams_through_the_engine_with_a_constant_state(tmp_path):
+    # What the demo maker does (seeded model, state_dict, config.json), then the Engine the CLI uses.
+    from chatapp.catalog import get_entry
+    from chatapp.engine.runtime import load_engine
+
+    entry = get_entry("odinnext-tiny")
+    torch.manual_seed(entry.demo_seed)
+    demo = build_model(entry.demo_config, entry.options, device="cpu")
+    demo.init_demo_weights()
+    assert sum(p.numel() for p in demo.parameters()) == entry.params
+    save_file({k: v.contiguous() for k, v in demo.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(entry.demo_config))
+    engine = load_engine(entry, device="cpu", model_dir=tmp_path)
+    assert engine.context_limit == 2048
+    tok = engine.tokenizer
+    ids = tok.render([{"role": "user", "content": "hi"}], system="Be brief.")
+    assert ids[0] == 258 and tok.stop_ids == (259, 256)
+    assert tok.render_text([{"role": "user", "content": "hi"}]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    settings = engine.default_settings().with_overrides(seed=3, max_new_tokens=12)
+    events = list(engine.generate(ids, settings))
+    done = events[-1]
+    assert done.new_tokens == len(events) - 1 and done.stop_reason in ("max_tokens", "eos")
+    a = engine.model.args
+    formula = a.num_hidden_layers * a.num_heads * a.head_f_dim * a.head_i_dim * 4
+    mem = engine.memory()
+    assert mem.allocated == mem.used == {"recurrent": formula}
+    # A longer second turn continues the same state; its size does not move.
+    longer = ids + [e.token_id for e in events[:-1]] + tok.encode("<|im_end|>\n<|im_start|>user\n" + "more " * 60)
+    again = list(engine.generate(longer, settings))
+    assert again[-1].reused_tokens == len(ids) + done.new_tokens - 1
+    assert engine.state.length > 300 and engine.memory().allocated == {"recurrent": formula}
+
+
+def test_fixture_passes_on_the_triton_kernels(fx):
+    """The GPU path end to end (chunked prefill + in-place fused step); on CPU through the interpreter, in a
+    fresh process because Triton reads TRITON_INTERPRET when it is first imported."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "SMOLLCHAT_OPS": "triton", "OMP_NUM_THREADS": "1"}
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    res = subprocess.run([sys.executable, "-m", "chatapp", "verify", str(fx)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "greedy_ids           match" in res.stdout and res.stdout.rstrip().endswith("PASS")
