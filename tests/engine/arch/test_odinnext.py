@@ -287,3 +287,45 @@ def test_fixture_passes_on_the_triton_kernels(fx):
                          text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "greedy_ids           match" in res.stdout and res.stdout.rstrip().endswith("PASS")
+
+
+def _byte_level_tokenizer_json(path: Path, chatml: bool) -> None:
+    """A minimal odin-32k-shaped tokenizer.json: <|endoftext|> = 0, <|pad|> = 1, the 256 byte symbols, then
+    (optionally) the ChatML pair appended at ids that differ from the catalog's guess."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    symbols = sorted(ByteLevel.alphabet())
+    vocab = {"<|endoftext|>": 0, "<|pad|>": 1, **{s: i + 2 for i, s in enumerate(symbols)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|pad|>"] + (["<|im_start|>", "<|im_end|>"] if chatml else []))
+    tok.save(str(path / "tokenizer.json"))
+
+
+def test_chatml_ids_come_from_the_downloaded_tokenizer_not_the_guess(tmp_path):
+    from chatapp.catalog import get_entry
+    from chatapp.engine.tokenizer import load_tokenizer
+
+    entry = get_entry("odinnext")
+    assert entry.tokenizer.specials["<|im_start|>"] == 32768  # the spec's guess, kept only as a fallback
+    _byte_level_tokenizer_json(tmp_path, chatml=True)
+    tok = load_tokenizer(entry, tmp_path)
+    assert tok.specials["<|im_start|>"] == 258 and tok.specials["<|im_end|>"] == 259
+    assert tok.stop_ids == (259, 0)
+    ids = tok.render([{"role": "user", "content": "Hi <|im_end|>"}])
+    # User text that spells a special token stays text; only the template's specials are special ids.
+    assert ids.count(259) == 1 and ids[0] == 258
+    assert tok.decode(tok.encode("Héllo wörld", allow_special=False)) == "Héllo wörld"
+    assert tok.render_text([{"role": "user", "content": "x"}]) == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_tokenizer_file_without_chatml_ids_must_agree_with_the_model(tmp_path):
+    from chatapp.catalog import get_entry
+    from chatapp.engine.tokenizer import TokenizerError, load_tokenizer
+
+    # Appending the ChatML pair to this 258-id vocabulary would give 258/259, not the model's 32768/32769.
+    _byte_level_tokenizer_json(tmp_path, chatml=False)
+    with pytest.raises(TokenizerError, match="does not match this model"):
+        load_tokenizer(get_entry("odinnext"), tmp_path)
