@@ -120,7 +120,8 @@ class HGRN2Attention(nn.Module):
         v = v.view(b, t, h, dv)
         if self.rotates():
             rope = apply_rope_interleaved if a.rope_layout == "interleaved" else apply_rope_half
-            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            # One rotation call for q and k (both in fp32): half the small ops of a decode step.
+            q, k = rope(torch.cat([q.float(), k], dim=2), cos, sin).split(h, dim=2)
         scale = dk ** -0.5 if a.attn_scale == "inv_sqrt_head_f" else 1.0
         if state is None:
             o, _ = gla_chunk(q, k, v, g, scale)
@@ -187,8 +188,10 @@ class Block(nn.Module):
         self.gate_ffn = nn.Parameter(torch.zeros(1))
 
     def forward(self, x, cos, sin, state):
-        x = x + torch.sigmoid(self.gate_attn.float()).to(x.dtype) * self.attn(self.attn_norm(x), cos, sin, state)
-        return x + torch.sigmoid(self.gate_ffn.float()).to(x.dtype) * self.mlp(self.mlp_norm(x))
+        # Scalar gates: sigmoid in fp32, then the activation dtype (spec §4 step 2).
+        g_attn, g_ffn = (torch.sigmoid(p.float()).to(x.dtype) for p in (self.gate_attn, self.gate_ffn))
+        x = torch.addcmul(x, g_attn, self.attn(self.attn_norm(x), cos, sin, state))
+        return torch.addcmul(x, g_ffn, self.mlp(self.mlp_norm(x)))
 
 
 class Backbone(nn.Module):

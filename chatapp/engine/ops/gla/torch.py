@@ -47,8 +47,9 @@ def gla_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     outs = []
     for i in range(t):
         s.mul_(decay[:, i].unsqueeze(-1)).addcmul_(kf[:, i].unsqueeze(-1), vf[:, i].unsqueeze(-2))
-        outs.append((qf[:, i].unsqueeze(-2) @ s).squeeze(-2))
-    return torch.stack(outs, dim=1).to(v.dtype), s
+        outs.append(qf[:, i].unsqueeze(-2) @ s)  # [B, H, 1, V]
+    o = outs[0] if t == 1 else torch.cat(outs, dim=2)
+    return o.transpose(1, 2).to(v.dtype), s
 
 
 def gla_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None,
