@@ -74,6 +74,9 @@ class ModelArgs(ArchArgs):
         for alias, name in CONFIG_ALIASES.items():
             if alias in config and name not in config:
                 config[name] = config[alias]
+        # FLA's HGRN2Config derives the head count from the expand ratio when it is not given.
+        if "num_heads" not in config and config.get("expand_ratio") and "hidden_size" in config:
+            config["num_heads"] = config["hidden_size"] // config["expand_ratio"]
         return super().from_config(config, **options)
 
     def __post_init__(self) -> None:

@@ -141,7 +141,7 @@ def _meta_weights(fx):
 
 
 @pytest.mark.parametrize("edit", ["scalar-gates", "fused-gate-up", "embed-tokens-name", "tied-head-stored",
-                                  "rope-buffers", "no-model-prefix"])
+                                  "rope-buffers", "no-model-prefix", "per-channel-gates"])
 def test_loader_accepts_the_storage_variants_the_spec_lists(fx, edit):
     w = _meta_weights(fx)
     if edit == "scalar-gates":
@@ -161,9 +161,14 @@ def test_loader_accepts_the_storage_variants_the_spec_lists(fx, edit):
         w["model.rope_cos"] = torch.empty(2048, 64, device="meta")
     elif edit == "no-model-prefix":
         w = {k.removeprefix("model."): v for k, v in w.items()}
+    elif edit == "per-channel-gates":
+        w = {k: (torch.empty(768, dtype=v.dtype, device="meta") if k.endswith(("gate_attn", "gate_ffn")) else v)
+             for k, v in w.items()}
     model = build_model(REAL_CONFIG)
     check_inventory(model, w)
     assert model.lm_head is None
+    if edit == "per-channel-gates":
+        assert model.model.layers[5].gate_ffn.shape == (768,)
 
 
 @pytest.mark.parametrize("edit,needle", [("drop", "model.layers.3.attn.g_norm.weight"),
@@ -217,6 +222,9 @@ def test_config_aliases_and_bad_options():
         build_model(aliased, {"ffn_variant": "geglu"})
     with pytest.raises(LoadError, match="unknown option"):
         build_model(aliased, {"ffn_kind": "plain"})
+    # Without num_heads, FLA derives it from the expand ratio.
+    derived = {k: v for k, v in aliased.items() if k != "n_heads"}
+    assert build_model({**derived, "d_model": 128}).args.num_heads == 4
 
 
 def test_g_norm_absent_changes_the_inventory(fx):
