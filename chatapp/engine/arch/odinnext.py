@@ -4,6 +4,10 @@ Spec: shared/specs/odinnext.md. No reference code was published: checked against
 (fixtures/odinnext: full-forward logits, prefill states, cached greedy steps, and one `logits_variant_*` per
 alternative reading). The facts the real weights must settle are named reading options (`OPTIONS`), set by
 the catalog entry and scored by `smollchat selftest`; the defaults are the spec's primary reading.
+
+Zero-centred norms apply (1 + w) in the forward, not as a +1 in `sanitize`: the convention is itself a
+reading option (block_norm, g_norm) that the selftest switches on a loaded model, and sanitize must stay
+idempotent on our own state_dict (the demo checkpoints are saved from it).
 """
 from __future__ import annotations
 
