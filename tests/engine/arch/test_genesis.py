@@ -342,7 +342,8 @@ def test_demo_entry_streams_through_the_engine_with_a_hybrid_memory_report(tmp_p
     a, gdn = engine.model.args, 3
     # Constant GDN state (fp32 S + q|k|v tails) beside a FoX cache that holds exactly the tokens fed.
     assert mem.allocated["recurrent"] == mem.used["recurrent"] == gdn * a.n_head * a.dk * a.dv * 4
-    assert mem.used["kv"] == engine.state.length * ((a.n_kv_head + a.n_head) * a.head_dim * 4 + a.n_head * 4)
+    item = torch.tensor([], dtype=engine.dtype).element_size()  # the catalog's CPU dtype (bf16)
+    assert mem.used["kv"] == engine.state.length * ((a.n_kv_head + a.n_head) * a.head_dim * item + a.n_head * 4)
     assert engine.state.length == len(ids) + done.new_tokens - 1
     # Regenerate: the recurrent state cannot trim, so the prompt snapshot is restored and reused.
     again = list(engine.generate(ids, settings))
