@@ -321,11 +321,17 @@ class Conversation:
         system = d.get("system_prompt")
         if system is not None and not isinstance(system, str):
             raise ValueError("system_prompt must be a string or null")
-        created = float(d.get("created_at") or time.time())
-        conv = cls(id=d["id"], title=str(d.get("title") or DEFAULT_TITLE), model_id=d.get("model_id"),
+        try:
+            created = float(d.get("created_at") or time.time())
+            updated = float(d.get("updated_at") or created)
+        except (TypeError, ValueError):
+            raise ValueError("created_at and updated_at must be numbers") from None
+        model = d.get("model_id")
+        if model is not None and not isinstance(model, str):
+            raise ValueError("model_id must be a string or null")
+        conv = cls(id=d["id"], title=str(d.get("title") or DEFAULT_TITLE), model_id=model,
                    system_prompt=system, settings=dict(d.get("settings") or {}),
-                   controls=dict(d.get("controls") or {}), created_at=created,
-                   updated_at=float(d.get("updated_at") or created), messages=by_id)
+                   controls=dict(d.get("controls") or {}), created_at=created, updated_at=updated, messages=by_id)
         for m in msgs:
             conv.path(m.id)  # raises on a cycle
         leaf = d.get("current_leaf")

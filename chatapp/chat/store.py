@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ..engine.api import SamplingSettings
 from .conversation import Conversation, Message
 
 
@@ -87,9 +88,23 @@ def _v1(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX messages_by_chat ON messages(chat_id, created_at)")
 
 
+def _v2(conn: sqlite3.Connection) -> None:
+    conn.execute("""
+        CREATE TABLE presets (
+            name TEXT PRIMARY KEY,
+            settings TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        )""")
+    conn.execute("CREATE TABLE app_settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    # Sibling lookups and the chat list's ordering.
+    conn.execute("CREATE INDEX messages_by_parent ON messages(parent_id)")
+    conn.execute("CREATE INDEX chats_by_update ON chats(updated_at)")
+
+
 #: Every schema step, oldest first. Never edit a released step: add a new one.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "chats and message trees", _v1),
+    Migration(2, "sampling presets, app settings, indexes", _v2),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -285,6 +300,43 @@ class Store:
         """Delete a chat and (by cascade) all its messages."""
         with self._tx() as conn:
             conn.execute("DELETE FROM chats WHERE id = ?", (chat_id,))
+
+    # Presets: named sampling settings a chat can refer to (`conv.settings["preset"]`).
+    def list_presets(self) -> dict[str, dict[str, Any]]:
+        """Every preset by name (sorted)."""
+        return {r["name"]: json.loads(r["settings"]) for r in self._read("SELECT * FROM presets ORDER BY name")}
+
+    def get_preset(self, name: str) -> dict[str, Any] | None:
+        rows = self._read("SELECT settings FROM presets WHERE name = ?", (name,))
+        return json.loads(rows[0]["settings"]) if rows else None
+
+    def save_preset(self, name: str, settings: dict[str, Any]) -> None:
+        """Create or replace a preset; the settings must be valid SamplingSettings overrides."""
+        name = name.strip()
+        if not name:
+            raise ValueError("a preset needs a name")
+        try:
+            SamplingSettings().with_overrides(**settings).validate()
+        except TypeError as e:
+            raise ValueError(str(e)) from None
+        with self._tx() as conn:
+            conn.execute("INSERT INTO presets VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                         "settings = excluded.settings, updated_at = excluded.updated_at",
+                         (name, json.dumps(settings), time.time()))
+
+    def delete_preset(self, name: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM presets WHERE name = ?", (name,))
+
+    # App settings (theme, last model, ...): JSON values by key.
+    def get_setting(self, key: str, default: Any = None) -> Any:
+        rows = self._read("SELECT value FROM app_settings WHERE key = ?", (key,))
+        return json.loads(rows[0]["value"]) if rows else default
+
+    def set_setting(self, key: str, value: Any) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT INTO app_settings VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                         (key, json.dumps(value)))
 
     @staticmethod
     def _write_chat(conn: sqlite3.Connection, conv: Conversation) -> None:

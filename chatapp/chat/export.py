@@ -1,0 +1,105 @@
+"""Export a chat to Markdown (one branch, with a settings front-matter) or JSON (the whole tree), and
+import that JSON back.
+
+The JSON format is versioned: {"format": "smollchat.chat", "version": 1, "exported_at": ...,
+"conversation": Conversation.to_dict()}. Importing validates everything and says what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from .conversation import Conversation, Message
+
+FORMAT = "smollchat.chat"
+VERSION = 1
+_ROLE_TITLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def to_markdown(conv: Conversation, leaf: str | None = None) -> str:
+    """The branch root..leaf (default: the one on screen) as Markdown with a YAML front-matter.
+
+    The front-matter holds the model, system prompt, sampling settings and controls; each reply is
+    followed by a one-line summary of its run card.
+    """
+    path = conv.path(leaf)
+    meta: list[tuple[str, Any]] = [
+        ("title", conv.title), ("chat_id", conv.id), ("model", conv.model_id),
+        ("system_prompt", conv.system_prompt), ("settings", conv.settings), ("controls", conv.controls),
+        ("created", _iso(conv.created_at)), ("exported", _iso(time.time())),
+        ("messages", len(path)),
+    ]
+    if any(len(conv.siblings(m.id)) > 1 for m in path):
+        meta.append(("branch", "one branch of a chat with alternatives; the JSON export holds them all"))
+    # JSON scalars and flow mappings are valid YAML, and keep every string exactly (quotes, newlines).
+    lines = ["---", *(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in meta), "---", "", f"# {conv.title}", ""]
+    for m in path:
+        i, n = conv.sibling_index(m.id)
+        variant = f" ({i + 1}/{n})" if n > 1 else ""
+        lines += [f"## {_ROLE_TITLES[m.role]}{variant}", "", m.content.rstrip("\n") or "*(empty)*", ""]
+        if m.role == "assistant":
+            card = run_summary(m)
+            if card:
+                lines += [f"> {card}", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def run_summary(m: Message) -> str:
+    """One line from a reply's run card: model, tokens, speed, stop reason, seed, controls."""
+    run = m.run
+    bits = []
+    if run.get("model_id"):
+        rev = run.get("revision")
+        bits.append(f"{run['model_id']}" + (f"@{rev}" if rev and rev != "main" else ""))
+    if run.get("edited_from"):
+        bits.append("edited by hand")
+    if "new_tokens" in run:
+        bits.append(f"{run['new_tokens']} tokens")
+    timings = run.get("timings") or {}
+    if timings.get("decode_tok_s"):
+        bits.append(f"{timings['decode_tok_s']:.1f} tok/s")
+    if timings.get("ttft_s"):
+        bits.append(f"TTFT {timings['ttft_s'] * 1000:.0f} ms")
+    if run.get("stop_reason"):
+        bits.append(f"stop: {run['stop_reason']}")
+    if run.get("seed") is not None:
+        bits.append(f"seed {run['seed']}")
+    if run.get("controls"):
+        bits.append(", ".join(f"{k}={v}" for k, v in run["controls"].items()))
+    steps = run.get("steps")
+    if steps:
+        bits.append(f"steps/token mean {sum(steps) / len(steps):.1f} max {max(steps)}")
+    if m.status in ("stopped", "error"):
+        bits.append(m.status + (f": {run['error']}" if run.get("error") else ""))
+    return " · ".join(bits)
+
+
+def to_json(conv: Conversation) -> str:
+    """The whole tree (every branch, run cards and token ids) in the versioned import format."""
+    return json.dumps({"format": FORMAT, "version": VERSION, "exported_at": time.time(),
+                       "conversation": conv.to_dict()}, ensure_ascii=False, indent=1)
+
+
+def from_json(text: str) -> Conversation:
+    """Read `to_json` output back; ValueError with a clear message for a broken or foreign file."""
+    try:
+        data = json.loads(text)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"not a smollchat chat export: the file is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"not a smollchat chat export: expected \"format\": \"{FORMAT}\"")
+    version = data.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"chat export has no valid version (got {version!r})")
+    if version > VERSION:
+        raise ValueError(f"this chat was exported by a newer smollchat (format version {version}; "
+                         f"this version reads up to {VERSION}); upgrade smollchat to import it")
+    try:
+        return Conversation.from_dict(data.get("conversation"))
+    except ValueError as e:
+        raise ValueError(f"broken chat export: {e}") from None
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

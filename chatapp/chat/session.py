@@ -1,0 +1,363 @@
+"""A loaded engine bound to conversations: prompt building, streaming into the tree, run cards.
+
+Prompts are rendered with the model's own chat format (`tokenizer.render`), with one refinement:
+the ids an assistant reply was generated as are spliced back in verbatim instead of re-encoding its
+text. The engine then sees every new prompt as an extension of what its state already holds, so a
+KV cache is reused and a recurrent state simply continues (re-encoding could pick different BPE
+merges and force a full re-prefill). When the context would overflow, the oldest whole turns are
+left out (templates are rendered whole, so a header is never cut) and the prompt says so.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterator, Sequence
+
+from ..catalog import ModelEntry
+from ..engine.api import Done, EngineProtocol, MemoryReport, SamplingSettings, StepEvent
+from .conversation import Conversation, Message
+
+_SETTING_NAMES = frozenset(f.name for f in fields(SamplingSettings))
+#: How often (seconds) a streaming reply is written to the store.
+SAVE_EVERY_S = 0.5
+
+
+class ContextOverflow(ValueError):
+    """Even the latest turn alone does not fit the model's context."""
+
+
+@dataclass
+class Prompt:
+    """A rendered prompt and how it was made.
+
+    Attributes:
+        ids: the token ids sent to the engine.
+        messages: the messages rendered (the path minus what was left out).
+        dropped: ids of the oldest messages left out to fit the context.
+        dropped_turns: how many whole turns that was.
+        reused: ids of assistant replies whose generated token ids were spliced in verbatim.
+        reserve: tokens kept free for the reply when trimming.
+    """
+
+    ids: list[int]
+    messages: list[Message]
+    dropped: list[str] = field(default_factory=list)
+    dropped_turns: int = 0
+    reused: list[str] = field(default_factory=list)
+    reserve: int = 0
+
+
+class Session:
+    """One engine (real or fake) serving any number of conversations.
+
+    Args:
+        engine: anything that fits `engine.api.EngineProtocol`.
+        tokenizer: the engine's tokenizer (`engine.tokenizer` when omitted).
+        entry: the catalog entry (defaults, chat format, revision); `engine.entry` when omitted.
+        store: when given, the chat is saved as the reply streams (every SAVE_EVERY_S) and at the end,
+            and presets named in a chat's settings are read from it.
+    """
+
+    def __init__(self, engine: EngineProtocol, tokenizer: Any = None, entry: ModelEntry | None = None, *,
+                 store: Any = None) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer")
+        self.entry: ModelEntry = entry if entry is not None else getattr(engine, "entry")
+        self.store = store
+        self.last_prompt: Prompt | None = None
+        self._cancel = threading.Event()
+
+    # Settings.
+    def settings_for(self, conv: Conversation) -> SamplingSettings:
+        """Catalog defaults, then the chat's preset (`settings["preset"]`), then the chat's own overrides."""
+        settings = self.entry.sampling()
+        overrides = dict(conv.settings)
+        preset = overrides.pop("preset", None)
+        layers: list[dict[str, Any]] = []
+        if preset:
+            if self.store is None:
+                raise ValueError(f"this chat uses preset {preset!r}, but the session has no store to read it from")
+            found = self.store.get_preset(preset)
+            if found is None:
+                raise ValueError(f"preset {preset!r} does not exist (any more); pick another in the chat settings")
+            layers.append(found)
+        layers.append(overrides)
+        for layer in layers:
+            unknown = set(layer) - _SETTING_NAMES
+            if unknown:
+                raise ValueError(f"unknown sampling setting(s): {', '.join(sorted(unknown))}")
+            settings = settings.with_overrides(**layer)
+        settings.validate()
+        return settings
+
+    def controls_for(self, conv: Conversation) -> dict[str, Any]:
+        """The catalog's control defaults under the chat's overrides, limited to what this model declares."""
+        specs = {c.name: c for c in getattr(self.engine, "controls", ())}
+        merged = {**self.entry.controls, **conv.controls}
+        return {k: specs[k].coerce(v) for k, v in merged.items() if k in specs}
+
+    # Prompts.
+    def prompt_ids(self, conv: Conversation, leaf: str | None = None) -> list[int]:
+        """Ids of the path root..leaf ready for a reply (see `prompt` for the details)."""
+        return self.prompt(conv, leaf).ids
+
+    def prompt(self, conv: Conversation, leaf: str | None = None, continue_from: str | None = None,
+               settings: SamplingSettings | None = None) -> Prompt:
+        """Render root..leaf with the generation prompt, or root..continue_from left open.
+
+        Leaves room for `settings.max_new_tokens` (at most half the context) by dropping the oldest
+        whole turns; raises ContextOverflow when the latest turn alone does not fit.
+        """
+        if continue_from is not None:
+            return self._build(conv, conv.path(continue_from), False, True, settings)
+        return self._build(conv, conv.path(leaf) if leaf is not None or conv.current_leaf else [], True, False,
+                           settings)
+
+    def _build(self, conv: Conversation, path: list[Message], gen: bool, open_last: bool,
+               settings: SamplingSettings | None) -> Prompt:
+        settings = settings or self.settings_for(conv)
+        limit = self.engine.context_limit
+        reserve = min(settings.max_new_tokens, limit // 2)
+        system = conv.system_prompt
+        n_sys = next((i for i, m in enumerate(path) if m.role != "system"), len(path))
+        head, body = path[:n_sys], path[n_sys:]
+        starts = [i for i, m in enumerate(body) if m.role == "user" and i > 0]
+
+        def render(k: int) -> tuple[list[Message], list[int], list[str]]:
+            # k = how many of the oldest turns to leave out.
+            kept = head + (body[starts[k - 1]:] if k else body)
+            ids, reused = self._render(kept, gen, open_last, system)
+            return kept, ids, reused
+
+        kept, ids, reused = render(0)
+        k = 0
+        if len(ids) + reserve > limit and starts:
+            # Fewest turns to drop such that the reply keeps its reserve (token counts fall as k grows).
+            lo, hi = 1, len(starts)
+            best = None
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                got = render(mid)
+                if len(got[1]) + reserve <= limit:
+                    best, hi = (mid, got), mid - 1
+                else:
+                    lo = mid + 1
+            k, (kept, ids, reused) = best if best else (len(starts), render(len(starts)))
+        if len(ids) >= limit:
+            raise ContextOverflow(
+                f"The latest message needs {len(ids)} tokens but {self.entry.name} holds {limit}; "
+                "shorten it (or the system prompt) and send again.")
+        kept_ids = {m.id for m in kept}
+        dropped = [m.id for m in path if m.id not in kept_ids]
+        self.last_prompt = Prompt(ids, kept, dropped, k, reused, reserve)
+        return self.last_prompt
+
+    def _render(self, msgs: Sequence[Message], gen: bool, open_last: bool, system: str | None
+                ) -> tuple[list[int], list[str]]:
+        """Ids of msgs with reusable reply ids spliced in; returns (ids, ids of the reused replies)."""
+        tok = self.tokenizer
+        dicts = [{"role": m.role, "content": m.content} for m in msgs]
+        plain = (tok.render(dicts, add_generation_prompt=gen, system=system, open_last=open_last), [])
+        if not hasattr(tok, "render_parts"):
+            return plain
+        ids: list[int] = []
+        reused: list[str] = []
+        opened: list | None = None
+        for k, m in enumerate(msgs):
+            generated = self._reusable(m)
+            if generated is None:
+                continue
+            before = _after(opened, tok.render_parts(dicts[:k], add_generation_prompt=True, system=system))
+            if before is None:
+                return plain
+            ids += self._encode(before) + generated
+            opened = tok.render_parts(dicts[:k + 1], add_generation_prompt=False, system=system, open_last=True)
+            reused.append(m.id)
+        rest = _after(opened, tok.render_parts(dicts, add_generation_prompt=gen, system=system, open_last=open_last))
+        if rest is None:
+            return plain
+        return ids + self._encode(rest), reused
+
+    def _reusable(self, m: Message) -> list[int] | None:
+        """A reply's generated ids without the trailing stop token, if they still spell its text."""
+        if m.role != "assistant" or not m.token_ids:
+            return None
+        ids = list(m.token_ids)
+        try:
+            stops = set(self.tokenizer.stop_ids)
+        except Exception:
+            stops = set()
+        while ids and ids[-1] in stops:
+            ids.pop()
+        return ids if self.tokenizer.decode(ids) == m.content else None
+
+    def _encode(self, parts: Sequence[str | int]) -> list[int]:
+        out: list[int] = []
+        for p in parts:
+            if isinstance(p, int):
+                out.append(p)
+            elif p:
+                out.extend(self.tokenizer.encode(p, allow_special=False))
+        return out
+
+    def context_usage(self, conv: Conversation, leaf: str | None = None) -> tuple[int, int]:
+        """(tokens the next prompt would use, the model's context) for the context meter."""
+        try:
+            return len(self.prompt(conv, leaf).ids), self.engine.context_limit
+        except ContextOverflow:
+            return self.engine.context_limit, self.engine.context_limit
+
+    # Generation.
+    def stream(self, conv: Conversation, parent_id: str | None, continue_from: str | None = None
+               ) -> Iterator[StepEvent | Done]:
+        """Generate a reply under `parent_id` (a new assistant message, the new current leaf), or append
+        to the reply `continue_from`; yields the engine's StepEvents and its final Done.
+
+        The message's text, token ids and run card fill in as tokens arrive. Stopping (`cancel()`, or
+        closing this generator) keeps the partial reply, marked "stopped"; an engine error marks it
+        "error", saves it and re-raises.
+        """
+        self._cancel.clear()
+        settings = self.settings_for(conv)
+        if settings.seed is None:
+            # The run card must name the seed, so a replay draws the same tokens.
+            settings = settings.with_overrides(seed=random.SystemRandom().randrange(2**31))
+        controls = self.controls_for(conv)
+        if continue_from is not None:
+            msg = conv.get(continue_from)
+            if msg.role != "assistant":
+                raise ValueError("only an assistant reply can be continued")
+            if parent_id is not None and parent_id != msg.parent_id:
+                raise ValueError("continue_from must be a child of parent_id")
+            if conv.children(msg.id):
+                raise ValueError("this reply already has answers below it; continue the last reply of a branch")
+            prompt = self.prompt(conv, continue_from=msg.id, settings=settings)
+            segment = self._run_card(conv, settings, controls, prompt)
+            msg.status = "streaming"
+            conv.current_leaf = msg.id
+        else:
+            prompt = self._build(conv, conv.path(parent_id) if parent_id else [], True, False, settings)
+            segment = self._run_card(conv, settings, controls, prompt)
+            msg = conv.add(parent_id, "assistant", "", status="streaming", run=dict(segment), token_ids=[])
+        if conv.model_id is None:
+            conv.model_id = self.entry.id
+        if continue_from is not None:
+            msg.run.setdefault("continued", []).append(segment)
+        per_token = msg.run.setdefault("tokens", {"logprob": [], "entropy": []})
+        if self.store is not None:
+            self.store.save(conv)
+        last_save = time.monotonic()
+        events = self.engine.generate(prompt.ids, settings, controls)
+        try:
+            for ev in events:
+                if isinstance(ev, Done):
+                    self._finish(conv, msg, ev, segment)
+                    yield ev
+                    return
+                msg.content += ev.text
+                if msg.token_ids is not None:
+                    msg.token_ids.append(ev.token_id)
+                per_token["logprob"].append(round(ev.logprob, 4))
+                per_token["entropy"].append(round(ev.entropy, 4))
+                if ev.steps is not None:
+                    msg.run.setdefault("steps", []).append(ev.steps)
+                if self._cancel.is_set():
+                    # Repeat the request: an engine that had not started yet when cancel() came cleared it.
+                    self.engine.cancel()
+                if self.store is not None and time.monotonic() - last_save >= SAVE_EVERY_S:
+                    self.store.save_message(conv.id, msg)
+                    last_save = time.monotonic()
+                yield ev
+        except Exception as e:
+            msg.status = "error"
+            msg.run["stop_reason"] = "error"
+            msg.run["error"] = f"{type(e).__name__}: {e}"
+            self._save_end(conv, msg)
+            raise
+        finally:
+            events.close()
+            if msg.status == "streaming":
+                # The consumer stopped iterating before Done: keep what arrived, marked stopped.
+                self.engine.cancel()
+                msg.status = "stopped"
+                msg.run["stop_reason"] = "cancelled"
+                self._save_end(conv, msg)
+
+    def regenerate(self, conv: Conversation, message_id: str) -> Iterator[StepEvent | Done]:
+        """A new sibling reply for the assistant message `message_id` (the old one stays)."""
+        msg = conv.get(message_id)
+        if msg.role != "assistant":
+            raise ValueError("regenerate works on an assistant reply")
+        return self.stream(conv, msg.parent_id)
+
+    def cancel(self) -> None:
+        """Stop the reply being streamed before its next token (the partial text is kept)."""
+        self._cancel.set()
+        self.engine.cancel()
+
+    def memory(self) -> MemoryReport:
+        return self.engine.memory()
+
+    # Run cards.
+    def _run_card(self, conv: Conversation, settings: SamplingSettings, controls: dict[str, Any],
+                  prompt: Prompt) -> dict[str, Any]:
+        e = self.entry
+        eng = self.engine
+        return {
+            "model_id": e.id, "model_name": e.name,
+            "revision": e.source.revision if e.source else None,
+            "demo": e.demo,
+            "engine": {"device": str(getattr(eng, "device", "")), "dtype": str(getattr(eng, "dtype", "")).removeprefix("torch."),
+                       "context_limit": eng.context_limit},
+            "settings": _jsonable(asdict(settings)),
+            "seed": settings.seed,
+            "controls": dict(controls),
+            "system_prompt": conv.system_prompt if conv.system_prompt is not None else e.chat.default_system,
+            "prompt_tokens": len(prompt.ids),
+            "context": {"dropped_messages": list(prompt.dropped), "dropped_turns": prompt.dropped_turns,
+                        "reused_replies": len(prompt.reused)},
+            "started_at": time.time(),
+        }
+
+    def _finish(self, conv: Conversation, msg: Message, done: Done, segment: dict[str, Any]) -> None:
+        msg.content += done.text
+        msg.status = "stopped" if done.stop_reason == "cancelled" else "ok"
+        result = {
+            "stop_reason": done.stop_reason, "detail": done.detail, "new_tokens": done.new_tokens,
+            "reused_tokens": done.reused_tokens, "finished_at": time.time(),
+            "timings": {"ttft_s": done.ttft_s, "prefill_tok_s": done.prefill_tok_s, "decode_tok_s": done.decode_tok_s},
+        }
+        segment.update(result)
+        if "continued" in msg.run:
+            total = msg.run.get("new_tokens", 0) + done.new_tokens
+            msg.run.update(result, new_tokens=total)
+        else:
+            msg.run.update(result)
+        self._save_end(conv, msg)
+
+    def _save_end(self, conv: Conversation, msg: Message) -> None:
+        conv.touch()
+        if self.store is not None:
+            self.store.save_message(conv.id, msg, current_leaf=conv.current_leaf)
+
+
+def _after(opened: list | None, full: list) -> list | None:
+    """The parts of `full` that follow the open render `opened` (None if `full` does not extend it)."""
+    if not opened:
+        return list(full)
+    n = len(opened)
+    if len(full) < n or full[:n - 1] != opened[:n - 1]:
+        return None
+    last, same = opened[-1], full[n - 1]
+    if isinstance(last, int) or isinstance(same, int):
+        return list(full[n:]) if last == same else None
+    if not same.startswith(last):
+        return None
+    rest = same[len(last):]
+    return ([rest] if rest else []) + list(full[n:])
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
