@@ -1,0 +1,199 @@
+"""The smollchat Textual app and its factory.
+
+`make_app(...)` builds the app from explicit inputs (posting's factory pattern): the CLI calls it
+with a model id and system prompt, the tests with a FakeEngine, a temporary Store and a
+FakeDownloader. Nothing here imports torch: the real engine is imported by the load worker, only
+when a model is actually loaded.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.screen import Screen
+
+from .. import locations
+from ..catalog import CatalogError, ModelEntry, load_catalog
+from ..chat.session import Session
+from ..chat.store import Store, StoreError
+from .backend import Loader, default_downloader, default_loader, engine_info, error_text
+from .keys import KEYS, KeymapError, bindings, keys_for, load_keymap
+from .messages import ModelLoaded, ModelLoadFailed, ModelLoading
+from .screens.chat import ChatScreen
+from .screens.help import HelpScreen
+from .screens.models import ModelsScreen
+from .themes import DEFAULT_THEME, VARIABLE_DEFAULTS, load_themes, shipped_theme_dir
+
+
+class SmollChat(App):
+    """The app: holds the services (catalog, store, downloader, loader) and the loaded model."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "smollchat"
+    BINDINGS = bindings("app")
+
+    def __init__(self, *, catalog: dict[str, ModelEntry], store: Store, downloader: Any, loader: Loader,
+                 engine: Any = None, entry: ModelEntry | None = None, model_id: str | None = None,
+                 system_prompt: str | None = None, keymap: dict[str, str] | None = None,
+                 theme_dirs: Iterable[Path] = (), clock: Callable[[], float] = time.time,
+                 notices: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.catalog = catalog
+        self.store = store
+        self.downloader = downloader
+        self.loader = loader
+        self.clock = clock
+        """Wall clock for ages in the chat list (fixed in snapshot tests)."""
+        self.keymap = dict(keymap or {})
+        self.initial_system = system_prompt
+        self.engine: Any = None
+        self.entry: ModelEntry | None = None
+        self.session: Session | None = None
+        self.info: dict[str, Any] = {}
+        self._start_engine = (engine, entry)
+        self._start_model = model_id
+        self._theme_dirs = list(theme_dirs)
+        self._notices = list(notices)
+        self.chat_screen: ChatScreen | None = None
+
+    @property
+    def entry_id(self) -> str | None:
+        return self.entry.id if self.entry is not None else None
+
+    def get_theme_variable_defaults(self) -> dict[str, str]:
+        return dict(VARIABLE_DEFAULTS)
+
+    def on_mount(self) -> None:
+        themes, problems = load_themes(self._theme_dirs)
+        for theme in themes:
+            self.register_theme(theme)
+        saved = self.store.get_setting("theme") if hasattr(self.store, "get_setting") else None
+        self.theme = saved if saved in self.available_themes else (
+            DEFAULT_THEME if DEFAULT_THEME in self.available_themes else "textual-dark")
+        self.set_keymap(self.keymap)
+        self.chat_screen = ChatScreen()
+        self.push_screen(self.chat_screen)
+        for text in [*self._notices, *problems]:
+            self.notify(text, severity="warning", timeout=10)
+        engine, entry = self._start_engine
+        if engine is not None:
+            self.use_engine(engine, entry)
+        elif self._start_model:
+            self._open_model(self._start_model)
+
+    def watch_theme(self, theme: str) -> None:
+        if self.is_mounted and hasattr(self.store, "set_setting"):
+            self.store.set_setting("theme", theme)
+
+    # Models.
+    def _open_model(self, model_id: str) -> None:
+        if model_id in self.catalog:
+            self.load_model(self.catalog[model_id])
+        elif Path(model_id).is_dir():
+            self.load_model(Path(model_id))
+        else:
+            self.notify(f"Unknown model {model_id!r}; pick one on the models screen.", severity="error")
+            self.push_screen(ModelsScreen())
+
+    def load_model(self, entry: ModelEntry | Path) -> None:
+        """Load a catalog entry (or a local model directory) in a worker; the chat screen shows the stages."""
+        name = entry.name if isinstance(entry, ModelEntry) else str(entry)
+        self.chat_screen.model_loading(name, "starting")
+        self._load(entry)
+
+    @work(thread=True, exclusive=True, group="load")
+    def _load(self, entry: ModelEntry | Path) -> None:
+        entry_id = entry.id if isinstance(entry, ModelEntry) else str(entry)
+        try:
+            if isinstance(entry, Path):
+                from ..engine.runtime import entry_for_directory
+                entry = entry_for_directory(entry, self.catalog)
+            engine = self.loader(entry, lambda stage: self.post_message(ModelLoading(entry_id, stage)))
+        except Exception as e:  # any load failure is shown as one message; the app keeps running
+            self.post_message(ModelLoadFailed(entry_id, error_text(e)))
+            return
+        self.post_message(ModelLoaded(engine, entry))
+
+    def on_model_loading(self, event: ModelLoading) -> None:
+        entry = self.catalog.get(event.entry_id)
+        self.chat_screen.model_loading(entry.name if entry else event.entry_id, event.stage)
+
+    def on_model_loaded(self, event: ModelLoaded) -> None:
+        self.use_engine(event.engine, event.entry)
+        self.notify(f"{event.entry.name} is ready on {self.info.get('device', '?')}.")
+
+    def on_model_load_failed(self, event: ModelLoadFailed) -> None:
+        self.chat_screen.model_loading("", "", error=event.error)
+        self.notify(event.error, title="The model did not load", severity="error", timeout=10)
+
+    def use_engine(self, engine: Any, entry: ModelEntry | None = None) -> None:
+        """Make `engine` the model the chats talk to."""
+        entry = entry or getattr(engine, "entry", None) or self.catalog.get(getattr(engine, "entry_id", ""))
+        if entry is None:
+            from ..chat.fake import fake_entry
+            entry = fake_entry(engine.entry_id, context=engine.context_limit)
+        self.engine, self.entry = engine, entry
+        self.session = Session(engine, getattr(engine, "tokenizer", None), entry, store=self.store)
+        self.info = {"name": entry.name, "architecture": entry.architecture, "params": entry.params,
+                     "demo": entry.demo, **engine_info(engine)}
+        self.chat_screen.model_changed()
+
+    # Actions and commands.
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_models(self) -> None:
+        if not isinstance(self.screen, ModelsScreen):
+            self.push_screen(ModelsScreen())
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """Every action of the screen in front, with its keys, plus Textual's own commands."""
+        yield from super().get_system_commands(screen)
+        targets: dict[str, Any] = {"app": self}
+        if isinstance(screen, ChatScreen):
+            targets.update(chat=screen, composer=screen.composer, messages=screen.view,
+                           chats=screen.query_one("#chat-options"))
+        elif isinstance(screen, ModelsScreen):
+            targets["models"] = screen
+        seen = {"command_palette", "quit", "change_theme"}
+        for k in KEYS:
+            if k.scope in targets and (k.scope, k.action) not in seen:
+                seen.add((k.scope, k.action))
+                yield SystemCommand(f"{k.description}", f"{keys_for(k.id, self.keymap)} · {k.id}",
+                                    lambda k=k, node=targets[k.scope]: self.run_action(k.action, node))
+
+
+def make_app(engine: Any = None, catalog: dict[str, ModelEntry] | None = None, store: Store | None = None,
+             downloader: Any = None, model_id: str | None = None, system_prompt: str | None = None, *,
+             loader: Loader | None = None, entry: ModelEntry | None = None, keymap: dict[str, str] | None = None,
+             clock: Callable[[], float] = time.time) -> SmollChat:
+    """Build the app. Everything left None comes from the user's environment:
+    the catalog from models/*.toml, the store from the data dir, downloads from `engine.hub`,
+    the keymap from keys.toml, themes from themes/ and the config dir."""
+    notices: list[str] = []
+    if catalog is None:
+        try:
+            catalog = load_catalog()
+        except CatalogError as e:
+            notices.append(f"The model catalog could not be read: {e}")
+            catalog = {}
+    if store is None:
+        try:
+            store = Store(locations.database_path())
+        except StoreError as e:
+            # The damaged file was copied aside by the store; keep working in a fresh database.
+            notices.append(str(e))
+            store = Store(locations.data_dir() / f"chats-recovered-{int(time.time())}.sqlite3")
+    if keymap is None:
+        try:
+            keymap = load_keymap(locations.keys_path())
+        except KeymapError as e:
+            notices.append(f"{e}; using the default keys")
+            keymap = {}
+    themes = [d for d in (shipped_theme_dir(), locations.user_themes_dir()) if d is not None]
+    return SmollChat(catalog=catalog, store=store, downloader=downloader or default_downloader(),
+                     loader=loader or default_loader, engine=engine, entry=entry, model_id=model_id,
+                     system_prompt=system_prompt, keymap=keymap, theme_dirs=themes, clock=clock, notices=notices)

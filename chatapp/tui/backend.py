@@ -1,0 +1,76 @@
+"""What the TUI needs from outside itself, behind small seams the tests replace.
+
+- downloader: `chatapp.engine.hub` (is_downloaded, local_dir, download, delete, disk_usage,
+  ensure_demo) or `chat.fake.FakeDownloader` in tests.
+- loader: `load(entry, progress) -> engine`; the real one imports `chatapp.engine.runtime` (and
+  so torch) only when a model is actually loaded, never at start-up.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+Loader = Callable[[Any, Callable[[str], None]], Any]
+
+
+class DownloadsUnavailable:
+    """Stands in for the hub when it cannot be imported: every action says why, nothing crashes."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def is_downloaded(self, entry) -> bool:
+        return False
+
+    def local_dir(self, entry) -> Path | None:
+        return None
+
+    def disk_usage(self, entry) -> int:
+        return 0
+
+    def download(self, entry, progress=None, cancel=None) -> Path:
+        raise RuntimeError(self.reason)
+
+    def delete(self, entry) -> None:
+        raise RuntimeError(self.reason)
+
+    def ensure_demo(self, entry) -> Path:
+        raise RuntimeError(self.reason)
+
+
+def default_downloader() -> Any:
+    try:
+        from ..engine import hub
+    except ImportError as e:
+        return DownloadsUnavailable(f"downloads are unavailable in this install ({e})")
+    return hub
+
+
+def default_loader(entry, progress: Callable[[str], None]) -> Any:
+    """Load a catalog entry with the real engine (imports torch)."""
+    from ..engine.runtime import load_engine
+
+    return load_engine(entry, progress=progress)
+
+
+def engine_info(engine) -> dict[str, Any]:
+    """`engine.info()` where the engine offers it, else what the protocol itself tells."""
+    info = getattr(engine, "info", None)
+    if callable(info):
+        return dict(info())
+    return {"model_id": getattr(engine, "entry_id", "?"), "context_limit": getattr(engine, "context_limit", 0)}
+
+
+def error_text(e: BaseException) -> str:
+    """One clear sentence for a failure: offline and hub errors carry their own message."""
+    name = type(e).__name__
+    msg = str(e) or name
+    if name == "OfflineError":
+        return f"Offline: {msg}"
+    if name in ("HubError", "LoadError", "TokenizerError", "CatalogError", "RuntimeError", "ValueError"):
+        return msg
+    return f"{name}: {msg}"
+
+
+def is_offline(e: BaseException) -> bool:
+    return type(e).__name__ == "OfflineError"

@@ -1,0 +1,1 @@
+"""Screens: the chat screen (main), models, help, and modal dialogs."""

@@ -1,0 +1,1 @@
+"""Widgets of the chat screen, each with its own scoped DEFAULT_CSS."""

@@ -1,0 +1,146 @@
+"""The compute panel: a form built from the model's declared `CONTROLS` alone, and a live readout of
+the recurrence steps each token used (mean/max, a per-token strip, the saving from early exit).
+
+Nothing here names a model: a model without controls gets no panel, and the form is whatever its
+ControlSpecs say (int/float/str -> input, choice -> select, bool -> switch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widgets import Input, Label, Select, Static, Switch
+
+from ...engine.api import ControlSpec
+from ..figures import steps_strip, steps_summary
+
+#: The control that caps the steps a token may use; the early-exit saving is measured against it.
+BUDGET_CONTROL = "num_steps"
+
+
+class ComputePanel(Vertical):
+    """Hidden for models that declare no controls."""
+
+    DEFAULT_CSS = """
+    ComputePanel { height: auto; padding: 0 1; border-top: hkey $panel; }
+    ComputePanel .title { text-style: bold; }
+    ComputePanel #controls { height: auto; }
+    ComputePanel .row { height: auto; }
+    ComputePanel .row Label { width: 19; padding: 0 1 0 0; color: $text-muted; }
+    ComputePanel .row Input, ComputePanel .row Select { width: 1fr; }
+    ComputePanel Input.-invalid { border: tall $error; }
+    ComputePanel .help { color: $error; height: auto; }
+    ComputePanel .readout { color: $accent; height: auto; }
+    """
+
+    steps: reactive[tuple] = reactive(tuple, layout=True)
+    """Per-token steps of the current reply (None for a token without them)."""
+
+    @dataclass
+    class Changed(Message):
+        """A control got a valid new value."""
+
+        panel: "ComputePanel"
+        name: str
+        value: Any
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.specs: tuple[ControlSpec, ...] = ()
+        self.values: dict[str, Any] = {}
+
+    def compose(self) -> ComposeResult:
+        yield Static("Compute", classes="title")
+        yield Vertical(id="controls")
+        yield Static("", classes="help", markup=False)
+        yield Static("", classes="readout", markup=False)
+
+    async def set_controls(self, specs: tuple[ControlSpec, ...], values: dict[str, Any]) -> None:
+        """Rebuild the form for a model's controls with the chat's values (defaults where unset)."""
+        self.specs = tuple(specs)
+        self.values = {s.name: values.get(s.name, s.default) for s in self.specs}
+        self.display = bool(self.specs)
+        box = self.query_one("#controls", Vertical)
+        await box.remove_children()
+        await box.mount_all([self._row(s) for s in self.specs])
+        self.query_one(".help", Static).update("")
+        self._readout()
+
+    def _row(self, spec: ControlSpec) -> Horizontal:
+        value = self.values[spec.name]
+        wid = f"control-{spec.name}"
+        plain = [c for c in spec.choices if not (isinstance(c, str) and c.endswith("*"))]
+        if spec.type == "bool":
+            field: Any = Switch(bool(value), id=wid)
+        elif spec.type == "choice" and plain and len(plain) == len(spec.choices):
+            field = Select([(str(c), c) for c in plain], value=value if value in plain else Select.BLANK,
+                           allow_blank=False, id=wid, compact=True)
+        else:
+            field = Input(str(value), id=wid, compact=True)
+        field.tooltip = spec.help or None
+        return Horizontal(Label(spec.label), field, classes="row")
+
+    def _spec(self, widget_id: str | None) -> ControlSpec | None:
+        name = (widget_id or "").removeprefix("control-")
+        return next((s for s in self.specs if s.name == name), None)
+
+    def _accept(self, widget, raw: Any) -> None:
+        spec = self._spec(widget.id)
+        if spec is None:
+            return
+        help_line = self.query_one(".help", Static)
+        try:
+            value = spec.coerce(raw)
+        except ValueError as e:
+            widget.add_class("-invalid")
+            help_line.update(str(e))
+            return
+        widget.remove_class("-invalid")
+        help_line.update("")
+        if self.values.get(spec.name) != value:
+            self.values[spec.name] = value
+            self.post_message(self.Changed(self, spec.name, value))
+            self._readout()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self._accept(event.input, event.value)
+
+    def on_input_blurred(self, event: Input.Blurred) -> None:
+        self._accept(event.input, event.value)
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        event.stop()
+        if event.value is not Select.BLANK:
+            self._accept(event.select, event.value)
+
+    def on_switch_changed(self, event: Switch.Changed) -> None:
+        event.stop()
+        self._accept(event.switch, event.value)
+
+    def watch_steps(self) -> None:
+        if self.is_mounted:
+            self._readout()
+
+    def _budget(self) -> int | None:
+        value = self.values.get(BUDGET_CONTROL)
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def _readout(self) -> None:
+        steps = list(self.steps)
+        readout = self.query_one(".readout", Static)
+        if not any(s is not None for s in steps):
+            readout.update("steps per token: (after the next reply)" if self.specs else "")
+            return
+        budget = self._budget()
+        mean, peak, saving = steps_summary(steps, budget)
+        width = max(8, self.size.width - 2)
+        lines = [f"steps/token  mean {mean:.1f} · max {peak}" + (f" of {budget}" if budget else ""),
+                 steps_strip(steps, width, budget or peak)]
+        if saving is not None:
+            lines.append(f"early exit saved {saving * 100:.0f}% of {budget} × {len(steps)} steps")
+        readout.update("\n".join(lines))

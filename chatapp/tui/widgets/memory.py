@@ -1,0 +1,135 @@
+"""The memory panel: bytes by kind, context used / limit, and state bytes over the conversation's
+tokens drawn next to a "ghost" line of what a same-size dense transformer's KV cache would hold.
+
+Every figure comes from the engine's `MemoryReport` (updated as tokens stream) and `Engine.info()`
+(layer count and hidden size for the ghost: 2 x layers x hidden x 2 bytes per token, bf16 K and V).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from ...engine.api import MemoryReport
+from ..figures import bucket_max, ghost_kv_bytes, human_bytes, human_count, sparkline
+
+KIND_LABELS = (("kv", "KV cache"), ("recurrent", "recurrent"), ("conv", "conv state"), ("other", "other"))
+LABEL_WIDTH = 11
+
+
+class MemoryPanel(Widget):
+    """Always visible while a model is loaded."""
+
+    COMPONENT_CLASSES = {"memory--title", "memory--label", "memory--state", "memory--kv", "memory--ghost",
+                         "memory--muted"}
+    """
+    | Class | Description |
+    | :- | :- |
+    | `memory--title` | The panel title line. |
+    | `memory--label` | Row labels. |
+    | `memory--state` | The model's state bytes (sparkline and figure). |
+    | `memory--kv` | The context bar. |
+    | `memory--ghost` | The same-size transformer's KV cache line. |
+    | `memory--muted` | Secondary figures (allocated, allocator). |
+    """
+
+    DEFAULT_CSS = """
+    MemoryPanel { height: auto; padding: 0 1; border-top: hkey $panel; }
+    MemoryPanel > .memory--title { text-style: bold; color: $text; }
+    MemoryPanel > .memory--label { color: $text-muted; }
+    MemoryPanel > .memory--state { color: $mem-state; }
+    MemoryPanel > .memory--kv { color: $mem-kv; }
+    MemoryPanel > .memory--ghost { color: $mem-ghost; }
+    MemoryPanel > .memory--muted { color: $text-muted; }
+    """
+
+    report: reactive[MemoryReport | None] = reactive(None, layout=True)
+    """The latest memory report, or None when no model is loaded."""
+    info: reactive[dict] = reactive(dict, layout=True)
+    """Engine.info(): n_layers, hidden_size, device, dtype, ... (empty when unknown)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.samples: dict[int, int] = {}
+        """State bytes in use by context position, over the current conversation."""
+
+    def watch_report(self, report: MemoryReport | None) -> None:
+        if report is None:
+            self.samples = {}
+            return
+        used = sum(report.used.values())
+        n = report.context_used
+        # A shorter context than already drawn means the state restarted (another chat, or a trim).
+        self.samples = {t: b for t, b in self.samples.items() if t < n}
+        self.samples[n] = used
+
+    def reset_series(self) -> None:
+        self.samples = {}
+        self.refresh(layout=True)
+
+    def _style(self, name: str):
+        return self.get_component_rich_style(f"memory--{name}", partial=True)
+
+    def render(self) -> Text:
+        text = Text(no_wrap=True, overflow="ellipsis")
+        report = self.report
+        text.append("Memory", self._style("title"))
+        if report is None:
+            text.append("\nno model loaded", self._style("muted"))
+            return text
+        dtype = self.info.get("dtype")
+        text.append(f"  {report.device}{' · ' + dtype if dtype else ''}\n", self._style("muted"))
+        self._row(text, "weights", human_bytes(report.weights))
+        for kind, label in KIND_LABELS:
+            alloc, used = report.allocated.get(kind, 0), report.used.get(kind, 0)
+            if alloc or used:
+                extra = f" of {human_bytes(alloc)}" if alloc > used else ""
+                self._row(text, label, human_bytes(used), extra)
+        limit = max(report.context_limit, 1)
+        width = max(8, self.size.width - LABEL_WIDTH - 4)
+        fill = int(width * min(report.context_used, limit) / limit)
+        text.append(f"{'context':<{LABEL_WIDTH}}", self._style("label"))
+        text.append(f"{human_count(report.context_used)} / {human_count(report.context_limit)} tokens\n")
+        text.append(" " * LABEL_WIDTH)
+        text.append("█" * fill, self._style("kv"))
+        text.append("░" * (width - fill) + "\n", self._style("muted"))
+        self._series(text, report, width)
+        return text
+
+    def _row(self, text: Text, label: str, value: str, extra: str = "") -> None:
+        text.append(f"{label:<{LABEL_WIDTH}}", self._style("label"))
+        text.append(f"{value:>10}")
+        text.append(f"{extra}\n", self._style("muted"))
+
+    def _series(self, text: Text, report: MemoryReport, width: int) -> None:
+        """Two sparklines over the conversation's tokens on one scale: state bytes and the ghost."""
+        n = report.context_used
+        layers, hidden = self.info.get("n_layers"), self.info.get("hidden_size")
+        state_now = sum(report.used.values())
+        positions = list(range(1, n + 1)) if n <= width else [max(1, (i + 1) * n // width) for i in range(width)]
+        state = self._state_at(positions)
+        ghost = [ghost_kv_bytes(layers, hidden, p) for p in positions] if layers and hidden else []
+        top = max(state + ghost + [1])
+        text.append(f"{'state':<{LABEL_WIDTH}}", self._style("label"))
+        text.append(f"{human_bytes(state_now)} now\n", self._style("state"))
+        text.append(" " * LABEL_WIDTH)
+        text.append(f"{sparkline(bucket_max(state, width), width, top) or '·':<{width}}\n", self._style("state"))
+        if ghost:
+            text.append(f"{'dense KV':<{LABEL_WIDTH}}", self._style("label"))
+            text.append(f"{human_bytes(ghost_kv_bytes(layers, hidden, n))} for a same-size transformer\n",
+                        self._style("ghost"))
+            text.append(" " * LABEL_WIDTH)
+            text.append(f"{sparkline(ghost, width, top) or '·':<{width}}", self._style("ghost"))
+
+    def _state_at(self, positions: list[int]) -> list[float]:
+        """State bytes at each position: the latest sample at or before it (steps between samples)."""
+        points = sorted(self.samples.items())
+        out, j, last = [], 0, 0
+        for p in positions:
+            while j < len(points) and points[j][0] <= p:
+                last = points[j][1]
+                j += 1
+            out.append(float(last))
+        return out
