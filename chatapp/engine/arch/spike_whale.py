@@ -1,0 +1,416 @@
+"""SpikeWhaleLM (Quazim0t0 Byrne-86M / Escarda-86M): MLA-style MQA attention with QK-norm, partial RoPE and
+XSA, an engram n-gram memory on the embeddings, hyper-connection residual streams, HRM refinement.
+
+Spec: shared/specs/byrne.md. The attention, block and model wiring, HRM refinement, tied head and KV layout
+follow quoted lines of the reference `model_v2.py` (Escarda-86M-Base @ cf953b46). The RMSNorm body, RoPE
+layout, engram, hyper-connections, HCOutputMix and dense FFN were never seen: they follow the card stand-in
+that made fixtures/byrne, and every uncertain fact is a named reading option (`OPTIONS`, set by the catalog's
+[options]) so a real checkpoint can be matched without rewriting. Checked against fixtures/byrne (full-forward
+logits, cached greedy steps, greedy ids); the engram and hyper-connections live in spike_whale_parts.py.
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import RMSNorm
+from ..state import KVState, StateList
+from .base import ArchArgs, ArchModel
+from .spike_whale_parts import EngramMemory, EngramWindow, HCOutputMix, HyperConnection
+
+#: Reading options: name -> choices, the stand-in fixture's reading first (spec §4.3, §4.6-4.9).
+OPTIONS: dict[str, tuple[Any, ...]] = {
+    "rope_layout": ("half_split", "interleaved"),
+    "rms_norm": ("standard", "zero_centered"),
+    "hc_form": ("static", "dynamic"),
+    "engram_key_order": ("newest_first", "oldest_first"),
+    "engram_lookup_layout": ("head_major", "order_major"),
+    "engram_bit_order": ("lsb_first", "msb_first"),
+    "engram_reduce": ("mean", "sum"),
+    "engram_gate": ("sigmoid", "erf"),
+    "ffn_act": ("silu", "gelu"),
+}
+
+# Stored rotary tables are buffers, never weights (spec §3.1).
+_ROTARY_BUFFER = re.compile(r"(inv_freq|cos_cached|sin_cached|_cos|_sin)$")
+# Training-only heads: multi-token prediction and JEPA never touch the logits (spec §4.5).
+_TRAINING_ONLY = ("mtp_heads.", "jepa.", "model.jepa.")
+
+
+@dataclass
+class ModelArgs(ArchArgs):
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    head_dim: int
+    nope_head_dim: int
+    qk_rope_head_dim: int
+    q_lora_rank: int
+    o_lora_rank: int
+    num_key_value_heads: int = 1
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    use_qk_norm: bool = True
+    use_xsa: bool = True
+    use_derf: bool = False
+    use_moe: bool = False
+    use_value_embed: bool = False
+    # The real config.json has no intermediate_size; the stand-in reads moe_intermediate_size (spec §2.1),
+    # and sanitize takes the width from the checkpoint's FFN tensors when they disagree.
+    intermediate_size: int | None = None
+    moe_intermediate_size: int = 2000
+    use_engram: bool = True
+    engram_table_size: int = 4096
+    engram_max_ngram: int = 3
+    engram_num_heads: int = 2
+    engram_compress_dim: int = 32
+    use_hyper_connections: bool = True
+    hc_mult: int = 2
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    use_hrm_refine: bool = True
+    hrm_refine_dim: int = 128
+    hrm_refine_steps: int = 1
+    rope_layout: str = "half_split"
+    rms_norm: str = "standard"
+    hc_form: str = "static"
+    engram_key_order: str = "newest_first"
+    engram_lookup_layout: str = "head_major"
+    engram_bit_order: str = "lsb_first"
+    engram_reduce: str = "mean"
+    engram_gate: str = "sigmoid"
+    ffn_act: str = "silu"
+
+    def __post_init__(self) -> None:
+        check_options({k: getattr(self, k) for k in OPTIONS})
+        unsupported = [k for k in ("use_derf", "use_moe", "use_value_embed") if getattr(self, k)]
+        if unsupported:
+            # Their tensors were never seen (spec §1): refuse rather than guess a second time.
+            raise ValueError(f"spike_whale: {', '.join(unsupported)} = true is not implemented")
+        if self.nope_head_dim + self.qk_rope_head_dim != self.head_dim:
+            raise ValueError(f"nope_head_dim {self.nope_head_dim} + qk_rope_head_dim {self.qk_rope_head_dim} "
+                             f"!= head_dim {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        self.ffn_width = self.intermediate_size or self.moe_intermediate_size
+
+
+def check_options(values: dict[str, Any]) -> None:
+    for name, value in values.items():
+        if name not in OPTIONS:
+            raise ValueError(f"unknown spike_whale reading option {name!r}; options: {', '.join(OPTIONS)}")
+        if value not in OPTIONS[name]:
+            raise ValueError(f"spike_whale option {name} must be one of {OPTIONS[name]}; got {value!r}")
+
+
+def _norm(dim: int, a: ModelArgs) -> RMSNorm:
+    return RMSNorm(dim, a.rms_norm_eps, zero_centered=a.rms_norm == "zero_centered")
+
+
+class Rotary:
+    """Partial RoPE as one full-width rotation: rope(x) = x * cos + (x @ R) * sin, where cos is 1 and sin 0 on
+    the NoPE dims (the first nope_head_dim) and R is the signed pair permutation of the layout. One matmul
+    and two elementwise ops per tensor instead of slicing, rotating halves and concatenating."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> None:
+        self.cos, self.sin, self.rot = cos, sin, rot  # [T, 1, D], [T, 1, D], [D, D]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(x * self.cos, x @ self.rot, self.sin)
+
+
+def rotary_tables(a: ModelArgs, n_pos: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full-width cos/sin [n_pos, D] and the rotation R [D, D] for the layout option."""
+    d, r, nope = a.head_dim, a.qk_rope_head_dim, a.nope_head_dim
+    # fp64 angles keep positions near 4,096 exact in fp32.
+    inv = 1.0 / a.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float64) / r)
+    ang = torch.outer(torch.arange(n_pos, dtype=torch.float64), inv)  # [P, r/2]
+    half = r // 2
+    if a.rope_layout == "half_split":
+        pairs = [(j, j + half) for j in range(half)]
+        ang = torch.cat([ang, ang], dim=-1)
+    else:
+        pairs = [(2 * j, 2 * j + 1) for j in range(half)]
+        ang = ang.repeat_interleave(2, dim=-1)
+    cos = torch.ones(n_pos, d, dtype=torch.float64)
+    sin = torch.zeros(n_pos, d, dtype=torch.float64)
+    cos[:, nope:], sin[:, nope:] = ang.cos(), ang.sin()
+    rot = torch.zeros(d, d, dtype=torch.float64)
+    for i, j in pairs:
+        # rotated[i] = -x[j], rotated[j] = x[i]
+        rot[nope + j, nope + i], rot[nope + i, nope + j] = -1.0, 1.0
+    return tuple(t.to(device=device, dtype=dtype) for t in (cos, sin, rot))
+
+
+class Attention(nn.Module):
+    """MLADerfXSAAttention without DERF (spec §4.3): low-rank Q, direct MQA K/V, QK-norm on the whole head
+    before RoPE on its last qk_rope_head_dim dims, causal SDPA, XSA, low-rank output."""
+
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.a = a
+        self.h, self.hkv, self.d = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        self.split = [a.q_lora_rank, self.hkv * self.d, self.hkv * self.d]
+        self.qkv_a_proj = nn.Linear(a.hidden_size, sum(self.split), bias=False)  # q_a | k | v (sanitize)
+        self.q_a_norm = _norm(a.q_lora_rank, a)
+        self.q_b_proj = nn.Linear(a.q_lora_rank, self.h * self.d, bias=False)
+        if a.use_qk_norm:
+            self.q_norm = _norm(self.d, a)
+            self.k_norm = _norm(self.d, a)
+        self.o_a_proj = nn.Linear(self.h * self.d, a.o_lora_rank, bias=False)
+        self.o_b_proj = nn.Linear(a.o_lora_rank, a.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: Rotary, kv: KVState | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, hkv, d = self.h, self.hkv, self.d
+        qa, k, v = self.qkv_a_proj(x).split(self.split, dim=-1)
+        q = self.q_b_proj(self.q_a_norm(qa)).view(b, t, h, d)
+        k, v = k.view(b, t, hkv, d), v.view(b, t, hkv, d)
+        if self.a.use_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(q), rope(k)
+        if kv is not None:
+            k_all, v_all = kv.update(k, v)  # [B, Hkv, L, D]: normalised, rotated k; raw v
+        else:
+            k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
+        y = mqa_attention(q, k_all, v_all)  # [B, T, Hkv, rep, D]
+        if self.a.use_xsa:
+            # XSA: remove from each head's output its component along the token's own (normalised) value.
+            vn = (v / (torch.linalg.vector_norm(v, dim=-1, keepdim=True) + 1e-8)).unsqueeze(3)  # [B, T, Hkv, 1, D]
+            y = torch.addcmul(y, y @ vn.transpose(-1, -2), vn, value=-1.0)
+        return self.o_b_proj(self.o_a_proj(y.reshape(b, t, h * d)))
+
+
+def mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of T new queries q [B, T, H, D] over the cache k, v [B, Hkv, L, D] (the last T its own).
+
+    The heads sharing a K/V head are folded into the query rows ([B, Hkv, rep*T, D]), so the single K/V
+    head is never copied per head; the causal mask is aligned bottom-right. Returns [B, T, Hkv, rep, D].
+    """
+    b, t, h, d = q.shape
+    hkv, length = k.shape[1], k.shape[2]
+    rep = h // hkv
+    qf = q.view(b, t, hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, rep * t, d)
+    mask = None
+    if t > 1:
+        last = torch.arange(length - t, length, device=q.device).repeat(rep)  # row (r, i) sees keys <= L - T + i
+        mask = torch.arange(length, device=q.device)[None, :] <= last[:, None]
+    o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask)  # [B, Hkv, rep*T, D]
+    return o.view(b, hkv, rep, t, d).permute(0, 3, 1, 2, 4)
+
+
+class FeedForward(nn.Module):
+    """Dense gated FFN (stand-in: SwiGLU like the quoted ExpertFFN, spec §4.9); gate | up fused by sanitize."""
+
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.a, self.width = a, a.ffn_width
+        self.gate_up_proj = nn.Linear(a.hidden_size, 2 * a.ffn_width, bias=False)
+        self.down_proj = nn.Linear(a.ffn_width, a.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.width, dim=-1)
+        act = F.silu(gate) if self.a.ffn_act == "silu" else F.gelu(gate, approximate="tanh")
+        return self.down_proj(act * up)
+
+
+class Block(nn.Module):
+    """Pre-norm attention and FFN, each behind a hyper-connection site (spec §4.2)."""
+
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.attn_norm = _norm(a.hidden_size, a)
+        self.attn = Attention(a)
+        self.ffn_norm = _norm(a.hidden_size, a)
+        self.ffn = FeedForward(a)
+        if a.use_hyper_connections:
+            self.hc_attn = HyperConnection(a)
+            self.hc_ffn = HyperConnection(a)
+
+    def forward(self, x: torch.Tensor, rope: Rotary, kv: KVState | None) -> torch.Tensor:
+        if not hasattr(self, "hc_attn"):
+            x = x + self.attn(self.attn_norm(x), rope, kv)
+            return x + self.ffn(self.ffn_norm(x))
+        h, ctx = self.hc_attn.pre_op(x)  # streams [B, n, T, H] -> [B, T, H]
+        x = self.hc_attn.post_op(x, self.attn(self.attn_norm(h), rope, kv), ctx)
+        h, ctx = self.hc_ffn.pre_op(x)
+        return self.hc_ffn.post_op(x, self.ffn(self.ffn_norm(h)), ctx)
+
+
+class HRMRefine(nn.Module):
+    """HRMRefinementBlock (spec §4.4): h += tanh(gate[s]) * up(silu(down([norm(h); anchor]))), before the final norm."""
+
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.norm = _norm(a.hidden_size, a)
+        self.down = nn.Linear(2 * a.hidden_size, a.hrm_refine_dim, bias=False)
+        self.up = nn.Linear(a.hrm_refine_dim, a.hidden_size, bias=False)
+        self.gate = nn.Parameter(torch.zeros(a.hrm_refine_steps))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for step in range(self.gate.shape[0]):
+            h = h + torch.tanh(self.gate[step]) * self.up(F.silu(self.down(torch.cat([self.norm(h), x], dim=-1))))
+        return h
+
+
+class SpikeWhaleModel(nn.Module):
+    """The `model.` prefix of the checkpoint: embeddings, engram, blocks, stream mix, HRM, final norm."""
+
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.engram = EngramMemory(a) if a.use_engram else None
+        self.layers = nn.ModuleList(Block(a) for _ in range(a.num_hidden_layers))
+        self.hc_out_mix = HCOutputMix(a.hc_mult) if a.use_hyper_connections else None
+        self.hrm_refine = HRMRefine(a) if a.use_hrm_refine else None
+        self.norm = _norm(a.hidden_size, a)
+
+
+class Model(ArchModel):
+    OPTIONS = OPTIONS
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = SpikeWhaleModel(args)
+        # Tied to the embedding unless the checkpoint carries a different head (sanitize decides).
+        self.lm_head: nn.Linear | None = None
+        self._head: torch.Tensor | None = None
+        self._rope: tuple | None = None
+
+    @property
+    def FP32_TENSORS(self) -> set[str]:  # noqa: N802 (the loader's attribute name)
+        """Checkpoint tensors kept fp32 in a bf16 load: the engram's sign bits come from the embeddings."""
+        names = {"model.embed_tokens.weight", "lm_head.weight"}
+        if self.model.engram is not None:
+            names |= {f"model.engram.{k}" for k in self.model.engram.state_dict()}
+        return names
+
+    @property
+    def max_context(self) -> int:
+        return self.args.max_position_embeddings
+
+    def set_options(self, **values: Any) -> None:
+        """Switch reading options on the loaded model (the selftest scores each one this way)."""
+        check_options(values)
+        if values.get("hc_form", self.args.hc_form) != self.args.hc_form:
+            raise ValueError("hc_form changes the tensor inventory; reload the model to switch it")
+        for k, v in values.items():
+            setattr(self.args, k, v)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.zero_centered = self.args.rms_norm == "zero_centered"
+        self._rope = None
+
+    def post_load(self, device: torch.device) -> None:
+        self._rope = None
+        # A bf16 model keeps fp32 embeddings for the engram; the tied head reads a copy in the model dtype.
+        dtype = self.model.norm.weight.dtype
+        emb = self.model.embed_tokens.weight
+        self._head = emb.detach().to(dtype) if self.lm_head is None and emb.dtype != dtype else None
+
+    @torch.no_grad()
+    def init_demo_weights(self) -> None:
+        """Small normal weights for the random demo checkpoint: with nn's N(0, 1) embedding the tied head
+        would mostly echo the last token."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, 0.02)
+
+    def _rotary(self, start: int, t: int, device, dtype) -> Rotary:
+        n = max(self.args.max_position_embeddings, start + t)
+        if self._rope is None or self._rope[0].shape[0] < n or self._rope[0].device != device or self._rope[0].dtype != dtype:
+            cos, sin, rot = rotary_tables(self.args, n, device, dtype)
+            self._rope = (cos[:, None, :], sin[:, None, :], rot)
+        cos, sin, rot = self._rope
+        return Rotary(cos[start:start + t], sin[start:start + t], rot)
+
+    def forward(self, ids: torch.Tensor, state: StateList | None = None, last_only: bool = False) -> torch.Tensor:
+        a, m = self.args, self.model
+        b, t = ids.shape
+        start = 0
+        if state is not None:
+            state.check_room(t)
+            start = state.length
+        dtype = m.norm.weight.dtype
+        x = m.embed_tokens(ids)
+        if m.engram is not None:
+            window = state[a.num_hidden_layers] if state is not None else None
+            x = x.float() + m.engram(x, window, start)
+        x = x.to(dtype)
+        rope = self._rotary(start, t, ids.device, dtype)
+        if m.hc_out_mix is not None:
+            # n identical copies of the embedding: the stream axis is dim 1 (spec §4.1 step 4).
+            x = x.unsqueeze(1).expand(b, a.hc_mult, t, a.hidden_size)
+        for i, layer in enumerate(m.layers):
+            x = layer(x, rope, state[i] if state is not None else None)
+        if state is not None:
+            state.advance(t)
+        if m.hc_out_mix is not None:
+            x = m.hc_out_mix(x[:, :, -1:] if last_only else x)
+        elif last_only:
+            x = x[:, -1:]
+        if m.hrm_refine is not None:
+            x = m.hrm_refine(x)
+        x = m.norm(x)
+        head = self.lm_head.weight if self.lm_head is not None else self._head
+        return F.linear(x, head if head is not None else m.embed_tokens.weight.to(dtype)).float()
+
+    def make_state(self, max_len: int, device, dtype) -> StateList:
+        a = self.args
+        states = [KVState(max_len, a.num_key_value_heads, a.head_dim, device, dtype) for _ in range(a.num_hidden_layers)]
+        if a.use_engram:
+            states.append(EngramWindow(a.engram_max_ngram, a.engram_compress_dim, device))
+        return StateList(states, max_len=max_len)
+
+    def sanitize(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        a = self.args
+        # Training-only heads (MTP, JEPA) are dropped by name.
+        weights = {k: v for k, v in weights.items() if not k.startswith(_TRAINING_ONLY)}
+        # Rotary tables are recomputed, never trusted.
+        weights = {k: v for k, v in weights.items() if not _ROTARY_BUFFER.search(k)}
+        # The reference saves the tied head as its own tensor; keep one copy unless they really differ.
+        head = weights.pop("lm_head.weight", None)
+        if head is not None and "model.embed_tokens.weight" not in weights:
+            weights["model.embed_tokens.weight"] = head
+        elif head is not None and not _same(head, weights["model.embed_tokens.weight"]):
+            warnings.warn("lm_head.weight differs from model.embed_tokens.weight; using it as an untied head")
+            self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False, device=head.device, dtype=head.dtype)
+            weights["lm_head.weight"] = head
+        for i in range(a.num_hidden_layers):
+            p = f"model.layers.{i}."
+            # q_a | k | v read the same input: one matmul.
+            if p + "attn.q_a_proj.weight" in weights:
+                weights[p + "attn.qkv_a_proj.weight"] = torch.cat(
+                    [weights.pop(p + f"attn.{n}.weight") for n in ("q_a_proj", "k_proj", "v_proj")])
+            # gate | up read the same input: one matmul.
+            if p + "ffn.gate_proj.weight" in weights:
+                weights[p + "ffn.gate_up_proj.weight"] = torch.cat(
+                    [weights.pop(p + "ffn.gate_proj.weight"), weights.pop(p + "ffn.up_proj.weight")])
+        # The FFN width is not in config.json (spec §2.1): the checkpoint's tensors say it.
+        fused = weights.get("model.layers.0.ffn.gate_up_proj.weight")
+        if fused is not None and fused.shape[0] // 2 != a.ffn_width:
+            self._resize_ffn(fused.shape[0] // 2, fused.device)
+        return weights
+
+    def _resize_ffn(self, width: int, device: torch.device) -> None:
+        self.args.ffn_width = width
+        with torch.device(device):
+            for layer in self.model.layers:
+                layer.ffn = FeedForward(self.args)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.is_meta or b.is_meta:
+        return a.shape == b.shape
+    return a.shape == b.shape and torch.equal(a, b)
