@@ -1,0 +1,335 @@
+"""The SQLite store: round trips, search, presets, migrations, damaged/newer files, atomic writes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from chatapp.chat.conversation import Conversation
+from chatapp.chat.store import SCHEMA_VERSION, Store, StoreError
+from chatapp.locations import database_path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The schema as released in version 1, frozen here: the migration test builds a v1 file from it.
+V1_SQL = """
+CREATE TABLE schema_version (version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at REAL NOT NULL);
+CREATE TABLE chats (
+    id TEXT PRIMARY KEY, title TEXT NOT NULL, model_id TEXT, system_prompt TEXT,
+    settings TEXT NOT NULL DEFAULT '{}', controls TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, current_leaf TEXT);
+CREATE TABLE messages (
+    id TEXT PRIMARY KEY,
+    chat_id TEXT NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+    parent_id TEXT REFERENCES messages(id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+    content TEXT NOT NULL, created_at REAL NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'stopped', 'error', 'streaming')),
+    run TEXT NOT NULL DEFAULT '{}', token_ids TEXT);
+CREATE INDEX messages_by_chat ON messages(chat_id, created_at);
+INSERT INTO schema_version VALUES (1, 'chats and message trees', 1790000000.0);
+INSERT INTO chats VALUES ('c1', 'Old chat', 'axiom', NULL, '{"temperature": 0.3}', '{}', 1790000000.0,
+                          1790000100.0, 'm2');
+INSERT INTO messages VALUES ('m1', 'c1', NULL, 'user', 'hello from v1', 1790000001.0, 'ok', '{}', NULL);
+INSERT INTO messages VALUES ('m2', 'c1', 'm1', 'assistant', 'hi!', 1790000002.0, 'ok',
+                             '{"model_id": "axiom", "seed": 7, "stop_reason": "eos"}', '[10, 11, 12]');
+"""
+
+
+def sample(title: str = "Cats", reply: str = "Cats purr.") -> Conversation:
+    c = Conversation(model_id="fake", system_prompt="Be brief.", settings={"temperature": 0.2},
+                     controls={"num_steps": 4})
+    u = c.add(None, "user", f"Tell me about {title.lower()}")
+    c.add(u.id, "assistant", reply, run={"model_id": "fake", "seed": 1, "steps": [3, 4]}, token_ids=[1, 2, 3])
+    c.edit(u.id, "Tell me more")
+    c.title = title
+    return c
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "chats.sqlite3")
+    yield s
+    s.close()
+
+
+def test_default_location_is_the_data_dir():
+    with Store() as s:
+        assert s.path == database_path()
+        assert s.schema_version == SCHEMA_VERSION
+
+
+def test_round_trip_keeps_the_whole_tree(store):
+    c = sample()
+    store.save(c)
+    back = store.load(c.id)
+    assert back.to_dict() == c.to_dict()
+    with pytest.raises(KeyError):
+        store.load("missing")
+
+
+def test_save_removes_deleted_messages_and_foreign_keys_cascade(store):
+    c = sample()
+    store.save(c)
+    root = c.roots()[0]
+    c.delete(c.children(root.id)[0].id)
+    store.save(c)
+    assert set(store.load(c.id).messages) == set(c.messages)
+    store.delete(c.id)
+    assert store.list_chats() == []
+    raw = sqlite3.connect(store.path)
+    assert raw.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+
+
+def test_list_and_search_by_title_and_content(store):
+    a, b = sample("Cats", "They purr loudly."), sample("Dogs", "Dogs bark; 100% loyal.")
+    store.save(a)
+    time.sleep(0.01)
+    b.touch()
+    store.save(b)
+    assert [s.title for s in store.list_chats()] == ["Dogs", "Cats"]
+    assert [s.message_count for s in store.list_chats()] == [3, 3]
+    assert [s.title for s in store.list_chats("cat")] == ["Cats"]         # title, any case
+    hits = store.list_chats("PURR")
+    assert [s.title for s in hits] == ["Cats"] and "purr" in hits[0].snippet
+    assert [s.title for s in store.list_chats("100%")] == ["Dogs"]        # LIKE wildcards are literal
+    assert store.list_chats("0%") and not store.list_chats("_0")
+    assert store.list_chats("nothing like this") == []
+
+
+def test_rename(store):
+    c = sample()
+    store.save(c)
+    store.rename(c.id, "  Felines ")
+    assert store.load(c.id).title == "Felines"
+    with pytest.raises(ValueError):
+        store.rename(c.id, "   ")
+    with pytest.raises(KeyError):
+        store.rename("missing", "x")
+
+
+def test_save_message_is_incremental_and_needs_its_chat(store):
+    c = sample()
+    store.save(c)
+    leaf = c.get(c.current_leaf)
+    reply = c.add(leaf.id, "assistant", "partial", status="streaming", token_ids=[])
+    store.save_message(c.id, reply, current_leaf=reply.id)
+    reply.content += " and more"
+    reply.status = "ok"
+    store.save_message(c.id, reply)
+    back = store.load(c.id)
+    assert back.get(reply.id).content == "partial and more" and back.get(reply.id).status == "ok"
+    assert back.current_leaf == reply.id
+    with pytest.raises(KeyError):
+        store.save_message("missing", reply)
+
+
+def test_a_message_id_cannot_move_between_chats(store):
+    c = sample()
+    store.save(c)
+    twin = Conversation.from_dict({**c.to_dict(), "id": "other"})
+    with pytest.raises(StoreError, match="clone"):
+        store.save(twin)
+    store.save(c.clone())
+    assert len(store.list_chats()) == 2
+
+
+def test_presets_and_settings(store):
+    assert store.list_presets() == {}
+    store.save_preset("precise", {"temperature": 0.0, "max_new_tokens": 64})
+    store.save_preset("creative", {"temperature": 1.1})
+    store.save_preset("creative", {"temperature": 1.2, "top_p": 0.9})
+    assert store.list_presets() == {"creative": {"temperature": 1.2, "top_p": 0.9},
+                                    "precise": {"temperature": 0.0, "max_new_tokens": 64}}
+    with pytest.raises(ValueError, match="top_p"):
+        store.save_preset("bad", {"top_p": 0})
+    with pytest.raises(ValueError, match="unknown"):
+        store.save_preset("bad", {"temprature": 1})
+    store.delete_preset("precise")
+    assert list(store.list_presets()) == ["creative"]
+    assert store.get_setting("theme", "default") == "default"
+    store.set_setting("theme", "nord")
+    store.set_setting("recent", ["a", "b"])
+    assert store.get_setting("theme") == "nord" and store.get_setting("recent") == ["a", "b"]
+
+
+def test_migrates_a_v1_database_and_keeps_a_backup(tmp_path):
+    path = tmp_path / "chats.sqlite3"
+    raw = sqlite3.connect(path)
+    raw.executescript(V1_SQL)
+    raw.commit()
+    raw.close()
+    before = path.read_bytes()
+    with Store(path) as s:
+        assert s.schema_version == SCHEMA_VERSION
+        c = s.load("c1")
+        assert [m.content for m in c.path()] == ["hello from v1", "hi!"]
+        assert c.get("m2").token_ids == [10, 11, 12] and c.get("m2").run["seed"] == 7
+        assert c.settings == {"temperature": 0.3}
+        s.save_preset("p", {"temperature": 0.5})  # a v2 table
+        assert s.list_chats("v1")[0].id == "c1"
+    backups = list(tmp_path.glob("chats.sqlite3.pre-v*.bak"))
+    assert len(backups) == 1 and backups[0].read_bytes() == before
+    with Store(path) as s:  # opening again is a no-op
+        assert s.schema_version == SCHEMA_VERSION
+    assert len(list(tmp_path.glob("*.bak"))) == 1
+
+
+def test_a_damaged_file_is_copied_and_reported(tmp_path):
+    path = tmp_path / "chats.sqlite3"
+    path.write_bytes(b"this is not a database at all" * 200)
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="damaged") as err:
+        Store(path)
+    assert err.value.backup is not None and err.value.backup.read_bytes() == before
+    assert str(err.value.backup) in str(err.value)
+    assert path.read_bytes() == before  # nothing overwritten
+
+
+def test_a_damaged_page_is_found_at_open(tmp_path):
+    path = tmp_path / "chats.sqlite3"
+    with Store(path) as s:
+        for i in range(40):
+            s.save(sample(f"Chat {i}", "x" * 3000))
+    data = bytearray(path.read_bytes())
+    page = 4096
+    # Scribble over a b-tree page in the middle of the file (the header page stays intact).
+    data[page * 5: page * 5 + 200] = b"\xff" * 200
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="damaged") as err:
+        Store(path)
+    assert err.value.backup.read_bytes() == bytes(data)
+
+
+def test_a_foreign_sqlite_file_is_not_touched(tmp_path):
+    path = tmp_path / "chats.sqlite3"
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE notes (x TEXT)")
+    raw.commit()
+    raw.close()
+    with pytest.raises(StoreError, match="not a smollchat database"):
+        Store(path)
+
+
+def test_a_newer_schema_is_refused_with_a_backup(tmp_path):
+    path = tmp_path / "chats.sqlite3"
+    with Store(path) as s:
+        s.save(sample())
+    raw = sqlite3.connect(path)
+    raw.execute("INSERT INTO schema_version VALUES (?, 'from the future', 0)", (SCHEMA_VERSION + 7,))
+    raw.commit()
+    raw.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="newer smollchat") as err:
+        Store(path)
+    assert err.value.backup.read_bytes() == before and path.read_bytes() == before
+
+
+def test_a_failed_write_leaves_the_last_saved_state(store):
+    c = sample()
+    store.save(c)
+    saved = store.load(c.id).to_dict()
+    c.title = "Changed"
+    leaf = c.current_leaf
+    c.add(leaf, "assistant", "fine")
+    # A value JSON cannot hold fails the write halfway through its transaction.
+    c.add(leaf, "assistant", "broken", run={"bad": object()})
+    with pytest.raises(TypeError):
+        store.save(c)
+    assert store.load(c.id).to_dict() == saved
+    assert store.list_chats()[0].title == "Cats"
+    c.get(c.current_leaf).run = {}
+    store.save(c)  # the store is still usable
+    assert store.load(c.id).title == "Changed"
+
+
+def test_a_failure_inside_an_open_transaction_rolls_everything_back(store):
+    c = sample()
+    store.save(c)
+    with pytest.raises(RuntimeError):
+        with store._tx() as conn:
+            conn.execute("UPDATE chats SET title = 'half-written'")
+            conn.execute("DELETE FROM messages")
+            raise RuntimeError("killed here")
+    assert store.load(c.id).to_dict() == c.to_dict()
+
+
+_WRITER = r"""
+import sys
+from chatapp.chat.conversation import Conversation
+from chatapp.chat.store import Store
+s = Store(sys.argv[1])
+c = Conversation(id="live")
+parent = c.add(None, "user", "go").id
+s.save(c)
+i = 0
+while True:
+    m = c.add(parent, "assistant", "reply %d " % i + "x" * 2000, status="streaming")
+    s.save_message(c.id, m, current_leaf=m.id)
+    print(i, flush=True)
+    parent = m.id
+    i += 1
+"""
+
+
+def test_a_killed_writer_loses_nothing_it_reported_saved(tmp_path):
+    path = tmp_path / "chats.sqlite3"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    saved = -1
+    try:
+        for line in proc.stdout:
+            saved = int(line)
+            if saved >= 30:
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert saved >= 30
+    with Store(path) as s:
+        c = s.load("live")
+    contents = [m.content.split(" x")[0] for m in c.path()]
+    assert contents[0] == "go"
+    assert len(contents) - 1 >= saved + 1
+    assert contents[1:saved + 2] == [f"reply {i}" for i in range(saved + 1)]
+
+
+def test_threads_share_one_store(store):
+    c = sample()
+    store.save(c)
+    reply = c.add(c.current_leaf, "assistant", "", status="streaming")
+    errors = []
+
+    def writer():
+        try:
+            for i in range(50):
+                reply.content += f"{i} "
+                store.save_message(c.id, reply)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    while t.is_alive():
+        store.list_chats("tell")
+    t.join()
+    assert not errors
+    assert store.load(c.id).get(reply.id).content.endswith("49 ")
+
+
+def test_run_cards_and_token_ids_survive_as_json(store):
+    c = sample()
+    store.save(c)
+    raw = sqlite3.connect(store.path)
+    run, ids = raw.execute("SELECT run, token_ids FROM messages WHERE role = 'assistant' AND token_ids IS NOT NULL"
+                           ).fetchone()
+    assert json.loads(run)["steps"] == [3, 4] and json.loads(ids) == [1, 2, 3]
+    assert raw.execute("PRAGMA foreign_key_list(messages)").fetchall()
