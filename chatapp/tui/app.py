@@ -137,8 +137,9 @@ class SmollChat(App):
             entry = fake_entry(engine.entry_id, context=engine.context_limit)
         self.engine, self.entry = engine, entry
         self.session = Session(engine, getattr(engine, "tokenizer", None), entry, store=self.store)
-        self.info = {"name": entry.name, "architecture": entry.architecture, "params": entry.params,
-                     "demo": entry.demo, **engine_info(engine)}
+        # The entry names the model; the engine knows how it runs (device, dtype, depth, width).
+        self.info = {"params": entry.params, **engine_info(engine), "name": entry.name,
+                     "architecture": entry.architecture, "demo": entry.demo}
         self.chat_screen.model_changed()
 
     # Actions and commands.
