@@ -89,7 +89,8 @@ class EngramMemory(nn.Module):
         b, t, _ = x.shape
         w, nl, bits = self.width, self.n_lookups, self.bits
         xf = x.float()
-        comp = self.compressor(xf)  # [B, T, C]
+        # Weights read as fp32 whatever the module was cast to (`.float()` is free when they already are).
+        comp = F.linear(xf, self.compressor.weight.float())  # [B, T, C]
         tail = window.tail if window is not None else comp.new_zeros(b, w - 1, comp.shape[-1])
         ctx = torch.cat([tail, comp], dim=1)  # [B, W - 1 + T, C]
         if window is not None:
@@ -107,9 +108,9 @@ class EngramMemory(nn.Module):
             bucket = bucket.masked_fill(pos < need, 0)
         e = F.embedding(bucket + offsets, self.tables.weight.float())  # [B, T, L, H]
         e = e.mean(2) if self.a.engram_reduce == "mean" else e.sum(2)
-        z = self.gate(torch.cat([xf, e], dim=-1))
+        z = F.linear(torch.cat([xf, e], dim=-1), self.gate.weight.float(), self.gate.bias.float())
         g = torch.sigmoid(z) if self.a.engram_gate == "sigmoid" else 0.5 * (1.0 + torch.erf(z))
-        return g * self.out_proj(e)
+        return g * F.linear(e, self.out_proj.weight.float())
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
