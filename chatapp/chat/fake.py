@@ -90,14 +90,15 @@ class FakeTokenizer(Tokenizer):
 
 
 def fake_entry(model_id: str = "fake", context: int = 2048, generation: dict[str, Any] | None = None,
-               controls: dict[str, Any] | None = None, chat: ChatFormat = CHATML, name: str = "Fake model") -> ModelEntry:
+               controls: dict[str, Any] | None = None, chat: ChatFormat = CHATML, name: str = "Fake model",
+               demo: bool = False) -> ModelEntry:
     """A catalog entry for the fake model (what `Session` reads defaults and the chat format from)."""
     return ModelEntry(
         id=model_id, name=name, architecture="fake", summary="A scripted model for tests.", params=0,
         context=context, license="n/a", tokenizer=TokenizerSpec(kind="bytes", specials={s: 256 + i for i, s in enumerate(SPECIALS)}),
         chat=chat, source=Source(repo=f"smollchat/{model_id}", revision="fake-rev"),
         generation=dict(generation if generation is not None else {"temperature": 0.7, "max_new_tokens": 256}),
-        controls=dict(controls or {}))
+        controls=dict(controls or {}), demo=demo)
 
 
 @dataclass
@@ -295,8 +296,8 @@ def _first_stop(text: str, stops: Sequence[str]) -> tuple[int, int] | None:
 
 # The downloader fake mirrors `engine.hub`; its types come from there when that module exists.
 try:
-    from ..engine.hub import DownloadProgress, HubError, OfflineError  # noqa: F401
-except ImportError:  # pragma: no cover - only until engine.hub lands
+    from ..engine.hub import DownloadCancelled, DownloadProgress, HubError, OfflineError
+except ImportError:  # pragma: no cover - an install without the hub module
     @dataclass(frozen=True)
     class DownloadProgress:  # type: ignore[no-redef]
         """Progress of one download: the file in flight and byte totals over all files."""
@@ -306,6 +307,8 @@ except ImportError:  # pragma: no cover - only until engine.hub lands
         total_bytes: int
         speed_bps: float
         eta_s: float | None
+        file_index: int = 0
+        file_count: int = 0
 
     class HubError(RuntimeError):  # type: ignore[no-redef]
         """A download that failed; the message says what to do."""
@@ -313,9 +316,8 @@ except ImportError:  # pragma: no cover - only until engine.hub lands
     class OfflineError(HubError):  # type: ignore[no-redef]
         """No network (or HF_HUB_OFFLINE) and the files are not local."""
 
-
-class DownloadCancelled(HubError):
-    """The caller's cancel event was set; what was fetched so far is kept for a resume."""
+    class DownloadCancelled(HubError):  # type: ignore[no-redef]
+        """The caller's cancel event was set; what was fetched so far is kept for a resume."""
 
 
 @dataclass
@@ -356,7 +358,7 @@ class FakeDownloader:
             raise OfflineError(f"{entry.id}: no network connection and the files are not downloaded")
         total, done = self.total_bytes, self.done.get(entry.id, 0)
         offset = 0
-        for name, size in self.files:
+        for index, (name, size) in enumerate(self.files):
             end = offset + size
             while done < end:
                 if cancel is not None and cancel.is_set():
@@ -370,7 +372,8 @@ class FakeDownloader:
                 if self.delay_s:
                     time.sleep(self.delay_s)
                 event = DownloadProgress(name, done, total, self.speed_bps,
-                                         (total - done) / self.speed_bps if self.speed_bps else None)
+                                         (total - done) / self.speed_bps if self.speed_bps else None,
+                                         file_index=index, file_count=len(self.files))
                 self.events.append(event)
                 if progress is not None:
                     progress(event)
@@ -381,6 +384,12 @@ class FakeDownloader:
 
     def is_downloaded(self, entry: ModelEntry) -> bool:
         return entry.demo or entry.id in self.downloaded
+
+    def ensure_demo(self, entry: ModelEntry) -> Path:
+        """A demo entry's directory (the real hub makes random weights there on first use)."""
+        if not entry.demo:
+            raise HubError(f"{entry.id} is not a demo entry")
+        return self._dir(entry)
 
     def local_dir(self, entry: ModelEntry) -> Path | None:
         return self._dir(entry) if entry.id in self.downloaded else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import threading
+from collections import OrderedDict
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Sequence
@@ -22,6 +23,8 @@ from .conversation import Conversation, Message
 _SETTING_NAMES = frozenset(f.name for f in fields(SamplingSettings))
 #: How often (seconds) a streaming reply is written to the store.
 SAVE_EVERY_S = 0.5
+#: Rendered prompt prefixes kept (the next turn, a regenerate and a trimmed view each reuse one).
+MEMO_SIZE = 8
 
 
 class ContextOverflow(ValueError):
@@ -68,6 +71,7 @@ class Session:
         self.store = store
         self.last_prompt: Prompt | None = None
         self._cancel = threading.Event()
+        self._memo: OrderedDict[int, tuple[list[int], list[str], list | None]] = OrderedDict()
 
     # Settings.
     def settings_for(self, conv: Conversation) -> SamplingSettings:
@@ -134,17 +138,29 @@ class Session:
         kept, ids, reused = render(0)
         k = 0
         if len(ids) + reserve > limit and starts:
-            # Fewest turns to drop such that the reply keeps its reserve (token counts fall as k grows).
-            lo, hi = 1, len(starts)
-            best = None
-            while lo <= hi:
-                mid = (lo + hi) // 2
-                got = render(mid)
-                if len(got[1]) + reserve <= limit:
-                    best, hi = (mid, got), mid - 1
-                else:
-                    lo = mid + 1
-            k, (kept, ids, reused) = best if best else (len(starts), render(len(starts)))
+            # Fewest oldest turns to drop so the reply keeps its reserve. Each turn's size, measured
+            # alone, gives a first guess; real renders then confirm it (usually one or two of them).
+            bounds = [0, *starts]
+            sizes = [len(self.tokenizer.render(_dicts(body[bounds[t]:bounds[t + 1]]), add_generation_prompt=False,
+                                               system="")) for t in range(len(starts))]
+            tried: dict[int, tuple[list[Message], list[int], list[str]]] = {}
+
+            def fits(n: int) -> bool:
+                if n not in tried:
+                    tried[n] = render(n)
+                return len(tried[n][1]) + reserve <= limit
+
+            guess, k = len(ids), 0
+            while k < len(starts) and guess + reserve > limit:
+                guess -= sizes[k]
+                k += 1
+            k = max(k, 1)
+            while k < len(starts) and not fits(k):
+                k += 1
+            while k > 1 and fits(k - 1):
+                k -= 1
+            fits(k)
+            kept, ids, reused = tried[k]
         if len(ids) >= limit:
             raise ContextOverflow(
                 f"The latest message needs {len(ids)} tokens but {self.entry.name} holds {limit}; "
@@ -158,15 +174,29 @@ class Session:
                 ) -> tuple[list[int], list[str]]:
         """Ids of msgs with reusable reply ids spliced in; returns (ids, ids of the reused replies)."""
         tok = self.tokenizer
-        dicts = [{"role": m.role, "content": m.content} for m in msgs]
+        dicts = _dicts(msgs)
         plain = (tok.render(dicts, add_generation_prompt=gen, system=system, open_last=open_last), [])
         if not hasattr(tok, "render_parts"):
             return plain
+        # keys[k] names the prefix msgs[:k + 1]; the ids up to a splice point depend on nothing else.
+        keys, key = [], hash(("system", system))
+        for m in msgs:
+            key = hash((key, m.id, m.role, m.content, len(m.token_ids or ())))
+            keys.append(key)
         ids: list[int] = []
         reused: list[str] = []
         opened: list | None = None
-        for k, m in enumerate(msgs):
-            generated = self._reusable(m)
+        start = 0
+        for k in range(len(msgs) - 1, -1, -1):
+            if keys[k] in self._memo:
+                # The last prompt's splice points are still valid: start after them.
+                ids, reused, opened = self._memo[keys[k]]
+                ids, reused, start = list(ids), list(reused), k + 1
+                self._memo.move_to_end(keys[k])
+                break
+        last_splice = None
+        for k in range(start, len(msgs)):
+            generated = self._reusable(msgs[k])
             if generated is None:
                 continue
             before = _after(opened, tok.render_parts(dicts[:k], add_generation_prompt=True, system=system))
@@ -174,7 +204,12 @@ class Session:
                 return plain
             ids += self._encode(before) + generated
             opened = tok.render_parts(dicts[:k + 1], add_generation_prompt=False, system=system, open_last=True)
-            reused.append(m.id)
+            reused.append(msgs[k].id)
+            last_splice = k
+        if last_splice is not None:
+            self._memo[keys[last_splice]] = (list(ids), list(reused), opened)
+            while len(self._memo) > MEMO_SIZE:
+                self._memo.popitem(last=False)
         rest = _after(opened, tok.render_parts(dicts, add_generation_prompt=gen, system=system, open_last=open_last))
         if rest is None:
             return plain
@@ -309,6 +344,8 @@ class Session:
             "model_id": e.id, "model_name": e.name,
             "revision": e.source.revision if e.source else None,
             "demo": e.demo,
+            **({"demo_seed": e.demo_seed} if e.demo else {}),
+            "app_version": _app_version(),
             "engine": {"device": str(getattr(eng, "device", "")), "dtype": str(getattr(eng, "dtype", "")).removeprefix("torch."),
                        "context_limit": eng.context_limit},
             "settings": _jsonable(asdict(settings)),
@@ -357,6 +394,18 @@ def _after(opened: list | None, full: list) -> list | None:
         return None
     rest = same[len(last):]
     return ([rest] if rest else []) + list(full[n:])
+
+
+def _app_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("smollchat")
+    except Exception:
+        return "unknown"
+
+
+def _dicts(msgs: Sequence[Message]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in msgs]
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

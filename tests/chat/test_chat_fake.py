@@ -7,7 +7,7 @@ import time
 import pytest
 
 from chatapp.chat.fake import (HUGINN_LIKE_CONTROLS, DownloadCancelled, FakeDownloader, FakeEngine, FakeTokenizer,
-                               OfflineError, fake_entry)
+                               HubError, OfflineError, fake_entry)
 from chatapp.engine.api import Done, SamplingSettings, StepEvent
 
 
@@ -157,8 +157,8 @@ def test_downloader_progress_cancel_resume_and_errors(tmp_path):
     seen.clear()
     path = dl.download(entry, progress=seen.append)
     # Resumed at 600, not restarted; chunks stop at file boundaries.
-    assert [(p.file, p.done_bytes) for p in seen] == [("model.safetensors", 900), ("model.safetensors", 1000),
-                                                      ("config.json", 1100)]
+    assert [(p.file, p.done_bytes, p.file_index, p.file_count) for p in seen] == [
+        ("model.safetensors", 900, 0, 2), ("model.safetensors", 1000, 0, 2), ("config.json", 1100, 1, 2)]
     assert seen[-1].done_bytes == 1100 and seen[-1].eta_s == 0
     assert path.is_dir() and dl.is_downloaded(entry) and dl.local_dir(entry) == path
     dl.delete(entry)
@@ -170,3 +170,7 @@ def test_downloader_progress_cancel_resume_and_errors(tmp_path):
     assert flaky.download(entry).is_dir() and flaky.events[-1].done_bytes == 1000
     with pytest.raises(OfflineError, match="no network"):
         FakeDownloader(offline=True, root=tmp_path).download(entry)
+    demo = fake_entry("demo-tiny", demo=True)
+    assert dl.is_downloaded(demo) and dl.ensure_demo(demo).is_dir()
+    with pytest.raises(HubError):
+        dl.ensure_demo(entry)

@@ -338,3 +338,86 @@ def test_memory_and_context_usage_come_from_the_engine():
     run(s.stream(c, u.id))
     report = s.memory()
     assert report.used["kv"] == 100 * report.context_used and report.context_used > used
+
+
+_REAL_ENGINE = r"""
+import json, sys
+import torch
+torch.set_num_threads(1)
+from chatapp.catalog import load_catalog
+from chatapp.chat.conversation import Conversation
+from chatapp.chat.session import Session
+from chatapp.chat.store import Store
+from chatapp.engine.runtime import load_engine
+out = {}
+for model_id in sys.argv[1:]:
+    engine = load_engine(load_catalog()[model_id], device="cpu")
+    with Store() as store:
+        s = Session(engine, store=store)
+        c = Conversation(settings={"max_new_tokens": 12})
+        u = c.add(None, "user", "Hello there!")
+        first = list(s.stream(c, u.id))[-1]
+        u2 = c.add(c.current_leaf, "user", "Tell me more.")
+        second = list(s.stream(c, u2.id))[-1]
+        saved = store.load(c.id).get(c.current_leaf)
+        out[model_id] = {"held": first.prompt_tokens + first.new_tokens - 1, "reused": second.reused_tokens,
+                         "stop": second.stop_reason, "saved_ids": saved.token_ids == c.get(c.current_leaf).token_ids,
+                         "revision": saved.run["revision"], "demo": saved.run["demo"]}
+print(json.dumps(out))
+"""
+
+
+def test_real_engine_continues_its_state_across_turns():
+    """The demo checkpoints through the real engine (in a child process: this one stays torch-free):
+    the second turn's prompt extends everything the state absorbed, for a KV and a recurrent model."""
+    pytest.importorskip("chatapp.engine.hub")
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", _REAL_ENGINE, "axiom-tiny", "odinnext-tiny"], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for model_id, r in result.items():
+        assert r["reused"] == r["held"], model_id
+        assert r["stop"] in ("max_tokens", "eos") and r["saved_ids"] and r["demo"] is True, model_id
+
+
+def test_a_warm_session_builds_the_same_prompts_as_a_fresh_one():
+    """The prefix memo must never serve a stale prompt: edits, continues, deletes and trimming."""
+    tok = FakeTokenizer("word")
+    entry = fake_entry(generation={"max_new_tokens": 2})
+    eng, s = make(replies=["alpha beta gamma", "delta epsilon zeta", "eta"], tokenizer=tok, entry=entry,
+                  context_limit=40)
+
+    def check(leaf=None):
+        fresh = Session(eng, tok, entry)
+        assert s.prompt(c, leaf).ids == fresh.prompt(c, leaf).ids
+
+    c = Conversation()
+    u = c.add(None, "user", "one")
+    for i in range(4):
+        run(s.stream(c, u.id))
+        check()
+        u = c.add(c.current_leaf, "user", f"turn {i}")
+        check()
+    assert s.last_prompt.dropped_turns > 0 and s.last_prompt.reused
+    c.delete(u.id)
+    check()
+    last = c.get(c.current_leaf)
+    assert last.role == "assistant" and last.can_continue
+    run(s.stream(c, last.parent_id, continue_from=last.id))
+    check()
+    # The same message id with more text (a chat reloaded after another window continued it), as
+    # ids that differ from a fresh encoding of the text.
+    last.token_ids = tok.encode(last.content) + tok.encode(" more") + tok.encode(" words")
+    last.content += " more words"
+    check()
+    c.edit(c.path()[1].id, "hand-edited early reply")
+    check()
+    c.system_prompt = "Different system prompt."
+    check()
