@@ -95,7 +95,8 @@ def fake_entry(model_id: str = "fake", context: int = 2048, generation: dict[str
     """A catalog entry for the fake model (what `Session` reads defaults and the chat format from)."""
     return ModelEntry(
         id=model_id, name=name, architecture="fake", summary="A scripted model for tests.", params=0,
-        context=context, license="n/a", tokenizer=TokenizerSpec(kind="bytes", specials={s: 256 + i for i, s in enumerate(SPECIALS)}),
+        context=context, license="n/a",
+        tokenizer=TokenizerSpec(kind="bytes", specials={s: 256 + i for i, s in enumerate(SPECIALS)}),
         chat=chat, source=Source(repo=f"smollchat/{model_id}", revision="fake-rev"),
         generation=dict(generation if generation is not None else {"temperature": 0.7, "max_new_tokens": 256}),
         controls=dict(controls or {}), demo=demo)
@@ -183,7 +184,7 @@ class FakeEngine:
         reply = self._next_reply(ids)
         cut = _first_stop(reply, settings.stop_strings)
         reply_ids = self.tokenizer.encode(reply, allow_special=False)
-        eos = self.tokenizer.specials.get("<|im_end|>", 0)
+        eos = self._eos()
         start_ns = time.monotonic_ns()
         if not self.instant and self.ttft_s > 0:
             self._cancel.wait(self.ttft_s)
@@ -245,6 +246,14 @@ class FakeEngine:
                 "dtype": self.dtype, "context_limit": self.context_limit, "demo": False}
 
     # Helpers.
+    def _eos(self) -> int:
+        """The id a reply ends with: the chat format's first stop token."""
+        try:
+            stops = self.tokenizer.stop_ids
+        except Exception:
+            stops = ()
+        return stops[0] if stops else self.tokenizer.specials.get("<|im_end|>", 0)
+
     def _absorb(self, ids: list[int]) -> int:
         """Like the real engine: keep the common prefix with what the state holds, feed the rest."""
         common = 0

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import random
 import threading
-from collections import OrderedDict
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Sequence
 
@@ -175,9 +175,12 @@ class Session:
         """Ids of msgs with reusable reply ids spliced in; returns (ids, ids of the reused replies)."""
         tok = self.tokenizer
         dicts = _dicts(msgs)
-        plain = (tok.render(dicts, add_generation_prompt=gen, system=system, open_last=open_last), [])
+
+        def plain() -> tuple[list[int], list[str]]:
+            return tok.render(dicts, add_generation_prompt=gen, system=system, open_last=open_last), []
+
         if not hasattr(tok, "render_parts"):
-            return plain
+            return plain()
         # keys[k] names the prefix msgs[:k + 1]; the ids up to a splice point depend on nothing else.
         keys, key = [], hash(("system", system))
         for m in msgs:
@@ -201,7 +204,7 @@ class Session:
                 continue
             before = _after(opened, tok.render_parts(dicts[:k], add_generation_prompt=True, system=system))
             if before is None:
-                return plain
+                return plain()
             ids += self._encode(before) + generated
             opened = tok.render_parts(dicts[:k + 1], add_generation_prompt=False, system=system, open_last=True)
             reused.append(msgs[k].id)
@@ -212,7 +215,7 @@ class Session:
                 self._memo.popitem(last=False)
         rest = _after(opened, tok.render_parts(dicts, add_generation_prompt=gen, system=system, open_last=open_last))
         if rest is None:
-            return plain
+            return plain()
         return ids + self._encode(rest), reused
 
     def _reusable(self, m: Message) -> list[int] | None:
@@ -346,7 +349,8 @@ class Session:
             "demo": e.demo,
             **({"demo_seed": e.demo_seed} if e.demo else {}),
             "app_version": _app_version(),
-            "engine": {"device": str(getattr(eng, "device", "")), "dtype": str(getattr(eng, "dtype", "")).removeprefix("torch."),
+            "engine": {"device": str(getattr(eng, "device", "")),
+                       "dtype": str(getattr(eng, "dtype", "")).removeprefix("torch."),
                        "context_limit": eng.context_limit},
             "settings": _jsonable(asdict(settings)),
             "seed": settings.seed,

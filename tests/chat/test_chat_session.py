@@ -421,3 +421,23 @@ def test_a_warm_session_builds_the_same_prompts_as_a_fresh_one():
     check()
     c.system_prompt = "Different system prompt."
     check()
+
+
+@pytest.mark.parametrize("model_id", sorted(k for k, e in load_catalog().items() if not e.demo))
+def test_every_catalog_chat_format_keeps_the_state_across_turns(model_id):
+    """Splicing works with each model's own template (Huginn's headers and trimming, Genesis's newline
+    before <|im_end|>, Axiom's system-in-first-user): turn 2 extends all that turn 1 left in the state."""
+    from chatapp.engine.tokenizer import ByteTokenizer
+
+    entry = load_catalog()[model_id]
+    tok = ByteTokenizer({s: 256 + i for i, s in enumerate(entry.tokenizer.specials)}, entry.chat)
+    eng, s = make(replies=["Hello there", "Fine, thanks"], tokenizer=tok, entry=entry, context_limit=4096)
+    c = Conversation(system_prompt="Be brief.")
+    u = c.add(None, "user", "Hi")
+    first = run(s.stream(c, u.id))
+    reply = c.get(c.current_leaf)
+    assert reply.token_ids[-1] == tok.stop_ids[0] and reply.content == "Hello there"
+    u2 = c.add(reply.id, "user", "How are you?")
+    second = run(s.stream(c, u2.id))
+    assert second.reused_tokens == first.prompt_tokens + first.new_tokens - 1
+    assert tok.decode(eng.calls[1].ids) == tok.render_text(dicts(c.path(u2.id)), system="Be brief.")
