@@ -40,7 +40,8 @@ async def test_escape_stops_at_once_and_keeps_the_partial_reply(build, store):
     app = build(engine)
     async with app.run_test(size=SIZE) as pilot:
         app.chat_screen.composer.insert("go")
-        await pilot.press("enter")
+        # Not pilot.press: it waits for the process to go idle, which a streaming worker never is.
+        app.chat_screen.composer.action_send()
         await wait_until(pilot, lambda: len(app.chat_screen.conv.messages) == 2
                          and len(app.chat_screen.conv.path()[-1].content) > 20, what="some streamed text")
         await pilot.press("escape")

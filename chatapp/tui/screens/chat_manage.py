@@ -161,7 +161,7 @@ class ChatManagement:
                 self.notify(f"Could not read {source}: {e.strerror or e}", severity="error")
                 return
             except ValueError as e:
-                self.notify(f"{source.name} is not a smollchat export: {e}", severity="error")
+                self.notify(f"Could not import {source.name}: {e}", severity="error")
                 return
             if self.app.store.exists(conv.id):
                 conv = conv.clone()

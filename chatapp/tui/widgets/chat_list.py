@@ -35,6 +35,10 @@ class ChatOptions(OptionList):
     def action_delete_chat(self) -> None:
         self.post_message(self.DeleteHighlighted())
 
+    def on_focus(self) -> None:
+        if self.highlighted is None and self.option_count:
+            self.highlighted = 0
+
 
 class ChatList(Vertical):
     """Lists `store.list_chats(query)`; posts `ChatList.Selected` and `ChatList.DeleteRequested`."""
