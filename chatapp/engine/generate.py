@@ -83,6 +83,11 @@ def decode_loop(model, state: StateList, logits: torch.Tensor, prompt: list[int]
     new = 0
     reason, detail = "max_tokens", ""
     steps = model.last_steps
+    # Self-speculative decoding (Huginn): under plain greedy a model that offers `speculate` returns
+    # several next tokens per call, each with the logits plain decoding would have produced.
+    speculate = (settings.temperature == 0 and settings.repetition_penalty == 1.0 and settings.no_repeat_ngram == 0
+                 and getattr(model, "speculative", False))
+    pending: list[tuple[torch.Tensor, int | None]] = []
     while True:
         if cancel.is_set():
             reason = "cancelled"
@@ -107,6 +112,19 @@ def decode_loop(model, state: StateList, logits: torch.Tensor, prompt: list[int]
             reason, detail = "context_full", f"the context holds {context_limit} tokens"
             break
         sampler.extend([draw.token_id])
+        if speculate and not pending:
+            try:
+                ahead = model.speculate(state, draw.token_id)
+            except ContextFull as e:
+                reason, detail = "context_full", str(e)
+                break
+            # The state absorbed the chosen token and every returned one but the last.
+            fed.append(draw.token_id)
+            fed.extend(tok for tok, _, _ in ahead[:-1])
+            pending = [(lg, st) for _, lg, st in ahead]
+        if pending:
+            logits, steps = pending.pop(0)
+            continue
         try:
             logits = model(torch.tensor([[draw.token_id]], device=device), state, last_only=True)[0, -1]
         except ContextFull as e:
