@@ -101,6 +101,10 @@ def _v2(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX chats_by_update ON chats(updated_at)")
 
 
+#: SQLite primary result codes: SQLITE_CORRUPT, SQLITE_NOTADB (a damaged file); SQLITE_BUSY, SQLITE_LOCKED.
+_CORRUPT = (11, 26)
+_BUSY = (5, 6)
+
 #: Every schema step, oldest first. Never edit a released step: add a new one.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "chats and message trees", _v1),
@@ -112,7 +116,7 @@ SCHEMA_VERSION = MIGRATIONS[-1].version
 class Store:
     """The chat database. `Store()` opens `locations.database_path()`."""
 
-    def __init__(self, path: Path | str | None = None) -> None:
+    def __init__(self, path: Path | str | None = None, *, timeout: float = 10.0) -> None:
         if path is None:
             from ..locations import database_path
             path = database_path()
@@ -121,7 +125,7 @@ class Store:
         self._lock = threading.RLock()
         existed = self.path.exists() and self.path.stat().st_size > 0
         try:
-            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=timeout)
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the chat database {self.path}: {e}") from None
         try:
@@ -132,9 +136,9 @@ class Store:
         except StoreError:
             self._conn.close()
             raise
-        except sqlite3.DatabaseError as e:
+        except sqlite3.Error as e:
             self._conn.close()
-            raise self._damaged(str(e)) from None
+            raise self._error(e, "opened") from None
 
     # Opening.
     def _check_integrity(self) -> None:
@@ -197,24 +201,40 @@ class Store:
         return StoreError(f"The chat database {self.path} is damaged ({why}). {where} Move the damaged file "
                           "away (or restore a backup) and start smollchat again.", backup)
 
+    def _error(self, e: sqlite3.Error, doing: str) -> StoreError:
+        """A StoreError for a failed SQLite call: damaged files are copied aside first."""
+        code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+        if code in _CORRUPT or (not code and ("malformed" in str(e) or "not a database" in str(e))):
+            return self._damaged(str(e))
+        if code in _BUSY or "locked" in str(e):
+            return StoreError(f"The chat database {self.path} could not be {doing}: it is locked by another program "
+                              "(is another smollchat running?). Close it and try again.")
+        return StoreError(f"The chat database {self.path} could not be {doing}: {e}.")
+
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: all of it is saved, or none of it."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self._conn
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise self._error(e, "written") from None
 
     def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
-            cur = self._conn.execute(sql, args)
-            cur.row_factory = sqlite3.Row
-            return cur.fetchall()
+            try:
+                cur = self._conn.execute(sql, args)
+                cur.row_factory = sqlite3.Row
+                return cur.fetchall()
+            except sqlite3.Error as e:
+                raise self._error(e, "read") from None
 
     def close(self) -> None:
         with self._lock:

@@ -333,3 +333,24 @@ def test_run_cards_and_token_ids_survive_as_json(store):
                            ).fetchone()
     assert json.loads(run)["steps"] == [3, 4] and json.loads(ids) == [1, 2, 3]
     assert raw.execute("PRAGMA foreign_key_list(messages)").fetchall()
+
+
+def test_a_database_locked_by_another_program_is_not_called_damaged(tmp_path):
+    path = tmp_path / "chats.sqlite3"
+    with Store(path) as s:
+        s.save(sample())
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(StoreError, match="locked by another program") as err:
+        Store(path, timeout=0.1)
+    assert err.value.backup is None and not list(tmp_path.glob("*.bak"))
+    other.execute("ROLLBACK")
+    with Store(path, timeout=0.1) as s:
+        c = sample("Birds")
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StoreError, match="could not be written: it is locked"):
+            s.save(c)
+        other.execute("ROLLBACK")
+        s.save(c)  # works again once the other program lets go
+        assert [x.title for x in s.list_chats()].count("Birds") == 1
+    assert not list(tmp_path.glob("*.bak"))
