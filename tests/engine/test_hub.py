@@ -1,0 +1,288 @@
+"""engine.hub against a local fake Hub (tests/fakehub.py): filtering, second source, progress, resume, size and
+checksum checks, cancel, offline, delete/disk usage; and the deterministic demo checkpoints."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+# huggingface_hub reads HF_HUB_OFFLINE when its constants module is first imported: import it now, before any
+# test sets that variable, so one test's offline mode never leaks into the others.
+import huggingface_hub.constants as hf_constants
+import huggingface_hub.file_download  # noqa: F401
+
+from chatapp.catalog import Source, load_catalog
+from chatapp.engine import hub
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fakehub import FakeHub, free_port  # noqa: E402
+
+WEIGHTS = bytes(range(256)) * 1200          # 307,200 bytes, served as an LFS file through the "CDN"
+CONFIG = b'{"model_type": "axiom", "hidden_size": 8}'
+REPO_FILES = {"model.safetensors": WEIGHTS, "config.json": CONFIG, "modeling_axiom.py": b"import os\n",
+              "pytorch_model.bin": b"\x80\x04pickle" * 10, "README.md": b"# card\n"}
+TOKENIZER = b'{"model": {"type": "BPE"}}'
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "RETRY_WAIT_S", 0.01)
+    with FakeHub() as fh:
+        monkeypatch.setenv("HF_ENDPOINT", fh.url)
+        fh.add_repo("org/model", REPO_FILES)
+        fh.add_repo("org/tokenizer", {"tokenizer.json": TOKENIZER, "vocab.txt": b"a\nb\n"})
+        yield fh
+
+
+@pytest.fixture
+def entry():
+    """A catalog entry (Genesis's chat format) pointed at the fake repos, with a tokenizer repo as second source."""
+    base = load_catalog()["genesis"]
+    # The hub's own deny-list must hold even if a pattern names a .py or .bin file.
+    allow = ("*.safetensors", "*.json", "modeling_axiom.py", "pytorch_model.bin")
+    return replace(base, id="fake", source=Source("org/model", "main", allow, 0),
+                   extra_sources=(Source("org/tokenizer", "main", ("tokenizer.json",), 0),))
+
+
+def one_sentence(msg: str) -> bool:
+    return "\n" not in msg and msg.endswith(".") and len(re.findall(r"[.!?](\s|$)", msg)) == 1
+
+
+def test_plan_lists_allowed_files_with_sizes(fake, entry):
+    files = hub.plan(entry)
+    assert [(f.repo, f.path, f.size) for f in files] == [
+        ("org/model", "config.json", len(CONFIG)), ("org/model", "model.safetensors", len(WEIGHTS)),
+        ("org/tokenizer", "tokenizer.json", len(TOKENIZER))]
+    assert files[1].sha256 == hashlib.sha256(WEIGHTS).hexdigest()
+    assert files[0].commit == fake.repos["org/model"].commit
+
+
+def test_download_fetches_allowed_files_and_second_source(fake, entry):
+    assert not hub.is_downloaded(entry) and hub.local_dir(entry) is None
+    d = hub.download(entry)
+    assert d.name == fake.repos["org/model"].commit
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
+    assert (d / "model.safetensors").read_bytes() == WEIGHTS
+    assert fake.fetched_paths() == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert hub.local_dir(entry) == d and hub.is_downloaded(entry)
+    tok = hub.file_path(entry, "tokenizer.json")
+    assert tok is not None and tok.read_bytes() == TOKENIZER
+    assert hub.file_path(entry, "config.json") == d / "config.json"
+    assert hub.file_path(entry, "missing.json") is None
+    # The standard cache layout: huggingface_hub's own lookups find the files.
+    from huggingface_hub import scan_cache_dir, try_to_load_from_cache
+    assert try_to_load_from_cache("org/model", "model.safetensors", cache_dir=str(hub.cache_root())) == \
+        str(d / "model.safetensors")
+    info = scan_cache_dir(hub.cache_root())
+    assert not info.warnings and {r.repo_id for r in info.repos} == {"org/model", "org/tokenizer"}
+    # A second call finds everything in place and transfers nothing.
+    before = len(fake.requests)
+    assert hub.download(entry) == d
+    assert not [r for r in fake.requests[before:] if r.method == "GET" and r.sent]
+
+
+def test_incomplete_second_source_means_not_downloaded(fake, entry):
+    hub.download(entry)
+    tok = hub.file_path(entry, "tokenizer.json")
+    tok.unlink()
+    assert hub.local_dir(entry) is None and not hub.is_downloaded(entry)
+    hub.download(entry)
+    # The blob was still in the cache: the snapshot link is remade without a second transfer.
+    assert hub.is_downloaded(entry) and fake.sent("tokenizer.json") == len(TOKENIZER)
+    assert hub.file_path(entry, "tokenizer.json").read_bytes() == TOKENIZER
+
+
+def test_progress_is_byte_accurate_monotonic_and_ends_at_total(fake, entry, monkeypatch):
+    monkeypatch.setattr(hub, "PROGRESS_INTERVAL_S", 0.0)
+    fake.pace(16_384, 0.003)
+    events: list[hub.DownloadProgress] = []
+    hub.download(entry, progress=events.append)
+    total = len(WEIGHTS) + len(CONFIG) + len(TOKENIZER)
+    done = [e.done_bytes for e in events]
+    assert all(e.total_bytes == total and e.file_count == 3 for e in events)
+    assert done == sorted(done) and done[-1] == total and events[-1].eta_s == 0.0
+    # Real bytes, not per-file steps: many distinct values inside the weights file.
+    inside = {e.done_bytes for e in events if e.file == "model.safetensors"}
+    assert len(inside) >= 5
+    assert [e.file_index for e in events] == sorted(e.file_index for e in events)
+
+
+def test_interrupted_transfer_resumes_sending_only_the_rest(fake, entry):
+    fake.break_after("model.safetensors", 100_000)
+    d = hub.download(entry)
+    gets = fake.gets("model.safetensors")
+    assert [(g.range, g.sent) for g in gets] == [(None, 100_000), ("bytes=100000-", len(WEIGHTS) - 100_000)]
+    assert (d / "model.safetensors").read_bytes() == WEIGHTS
+
+
+def test_resume_across_calls_after_the_connection_is_lost(fake, entry, monkeypatch):
+    monkeypatch.setattr(hub, "RETRIES", 0)
+    fake.break_after("model.safetensors", 120_000)
+    with pytest.raises(hub.OfflineError) as e:
+        hub.download(entry)
+    assert one_sentence(str(e.value)) and "resume" in str(e.value)
+    assert not hub.is_downloaded(entry)
+    assert hub.disk_usage(entry) == len(CONFIG) + 120_000  # the partial file is kept
+    d = hub.download(entry)
+    assert fake.gets("model.safetensors")[-1].range == "bytes=120000-"
+    assert fake.sent("model.safetensors") == len(WEIGHTS)
+    assert (d / "model.safetensors").read_bytes() == WEIGHTS and hub.is_downloaded(entry)
+
+
+@pytest.mark.parametrize("served", [WEIGHTS[:-1000], WEIGHTS + b"extra"], ids=["short", "long"])
+def test_size_mismatch_is_a_hub_error_and_leaves_nothing(fake, entry, served):
+    fake.serve_instead("model.safetensors", served)
+    with pytest.raises(hub.HubError) as e:
+        hub.download(entry)
+    assert not isinstance(e.value, hub.OfflineError)
+    assert "size" in str(e.value) and one_sentence(str(e.value))
+    assert not hub.is_downloaded(entry)
+    assert hub.disk_usage(entry) == len(CONFIG)  # no partial weights left to resume from
+
+
+def test_checksum_mismatch_is_a_hub_error(fake, entry):
+    fake.serve_instead("model.safetensors", bytes(len(WEIGHTS)))
+    with pytest.raises(hub.HubError, match="checksum"):
+        hub.download(entry)
+    assert not hub.is_downloaded(entry)
+
+
+def test_cancel_is_prompt_on_a_stalled_transfer_and_resume_completes(fake, entry):
+    fake.stall("model.safetensors", 200_000)
+    cancel = threading.Event()
+    set_at: list[float] = []
+    timers: list[threading.Timer] = []
+    events: list[hub.DownloadProgress] = []
+
+    def progress(p):
+        events.append(p)
+        if p.file == "model.safetensors" and not timers:
+            # The local server reaches the stall at once; cancel while the transfer hangs there.
+            timers.append(threading.Timer(0.5, lambda: (set_at.append(time.monotonic()), cancel.set())))
+            timers[0].start()
+
+    with pytest.raises(hub.DownloadCancelled):
+        try:
+            hub.download(entry, progress=progress, cancel=cancel)
+        finally:
+            raised_at = time.monotonic()
+    assert set_at and raised_at - set_at[0] < 0.5
+    assert hub.disk_usage(entry) == len(CONFIG) + 200_000 and not hub.is_downloaded(entry)
+    del fake.stalls["model.safetensors"]
+    d = hub.download(entry)
+    assert fake.gets("model.safetensors")[-1].range == "bytes=200000-"
+    assert fake.gets("model.safetensors")[-1].sent == len(WEIGHTS) - 200_000
+    assert (d / "model.safetensors").read_bytes() == WEIGHTS
+
+
+def test_cancel_before_start_raises_and_fetches_nothing(fake, entry):
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(hub.DownloadCancelled):
+        hub.download(entry, cancel=cancel)
+    assert not fake.fetched_paths()
+
+
+def test_server_down_is_offline_error_in_one_sentence(fake, entry, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(hub.OfflineError) as e:
+        hub.download(entry)
+    assert one_sentence(str(e.value)), str(e.value)
+
+
+def test_hf_hub_offline_is_offline_error_without_any_request(fake, entry, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(hub.OfflineError) as e:
+        hub.download(entry)
+    assert one_sentence(str(e.value)) and "HF_HUB_OFFLINE" in str(e.value)
+    with pytest.raises(hub.OfflineError):
+        hub.plan(entry)
+    assert fake.requests == []
+
+
+def test_complete_download_is_used_offline(fake, entry, monkeypatch):
+    d = hub.download(entry)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    assert hub.download(entry) == d
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub.download(entry) == d and hub.file_path(entry, "tokenizer.json") is not None
+
+
+def test_unknown_repo_and_revision_are_hub_errors(fake, entry):
+    for source in (Source("org/nothing", "main", ("*.json",)), Source("org/model", "v9", ("*.json",))):
+        with pytest.raises(hub.HubError) as e:
+            hub.download(replace(entry, source=source, extra_sources=()))
+        assert not isinstance(e.value, hub.OfflineError) and one_sentence(str(e.value))
+        assert source.repo in str(e.value)
+
+
+def test_hf_home_decides_the_cache(fake, entry, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "elsewhere"))
+    d = hub.download(entry)
+    assert d.is_relative_to(tmp_path / "elsewhere" / "hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "other-cache"))
+    assert not hub.is_downloaded(entry)
+
+
+def test_delete_and_disk_usage_touch_only_that_repo(fake, entry):
+    fake.add_repo("org/second", {"model.safetensors": b"\x01" * 5000, "config.json": b"{}"})
+    other = replace(entry, id="second", source=Source("org/second", "main", ("*.safetensors", "*.json")),
+                    extra_sources=())
+    hub.download(entry)
+    hub.download(other)
+    assert hub.disk_usage(entry) == len(WEIGHTS) + len(CONFIG)
+    assert hub.disk_usage(other) == 5002
+    hub.delete(entry)
+    assert not hub.is_downloaded(entry) and hub.disk_usage(entry) == 0
+    assert not (hub.cache_root() / "models--org--model").exists()
+    assert hub.is_downloaded(other) and hub.disk_usage(other) == 5002
+    # The shared tokenizer repo is another repo: left in place.
+    assert (hub.cache_root() / "models--org--tokenizer").is_dir()
+    hub.delete(entry)  # deleting twice is harmless
+
+
+# ---------------------------------------------------------------- demo checkpoints
+
+
+def test_demo_is_deterministic_loadable_and_counts_as_downloaded(monkeypatch, tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    from chatapp.engine.loader import load_model
+
+    demo = load_catalog()["axiom-tiny"]
+    assert hub.local_dir(demo) is None and not hub.is_downloaded(demo)
+    rng = torch.get_rng_state()
+    d = hub.ensure_demo(demo)
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's seed state is untouched
+    assert hub.is_downloaded(demo) and hub.local_dir(demo) == d and hub.download(demo) == d
+    first = (d / "model.safetensors").read_bytes()
+    with safe_open(d / "model.safetensors", "pt") as f:
+        assert f.metadata() == {"smollchat_demo": "random weights"}
+    assert hub.file_path(demo, "config.json") == d / "config.json"
+    assert hub.disk_usage(demo) >= len(first)
+    model = load_model(d)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+    monkeypatch.setenv("SMOLLCHAT_HOME", str(tmp_path / "second-home"))
+    again = hub.ensure_demo(demo)
+    assert again != d and (again / "model.safetensors").read_bytes() == first
+    assert not [p for p in again.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    reseeded = hub.ensure_demo(replace(demo, demo_seed=demo.demo_seed + 1))
+    assert reseeded == again and (again / "model.safetensors").read_bytes() != first
+    hub.delete(demo)
+    assert not hub.is_downloaded(demo)
+
+
+def test_ensure_demo_refuses_a_real_entry():
+    with pytest.raises(hub.HubError):
+        hub.ensure_demo(load_catalog()["axiom"])
