@@ -13,7 +13,7 @@ Unknown repos, revisions and files answer 404 with the Hub's X-Error-Code header
 Knobs for failure cases: `break_after(path, n, times)` sends the full Content-Length but only n body bytes, then
 drops the connection; `serve_instead(path, data)` lists and HEADs the real size but serves other bytes;
 `stall(path, n)` sends n bytes and then hangs until `stop()`; `pace(chunk, delay_s)` slows every body down.
-`requests` records (method, path, Range header, body bytes sent) for every request.
+`requests` records (method, path, Range header, body bytes sent, auth, host) for every request.
 """
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ class Logged:
     path: str
     range: str | None
     sent: int = 0
+    #: Whether the request carried an Authorization header, and the Host it was sent to.
+    auth: bool = False
+    host: str = ""
 
 
 class FakeHub:
@@ -166,7 +169,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, head: bool) -> None:
         parts = urlsplit(self.path)
         path, query = unquote(parts.path), parse_qs(parts.query)
-        log = Logged("HEAD" if head else "GET", path, self.headers.get("Range"))
+        log = Logged("HEAD" if head else "GET", path, self.headers.get("Range"),
+                     auth="Authorization" in self.headers, host=self.headers.get("Host", ""))
         with self.fake.lock:
             self.fake.requests.append(log)
         if path.startswith("/api/models/"):

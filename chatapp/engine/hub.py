@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from .. import locations
 from ..catalog import ModelEntry, Source
@@ -364,7 +364,11 @@ def _fetch(rf: RemoteFile, cache: Path, index: int, tracker: _Tracker, cancel: t
             if blob.is_file() and blob.stat().st_size != rf.size:
                 blob.unlink()
             if not blob.is_file():
-                _transfer(rf, meta.location, blob, index, tracker, cancel)
+                # The CDN location the Hub redirects to (signed, so the auth token never goes there); Xet-stored
+                # files have none we can stream, so they come through the resolve URL's own redirect.
+                cdn = meta.xet_file_data is None and urlsplit(meta.location).netloc != urlsplit(url).netloc
+                _transfer(rf, meta.location if meta.xet_file_data is None else url, not cdn, blob, index, tracker,
+                          cancel)
             else:
                 tracker.begin(index, rf, rf.size)
             with _hub_errors(what, rf.repo):
@@ -375,7 +379,7 @@ def _fetch(rf: RemoteFile, cache: Path, index: int, tracker: _Tracker, cancel: t
     tracker.end(rf.size)
 
 
-def _transfer(rf: RemoteFile, url: str, blob: Path, index: int, tracker: _Tracker,
+def _transfer(rf: RemoteFile, url: str, send_auth: bool, blob: Path, index: int, tracker: _Tracker,
               cancel: threading.Event | None) -> None:
     """Stream one file into `<blob>.incomplete` from where it stopped, check it, and move it into place."""
     import httpx2
@@ -385,7 +389,8 @@ def _transfer(rf: RemoteFile, url: str, blob: Path, index: int, tracker: _Tracke
     part = blob.with_name(blob.name + ".incomplete")
     hasher = hashlib.sha256() if rf.sha256 else None
     # Compression would make byte offsets and sizes meaningless for Range resume.
-    headers = {**build_hf_headers(), "Accept-Encoding": "identity"}
+    headers = {k: v for k, v in build_hf_headers().items() if send_auth or k.lower() != "authorization"}
+    headers["Accept-Encoding"] = "identity"
     failures = 0
     with _hub_errors(what, rf.repo), open(part, "ab") as f:
         have = f.tell()

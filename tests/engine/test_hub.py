@@ -90,6 +90,14 @@ def test_download_fetches_allowed_files_and_second_source(fake, entry):
     assert not [r for r in fake.requests[before:] if r.method == "GET" and r.sent]
 
 
+def test_token_goes_to_the_hub_but_never_to_the_cdn(fake, entry, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+    hub.download(entry)
+    cdn = [r for r in fake.requests if r.method == "GET" and r.path == "model.safetensors"]
+    assert cdn and all(r.host.startswith("localhost") and not r.auth for r in cdn)
+    assert all(r.auth for r in fake.requests if r.method == "HEAD" or r.path == "config.json")
+
+
 def test_incomplete_second_source_means_not_downloaded(fake, entry):
     hub.download(entry)
     tok = hub.file_path(entry, "tokenizer.json")
