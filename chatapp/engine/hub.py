@@ -48,9 +48,11 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 FORBIDDEN_SUFFIXES = (".py", ".pyc", ".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 #: At most one progress report per interval (plus one at each file boundary and one at the end).
 PROGRESS_INTERVAL_S = 0.1
+#: The speed reported is the average over about this many recent seconds.
+SPEED_WINDOW_S = 3.0
 #: How often the writing thread looks at the cancel event while it waits for data.
 POLL_S = 0.1
-#: Reconnects (with Range) after a transfer breaks off, per file, counted since the last byte received.
+#: Reconnects (with Range) per file after a transfer breaks off; the count restarts whenever bytes arrived.
 RETRIES = 3
 RETRY_WAIT_S = 0.5
 CONNECT_TIMEOUT_S = 10.0
@@ -268,7 +270,7 @@ class _Tracker:
 
     def speed(self, now: float) -> float:
         self.samples.append((now, self.received))
-        while len(self.samples) > 2 and now - self.samples[1][0] > 3.0:
+        while len(self.samples) > 2 and now - self.samples[1][0] > SPEED_WINDOW_S:
             self.samples.popleft()
         t0, b0 = self.samples[0]
         return (self.received - b0) / (now - t0) if now - t0 > 1e-3 else 0.0
@@ -521,6 +523,8 @@ class _Reader:
             try:
                 kind, value = self.q.get(timeout=POLL_S)
             except queue.Empty:
+                # Keep reporting while nothing arrives, so a stalled transfer shows its speed falling to 0.
+                tracker.emit()
                 continue
             if kind == "error":
                 raise value

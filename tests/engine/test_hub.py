@@ -164,7 +164,8 @@ def test_checksum_mismatch_is_a_hub_error(fake, entry):
     assert not hub.is_downloaded(entry)
 
 
-def test_cancel_is_prompt_on_a_stalled_transfer_and_resume_completes(fake, entry):
+def test_cancel_is_prompt_on_a_stalled_transfer_and_resume_completes(fake, entry, monkeypatch):
+    monkeypatch.setattr(hub, "SPEED_WINDOW_S", 0.2)
     fake.stall("model.safetensors", 200_000)
     cancel = threading.Event()
     set_at: list[float] = []
@@ -184,6 +185,9 @@ def test_cancel_is_prompt_on_a_stalled_transfer_and_resume_completes(fake, entry
         finally:
             raised_at = time.monotonic()
     assert set_at and raised_at - set_at[0] < 0.5
+    # Reports go on during the stall, and the speed shown falls to zero instead of freezing.
+    assert events[-1].done_bytes == len(CONFIG) + 200_000 and events[-1].speed_bps == 0.0
+    assert events[-1].eta_s is None
     assert hub.disk_usage(entry) == len(CONFIG) + 200_000 and not hub.is_downloaded(entry)
     del fake.stalls["model.safetensors"]
     d = hub.download(entry)
