@@ -3,7 +3,6 @@ checksum checks, cancel, offline, delete/disk usage; and the deterministic demo 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import sys
 import threading
@@ -16,7 +15,6 @@ import pytest
 # huggingface_hub reads HF_HUB_OFFLINE when its constants module is first imported: import it now, before any
 # test sets that variable, so one test's offline mode never leaks into the others.
 import huggingface_hub.constants as hf_constants
-import huggingface_hub.file_download  # noqa: F401
 
 from chatapp.catalog import Source, load_catalog
 from chatapp.engine import hub
