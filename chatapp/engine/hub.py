@@ -10,9 +10,12 @@ file that it deletes on failure (an interrupted file restarts from zero) and rep
 it can neither resume nor cancel promptly. Here the body is streamed with a `Range` request into
 `blobs/<etag>.incomplete`; the HTTP read runs in a reader thread that hands chunks over a small queue, and the
 calling thread writes them, reports exact byte counts and polls the cancel event every 0.1 s, so a cancel takes
-effect within ~0.1 s even on a stalled connection and leaves a partial file the next call resumes. Finished files
-land where `hf_hub_download` puts them (`blobs/<etag>`, `snapshots/<commit>/<path>` -> relative symlink,
-`refs/<revision>`), so `hf cache`, `try_to_load_from_cache` and `scan_cache_dir` see them.
+effect within ~0.1 s even on a stalled connection and leaves a partial file the next call resumes (the short
+listing and HEAD requests are not interrupted; they time out after CONNECT_TIMEOUT_S). Each finished file is
+checked against the size the Hub lists (and LFS files against their sha256), then lands where `hf_hub_download`
+puts it (`blobs/<etag>`, `snapshots/<commit>/<path>` -> relative symlink, `refs/<revision>`), so `hf cache`,
+`try_to_load_from_cache` and `scan_cache_dir` see it. Layout and behaviour checked against huggingface_hub==2.4.0
+(file_download.py, utils/_cache_manager.py) by the tests in tests/engine/test_hub.py.
 
 Every file of one source comes from the single commit its revision resolved to when listed. Completion is recorded
 per source in `<repo cache>/.smollchat/<revision>.json` (commit, allow globs, file sizes); `local_dir` trusts a
