@@ -15,6 +15,12 @@ from torch import nn
 from ..state import LayerState
 
 
+def param_key(*params: torch.Tensor) -> tuple:
+    """Identity of parameter values, for caches derived from them: a reload replaces the tensors, an
+    in-place edit bumps their version (inference tensors, from a load under inference_mode, keep none)."""
+    return tuple((id(p), p.data_ptr(), p.dtype, p.device, 0 if p.is_inference() else p._version) for p in params)
+
+
 class EngramWindow(LayerState):
     """The engram's look-back across forwards: compressed features of the last (max_ngram - 1) tokens.
 
@@ -58,6 +64,7 @@ class EngramMemory(nn.Module):
         self.gate = nn.Linear(2 * h, 1)
         self.out_proj = nn.Linear(h, h, bias=False)
         self._selector: tuple | None = None
+        self._weight: tuple | None = None
 
     def lookup_orders(self) -> list[int]:
         """The n-gram order of each lookup l, in the layout of `proj` and `tables` (an option)."""
@@ -84,6 +91,17 @@ class EngramMemory(nn.Module):
             self._selector = (key, sel.to(device), pow2.to(device), offsets.to(device))
         return self._selector[1:]
 
+    def code_weight(self, device: torch.device) -> torch.Tensor:
+        """proj placed on the window slots, [C * W, L * bits]: one GEMM computes every lookup's code.
+        Cached: it changes only with the weights or the reading options."""
+        sel, _, _ = self._select(device)
+        key = (self._selector[0], param_key(self.proj))
+        if self._weight is None or self._weight[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                w = torch.einsum("lkjc,slk->cslj", self.proj.float(), sel)
+                self._weight = (key, w.reshape(-1, self.n_lookups * self.bits).contiguous())
+        return self._weight[1]
+
     def forward(self, x: torch.Tensor, window: EngramWindow | None, start: int) -> torch.Tensor:
         """x [B, T, H] embeddings at absolute positions start.. -> the gated delta to add to them (fp32)."""
         b, t, _ = x.shape
@@ -96,10 +114,9 @@ class EngramMemory(nn.Module):
         if window is not None:
             window.tail.copy_(ctx[:, -(w - 1):])
             window.length = start + t
-        sel, pow2, offsets = self._select(x.device)
-        # One GEMM for all lookups: window [B, T, C, W] against proj placed on its window slots.
-        weight = torch.einsum("lkjc,slk->cslj", self.proj.float(), sel).reshape(-1, nl * bits)
-        codes = ctx.unfold(1, w, 1).reshape(b, t, -1) @ weight  # [B, T, L * bits]
+        _, pow2, offsets = self._select(x.device)
+        # One GEMM for all lookups: the window [B, T, C, W] of each position against proj on its slots.
+        codes = ctx.unfold(1, w, 1).reshape(b, t, -1) @ self.code_weight(x.device)  # [B, T, L * bits]
         bucket = ((codes.view(b, t, nl, bits) > 0).float() @ pow2).long()  # [B, T, L]
         if start < w - 1:
             # Positions whose n-gram starts before the sequence read row 0 of their table.
@@ -125,11 +142,13 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 class HyperConnection(nn.Module):
     """One hyper-connection site (before attention or before the FFN) over n residual streams.
 
-    `pre_op` reads one input [B, T, H] from the streams [B, n, T, H]; `post_op` mixes the streams and
-    writes the sublayer output back into each. Static form (stand-in): mixes are parameters,
-    pre = sigmoid(pre_logits), post = 2 sigmoid(post_logits), res = Sinkhorn(exp(res_logits)),
-    X'_s = sum_r res[s, r] X_r + post_s y. Dynamic form (DeepSeek-V4 mHC): the same three mixes computed
-    per token from the RMS-normalised flattened streams (fn, base, scale), X'_j = sum_i comb[i, j] X_i + post_j y.
+    Streams are stream-major, [n, B, T, H] (the reference's stream axis is dim 1, [B, n, T, H]; putting it
+    first makes every mix below a plain 2-D matmul over a contiguous [n, B*T*H] view). `pre_op` reads one
+    input [B, T, H] from the streams; `post_op` mixes them and writes the sublayer output back into each.
+    Static form (stand-in): mixes are parameters, pre = sigmoid(pre_logits), post = 2 sigmoid(post_logits),
+    res = Sinkhorn(exp(res_logits)), X'_s = sum_r res[s, r] X_r + post_s y. Dynamic form (DeepSeek-V4 mHC):
+    the three mixes are computed per token from the RMS-normalised flattened streams (fn, base, scale),
+    X'_j = sum_i comb[i, j] X_i + post_j y.
     """
 
     def __init__(self, a) -> None:
@@ -150,9 +169,7 @@ class HyperConnection(nn.Module):
     def static_mixes(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """pre [n], post [n, 1], res [n, n] in `dtype`, rebuilt only when the parameters change:
         thirty-two Sinkhorn loops per decode step would cost more than the layers' matmuls."""
-        params = (self.pre_logits, self.post_logits, self.res_logits)
-        # Inference tensors (a model loaded under inference_mode) keep no version counter.
-        key = (dtype, *((id(p), p.data_ptr(), p.device, 0 if p.is_inference() else p._version) for p in params))
+        key = (dtype, param_key(self.pre_logits, self.post_logits, self.res_logits))
         if self._mix is None or self._mix[0] != key:
             with torch.inference_mode(False), torch.no_grad():
                 pre = torch.sigmoid(self.pre_logits.float())
@@ -162,9 +179,9 @@ class HyperConnection(nn.Module):
         return self._mix[1:]
 
     def dynamic_mixes(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """pre [B, T, n], post [B, T, n], comb [B, T, n, n] from the streams [B, n, T, H], in fp32."""
+        """pre [B, T, n], post [B, T, n], comb [B, T, n, n] from the streams [n, B, T, H], in fp32."""
         n = self.n
-        flat = streams.permute(0, 2, 1, 3).flatten(2).float()  # [B, T, n * H]
+        flat = streams.permute(1, 2, 0, 3).flatten(2).float()  # [B, T, n * H], stream-major per token
         mixes = F.linear(flat, self.fn.float()) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.norm_eps)
         scale, base = self.scale.float(), self.base.float()
         pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + self.eps
@@ -178,36 +195,34 @@ class HyperConnection(nn.Module):
         return pre, post, comb
 
     def pre_op(self, streams: torch.Tensor) -> tuple[torch.Tensor, object]:
-        """streams [B, n, T, H] -> (sublayer input [B, T, H], what post_op needs)."""
-        b, n, t, h = streams.shape
+        """streams [n, B, T, H] -> (sublayer input [B, T, H], what post_op needs)."""
+        n = streams.shape[0]
         if self.dynamic:
             pre, post, comb = self.dynamic_mixes(streams)
-            x = torch.einsum("btn,bnth->bth", pre, streams.float()).to(streams.dtype)
+            x = torch.einsum("btn,nbth->bth", pre, streams.float()).to(streams.dtype)
             return x, (post, comb)
-        pre, post, res = self.static_mixes(streams.dtype)
-        # [n] @ [B, n, T*H]: one matmul sums the weighted streams.
-        return (pre @ streams.reshape(b, n, t * h)).view(b, t, h), None
+        pre, _, _ = self.static_mixes(streams.dtype)
+        return (pre @ streams.reshape(n, -1)).view(streams.shape[1:]), None
 
     def post_op(self, streams: torch.Tensor, y: torch.Tensor, ctx: object) -> torch.Tensor:
-        """Mix the streams [B, n, T, H] and add the sublayer output y [B, T, H] to each -> new streams."""
-        b, n, t, h = streams.shape
+        """Mix the streams [n, B, T, H] and add the sublayer output y [B, T, H] to each -> new streams."""
+        n = streams.shape[0]
         if self.dynamic:
             post, comb = ctx
-            mixed = torch.einsum("btij,bith->bjth", comb, streams.float())
-            return (mixed + post.permute(0, 2, 1)[..., None] * y.float()[:, None]).to(streams.dtype)
+            mixed = torch.einsum("btij,ibth->jbth", comb, streams.float())
+            return (mixed + post.permute(2, 0, 1)[..., None] * y.float()).to(streams.dtype)
         _, post, res = self.static_mixes(streams.dtype)
-        mixed = res @ streams.reshape(b, n, t * h)  # [B, n, T*H]
-        return torch.addcmul(mixed, post, y.reshape(b, 1, t * h)).view(b, n, t, h)
+        mixed = res @ streams.reshape(n, -1)  # [n, B*T*H]
+        return torch.addcmul(mixed, post, y.reshape(1, -1)).view(streams.shape)
 
 
 class HCOutputMix(nn.Module):
-    """Streams -> one: a learned softmax mix over the n streams ("init == mean", spec §4.1 step 6)."""
+    """Streams [n, B, T, H] -> one: a learned softmax mix over the streams ("init == mean", spec §4.1 step 6)."""
 
     def __init__(self, n: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(n))
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
-        b, n, t, h = streams.shape
         w = torch.softmax(self.weight.float(), dim=0).to(streams.dtype)
-        return (w @ streams.reshape(b, n, t * h)).view(b, t, h)
+        return (w @ streams.reshape(streams.shape[0], -1)).view(streams.shape[1:])

@@ -349,13 +349,13 @@ def test_dynamic_hyper_connection_matches_the_mhc_formula_token_by_token():
     with torch.no_grad():
         hc.fn.normal_(0.0, 0.2), hc.base.normal_(0.0, 1.0), hc.scale.normal_(1.0, 0.3)
     n, h = 3, a.hidden_size
-    streams = torch.randn(2, n, 5, h)
+    streams = torch.randn(n, 2, 5, h)  # stream-major [n, B, T, H]
     y = torch.randn(2, 5, h)
     with torch.inference_mode():
         x, ctx = hc.pre_op(streams)
         out = hc.post_op(streams, y, ctx)
     for b, t in itertools.product(range(2), range(5)):
-        flat = streams[b, :, t].reshape(-1)
+        flat = streams[:, b, t].reshape(-1)
         mix = (hc.fn @ flat) / math.sqrt(flat.square().mean() + a.rms_norm_eps)
         pre = torch.sigmoid(mix[:n] * hc.scale[0] + hc.base[:n]) + a.hc_eps
         post = 2 * torch.sigmoid(mix[n:2 * n] * hc.scale[1] + hc.base[n:2 * n])
@@ -364,9 +364,9 @@ def test_dynamic_hyper_connection_matches_the_mhc_formula_token_by_token():
         for _ in range(a.hc_sinkhorn_iters - 1):
             comb = comb / (comb.sum(1, keepdim=True) + a.hc_eps)
             comb = comb / (comb.sum(0) + a.hc_eps)
-        close(x[b, t], sum(pre[s] * streams[b, s, t] for s in range(n)), atol=1e-5)
+        close(x[b, t], sum(pre[s] * streams[s, b, t] for s in range(n)), atol=1e-5)
         for j in range(n):
-            close(out[b, j, t], post[j] * y[b, t] + sum(comb[i, j] * streams[b, i, t] for i in range(n)), atol=1e-5)
+            close(out[j, b, t], post[j] * y[b, t] + sum(comb[i, j] * streams[i, b, t] for i in range(n)), atol=1e-5)
 
 
 def test_the_dynamic_form_names_its_own_tensors():
