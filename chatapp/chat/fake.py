@@ -124,6 +124,10 @@ class FakeEngine:
         instant: True = no sleeping (timestamps follow the fixed rate anyway); False = really wait.
         context_limit: tokens the fake state holds.
         weights_bytes, kv_bytes_per_token, recurrent_bytes: what `memory()` reports.
+        can_trim: whether the fake state can drop tokens like a KV cache (default: unless it reports
+            recurrent bytes). A state that cannot continues only a prompt that extends what it holds,
+            restarts on the same prompt from its end (regenerate), and else starts over, as the real
+            engine does.
         controls: ControlSpecs the fake declares (e.g. HUGINN_LIKE_CONTROLS).
         steps: per-token steps: None, an int, a sequence (cycled) or callable(index, controls) -> int;
             with controls and no `steps`, each token uses the `num_steps` control.
@@ -134,7 +138,7 @@ class FakeEngine:
                  tokenizer: Tokenizer | None = None, *, entry_id: str = "fake", tokens_per_s: float = 100.0,
                  ttft_s: float = 0.05, instant: bool = True, context_limit: int = 2048,
                  weights_bytes: int = 12_000_000, kv_bytes_per_token: int = 4096, recurrent_bytes: int = 0,
-                 controls: tuple[ControlSpec, ...] = (), steps: Any = None, error_after: int | None = None,
+                 can_trim: bool | None = None, controls: tuple[ControlSpec, ...] = (), steps: Any = None, error_after: int | None = None,
                  error_message: str = "scripted engine failure", device: str = "cpu") -> None:
         if callable(replies):
             self._reply: Callable[[str], str] | None = replies
@@ -150,6 +154,8 @@ class FakeEngine:
         self.weights_bytes = weights_bytes
         self.kv_bytes_per_token = kv_bytes_per_token
         self.recurrent_bytes = recurrent_bytes
+        self.can_trim = recurrent_bytes == 0 if can_trim is None else can_trim
+        self._last_prompt: list[int] = []
         self.controls = tuple(controls)
         self.steps = steps
         self.error_after = error_after
@@ -261,9 +267,14 @@ class FakeEngine:
             if a != b:
                 break
             common += 1
-        common = min(common, len(ids) - 1)
+        if not self.can_trim and common < len(self._fed):
+            # No dropping tokens: the same prompt again restarts from its end, anything else from zero.
+            reused = len(ids) if ids == self._last_prompt else 0
+        else:
+            reused = min(common, len(ids) - 1)  # at least one token must run to produce logits
         self._fed = list(ids)
-        return common
+        self._last_prompt = list(ids)
+        return reused
 
     def _next_reply(self, ids: list[int]) -> str:
         if self._reply is not None:

@@ -25,6 +25,9 @@ _SETTING_NAMES = frozenset(f.name for f in fields(SamplingSettings))
 SAVE_EVERY_S = 0.5
 #: Rendered prompt prefixes kept (the next turn, a regenerate and a trimmed view each reuse one).
 MEMO_SIZE = 8
+#: Engine-state snapshots kept at reply ends, and the bytes they may hold together.
+SNAPSHOTS = 8
+SNAPSHOT_BUDGET = 256 * 2**20
 
 
 class ContextOverflow(ValueError):
@@ -61,10 +64,13 @@ class Session:
         entry: the catalog entry (defaults, chat format, revision); `engine.entry` when omitted.
         store: when given, the chat is saved as the reply streams (every SAVE_EVERY_S) and at the end,
             and presets named in a chat's settings are read from it.
+        snapshot_budget: bytes of engine-state snapshots kept at reply ends (0 = none). Only states
+            that cannot drop tokens (recurrent, conv) are snapshotted: switching branches or editing
+            then resumes from the last shared reply instead of prefilling the whole history again.
     """
 
     def __init__(self, engine: EngineProtocol, tokenizer: Any = None, entry: ModelEntry | None = None, *,
-                 store: Any = None) -> None:
+                 store: Any = None, snapshot_budget: int = SNAPSHOT_BUDGET) -> None:
         self.engine = engine
         self.tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer")
         self.entry: ModelEntry = entry if entry is not None else getattr(engine, "entry")
@@ -72,6 +78,10 @@ class Session:
         self.last_prompt: Prompt | None = None
         self._cancel = threading.Event()
         self._memo: OrderedDict[int, tuple[list[int], list[str], list | None]] = OrderedDict()
+        self.snapshot_budget = snapshot_budget
+        self._snaps: OrderedDict[tuple[int, ...], tuple[object, int]] = OrderedDict()
+        self._held: tuple[int, ...] = ()  # ids the engine's state absorbed in this session's last run
+        self._snapshot_state: bool | None = None  # decided from the first memory report
 
     # Settings.
     def settings_for(self, conv: Conversation) -> SamplingSettings:
@@ -272,28 +282,31 @@ class Session:
             if conv.children(msg.id):
                 raise ValueError("this reply already has answers below it; continue the last reply of a branch")
             prompt = self.prompt(conv, continue_from=msg.id, settings=settings)
-            segment = self._run_card(conv, settings, controls, prompt)
-            msg.status = "streaming"
-            conv.current_leaf = msg.id
         else:
             prompt = self._build(conv, conv.path(parent_id) if parent_id else [], True, False, settings)
-            segment = self._run_card(conv, settings, controls, prompt)
+        segment = self._run_card(conv, settings, controls, prompt, self._resume(prompt.ids))
+        if continue_from is not None:
+            msg.status = "streaming"
+            msg.run.setdefault("continued", []).append(segment)
+            conv.current_leaf = msg.id
+        else:
             msg = conv.add(parent_id, "assistant", "", status="streaming", run=dict(segment), token_ids=[])
         if conv.model_id is None:
             conv.model_id = self.entry.id
-        if continue_from is not None:
-            msg.run.setdefault("continued", []).append(segment)
         per_token = msg.run.setdefault("tokens", {"logprob": [], "entropy": []})
         if self.store is not None:
             self.store.save(conv)
         last_save = time.monotonic()
+        new_ids: list[int] = []
         events = self.engine.generate(prompt.ids, settings, controls)
         try:
             for ev in events:
                 if isinstance(ev, Done):
+                    self._remember(prompt.ids, new_ids, ev)
                     self._finish(conv, msg, ev, segment)
                     yield ev
                     return
+                new_ids.append(ev.token_id)
                 msg.content += ev.text
                 if msg.token_ids is not None:
                     msg.token_ids.append(ev.token_id)
@@ -309,6 +322,7 @@ class Session:
                     last_save = time.monotonic()
                 yield ev
         except Exception as e:
+            self._held = ()
             msg.status = "error"
             msg.run["stop_reason"] = "error"
             msg.run["error"] = f"{type(e).__name__}: {e}"
@@ -318,6 +332,7 @@ class Session:
             events.close()
             if msg.status == "streaming":
                 # The consumer stopped iterating before Done: keep what arrived, marked stopped.
+                self._held = ()
                 self.engine.cancel()
                 msg.status = "stopped"
                 msg.run["stop_reason"] = "cancelled"
@@ -338,9 +353,53 @@ class Session:
     def memory(self) -> MemoryReport:
         return self.engine.memory()
 
+    @property
+    def snapshot_bytes(self) -> int:
+        """Bytes held by this session's state snapshots (on the engine's device)."""
+        return sum(size for _, size in self._snaps.values())
+
+    # State snapshots at reply ends.
+    def _resume(self, ids: list[int]) -> int:
+        """Restore the longest snapshot that starts the prompt, unless the engine's state already does;
+        returns the tokens it covers (0: none restored)."""
+        key = tuple(ids)
+        if not self._snaps or _extends(key, self._held):
+            return 0
+        best = max((k for k in self._snaps if _extends(key, k)), key=len, default=None)
+        if best is None:
+            return 0
+        self.engine.restore(self._snaps[best][0])
+        self._snaps.move_to_end(best)
+        self._held = best
+        return len(best)
+
+    def _remember(self, prompt: list[int], new_ids: list[int], done: Done) -> None:
+        """Snapshot the state at the end of a reply, keyed by the ids it absorbed."""
+        # The engine feeds back every token but the last one sampled, unless it stopped on a cancel
+        # check (which comes before sampling); correctness never depends on this: a restored snapshot
+        # carries the engine's own record of what it holds.
+        if not new_ids and done.stop_reason != "cancelled":
+            self._held = ()  # refused before prefill: the state is whatever it was
+            return
+        fed = new_ids if done.stop_reason == "cancelled" else new_ids[:-1]
+        self._held = tuple(prompt) + tuple(fed)
+        if self.snapshot_budget <= 0:
+            return
+        report = self.engine.memory()
+        if self._snapshot_state is None:
+            # A pure KV cache trims back to any prefix by itself; only other state kinds need snapshots.
+            self._snapshot_state = any(n > 0 for kind, n in report.allocated.items() if kind != "kv")
+        size = sum(report.used.values())
+        if not self._snapshot_state or size > self.snapshot_budget:
+            return
+        self._snaps[self._held] = (self.engine.snapshot(), size)
+        self._snaps.move_to_end(self._held)
+        while len(self._snaps) > SNAPSHOTS or self.snapshot_bytes > self.snapshot_budget:
+            self._snaps.popitem(last=False)
+
     # Run cards.
     def _run_card(self, conv: Conversation, settings: SamplingSettings, controls: dict[str, Any],
-                  prompt: Prompt) -> dict[str, Any]:
+                  prompt: Prompt, resumed: int) -> dict[str, Any]:
         e = self.entry
         eng = self.engine
         return {
@@ -358,7 +417,7 @@ class Session:
             "system_prompt": conv.system_prompt if conv.system_prompt is not None else e.chat.default_system,
             "prompt_tokens": len(prompt.ids),
             "context": {"dropped_messages": list(prompt.dropped), "dropped_turns": prompt.dropped_turns,
-                        "reused_replies": len(prompt.reused)},
+                        "reused_replies": len(prompt.reused), "resumed_from_snapshot": resumed},
             "started_at": time.time(),
         }
 
@@ -398,6 +457,11 @@ def _after(opened: list | None, full: list) -> list | None:
         return None
     rest = same[len(last):]
     return ([rest] if rest else []) + list(full[n:])
+
+
+def _extends(ids: tuple[int, ...], prefix: tuple[int, ...]) -> bool:
+    """ids starts with prefix and has at least one token more (the engine must run one)."""
+    return 0 < len(prefix) < len(ids) and ids[:len(prefix)] == prefix
 
 
 def _app_version() -> str:
