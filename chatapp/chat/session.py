@@ -25,6 +25,8 @@ _SETTING_NAMES = frozenset(f.name for f in fields(SamplingSettings))
 SAVE_EVERY_S = 0.5
 #: Rendered prompt prefixes kept (the next turn, a regenerate and a trimmed view each reuse one).
 MEMO_SIZE = 8
+#: Share of the context left free when turns must be dropped, so the next turns keep the same start.
+TRIM_HEADROOM = 0.25
 #: Engine-state snapshots kept at reply ends, and the bytes they may hold together.
 SNAPSHOTS = 8
 SNAPSHOT_BUDGET = 256 * 2**20
@@ -82,6 +84,7 @@ class Session:
         self._snaps: OrderedDict[tuple[int, ...], tuple[object, int]] = OrderedDict()
         self._held: tuple[int, ...] = ()  # ids the engine's state absorbed in this session's last run
         self._snapshot_state: bool | None = None  # decided from the first memory report
+        self._trim_starts: dict[str, str] = {}  # chat id -> first message kept by the last trimmed prompt
 
     # Settings.
     def settings_for(self, conv: Conversation) -> SamplingSettings:
@@ -148,28 +151,25 @@ class Session:
         kept, ids, reused = render(0)
         k = 0
         if len(ids) + reserve > limit and starts:
-            # Fewest oldest turns to drop so the reply keeps its reserve. Each turn's size, measured
-            # alone, gives a first guess; real renders then confirm it (usually one or two of them).
-            bounds = [0, *starts]
-            sizes = [len(self.tokenizer.render(_dicts(body[bounds[t]:bounds[t + 1]]), add_generation_prompt=False,
-                                               system="")) for t in range(len(starts))]
             tried: dict[int, tuple[list[Message], list[int], list[str]]] = {}
 
-            def fits(n: int) -> bool:
+            def size(n: int) -> int:
                 if n not in tried:
                     tried[n] = render(n)
-                return len(tried[n][1]) + reserve <= limit
+                return len(tried[n][1]) + reserve
 
-            guess, k = len(ids), 0
-            while k < len(starts) and guess + reserve > limit:
-                guess -= sizes[k]
-                k += 1
-            k = max(k, 1)
-            while k < len(starts) and not fits(k):
-                k += 1
-            while k > 1 and fits(k - 1):
-                k -= 1
-            fits(k)
+            # Keep the start of the last trimmed prompt while it fits: the engine's state then still
+            # holds that prompt, and a recurrent state can continue instead of starting over.
+            sticky = next((j + 1 for j, i in enumerate(starts) if body[i].id == self._trim_starts.get(conv.id)), 0)
+            if sticky and size(sticky) <= limit:
+                k = sticky
+            else:
+                # Otherwise drop the fewest oldest turns that leave headroom for the next turns.
+                guesses = self._turn_sizes(body, starts)
+                k = (_fewest(size, guesses, len(ids) + reserve, limit - int(limit * TRIM_HEADROOM))
+                     or _fewest(size, guesses, len(ids) + reserve, limit) or len(starts))
+            self._trim_starts[conv.id] = body[starts[k - 1]].id
+            size(k)
             kept, ids, reused = tried[k]
         if len(ids) >= limit:
             raise ContextOverflow(
@@ -179,6 +179,12 @@ class Session:
         dropped = [m.id for m in path if m.id not in kept_ids]
         self.last_prompt = Prompt(ids, kept, dropped, k, reused, reserve)
         return self.last_prompt
+
+    def _turn_sizes(self, body: list[Message], starts: list[int]) -> list[int]:
+        """Tokens of each droppable turn rendered alone (a guess of what dropping it saves)."""
+        bounds = [0, *starts]
+        return [len(self.tokenizer.render(_dicts(body[bounds[t]:bounds[t + 1]]), add_generation_prompt=False,
+                                          system="")) for t in range(len(starts))]
 
     def _render(self, msgs: Sequence[Message], gen: bool, open_last: bool, system: str | None
                 ) -> tuple[list[int], list[str]]:
@@ -239,7 +245,9 @@ class Session:
             stops = set()
         while ids and ids[-1] in stops:
             ids.pop()
-        return ids if self.tokenizer.decode(ids) == m.content else None
+        # Specials the model emitted mid-reply are not shown (the stream skips them) but stay in the ids.
+        specials = getattr(self.tokenizer, "special_ids", {})
+        return ids if self.tokenizer.decode([i for i in ids if i not in specials]) == m.content else None
 
     def _encode(self, parts: Sequence[str | int]) -> list[int]:
         out: list[int] = []
@@ -457,6 +465,24 @@ def _after(opened: list | None, full: list) -> list | None:
         return None
     rest = same[len(last):]
     return ([rest] if rest else []) + list(full[n:])
+
+
+def _fewest(size: Any, guesses: list[int], total: int, target: int) -> int | None:
+    """The fewest oldest turns (>= 1) whose removal brings size(n) to `target`, or None.
+
+    `guesses` (each turn's size alone) give a first n; real sizes then confirm it, usually in one or
+    two renders. size(n) falls as n grows.
+    """
+    k = 0
+    while k < len(guesses) and total > target:
+        total -= guesses[k]
+        k += 1
+    k = min(max(k, 1), len(guesses))
+    while k < len(guesses) and size(k) > target:
+        k += 1
+    while k > 1 and size(k - 1) <= target:
+        k -= 1
+    return k if size(k) <= target else None
 
 
 def _extends(ids: tuple[int, ...], prefix: tuple[int, ...]) -> bool:

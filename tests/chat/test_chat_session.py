@@ -120,6 +120,21 @@ def test_replies_whose_ids_no_longer_match_are_rendered_as_text():
     assert s.prompt_ids(c, u3.id) == eng.tokenizer.render(dicts([u, edited, u3]))
 
 
+def test_a_special_token_the_model_emitted_mid_reply_is_spliced_back_too():
+    eng, s = make(tokenizer=FakeTokenizer("bytes"))
+    tok = eng.tokenizer
+    c = Conversation()
+    u = c.add(None, "user", "hi")
+    odd = list(b"Hello") + [tok.specials["<|im_start|>"]] + list(b" there")
+    # The shown text skips the special (as the stream did); the ids keep it.
+    a = c.add(u.id, "assistant", "Hello there", token_ids=odd + [tok.specials["<|im_end|>"]])
+    u2 = c.add(a.id, "user", "next")
+    p = s.prompt(c, u2.id)
+    assert p.reused == [a.id]
+    head = tok.render(dicts([u]))
+    assert p.ids[:len(head) + len(odd)] == head + odd
+
+
 def long_chat(turns: int, words: int = 12) -> Conversation:
     c = Conversation()
     parent = None
@@ -141,15 +156,38 @@ def test_context_trimming_drops_the_fewest_oldest_whole_turns(limit):
     assert p.dropped == [m.id for m in path[:len(p.dropped)]]
     # Whole turns: the prompt is exactly the model's rendering of what was kept.
     assert p.ids == eng.tokenizer.render(dicts(p.messages))
-    assert p.messages[0].content.startswith(f"question {p.dropped_turns} ")
-    # Dropping one turn fewer would not have left room for the reply.
-    fewer = dicts(path[len(p.dropped) - 2:])
-    assert len(eng.tokenizer.render(fewer)) + 40 > limit
+    assert p.messages[0].content.startswith(f"question {p.dropped_turns} " if p.dropped_turns < 8 else "last")
+    # Dropping one turn fewer would not leave room for the reply plus the headroom (a quarter of the
+    # context, when that can be had at all).
+    target = limit - int(limit * session_mod.TRIM_HEADROOM)
+    fewer = len(eng.tokenizer.render(dicts(path[len(p.dropped) - 2:]))) + 40
+    assert fewer > (target if len(p.ids) + 40 <= target else limit)
     done = run(s.stream(c, c.current_leaf))
     card = c.get(c.current_leaf).run
     assert card["context"]["dropped_turns"] == p.dropped_turns
     assert card["context"]["dropped_messages"] == p.dropped
     assert done.prompt_tokens == len(p.ids)
+
+
+def test_a_trimmed_chat_keeps_its_start_so_a_recurrent_state_continues():
+    """Dropping one turn per new turn would change the prompt's start every time and force a
+    recurrent state to prefill everything again; the start stays put while the prompt fits."""
+    entry = fake_entry(generation={"max_new_tokens": 12})
+    eng, s = make(replies=["a short answer with several words in it"], entry=entry, context_limit=200,
+                  recurrent_bytes=1000, kv_bytes_per_token=0)
+    c = Conversation()
+    parent, starts, restarts = None, [], 0
+    for i in range(16):
+        parent = c.add(parent, "user", f"question {i} about things").id
+        done = run(s.stream(c, parent))
+        parent = c.current_leaf
+        starts.append(s.last_prompt.messages[0].id)
+        if i and starts[-1] == starts[-2]:
+            assert done.reused_tokens > 0  # same start: the state continued
+        restarts += done.reused_tokens == 0
+        assert done.prompt_tokens + 12 <= 200
+    assert s.last_prompt.dropped_turns > 0
+    assert restarts <= 5, restarts  # trimming one turn at a time would restart on every trimmed turn
 
 
 def test_a_latest_turn_too_long_for_the_context_is_a_clear_error():
@@ -402,10 +440,11 @@ def test_a_warm_session_builds_the_same_prompts_as_a_fresh_one():
     tok = FakeTokenizer("word")
     entry = fake_entry(generation={"max_new_tokens": 2})
     eng, s = make(replies=["alpha beta gamma", "delta epsilon zeta", "eta"], tokenizer=tok, entry=entry,
-                  context_limit=40)
+                  context_limit=55)
 
     def check(leaf=None):
         fresh = Session(eng, tok, entry)
+        fresh._trim_starts = dict(s._trim_starts)  # the same trimming history, none of the memo
         assert s.prompt(c, leaf).ids == fresh.prompt(c, leaf).ids
 
     c = Conversation()
