@@ -227,7 +227,7 @@ class FakeEngine:
                 reason, detail = "context_full", f"the context holds {self.context_limit} tokens"
                 break
             self._fed.append(tok)
-        tail = detok.flush() if reason not in ("stop_string",) else ""
+        tail = detok.flush() if reason != "stop_string" else ""
         yield Done(reason, prompt, new, self.ttft_s, prompt / self.ttft_s if self.ttft_s > 0 else 0.0,
                    self.tokens_per_s if new > 1 else 0.0, reused_tokens=reused, detail=detail, text=tail)
 

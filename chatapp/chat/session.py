@@ -4,8 +4,11 @@ Prompts are rendered with the model's own chat format (`tokenizer.render`), with
 the ids an assistant reply was generated as are spliced back in verbatim instead of re-encoding its
 text. The engine then sees every new prompt as an extension of what its state already holds, so a
 KV cache is reused and a recurrent state simply continues (re-encoding could pick different BPE
-merges and force a full re-prefill). When the context would overflow, the oldest whole turns are
-left out (templates are rendered whole, so a header is never cut) and the prompt says so.
+merges and force a full re-prefill). For states that cannot drop tokens (recurrent, conv), the
+session also keeps engine snapshots at reply ends, so an edit or a branch switch resumes from the
+last shared reply. When the context would overflow, the oldest whole turns are left out (templates
+are rendered whole, so a header is never cut), with headroom and a start that stays put over the
+next turns, and the prompt says what was dropped.
 """
 from __future__ import annotations
 
