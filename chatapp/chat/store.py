@@ -269,6 +269,12 @@ class Store:
                 ORDER BY c.updated_at DESC""", (pattern, pattern, pattern))
         return [_summary(r, _snippet(r["hit"], query.strip()) if r["hit"] else "") for r in rows]
 
+    def recent_prompts(self, limit: int = 200) -> list[str]:
+        """The user's last `limit` distinct messages over all chats, oldest first (composer recall)."""
+        rows = self._read("SELECT content FROM messages WHERE role = 'user' GROUP BY content "
+                          "ORDER BY max(created_at) DESC LIMIT ?", (limit,))
+        return [r["content"] for r in reversed(rows)]
+
     def exists(self, chat_id: str) -> bool:
         return bool(self._read("SELECT 1 FROM chats WHERE id = ?", (chat_id,)))
 

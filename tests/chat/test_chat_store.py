@@ -105,6 +105,20 @@ def test_list_and_search_by_title_and_content(store):
     assert store.list_chats("nothing like this") == []
 
 
+def test_recent_prompts_for_composer_recall(store):
+    a = Conversation()
+    u = a.add(None, "user", "first question", created_at=10.0)
+    a.add(u.id, "assistant", "an answer", created_at=11.0)
+    a.add(u.id, "user", "second question", created_at=12.0)
+    b = Conversation()
+    b.add(None, "user", "first question", created_at=20.0)  # asked again later
+    b.add(None, "user", "third question", created_at=21.0)
+    store.save(a)
+    store.save(b)
+    assert store.recent_prompts() == ["second question", "first question", "third question"]
+    assert store.recent_prompts(limit=2) == ["first question", "third question"]
+
+
 def test_rename(store):
     c = sample()
     store.save(c)
