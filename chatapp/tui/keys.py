@@ -49,7 +49,7 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec("app.palette", "ctrl+p", "command_palette", "Commands", show=False),
     KeySpec("app.theme", "f9", "change_theme", "Theme", show=False),
     KeySpec("app.quit", "ctrl+q", "quit", "Quit", show=False),
-    KeySpec("chat.stop", "escape", "stop", "Stop / back to the composer", priority=True),
+    KeySpec("chat.stop", "escape", "stop", "Stop", priority=True),
     KeySpec("chat.new", "ctrl+n", "new_chat", "New chat"),
     KeySpec("chat.search", "ctrl+f", "search_chats", "Search chats", show=False),
     KeySpec("chat.rename", "f2", "rename_chat", "Rename chat", show=False),

@@ -17,7 +17,7 @@ BATCH_S = 0.03
 
 def pump(events: Iterable[StepEvent | Done], *, conv_id: str, message_id: Callable[[], str | None],
          post: Callable[[Any], Any], is_cancelled: Callable[[], bool], cancel: Callable[[], None],
-         memory: Callable[[], MemoryReport] | None = None, interval: float = BATCH_S,
+         memory: Callable[[], MemoryReport] | None = None, interval: float | None = None,
          clock: Callable[[], float] = time.monotonic) -> Done | None:
     """Stream one reply. Returns the engine's Done (None when the stream raised: an error was posted).
 
@@ -29,7 +29,9 @@ def pump(events: Iterable[StepEvent | Done], *, conv_id: str, message_id: Callab
             the stream drains to its final Done("cancelled"), so the partial reply is kept.
         cancel: stops the engine before its next token.
         memory: the engine's memory report, sampled with each batch.
+        interval: seconds between batches (BATCH_S when None).
     """
+    interval = BATCH_S if interval is None else interval
     start = last = clock()
     mid: str | None = None
     texts: list[str] = []

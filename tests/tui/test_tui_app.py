@@ -26,7 +26,7 @@ pytestmark = pytest.mark.asyncio
 
 def chat_titles(app) -> list[str]:
     options = app.chat_screen.query_one(ChatList).options
-    return [str(options.get_option_at_index(i).prompt).split("  ")[0] for i in range(options.option_count)]
+    return [str(options.get_option_at_index(i).prompt).split("\n")[0] for i in range(options.option_count)]
 
 
 async def answer_prompt(pilot, text: str) -> None:
@@ -161,11 +161,12 @@ async def test_memory_panel_follows_the_stream_with_a_ghost_line(build):
         panel = app.chat_screen.query_one(MemoryPanel)
         text = str(panel.render())
         used = panel.report.context_used
-        assert used > 40 and f"{used} / 2K tokens" in text
+        assert used > 40 and f"{used} / 2,048 tokens" in text
         assert "recurrent    64.0 KiB" in text
-        ghost_kib = 2 * 12 * 768 * 2 * used / 1024
-        assert f"{ghost_kib / 1024:.1f} MiB for a same-size transformer" in text or f"{ghost_kib:.1f} KiB" in text
-        assert "64.0 KiB now" in text
+        ghost_mib = 2 * 12 * 768 * 2 * used / 2**20
+        assert f"dense KV   {ghost_mib:.1f} MiB now" in text
+        assert "a 12-layer, 768-wide transformer's bf16 cache" in text
+        assert "state      64.0 KiB now" in text
 
 
 async def test_keys_toml_remaps_bindings_by_id(build, store):

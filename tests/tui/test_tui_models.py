@@ -59,7 +59,7 @@ async def test_catalog_lists_every_model_and_labels_demos(build, catalog):
             if entry.demo:
                 assert status(screen, entry.id).startswith("demo · random weights")
         row = table.get_row("odinnext")
-        assert row[1] == catalog["odinnext"].architecture and row[4] == "2K"
+        assert row[2] == catalog["odinnext"].architecture and row[5] == "2,048"
         assert catalog["odinnext"].license in row
         assert catalog["odinnext"].source.repo in text_of(screen, "#models-summary")
 

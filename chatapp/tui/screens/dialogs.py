@@ -18,7 +18,7 @@ DIALOG_CSS = """
 {name} .title {{ text-style: bold; margin: 0 0 1 0; }}
 {name} .hint {{ color: $text-muted; margin: 1 0 0 0; }}
 {name} .error {{ color: $error; height: auto; }}
-{name} Horizontal {{ height: auto; align-horizontal: right; margin: 1 0 0 0; }}
+{name} .buttons {{ height: auto; align-horizontal: right; margin: 1 0 0 0; }}
 {name} Button {{ margin: 0 0 0 1; min-width: 10; }}
 """
 
@@ -72,7 +72,7 @@ class Confirm(ModalScreen[bool]):
             yield Label(self.question, classes="title")
             if self.detail:
                 yield Static(self.detail, classes="hint", markup=False)
-            with Horizontal():
+            with Horizontal(classes="buttons"):
                 yield Button("Cancel", id="no")
                 yield Button(self.yes, id="yes", variant="error")
 

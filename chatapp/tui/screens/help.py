@@ -11,14 +11,13 @@ from textual.widgets import Static
 from ... import locations
 from ..keys import KEYS, SCOPES, bindings, keys_for
 
-INTRO = """\
-smollchat: chat with small experimental language models.
-
-Enter sends, Shift+Enter (or Ctrl+J) starts a new line, Up/Down at the edge of the composer recall
-earlier prompts. Tab or Alt+Up moves into the message list, where the letter keys act on the selected
-message: edits and regenerations become branches beside the original, never overwriting it. Esc stops
-a reply and keeps what it wrote. Ctrl+P lists every command.
-"""
+INTRO = (
+    "smollchat: chat with small experimental language models.\n\n"
+    "Enter sends, Shift+Enter (or Ctrl+J) starts a new line, Up/Down at the edge of the composer recall "
+    "earlier prompts. Tab or Alt+Up moves into the message list, where the letter keys act on the selected "
+    "message: edits and regenerations become branches beside the original, never overwriting it. Esc stops "
+    "a reply and keeps what it wrote. Ctrl+P lists every command.\n"
+)
 
 
 def help_text(keymap: dict[str, str], keys_file: str) -> Text:

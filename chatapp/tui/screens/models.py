@@ -21,7 +21,7 @@ from ..keys import bindings
 from ..messages import DownloadFinished, DownloadProgressed
 from .dialogs import Confirm
 
-COLUMNS = ("Model", "Architecture", "Params", "Download", "Context", "Licence", "Status")
+COLUMNS = ("Model", "Status", "Architecture", "Params", "Download", "Context", "Licence")
 
 
 class ModelsScreen(Screen):
@@ -79,8 +79,8 @@ class ModelsScreen(Screen):
 
     def _cells(self, entry) -> tuple[str, ...]:
         size = "built here" if entry.demo else (human_bytes(entry.source.size_bytes) if entry.source else "?")
-        return (entry.name, entry.architecture, human_count(entry.params), size, human_count(entry.context),
-                entry.license, self._status(entry))
+        return (entry.name, self._status(entry), entry.architecture, human_count(entry.params), size,
+                f"{entry.context:,}", entry.license)
 
     def _refresh_row(self, entry_id: str) -> None:
         table = self.query_one(DataTable)

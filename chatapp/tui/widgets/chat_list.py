@@ -24,6 +24,16 @@ def age(ts: float, now: float) -> str:
     return "now"
 
 
+#: Cells of one label line: the list's width (28) less its border and the options' padding.
+LABEL_CELLS = 25
+
+
+def clip(text: str, width: int) -> str:
+    """One line of at most `width` cells (OptionList wraps long prompts, which hides the next row)."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[:width - 1] + "…"
+
+
 class ChatOptions(OptionList):
     """The list itself; its delete key asks the ChatList to delete the highlighted chat."""
 
@@ -44,7 +54,7 @@ class ChatList(Vertical):
     """Lists `store.list_chats(query)`; posts `ChatList.Selected` and `ChatList.DeleteRequested`."""
 
     DEFAULT_CSS = """
-    ChatList { width: 30; height: 1fr; border-right: vkey $panel; }
+    ChatList { width: 28; height: 1fr; border-right: vkey $panel; }
     ChatList Input { margin: 0 0 0 0; }
     ChatList OptionList { height: 1fr; border: none; background: transparent; }
     """
@@ -85,13 +95,11 @@ class ChatList(Vertical):
         now = self._clock()
         options = self.options
         options.clear_options()
+        width = LABEL_CELLS
         for row in rows:
-            label = Text(no_wrap=True, overflow="ellipsis")
-            label.append(row.title or "Untitled")
-            label.append(f"  {age(row.updated_at, now)}", style="dim")
-            model = getattr(row, "model_id", "") or ""
-            if model:
-                label.append(f"\n{model}", style="dim")
+            label = Text(clip(row.title or "Untitled", width))
+            detail = " · ".join(p for p in (row.model_id or "", age(row.updated_at, now), f"{row.message_count} msgs") if p)
+            label.append("\n" + clip(row.snippet or detail, width), style="dim")
             options.add_option(Option(label, id=row.id))
         if self.current is not None:
             try:

@@ -6,6 +6,7 @@ ControlSpecs say (int/float/str -> input, choice -> select, bool -> switch).
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ class ComputePanel(Vertical):
         super().__init__(**kw)
         self.specs: tuple[ControlSpec, ...] = ()
         self.values: dict[str, Any] = {}
+        self._rebuilding = asyncio.Lock()
 
     def compose(self) -> ComposeResult:
         yield Static("Compute", classes="title")
@@ -60,15 +62,39 @@ class ComputePanel(Vertical):
         yield Static("", classes="readout", markup=False)
 
     async def set_controls(self, specs: tuple[ControlSpec, ...], values: dict[str, Any]) -> None:
-        """Rebuild the form for a model's controls with the chat's values (defaults where unset)."""
-        self.specs = tuple(specs)
-        self.values = {s.name: values.get(s.name, s.default) for s in self.specs}
-        self.display = bool(self.specs)
-        box = self.query_one("#controls", Vertical)
-        await box.remove_children()
-        await box.mount_all([self._row(s) for s in self.specs])
-        self.query_one(".help", Static).update("")
-        self._readout()
+        """Show a model's controls with the chat's values (defaults where unset).
+
+        The same controls only get their values updated (no remount, so a value being edited is
+        not thrown away); other controls rebuild the form.
+        """
+        async with self._rebuilding:
+            specs = tuple(specs)
+            wanted = {s.name: values.get(s.name, s.default) for s in specs}
+            box = self.query_one("#controls", Vertical)
+            if specs == self.specs and box.children:
+                for spec in specs:
+                    if wanted[spec.name] != self.values.get(spec.name):
+                        self._set_field(spec, wanted[spec.name])
+                self.values = wanted
+                return
+            self.specs, self.values = specs, wanted
+            self.display = bool(specs)
+            await box.remove_children()
+            await box.mount_all([self._row(s) for s in specs])
+            self.query_one(".help", Static).update("")
+            self._readout()
+
+    def _set_field(self, spec: ControlSpec, value: Any) -> None:
+        field = self.query_one(f"#control-{spec.name}")
+        # Showing a chat's stored value is not an edit: no Changed message may come of it.
+        with field.prevent(Input.Changed, Select.Changed, Switch.Changed):
+            if isinstance(field, Switch):
+                field.value = bool(value)
+            elif isinstance(field, Select):
+                field.value = value
+            else:
+                field.value = str(value)
+        field.remove_class("-invalid")
 
     def _row(self, spec: ControlSpec) -> Horizontal:
         value = self.values[spec.name]

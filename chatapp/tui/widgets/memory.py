@@ -13,7 +13,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from ...engine.api import MemoryReport
-from ..figures import bucket_max, ghost_kv_bytes, human_bytes, human_count, sparkline
+from ..figures import bucket_max, ghost_kv_bytes, human_bytes, sparkline
 
 KIND_LABELS = (("kv", "KV cache"), ("recurrent", "recurrent"), ("conv", "conv state"), ("other", "other"))
 LABEL_WIDTH = 11
@@ -91,7 +91,7 @@ class MemoryPanel(Widget):
         width = max(8, self.size.width - LABEL_WIDTH - 4)
         fill = int(width * min(report.context_used, limit) / limit)
         text.append(f"{'context':<{LABEL_WIDTH}}", self._style("label"))
-        text.append(f"{human_count(report.context_used)} / {human_count(report.context_limit)} tokens\n")
+        text.append(f"{report.context_used:,} / {report.context_limit:,} tokens\n")
         text.append(" " * LABEL_WIDTH)
         text.append("█" * fill, self._style("kv"))
         text.append("░" * (width - fill) + "\n", self._style("muted"))
@@ -118,10 +118,10 @@ class MemoryPanel(Widget):
         text.append(f"{sparkline(bucket_max(state, width), width, top) or '·':<{width}}\n", self._style("state"))
         if ghost:
             text.append(f"{'dense KV':<{LABEL_WIDTH}}", self._style("label"))
-            text.append(f"{human_bytes(ghost_kv_bytes(layers, hidden, n))} for a same-size transformer\n",
-                        self._style("ghost"))
+            text.append(f"{human_bytes(ghost_kv_bytes(layers, hidden, n))} now\n", self._style("ghost"))
             text.append(" " * LABEL_WIDTH)
-            text.append(f"{sparkline(ghost, width, top) or '·':<{width}}", self._style("ghost"))
+            text.append(f"{sparkline(ghost, width, top) or '·':<{width}}\n", self._style("ghost"))
+            text.append(f"dense KV: a {layers}-layer, {hidden}-wide transformer's bf16 cache", self._style("muted"))
 
     def _state_at(self, positions: list[int]) -> list[float]:
         """State bytes at each position: the latest sample at or before it (steps between samples)."""
