@@ -48,7 +48,8 @@ class ChatScreen(ChatManagement, Screen):
             with Vertical(id="main"):
                 yield Static("", id="chat-header", markup=False)
                 yield ConversationView(id="conversation")
-                yield Composer(id="composer", placeholder="Message (Enter sends, Shift+Enter new line)")
+                yield Composer(self.app.store.recent_prompts(), id="composer",
+                               placeholder="Message (Enter sends, Shift+Enter new line)")
             with VerticalScroll(id="side"):
                 yield ModelInfo(id="model-info")
                 yield MemoryPanel(id="memory")
