@@ -208,6 +208,9 @@ def mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     b, t, h, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
     rep = h // hkv
+    if t == 1:
+        # Decode: the heads of a group are the query rows as they lie, no mask (a view, not a copy).
+        return F.scaled_dot_product_attention(q.view(b, hkv, rep, d), k, v).view(b, 1, hkv, rep, d)
     qf = q.view(b, t, hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, rep * t, d)
     mask = None
     if t > 1:

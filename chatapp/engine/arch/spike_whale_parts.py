@@ -201,8 +201,8 @@ class HyperConnection(nn.Module):
             pre, post, comb = self.dynamic_mixes(streams)
             x = torch.einsum("btn,nbth->bth", pre, streams.float()).to(streams.dtype)
             return x, (post, comb)
-        pre, _, _ = self.static_mixes(streams.dtype)
-        return (pre @ streams.reshape(n, -1)).view(streams.shape[1:]), None
+        pre, post, res = self.static_mixes(streams.dtype)
+        return (pre @ streams.reshape(n, -1)).view(streams.shape[1:]), (post, res)
 
     def post_op(self, streams: torch.Tensor, y: torch.Tensor, ctx: object) -> torch.Tensor:
         """Mix the streams [n, B, T, H] and add the sublayer output y [B, T, H] to each -> new streams."""
@@ -211,7 +211,7 @@ class HyperConnection(nn.Module):
             post, comb = ctx
             mixed = torch.einsum("btij,ibth->jbth", comb, streams.float())
             return (mixed + post.permute(2, 0, 1)[..., None] * y.float()).to(streams.dtype)
-        _, post, res = self.static_mixes(streams.dtype)
+        post, res = ctx
         mixed = res @ streams.reshape(n, -1)  # [n, B*T*H]
         return torch.addcmul(mixed, post, y.reshape(1, -1)).view(streams.shape)
 
