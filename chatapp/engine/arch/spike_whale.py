@@ -303,10 +303,10 @@ class Model(ArchModel):
     @property
     def FP32_TENSORS(self) -> set[str]:  # noqa: N802 (the loader's attribute name)
         """Checkpoint tensors kept fp32 in a bf16 load: the engram's sign bits come from the embeddings."""
+        if self.model.engram is None:
+            return set()
         names = {"model.embed_tokens.weight", "lm_head.weight"}
-        if self.model.engram is not None:
-            names |= {f"model.engram.{k}" for k in self.model.engram.state_dict()}
-        return names
+        return names | {f"model.engram.{k}" for k in self.model.engram.state_dict()}
 
     @property
     def max_context(self) -> int:
@@ -330,6 +330,8 @@ class Model(ArchModel):
         dtype = self.model.norm.weight.dtype
         emb = self.model.embed_tokens.weight
         self._head = emb.detach().to(dtype) if self.lm_head is None and emb.dtype != dtype else None
+        if self.lm_head is not None:
+            self.lm_head.to(dtype)
 
     @torch.no_grad()
     def init_demo_weights(self) -> None:

@@ -206,6 +206,12 @@ def test_a_head_that_differs_from_the_embedding_is_used_untied(fx, golden, tmp_p
         logits = m(golden["input_ids"])
     # The final projection is linear in the head: doubling it doubles the logits.
     close(logits, 2.0 * golden["logits"], atol=5e-4)
+    # In bf16 the untied head (read as fp32 beside the engram inputs) follows the model dtype.
+    with pytest.warns(UserWarning, match="untied"):
+        m16 = load_model(tmp_path, "cpu", torch.bfloat16)
+    assert m16.lm_head.weight.dtype == torch.bfloat16
+    with torch.inference_mode():
+        assert (m16(golden["input_ids"]).argmax(-1) == logits.argmax(-1)).float().mean() > 0.9
 
 
 def _spec_bytes(layers: int, tokens: int, itemsize: int) -> dict[str, int]:
