@@ -414,12 +414,13 @@ class Model(ArchModel):
         # The FFN width is not in config.json (spec §2.1): the checkpoint's tensors say it.
         fused = weights.get("model.layers.0.ffn.gate_up_proj.weight")
         if fused is not None and fused.shape[0] // 2 != a.ffn_width:
-            self._resize_ffn(fused.shape[0] // 2, fused.device)
+            self._resize_ffn(fused.shape[0] // 2)
         return weights
 
-    def _resize_ffn(self, width: int, device: torch.device) -> None:
+    def _resize_ffn(self, width: int) -> None:
         self.args.ffn_width = width
-        with torch.device(device):
+        # Rebuilt where the module lives (meta during a load: nothing is allocated or initialised).
+        with torch.device(self.model.layers[0].ffn.down_proj.weight.device):
             for layer in self.model.layers:
                 layer.ffn = FeedForward(self.args)
 
