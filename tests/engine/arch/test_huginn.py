@@ -292,3 +292,30 @@ def test_speculation_steps_aside_for_adaptive_exit(model, golden):
         model(ids, state, last_only=True)
         assert len(model.speculate(state, 5)) == 1
     assert state.length == ids.shape[1] + 1
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_cpu_rows_linear_matches_the_bf16_product(rows):
+    from chatapp.engine.arch.huginn_raven import cpu_rows_linear
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(300, 70, generator=g) * 0.1).to(torch.bfloat16)
+    b = torch.randn(300, generator=g).to(torch.bfloat16)
+    x = torch.randn(1, rows, 70, generator=g).to(torch.bfloat16)
+    got = cpu_rows_linear(x, w, b, tile=128)
+    want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    assert got.shape == (1, rows, 300) and got.dtype == torch.bfloat16
+    close(got.float(), want, atol=2e-2, rtol=1e-2)
+
+
+def test_a_bf16_cpu_load_routes_linears_through_the_row_tiles(fx, golden):
+    from chatapp.engine.arch.huginn_raven import CpuRowsLinear
+
+    model = load_model(fx, "cpu", torch.bfloat16)
+    model.set_controls(ZERO)
+    assert isinstance(model.transformer.core_block[0].mlp.fc, CpuRowsLinear) and model._cpu_rows
+    with torch.inference_mode():
+        got = model(golden[0]["input_ids"])
+    # bf16 through 8 recurrences: same argmax for most positions as the fp32 golden logits.
+    agree = (got.argmax(-1) == golden[0]["logits"].argmax(-1)).float().mean()
+    assert agree >= 0.75
