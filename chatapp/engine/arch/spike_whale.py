@@ -202,22 +202,23 @@ class Attention(nn.Module):
 def mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention of T new queries q [B, T, H, D] over the cache k, v [B, Hkv, L, D] (the last T its own).
 
-    The heads sharing a K/V head are folded into the query rows ([B, Hkv, rep*T, D]), so the single K/V
-    head is never copied per head; the causal mask is aligned bottom-right. Returns [B, T, Hkv, rep, D].
+    The single K/V head is never copied per query head: a decode step folds the heads of a group into
+    the query rows (a view), a chunk lets SDPA broadcast K/V (enable_gqa); the causal mask of a chunk
+    appended to a cache is aligned bottom-right. Returns [B, T, Hkv, rep, D].
     """
     b, t, h, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
     rep = h // hkv
     if t == 1:
-        # Decode: the heads of a group are the query rows as they lie, no mask (a view, not a copy).
         return F.scaled_dot_product_attention(q.view(b, hkv, rep, d), k, v).view(b, 1, hkv, rep, d)
-    qf = q.view(b, t, hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, rep * t, d)
-    mask = None
-    if t > 1:
-        last = torch.arange(length - t, length, device=q.device).repeat(rep)  # row (r, i) sees keys <= L - T + i
-        mask = torch.arange(length, device=q.device)[None, :] <= last[:, None]
-    o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask)  # [B, Hkv, rep*T, D]
-    return o.view(b, hkv, rep, t, d).permute(0, 3, 1, 2, 4)
+    qh = q.transpose(1, 2)
+    if t == length:
+        o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, enable_gqa=True)
+    else:
+        last = torch.arange(length - t, length, device=q.device)[:, None]
+        mask = torch.arange(length, device=q.device)[None, :] <= last
+        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, enable_gqa=True)
+    return o.transpose(1, 2).unflatten(2, (hkv, rep))
 
 
 class FeedForward(nn.Module):

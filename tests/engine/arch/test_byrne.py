@@ -381,9 +381,9 @@ def test_the_dynamic_form_names_its_own_tensors():
     assert not any("logits" in k for k in names)
 
 
-@pytest.mark.parametrize("t, cached", [(1, 9), (5, 9), (12, 0)])
+@pytest.mark.parametrize("t, cached", [(1, 0), (1, 9), (5, 9), (12, 0)])
 @pytest.mark.parametrize("hkv", [1, 2])
-def test_folded_mqa_attention_matches_repeated_heads(t, cached, hkv):
+def test_mqa_attention_matches_repeated_heads(t, cached, hkv):
     g = torch.Generator().manual_seed(5)
     q = torch.randn(2, t, 4, 16, generator=g)
     k, v = torch.randn(2, hkv, cached + t, 16, generator=g), torch.randn(2, hkv, cached + t, 16, generator=g)
