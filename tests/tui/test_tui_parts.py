@@ -24,6 +24,10 @@ def test_human_figures():
     assert figures.human_duration(125) == "2m05s"
 
 
+def test_control_characters_are_shown_not_sent_to_the_terminal():
+    assert figures.displayable("a\x1b[2Jb\x0f\tc\nd\x7f") == "a␛[2Jb␏\tc\nd␡"
+
+
 def test_run_line_names_every_figure():
     run = {"new_tokens": 42, "stop_reason": "max_tokens", "reused_tokens": 30,
            "timings": {"ttft_s": 0.12, "prefill_tok_s": 850.4, "decode_tok_s": 31.25}}

@@ -15,7 +15,7 @@ from textual.worker import Worker, get_current_worker
 
 from ...chat.conversation import Conversation
 from ..keys import bindings
-from ..messages import MemorySample, ReplyChunk, ReplyFinished, ReplyStats
+from ..messages import ReplyFinished
 from ..streaming import pump
 from ..widgets.chat_list import ChatList
 from ..widgets.composer import Composer
@@ -24,11 +24,12 @@ from ..widgets.conversation import ConversationView
 from ..widgets.memory import MemoryPanel
 from ..widgets.model_info import ModelInfo
 from .chat_manage import EMPTY, ChatManagement
+from .live import LiveReply
 from .dialogs import Confirm, EditMessage
 
 
 
-class ChatScreen(ChatManagement, Screen):
+class ChatScreen(LiveReply, ChatManagement, Screen):
     CSS_PATH = "chat.tcss"
     BINDINGS = bindings("chat")
 
@@ -39,8 +40,7 @@ class ChatScreen(ChatManagement, Screen):
         self.streaming: str | None = None
         """Id of the reply being generated (its message id once known, "" before), None when idle."""
         self._worker: Worker | None = None
-        self.last_shown_ns = 0
-        """Engine time of the newest token on screen (the display-lag benchmark reads it)."""
+        self.init_live()
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="body"):
@@ -127,6 +127,7 @@ class ChatScreen(ChatManagement, Screen):
         self.streaming = continue_from or ""
         self.composer.busy = True
         self.query_one(ComputePanel).steps = ()
+        self.generation_started()
         self._worker = self._generate(self.conv, parent_id, continue_from)
 
     @work(thread=True, exclusive=True, group="generate")
@@ -137,30 +138,11 @@ class ChatScreen(ChatManagement, Screen):
              post=self.post_message, is_cancelled=lambda: worker.is_cancelled, cancel=session.cancel,
              memory=session.memory)
 
-    async def on_reply_chunk(self, event: ReplyChunk) -> None:
-        if self.conv is None or event.conv_id != self.conv.id:
-            return
-        view = self.view.view_for(event.message_id)
-        if view is None:
-            view = await self.view.add_message(self.conv.get(event.message_id), live=True)
-        self.streaming = event.message_id
-        await view.write(event.text)
-        self.last_shown_ns = event.t_ns
-        if any(s is not None for s in event.steps):
-            compute = self.query_one(ComputePanel)
-            compute.steps = (*compute.steps, *event.steps)
-
-    def on_reply_stats(self, event: ReplyStats) -> None:
-        view = self.view.view_for(event.message_id)
-        if view is not None and self.streaming == event.message_id:
-            view.show_live(event.new_tokens, event.elapsed_s, event.ttft_s)
-
-    def on_memory_sample(self, event: MemorySample) -> None:
-        self.query_one(MemoryPanel).report = event.report
-
     async def on_reply_finished(self, event: ReplyFinished) -> None:
+        await self.paint_frame()
         self.streaming, self._worker = None, None
         self.composer.busy = False
+        self.generation_ended()
         conv = self.conv
         if conv is None or event.conv_id != conv.id:
             return

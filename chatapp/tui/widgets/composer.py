@@ -8,7 +8,9 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import TextArea
 
-from ..keys import bindings
+from textual import events
+
+from ..keys import bindings, keys_for
 
 
 class Composer(TextArea):
@@ -46,6 +48,22 @@ class Composer(TextArea):
         """Earlier prompts, oldest first."""
         self._recall: int | None = None
         self._draft = ""
+
+    async def _on_key(self, event: events.Key) -> None:
+        # Send and newline are decided here, in key order. As priority bindings they would run at
+        # the app as soon as Enter arrives, while keys typed before it still wait in this widget's
+        # queue (a fast typist or a paste-like burst sent half a line).
+        keymap = getattr(self.app, "keymap", {})
+        if event.key in keys_for("composer.send", keymap).split(","):
+            event.stop()
+            event.prevent_default()
+            self.action_send()
+        elif event.key in keys_for("composer.newline", keymap).split(","):
+            event.stop()
+            event.prevent_default()
+            self.action_newline()
+        else:
+            await super()._on_key(event)
 
     def watch_busy(self, busy: bool) -> None:
         self.set_class(busy, "-busy")

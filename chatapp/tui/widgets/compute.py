@@ -169,4 +169,5 @@ class ComputePanel(Vertical):
                  steps_strip(steps, width, budget or peak)]
         if saving is not None:
             lines.append(f"early exit saved {saving * 100:.0f}% of {budget} × {len(steps)} steps")
-        readout.update("\n".join(lines))
+        text = "\n".join(lines)
+        readout.update(text, layout=text.count("\n") != str(readout.content).count("\n"))

@@ -45,6 +45,9 @@ class ConversationView(VerticalScroll, can_focus=True):
         self.conv = None
         """The chat-layer Conversation shown, or None."""
         self._order: list[str] = []
+        # Message id -> its view. A CSS query would walk every Markdown block of the chat on each
+        # streamed batch.
+        self._views: dict[str, MessageView] = {}
 
     def on_mount(self) -> None:
         self.anchor()
@@ -54,7 +57,7 @@ class ConversationView(VerticalScroll, can_focus=True):
         """Render the current branch of `conv` from scratch."""
         self.conv = conv
         await self.remove_children()
-        self._order = []
+        self._order, self._views = [], {}
         if conv is None or not conv.messages:
             await self.mount(Static(empty_text, classes="empty", markup=False))
             return
@@ -63,6 +66,7 @@ class ConversationView(VerticalScroll, can_focus=True):
             views.append(Static(f"System: {conv.system_prompt}", classes="system", markup=False))
         for m in conv.path():
             views.append(MessageView(m, conv.sibling_index(m.id)))
+            self._views[m.id] = views[-1]
             self._order.append(m.id)
         await self.mount_all(views)
         if self.selected not in self._order:
@@ -78,17 +82,17 @@ class ConversationView(VerticalScroll, can_focus=True):
         view = MessageView(message, self.conv.sibling_index(message.id) if self.conv else (0, 1), live=live)
         await self.mount(view)
         self._order.append(message.id)
+        self._views[message.id] = view
         return view
 
     def view_for(self, message_id: str) -> MessageView | None:
-        found = self.query(f"#m-{message_id}")
-        return found.first(MessageView) if found else None
+        return self._views.get(message_id)
 
     def refresh_branch_marks(self) -> None:
         """Update sibling counts after a branch was added or removed."""
         if self.conv is None:
             return
-        for view in self.query(MessageView):
+        for view in self._views.values():
             if view.message.id in self.conv.messages:
                 view.refresh_message(self.conv.sibling_index(view.message.id))
 
@@ -109,7 +113,7 @@ class ConversationView(VerticalScroll, can_focus=True):
 
     def _mark_selected(self) -> None:
         target = self.target_id if self.has_focus else None
-        for view in self.query(MessageView):
+        for view in self._views.values():
             view.set_class(view.message.id == target, "-selected")
 
     def action_move(self, delta: int) -> None:

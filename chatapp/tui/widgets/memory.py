@@ -45,7 +45,7 @@ class MemoryPanel(Widget):
     MemoryPanel > .memory--muted { color: $text-muted; }
     """
 
-    report: reactive[MemoryReport | None] = reactive(None, layout=True)
+    report: reactive[MemoryReport | None] = reactive(None)
     """The latest memory report, or None when no model is loaded."""
     info: reactive[dict] = reactive(dict, layout=True)
     """Engine.info(): n_layers, hidden_size, device, dtype, ... (empty when unknown)."""
@@ -54,16 +54,23 @@ class MemoryPanel(Widget):
         super().__init__(**kw)
         self.samples: dict[int, int] = {}
         """State bytes in use by context position, over the current conversation."""
+        self._kinds: tuple[str, ...] = ()
 
     def watch_report(self, report: MemoryReport | None) -> None:
         if report is None:
-            self.samples = {}
+            self.samples, self._kinds = {}, ()
+            self.refresh(layout=True)
             return
         used = sum(report.used.values())
         n = report.context_used
         # A shorter context than already drawn means the state restarted (another chat, or a trim).
         self.samples = {t: b for t, b in self.samples.items() if t < n}
         self.samples[n] = used
+        # Streaming changes figures, not the number of lines: only a new kind of state needs layout.
+        kinds = tuple(k for k, _ in KIND_LABELS if report.allocated.get(k) or report.used.get(k))
+        if kinds != self._kinds:
+            self._kinds = kinds
+            self.refresh(layout=True)
 
     def reset_series(self) -> None:
         self.samples = {}

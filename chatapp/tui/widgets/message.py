@@ -7,7 +7,7 @@ from textual.containers import Vertical
 from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
-from ..figures import human_duration, run_line
+from ..figures import displayable, human_duration, run_line
 
 ROLE_LABELS = {"user": "You", "assistant": "Model", "system": "System"}
 STATUS_LABELS = {"streaming": "● streaming", "stopped": "■ stopped", "error": "✕ error"}
@@ -20,7 +20,6 @@ class MessageView(Vertical):
     MessageView {
         height: auto;
         padding: 0 1;
-        margin: 0 0 1 0;
         border-left: outer $primary 40%;
     }
     MessageView.-assistant { border-left: outer $secondary; }
@@ -29,9 +28,10 @@ class MessageView(Vertical):
     MessageView.-assistant .header { color: $secondary; }
     MessageView.-user .header { color: $primary; }
     MessageView.-stopped .header, MessageView.-error .header { color: $warning; }
-    MessageView .stats { color: $text-muted; height: auto; }
+    MessageView .stats { color: $text-muted; height: auto; margin-bottom: 1; }
+    /* The last block's bottom margin is the gap to the next message (a :last-child rule to drop it
+       would restyle every block of a streaming reply on each mount). */
     MessageView Markdown { margin: 0; padding: 0; background: transparent; }
-    MessageView Markdown MarkdownBlock:last-child { margin-bottom: 0; }
     """
 
     def __init__(self, message, sibling: tuple[int, int] = (0, 1), live: bool = False) -> None:
@@ -47,7 +47,7 @@ class MessageView(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static(self._header(), classes="header", markup=False)
-        yield Markdown("" if self.live else self.message.content or "", open_links=False)
+        yield Markdown("" if self.live else displayable(self.message.content or ""), open_links=False)
         if self.message.role == "assistant":
             yield Static(self._stats(), classes="stats", markup=False)
 
@@ -69,6 +69,8 @@ class MessageView(Vertical):
         return "  ".join(parts)
 
     def _stats(self) -> str:
+        if self.message.status == "streaming":
+            return ""  # the header carries the live counters until the run card is complete
         run = self.message.run or {}
         line = run_line(run)
         if self.message.status == "error" and run.get("error"):
@@ -91,13 +93,14 @@ class MessageView(Vertical):
         live = f"{new_tokens} tok · {rate:.1f} tok/s"
         if ttft_s is not None:
             live += f" · TTFT {human_duration(ttft_s)}"
-        self.query_one(".header", Static).update(self._header(live))
+        # One line whatever it says: repaint without a layout pass.
+        self.query_one(".header", Static).update(self._header(live), layout=False)
 
     async def write(self, text: str) -> None:
         """Append streamed text; MarkdownStream batches appends when rendering falls behind."""
         if self._stream is None:
             self._stream = Markdown.get_stream(self.body)
-        await self._stream.write(text)
+        await self._stream.write(displayable(text))
 
     async def finish(self) -> None:
         """Stop the stream and render the stored text once in full (an append-only render can
@@ -106,5 +109,5 @@ class MessageView(Vertical):
             await self._stream.stop()
             self._stream = None
         self.live = False
-        await self.body.update(self.message.content or "")
+        await self.body.update(displayable(self.message.content or ""))
         self.refresh_message()

@@ -1,0 +1,138 @@
+"""How far the TUI's display lags behind generation: stream 20,000 tokens from the FakeEngine at
+2,000 tok/s (really paced, not instant) through the app and compare, every 10 ms, what the engine
+had produced with what the reply's Markdown widget held.
+
+    python bench/tui_stream.py [--tokens 20000] [--rate 2000] [--size 120x36] [--json out.json]
+
+Runs the real app (make_app, chat screen, generation worker, MarkdownStream) under Textual's
+headless driver: layout and rendering happen as in a terminal, only the bytes are not written.
+Lag at a sample = now - the moment the engine had produced as much text as the widget shows.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from chatapp.chat.fake import FakeDownloader, FakeEngine  # noqa: E402
+from chatapp.chat.store import Store  # noqa: E402
+from chatapp.tui.app import make_app  # noqa: E402
+
+
+def reply_text(tokens: int) -> str:
+    """Chat-like Markdown: paragraphs of 40 words, a list and a code block every few paragraphs."""
+    words, out, n = [], [], 0
+    while n < tokens:
+        block = n // 40
+        if block % 7 == 3:
+            words = [f"- item{n + i}" for i in range(8)]
+            out.append("\n".join(words))
+            n += 16
+        elif block % 7 == 5:
+            out.append("```python\n" + "\n".join(f"x{n + i} = {i}" for i in range(6)) + "\n```")
+            n += 20
+        else:
+            out.append(" ".join(f"word{n + i}" for i in range(40)))
+            n += 40
+    return "\n\n".join(out)
+
+
+class TimedFake(FakeEngine):
+    """Records (monotonic ns, characters produced so far) for every token it yields."""
+
+    def generate(self, ids, settings=None, controls=None):
+        self.timeline: list[tuple[int, int]] = []
+        chars = 0
+        for event in super().generate(ids, settings, controls):
+            chars += len(getattr(event, "text", ""))
+            self.timeline.append((time.monotonic_ns(), chars))
+            yield event
+
+
+async def run(tokens: int, rate: float, size: tuple[int, int]) -> dict:
+    home = tempfile.mkdtemp()
+    os.environ["SMOLLCHAT_HOME"] = home
+    text = reply_text(tokens)
+    engine = TimedFake([text], instant=False, tokens_per_s=rate, ttft_s=0.0, context_limit=tokens * 3)
+    app = make_app(engine=engine, store=Store(Path(home) / "chats.sqlite3"), downloader=FakeDownloader())
+    samples: list[tuple[int, int]] = []
+    async with app.run_test(size=size) as pilot:
+        screen = app.chat_screen
+        screen.conv.settings["max_new_tokens"] = tokens * 3
+        screen.composer.insert("go")
+
+        def sample() -> None:
+            view = screen.view.view_for(screen.streaming) if screen.streaming else None
+            if view is not None:
+                samples.append((time.monotonic_ns(), len(view.body.source)))
+
+        timer = app.set_interval(0.01, sample)
+        screen.composer.action_send()
+        started = time.monotonic()
+        def done() -> bool:
+            # Finished when the reply's whole text is on screen (after the final full render).
+            if screen.streaming is not None or len(screen.conv.messages) < 2:
+                return False
+            reply = screen.conv.path()[-1]
+            view = screen.view.view_for(reply.id)
+            return reply.status != "streaming" and view is not None and view.body.source == reply.content
+
+        while not done():
+            await asyncio.sleep(0.005)
+            if time.monotonic() - started > 600:
+                raise TimeoutError("the stream did not finish in 10 minutes")
+        end_ns = time.monotonic_ns()
+        timer.stop()
+        reply = screen.conv.path()[-1]
+        shown = screen.view.view_for(reply.id).body.source
+    timeline = engine.timeline
+    produced_ns = [t for t, _ in timeline]
+    produced_chars = [c for _, c in timeline]
+    lags = []
+    for t, shown_chars in samples:
+        # The first moment the engine had produced at least what is shown.
+        i = bisect.bisect_left(produced_chars, shown_chars)
+        i = min(i, len(produced_ns) - 1)
+        lag_ms = max(0.0, (t - produced_ns[i]) / 1e6) if shown_chars else (t - produced_ns[0]) / 1e6
+        behind = produced_chars[bisect.bisect_right(produced_ns, t) - 1] - shown_chars if t >= produced_ns[0] else 0
+        lags.append((lag_ms, behind))
+    gen_s = (produced_ns[-1] - produced_ns[0]) / 1e9
+    lag_values = sorted(v for v, _ in lags)
+    return {
+        "tokens": len(timeline), "engine_rate_tok_s": round((len(timeline) - 1) / gen_s, 1),
+        "engine_seconds": round(gen_s, 2), "samples": len(samples),
+        "lag_ms": {"median": round(statistics.median(lag_values), 1),
+                   "p95": round(lag_values[int(0.95 * (len(lag_values) - 1))], 1),
+                   "max": round(lag_values[-1], 1)},
+        "max_chars_behind": max(b for _, b in lags),
+        "all_shown_after_last_token_ms": round((end_ns - produced_ns[-1]) / 1e6, 1),
+        "complete": shown == reply.content, "stop_reason": reply.run.get("stop_reason"),
+        "terminal": f"{size[0]}x{size[1]} headless",
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=20_000)
+    p.add_argument("--rate", type=float, default=2_000.0)
+    p.add_argument("--size", default="120x36")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args()
+    w, h = (int(v) for v in a.size.split("x"))
+    result = asyncio.run(run(a.tokens, a.rate, (w, h)))
+    print(json.dumps(result, indent=1))
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
