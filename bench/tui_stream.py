@@ -65,7 +65,7 @@ async def run(tokens: int, rate: float, size: tuple[int, int]) -> dict:
     engine = TimedFake([text], instant=False, tokens_per_s=rate, ttft_s=0.0, context_limit=tokens * 3)
     app = make_app(engine=engine, store=Store(Path(home) / "chats.sqlite3"), downloader=FakeDownloader())
     samples: list[tuple[int, int]] = []
-    async with app.run_test(size=size) as pilot:
+    async with app.run_test(size=size):
         screen = app.chat_screen
         screen.conv.settings["max_new_tokens"] = tokens * 3
         screen.composer.insert("go")

@@ -165,7 +165,7 @@ async def test_memory_panel_follows_the_stream_with_a_ghost_line(build):
         assert "recurrent    64.0 KiB" in text
         ghost_mib = 2 * 12 * 768 * 2 * used / 2**20
         assert f"dense KV   {ghost_mib:.1f} MiB now" in text
-        assert "a 12-layer, 768-wide transformer's bf16 cache" in text
+        assert "dense KV: 12 layers × 768, bf16 K+V" in text
         assert "state      64.0 KiB now" in text
 
 

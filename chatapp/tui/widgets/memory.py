@@ -54,11 +54,11 @@ class MemoryPanel(Widget):
         super().__init__(**kw)
         self.samples: dict[int, int] = {}
         """State bytes in use by context position, over the current conversation."""
-        self._kinds: tuple[str, ...] = ()
+        self._shape: tuple = ()
 
     def watch_report(self, report: MemoryReport | None) -> None:
         if report is None:
-            self.samples, self._kinds = {}, ()
+            self.samples, self._shape = {}, ()
             self.refresh(layout=True)
             return
         used = sum(report.used.values())
@@ -66,10 +66,12 @@ class MemoryPanel(Widget):
         # A shorter context than already drawn means the state restarted (another chat, or a trim).
         self.samples = {t: b for t, b in self.samples.items() if t < n}
         self.samples[n] = used
-        # Streaming changes figures, not the number of lines: only a new kind of state needs layout.
-        kinds = tuple(k for k, _ in KIND_LABELS if report.allocated.get(k) or report.used.get(k))
-        if kinds != self._kinds:
-            self._kinds = kinds
+        # Streaming changes figures, not the number of lines: only a new kind of state, or the
+        # ghost appearing with the first token, needs a layout pass.
+        shape = (tuple(k for k, _ in KIND_LABELS if report.allocated.get(k) or report.used.get(k)),
+                 bool(n and self.info.get("n_layers") and self.info.get("hidden_size")))
+        if shape != self._shape:
+            self._shape = shape
             self.refresh(layout=True)
 
     def reset_series(self) -> None:
@@ -128,7 +130,8 @@ class MemoryPanel(Widget):
             text.append(f"{human_bytes(ghost_kv_bytes(layers, hidden, n))} now\n", self._style("ghost"))
             text.append(" " * LABEL_WIDTH)
             text.append(f"{sparkline(ghost, width, top) or '·':<{width}}\n", self._style("ghost"))
-            text.append(f"dense KV: a {layers}-layer, {hidden}-wide transformer's bf16 cache", self._style("muted"))
+            # What the ghost is: a dense transformer of this depth and width, bf16 K and V.
+            text.append(f"dense KV: {layers} layers × {hidden}, bf16 K+V", self._style("muted"))
 
     def _state_at(self, positions: list[int]) -> list[float]:
         """State bytes at each position: the latest sample at or before it (steps between samples)."""
