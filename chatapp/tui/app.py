@@ -90,8 +90,12 @@ class SmollChat(App):
 
     # Models.
     def _open_model(self, model_id: str) -> None:
-        if model_id in self.catalog:
-            self.load_model(self.catalog[model_id])
+        entry = self.catalog.get(model_id)
+        if entry is not None and not entry.demo and not self.downloader.is_downloaded(entry):
+            self.notify(f"{entry.name} is not downloaded yet: press d to download it.", severity="warning")
+            self.push_screen(ModelsScreen(select=entry.id))
+        elif entry is not None:
+            self.load_model(entry)
         elif Path(model_id).is_dir():
             self.load_model(Path(model_id))
         else:

@@ -67,6 +67,9 @@ def run_line(run: dict[str, Any]) -> str:
     reused = run.get("reused_tokens")
     if reused:
         parts.append(f"prefill skipped {reused} tok")
+    dropped = (run.get("context") or {}).get("dropped_turns")
+    if dropped:
+        parts.append(f"{dropped} oldest turn{'s' if dropped > 1 else ''} left out to fit the context")
     return " · ".join(parts)
 
 

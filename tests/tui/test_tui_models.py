@@ -172,3 +172,20 @@ async def test_load_failure_and_not_downloaded_are_explained(build):
         await wait_until(pilot, lambda: "damaged" in str(app.chat_screen.query_one(ModelInfo).render()))
         assert app.engine is None
         assert any("damaged" in n.message for n in app._notifications)
+
+
+async def test_opening_on_a_model_that_is_not_downloaded_shows_it_on_the_models_screen(build):
+    loads = []
+    app = build(engine=None, model_id="genesis", loader=lambda entry, progress: loads.append(entry))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, ModelsScreen))
+        assert app.screen.entry.id == "genesis" and not loads
+        assert any("not downloaded yet" in n.message for n in app._notifications)
+
+
+async def test_opening_on_a_demo_loads_it_with_the_system_prompt(build):
+    app = build(engine=None, model_id="genesis-tiny", system_prompt="Be brief.",
+                loader=lambda entry, progress: FakeEngine(entry_id=entry.id))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.entry_id == "genesis-tiny")
+        assert app.chat_screen.conv.system_prompt == "Be brief."

@@ -34,6 +34,8 @@ def test_run_line_names_every_figure():
     assert figures.run_line(run) == ("42 tokens · TTFT 120 ms · prefill 850 tok/s · decode 31.2 tok/s · "
                                      "token limit · prefill skipped 30 tok")
     assert figures.run_line({}) == ""
+    assert figures.run_line({"new_tokens": 1, "context": {"dropped_turns": 2}}) == (
+        "1 tokens · 2 oldest turns left out to fit the context")
 
 
 def test_ghost_is_bf16_k_and_v_for_every_layer():

@@ -183,3 +183,31 @@ def test_edit_message_dialog(build, store, snap_compare):
         still(pilot.app)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_confirm_dialog(build, store, snap_compare):
+    """You should see the delete question ('Delete “Recurrent state vs KV cache”?', 'Every branch of it
+    is removed.') with Cancel focused and a red Delete button."""
+    store.save(branched_chat())
+    app = build(FakeEngine())
+
+    async def run_before(pilot):
+        await open_saved(pilot, "snap")
+        await pilot.press("f8")
+        await wait_until(pilot, lambda: pilot.app.screen.__class__.__name__ == "Confirm")
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_rename_prompt(build, store, snap_compare):
+    """You should see the one-line prompt 'Rename chat' holding the current title."""
+    store.save(branched_chat())
+    app = build(FakeEngine())
+
+    async def run_before(pilot):
+        await open_saved(pilot, "snap")
+        await pilot.press("f2")
+        await wait_until(pilot, lambda: pilot.app.screen.__class__.__name__ == "TextPrompt")
+        still(pilot.app)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)

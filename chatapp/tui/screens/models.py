@@ -28,8 +28,10 @@ class ModelsScreen(Screen):
     CSS_PATH = "models.tcss"
     BINDINGS = bindings("models")
 
-    def __init__(self) -> None:
+    def __init__(self, select: str | None = None) -> None:
         super().__init__()
+        self.select = select
+        """Model id to put the cursor on (default: the loaded model)."""
         self.cancels: dict[str, threading.Event] = {}
         """Cancel flags of the downloads in progress, by model id."""
         self.progress: dict[str, Any] = {}
@@ -51,9 +53,9 @@ class ModelsScreen(Screen):
             table.add_column(name, key=name)
         for entry in self.app.catalog.values():
             table.add_row(*self._cells(entry), key=entry.id)
-        loaded = getattr(self.app, "entry_id", None)
-        if loaded in self.app.catalog:
-            table.move_cursor(row=table.get_row_index(loaded))
+        start = self.select or getattr(self.app, "entry_id", None)
+        if start in self.app.catalog:
+            table.move_cursor(row=table.get_row_index(start))
         table.focus()
         self._show_detail()
 
