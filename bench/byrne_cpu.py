@@ -3,7 +3,7 @@
 Same protocol as the anchors' CPU scripts (shared/anchors/perf-cpu, and bench/odinnext_cpu.py): batch 1,
 128 random prompt ids, 65 new tokens (64 decode intervals), a warm-up run, then the median of 3 timed
 runs. Decode tok/s = 64 / (time of token 65 - time of token 1); TTFT = start -> first new token (includes
-the prefill). Greedy (argmax) next tokens. Byrne has no peer implementation to run beside it (the
+the prefill, fed in the Engine's 512-token chunks). Greedy (argmax) next tokens. Byrne has no peer implementation to run beside it (the
 reference code was never published in full; anchors/cpu.md gives only its roofline).
 
     python bench/byrne_cpu.py --dtype float32 [--threads 2] [--profile]
@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from chatapp.engine.generate import PREFILL_CHUNK
 from chatapp.engine.loader import build_model, upcast_wide_cpu_matmuls
 
 # The real config.json (spec byrne §2.1): 16 x 640, 10 query heads over one 64-dim K/V head, engram, 2 streams.
@@ -32,7 +33,9 @@ def run_once(model, ids: torch.Tensor, new: int, dtype: torch.dtype) -> dict:
     state = model.make_state(ids.shape[1] + new, "cpu", dtype)
     stamps = []
     t0 = time.perf_counter()
-    logits = model(ids, state, last_only=True)
+    # The prompt goes in the Engine's chunks (the same at 128 tokens; bounds the attention mask at 2,048).
+    for i in range(0, ids.shape[1], PREFILL_CHUNK):
+        logits = model(ids[:, i:i + PREFILL_CHUNK], state, last_only=True)
     for i in range(new):
         tok = logits[0, -1].argmax()
         stamps.append(time.perf_counter())
