@@ -189,9 +189,11 @@ def make_app(engine: Any = None, catalog: dict[str, ModelEntry] | None = None, s
         try:
             store = Store(locations.database_path())
         except StoreError as e:
-            # The damaged file was copied aside by the store; keep working in a fresh database.
-            notices.append(str(e))
-            store = Store(locations.data_dir() / f"chats-recovered-{int(time.time())}.sqlite3")
+            # The store copied the file aside and left it untouched; keep working in a second database
+            # (the same one on every start until the first is dealt with, so new chats stay together).
+            spare = locations.data_dir() / "chats-while-damaged.sqlite3"
+            notices.append(f"{e} Until then, chats are kept in {spare}.")
+            store = Store(spare)
     if keymap is None:
         try:
             keymap = load_keymap(locations.keys_path())

@@ -119,6 +119,13 @@ async def test_settings_dialog_sets_system_prompt_overrides_and_presets(build, s
         assert call.settings.temperature == 0.0 and call.settings.max_new_tokens == 5
         assert "You are a pirate." in engine.tokenizer.decode(call.ids)
         assert store.load(conv.id).system_prompt == "You are a pirate."
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ChatSettings")
+        await pilot.click("#delete-preset")
+        assert store.get_preset("cold") is None
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: app.screen is app.chat_screen)
+        assert "preset" not in conv.settings and conv.settings["max_new_tokens"] == 5
 
 
 async def test_compute_panel_is_built_from_controls_and_reaches_the_engine(build):
@@ -264,3 +271,6 @@ async def test_damaged_database_is_backed_up_and_reported():
         await send(pilot, "still works")
     assert list(locations.data_dir().glob("chats.sqlite3.damaged-*.bak"))
     assert locations.database_path().read_bytes().startswith(b"this is not sqlite")
+    again = make_app(engine=FakeEngine())
+    async with again.run_test(size=SIZE):
+        assert [c.title for c in again.store.list_chats()] == ["still works"]  # the same spare database

@@ -52,7 +52,8 @@ class ChatSettings(ModalScreen[dict | None]):
     ChatSettings Grid Label { color: $text-muted; }
     ChatSettings .switch-row { height: auto; }
     ChatSettings .switch-row Label { padding: 1 1 0 0; }
-    ChatSettings Select { width: 40; }
+    ChatSettings Select { width: 1fr; }
+    ChatSettings .switch-row Button { margin: 0 0 0 1; }
     """
     BINDINGS = bindings("dialog")
 
@@ -78,6 +79,7 @@ class ChatSettings(ModalScreen[dict | None]):
                     yield Select(self._preset_options(), value=self.conv.settings.get("preset") or NO_PRESET,
                                  allow_blank=False, id="preset")
                     yield Button("Save as preset", id="save-preset")
+                    yield Button("Delete preset", id="delete-preset")
                 with Grid():
                     for name in FIELDS:
                         yield Label(name.replace("_", " "))
@@ -121,7 +123,8 @@ class ChatSettings(ModalScreen[dict | None]):
         return out
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id != "save-preset":
+        if event.button.id == "delete-preset":
+            self._delete_preset()
             return
         values = self._collect()
         if values is None:
@@ -137,6 +140,16 @@ class ChatSettings(ModalScreen[dict | None]):
             self.notify(f"Saved preset “{name}”.")
 
         self.app.push_screen(TextPrompt("Preset name", hint="Saves the fields filled in above."), named)
+
+    def _delete_preset(self) -> None:
+        select = self.query_one("#preset", Select)
+        name = select.value
+        if name in (NO_PRESET, Select.BLANK):
+            return
+        self.store.delete_preset(name)
+        select.set_options(self._preset_options())
+        select.value = NO_PRESET
+        self.notify(f"Deleted preset “{name}”.")
 
     def action_save(self) -> None:
         settings = self._collect()
