@@ -333,6 +333,22 @@ class Model(ArchModel):
         self._head = emb.detach().to(dtype) if self.lm_head is None and emb.dtype != dtype else None
         if self.lm_head is not None:
             self.lm_head.to(dtype)
+        if torch.device(device).type == "cpu":
+            self._cpu_weight_layout()
+
+    def _cpu_weight_layout(self) -> None:
+        """Store fp32 matrices that widen (out > in: gate|up, q_b, o_b, the tied head) column-major.
+
+        Same shapes, transposed strides: a single-token F.linear then takes MKL's x @ W path, measured at
+        22 GB/s against 13 GB/s for the row-major [out, in] layout on 4000 x 640 and 16512 x 640 (2 threads).
+        Narrowing matrices (down, qkv_a, o_a) read faster row-major and stay; bf16 weights stay as they are.
+        """
+        mats = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
+        if self.lm_head is None and self._head is None:
+            mats.append(self.model.embed_tokens.weight)
+        for w in mats:
+            if w.dtype == torch.float32 and w.shape[0] > w.shape[1] and w.is_contiguous():
+                w.data = w.data.t().contiguous().t()
 
     @torch.no_grad()
     def init_demo_weights(self) -> None:

@@ -404,6 +404,17 @@ def test_full_width_rotation_rotates_only_the_last_dims(layout):
     close(got[..., 12:], rope(x[..., 12:], c, s), atol=1e-6)
 
 
+def test_cpu_fp32_load_stores_widening_matrices_column_major(fx, model):
+    # The fixture's logits (checked above) come from this layout; the shapes never change.
+    ffn, attn = model.model.layers[0].ffn, model.model.layers[0].attn
+    assert ffn.gate_up_proj.weight.stride() == (1, 192) and ffn.gate_up_proj.weight.shape == (192, 64)
+    assert model.model.embed_tokens.weight.stride() == (1, 512) and attn.q_b_proj.weight.stride() == (1, 64)
+    assert ffn.down_proj.weight.is_contiguous() and attn.qkv_a_proj.weight.is_contiguous()
+    # bf16 GEMV is faster row-major: a bf16 load keeps every matrix as stored.
+    m16 = load_model(fx, "cpu", torch.bfloat16)
+    assert all(p.is_contiguous() for p in m16.parameters())
+
+
 def test_a_bf16_load_keeps_the_engram_inputs_in_fp32(fx, golden):
     m16 = load_model(fx, "cpu", torch.bfloat16)
     m32 = load_model(fx, "cpu", torch.float32)
