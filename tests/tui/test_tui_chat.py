@@ -33,9 +33,10 @@ async def test_send_streams_a_reply_and_saves_it(build, store):
 
 
 async def test_escape_stops_at_once_and_keeps_the_partial_reply(build, store):
-    engine = FakeEngine([LONG], instant=False, tokens_per_s=200, ttft_s=0.0)
+    engine = FakeEngine([LONG], instant=False, tokens_per_s=100, ttft_s=0.0)
     app = build(engine)
     async with app.run_test(size=SIZE) as pilot:
+        app.chat_screen.conv.settings["max_new_tokens"] = 1000  # 4 s of reply: ample time to stop it
         app.chat_screen.composer.insert("go")
         # Not pilot.press: it waits for the process to go idle, which a streaming worker never is.
         app.chat_screen.composer.action_send()
