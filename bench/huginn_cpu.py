@@ -6,10 +6,12 @@ weights made in place in the target dtype (N(0, 0.02), norms 1, qk bias 0, as th
 Each configuration prints one JSON line:
 
     python bench/huginn_cpu.py --steps 4 32 --runs 2
-    python bench/huginn_cpu.py --steps 32 --exit kl:5e-4 --runs 1          # adaptive exit
-    python bench/huginn_cpu.py --steps 32 --draft 4:4 --runs 1             # self-speculative decoding
+    python bench/huginn_cpu.py --steps 32 --new 8 --modes plain exit=kl:5e-4 draft=4:4   # one process
     python bench/huginn_cpu.py --write-checkpoint DIR                      # a real-size sharded F32 file
     python bench/huginn_cpu.py --load DIR --steps 4                        # load it (peak RSS) and run
+
+Modes: `plain`; `exit=<criterion>:<threshold>` (adaptive exit, num_steps is the cap);
+`draft=<draft_steps>:<draft_tokens>` (self-speculative greedy decoding verified at num_steps).
 
 Seconds per token = mean decode interval (token 1 -> token N); TTFT includes the prefill. Peak RSS is
 the process's high-water mark (VmHWM) after loading and after generating.
@@ -45,16 +47,21 @@ def vm(key: str) -> int:
     return 0
 
 
-def random_model(dtype: torch.dtype):
+def random_model(dtype: torch.dtype, init: str = "normal"):
     model = build_model(CONFIG).to(dtype).to_empty(device="cpu")
+    torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "ln_f" in name:
                 p.fill_(1.0)
             elif "qk_bias" in name:
                 p.zero_()
-            else:
+            elif init == "normal":
                 p.normal_(0.0, 0.02)
+        if init == "reference":
+            # The authors' init (truncated normals, depth-scaled output projections): its recurrence
+            # behaves differently from N(0, 0.02) (at real width the latter never settles in 32 steps).
+            model.init_demo_weights()
     model.post_load(torch.device("cpu"))
     return model.requires_grad_(False).eval()
 
@@ -77,7 +84,7 @@ def write_checkpoint(out: Path, shard_bytes: int = 4_000_000_000) -> None:
         cur.append(name)
         size += n
     groups.append(cur)
-    weight_map, g = {}, torch.Generator().manual_seed(0)
+    weight_map = {}
     for i, names in enumerate(groups):
         fn = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         tensors = {}
@@ -88,7 +95,10 @@ def write_checkpoint(out: Path, shard_bytes: int = 4_000_000_000) -> None:
             elif "qk_bias" in name or name == "freqs_cis":
                 t.zero_()
             else:
-                t.normal_(0.0, 0.02, generator=g)
+                # Seeded by name: lm_head.weight gets the same values as the embedding (the card's two
+                # identical copies) without both being held at once.
+                key = "transformer.wte.weight" if name == "lm_head.weight" else name
+                t.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(sum(map(ord, key)) * 7919))
             tensors[name] = t
         save_file(tensors, str(out / fn))
         weight_map.update({k: fn for k in names})
@@ -101,7 +111,7 @@ def run_once(engine: Engine, ids: list[int], new: int, controls: dict) -> dict:
     settings = engine.default_settings().with_overrides(max_new_tokens=new, temperature=0.0)
     engine.reset()
     model = engine.model
-    model.spec_stats.update(calls=0, drafted=0, accepted=0)
+    model.spec_stats.update(calls=0, drafted=0, accepted=0, plain=0)
     t0 = time.monotonic_ns()
     events = list(engine.generate(ids, settings, controls))
     toks = [e for e in events if isinstance(e, StepEvent)]
@@ -120,9 +130,10 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=4)
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--exit", default="", help="criterion:threshold, e.g. kl:5e-4")
-    ap.add_argument("--draft", default="", help="draft_steps:draft_tokens, e.g. 4:4")
+    ap.add_argument("--modes", nargs="+", default=["plain"], help="plain | exit=crit:thr | draft=steps:tokens")
     ap.add_argument("--cache", default="latest-m4")
+    ap.add_argument("--init", default="normal", choices=["normal", "reference"], help="random weights: the anchor's "
+                    "N(0, 0.02) or the authors' init")
     ap.add_argument("--load", type=Path, help="load this checkpoint directory instead of random weights")
     ap.add_argument("--write-checkpoint", type=Path)
     ap.add_argument("--config", type=json.loads, default={}, help="config overrides (smoke tests)")
@@ -135,31 +146,34 @@ def main() -> None:
     dtype = getattr(torch, a.dtype)
     base = vm("VmRSS")
     t = time.perf_counter()
-    model = load_model(a.load, "cpu", dtype) if a.load else random_model(dtype)
+    model = load_model(a.load, "cpu", dtype) if a.load else random_model(dtype, a.init)
     load_s, load_peak, after_load = time.perf_counter() - t, vm("VmHWM"), vm("VmRSS")
     entry = get_entry("huginn")
     engine = Engine(model, ByteTokenizer(entry.tokenizer.specials, entry.chat), entry, torch.device("cpu"),
                     dtype, entry.context)
     ids = torch.randint(0, 65504, (a.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
-    controls = {"cache_strategy": a.cache, "state_init": "like-init", "exit_criterion": "none", "draft_steps": 0}
-    if a.exit:
-        crit, thr = a.exit.split(":")
-        controls.update(exit_criterion=crit, exit_threshold=thr)
-    if a.draft:
-        d, k = a.draft.split(":")
-        controls.update(draft_steps=int(d), draft_tokens=int(k))
-    for r in a.steps:
-        c = {**controls, "num_steps": r}
-        warm = run_once(engine, ids, a.new, c)
+    plain = {"cache_strategy": a.cache, "state_init": "like-init", "exit_criterion": "none", "draft_steps": 0}
+    for r, mode in [(r, m) for r in a.steps for m in a.modes]:
+        c = {**plain, "num_steps": r}
+        kind, _, arg = mode.partition("=")
+        if kind == "exit":
+            crit, thr = arg.split(":")
+            c.update(exit_criterion=crit, exit_threshold=thr)
+        elif kind == "draft":
+            d, k = arg.split(":")
+            c.update(draft_steps=int(d), draft_tokens=int(k))
+        # One warm-up per process: first touches of fresh weight pages and buffers are slow here.
+        warm = run_once(engine, ids, a.new, c) if (r, mode) == (a.steps[0], a.modes[0]) else None
         runs = [run_once(engine, ids, a.new, c) for _ in range(a.runs)]
         rec = {"model": "huginn-0125 (random weights)", "impl": "smollchat Engine.generate", "dtype": a.dtype,
-               "threads": a.threads, "num_steps": r, "prompt": a.prompt, "new": a.new, "controls": c,
+               "threads": a.threads, "init": "checkpoint" if a.load else a.init, "mode": mode, "num_steps": r, "prompt": a.prompt, "new": a.new, "controls": c,
                "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                         cwd=Path(__file__).parent).stdout.strip(),
                "load_s": round(load_s, 1), "weights_GB": round(model.weight_bytes() / 1e9, 2),
                "rss_before_load_GB": round(base / 1e9, 2), "peak_rss_load_GB": round(load_peak / 1e9, 2),
                "rss_after_load_GB": round(after_load / 1e9, 2), "warmup": warm, "runs": runs,
                "s_per_token_median": statistics.median(x["s_per_token"] for x in runs),
+               "mean_steps": statistics.mean(s for x in runs for s in x["steps"]),
                "ttft_s_median": statistics.median(x["ttft_s"] for x in runs),
                "peak_rss_GB": round(vm("VmHWM") / 1e9, 2),
                "kv_allocated_MB": round(engine.memory().allocated.get("kv", 0) / 1e6, 1),

@@ -193,8 +193,9 @@ class Model(ArchModel):
         self._cpu_rows = False
         #: Values of the exit rule at each check of the last forward (adaptive exit only).
         self.last_exit_values: list[float] = []
-        #: Speculative decoding counters: verification calls, tokens drafted, drafts accepted.
-        self.spec_stats = {"calls": 0, "drafted": 0, "accepted": 0}
+        #: Speculative decoding counters: verifications, tokens drafted, drafts accepted, plain steps taken.
+        self.spec_stats = {"calls": 0, "drafted": 0, "accepted": 0, "plain": 0}
+        self._spec = {"k": 0, "skip": 0, "wait": 1}
 
     @property
     def max_context(self) -> int:
@@ -211,6 +212,8 @@ class Model(ArchModel):
 
     def set_controls(self, values) -> None:
         super().set_controls(values)
+        if any(k.startswith("draft_") for k in values or {}):
+            self._spec.update(k=0, skip=0, wait=1)
         CacheStrategy.parse(self.controls["cache_strategy"])  # N and the lookup are checked here
 
     @property
@@ -349,10 +352,12 @@ class Model(ArchModel):
         token_id and every returned token but the last (which, like token_id, is chosen, not absorbed).
         """
         c = self.controls
-        dev, full = state.device, c["num_steps"]
+        dev, full, sp = state.device, c["num_steps"], self._spec
         room = (state.max_len - state.length) if state.max_len is not None else c["draft_tokens"] + 1
-        k = min(c["draft_tokens"], room - 1)
-        if k < 1 or not self.speculative:
+        k = min(sp["k"] or c["draft_tokens"], c["draft_tokens"], room - 1)
+        if k < 1 or not self.speculative or sp["skip"] > 0:
+            sp["skip"] = max(0, sp["skip"] - 1)
+            self.spec_stats["plain"] += 1
             logits = self(torch.tensor([[token_id]], device=dev), state, last_only=True)[0, -1]
             return [(int(logits.argmax()), logits, self.last_steps)]
         base, drafts, tok = state.length, [], token_id
@@ -369,6 +374,15 @@ class Model(ArchModel):
         # Positions past the first disagreement were computed from a wrong token: drop them.
         state.trim(base + m + 1)
         self.last_steps = full
+        # Draft length follows the acceptance: one more after a full hit, what was accepted after a miss.
+        # A miss at length 1 pauses drafting for `wait` tokens (doubling up to 64), so drafts that keep
+        # failing cost a bounded fraction over plain decoding instead of a verification per token.
+        if m == k:
+            sp["k"], sp["wait"] = k + 1, 1
+        elif m == 0 and k == 1:
+            sp["skip"], sp["wait"] = sp["wait"], min(2 * sp["wait"], 64)
+        else:
+            sp["k"] = max(1, m)
         s = self.spec_stats
         s["calls"], s["drafted"], s["accepted"] = s["calls"] + 1, s["drafted"] + k, s["accepted"] + m
         return [(best[i], logits[i], full) for i in range(m + 1)]

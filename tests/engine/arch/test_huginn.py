@@ -319,3 +319,19 @@ def test_a_bf16_cpu_load_routes_linears_through_the_row_tiles(fx, golden):
     # bf16 through 8 recurrences: same argmax for most positions as the fp32 golden logits.
     agree = (got.argmax(-1) == golden[0]["logits"].argmax(-1)).float().mean()
     assert agree >= 0.75
+
+
+def test_drafts_that_keep_failing_back_off_to_plain_steps(model, golden):
+    # One draft step is far from 8 here: no draft is ever accepted, so drafting pauses for growing spans.
+    ids = golden[0]["input_ids"]
+    plain, _, _ = greedy(model, ids, 40)
+    model.set_controls({"draft_steps": 1, "draft_tokens": 4})
+    model.spec_stats.update(calls=0, drafted=0, accepted=0, plain=0)
+    state = model.make_state(ids.shape[1] + 45, "cpu", torch.float32)
+    with torch.inference_mode():
+        out = [int(model(ids, state, last_only=True)[0, -1].argmax())]
+        while len(out) < 40:
+            out += [t for t, _, _ in model.speculate(state, out[-1])]
+    s = model.spec_stats
+    assert out[:40] == plain
+    assert s["accepted"] == 0 and s["plain"] > 3 * s["calls"] and s["drafted"] < 2 * s["calls"]

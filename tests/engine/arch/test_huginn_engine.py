@@ -117,7 +117,7 @@ def test_speculative_decoding_in_the_loop_gives_the_plain_greedy_reply(engine, i
     ids = engine.tokenizer.render([{"role": "user", "content": "speculate"}])
     base = {"num_steps": 10, "state_init": init, "cache_strategy": "full"}
     plain, _ = run(engine, ids, {**base, "draft_steps": 0}, max_new_tokens=20)
-    engine.model.spec_stats.update(calls=0, drafted=0, accepted=0)
+    engine.model.spec_stats.update(calls=0, drafted=0, accepted=0, plain=0)
     fast, done = run(engine, ids, {**base, "draft_steps": 3, "draft_tokens": 4}, max_new_tokens=20)
     assert [e.token_id for e in fast] == [e.token_id for e in plain]
     assert [e.steps for e in fast] == [10] * len(fast) and done.new_tokens == len(plain)
