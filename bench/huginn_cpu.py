@@ -166,7 +166,8 @@ def main() -> None:
         warm = run_once(engine, ids, a.new, c) if (r, mode) == (a.steps[0], a.modes[0]) else None
         runs = [run_once(engine, ids, a.new, c) for _ in range(a.runs)]
         rec = {"model": "huginn-0125 (random weights)", "impl": "smollchat Engine.generate", "dtype": a.dtype,
-               "threads": a.threads, "init": "checkpoint" if a.load else a.init, "mode": mode, "num_steps": r, "prompt": a.prompt, "new": a.new, "controls": c,
+               "threads": a.threads, "init": "checkpoint" if a.load else a.init, "mode": mode, "num_steps": r,
+               "prompt": a.prompt, "new": a.new, "controls": c,
                "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                         cwd=Path(__file__).parent).stdout.strip(),
                "load_s": round(load_s, 1), "weights_GB": round(model.weight_bytes() / 1e9, 2),

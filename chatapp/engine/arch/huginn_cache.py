@@ -1,5 +1,6 @@
-"""Huginn's decode-time KV cache: one key/value buffer per attention "slot", where a slot is a layer
-at one recurrence step, plus the reference's lookup strategies and compression remaps (spec §5).
+"""Huginn's state: the decode-time KV cache, with one key/value buffer per attention "slot" (a layer at
+one recurrence step), the reference's lookup strategies and compression remaps (spec §5), and the
+seeded like-init initial latent.
 
 Checked against: HuginnDynamicCache in github seal-rg/recurrent-pretraining @ 59e0b69
 recpre/raven_modeling_minimal.py (fixtures/huginn: greedy ids under "full", "compress-s8" and the
@@ -340,3 +341,19 @@ class HuginnState(StateList):
             buf.v[:, :, :n].copy_(v)
             buf.length = n
         self.latent.restore(latent)
+
+
+def like_init(shape, start: int, seed: int, std: float, scale: float) -> torch.Tensor:
+    """The reference's "like-init" s0: truncated normal (±3σ, σ = sqrt(2/(5h))) times sqrt(h), fp32 on CPU.
+
+    Each position draws from its own generator seeded by (seed, position): a token gets the same
+    noise whether it arrives in a prefill chunk or a decode step, so runs reproduce and prefill
+    equals step-by-step decoding (the reference draws fresh noise per call).
+    """
+    b, t, h = shape
+    out = torch.empty(b, t, h)
+    g = torch.Generator()
+    for i in range(t):
+        g.manual_seed(seed * 1_000_003 + start + i)
+        torch.nn.init.trunc_normal_(out[:, i], std=std, a=-3 * std, b=3 * std, generator=g)
+    return out * scale

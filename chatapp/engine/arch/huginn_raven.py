@@ -20,7 +20,7 @@ from torch import nn
 
 from ..layers import RMSNorm, apply_rope_interleaved, causal_attention, rope_angles, rope_frequencies
 from .base import ArchArgs, ArchModel, ControlSpec
-from .huginn_cache import LOOKUPS, CacheStrategy, HuginnState
+from .huginn_cache import LOOKUPS, CacheStrategy, HuginnState, like_init
 from .huginn_exit import CRITERIA, ExitRule
 
 #: Prompt tokens per internal prefill chunk when a cache is rebuilt under another compression.
@@ -170,7 +170,7 @@ class Model(ArchModel):
         ControlSpec("continuous_compute", "warm start", "bool", False,
                     help="start each new token from the previous token's final state"),
         ControlSpec("cache_strategy", "KV cache", "choice", "full", choices=_STRATEGIES,
-                    help="full / latest-m4 (for early exit) / compress-sN (ring of N core slots) / <lookup>-compress-..."),
+                    help="full / latest-m4 (early exit) / compress-sN (ring of N core slots) / <lookup>-compress-..."),
         ControlSpec("draft_steps", "speculative draft", "int", 0, 0, 128,
                     help="greedy only: draft tokens with this many steps, verify at num_steps (0 = off)"),
         ControlSpec("draft_tokens", "draft length", "int", 4, 1, 16, help="tokens drafted per verification"),
@@ -239,6 +239,7 @@ class Model(ArchModel):
         """
         c = self.controls
         steps = c["num_steps"] if num_steps is None else num_steps
+        self.last_exit_values = []
         rule = None if c["exit_criterion"] == "none" else ExitRule(c["exit_criterion"], c["exit_threshold"],
                                                                    self.args.padded_vocab_size)
         if rule is not None and state is None:
@@ -294,7 +295,6 @@ class Model(ArchModel):
         """Iterate until the exit rule fires (checked between steps, on the host), at most max_steps."""
         c = self.controls
         rule.start(x)
-        self.last_exit_values = []
         out, out_step, used = None, -1, max_steps
         for i in range(max_steps):
             x = self._step(x, e, i, cos, sin, state)
@@ -429,22 +429,6 @@ class Model(ArchModel):
             tn(block.mlp.proj.weight, out_std)
         if self.lm_head is not None:
             tn(self.lm_head.weight, std)
-
-
-def like_init(shape, start: int, seed: int, std: float, scale: float) -> torch.Tensor:
-    """The reference's "like-init" s0: truncated normal (±3σ, σ = sqrt(2/(5h))) times sqrt(h), fp32 on CPU.
-
-    Each position draws from its own generator seeded by (seed, position): a token gets the same
-    noise whether it arrives in a prefill chunk or a decode step, so runs reproduce and prefill
-    equals step-by-step decoding (the reference draws fresh noise per call).
-    """
-    b, t, h = shape
-    out = torch.empty(b, t, h)
-    g = torch.Generator()
-    for i in range(t):
-        g.manual_seed(seed * 1_000_003 + start + i)
-        nn.init.trunc_normal_(out[:, i], std=std, a=-3 * std, b=3 * std, generator=g)
-    return out * scale
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
