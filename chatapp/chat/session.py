@@ -387,8 +387,9 @@ class Session:
     def _remember(self, prompt: list[int], new_ids: list[int], done: Done) -> None:
         """Snapshot the state at the end of a reply, keyed by the ids it absorbed."""
         # The engine feeds back every token but the last one sampled, unless it stopped on a cancel
-        # check (which comes before sampling); correctness never depends on this: a restored snapshot
-        # carries the engine's own record of what it holds.
+        # check between tokens (then all were fed; a stop inside Huginn's recurrence leaves the last one
+        # out). Correctness never depends on this key: a restored snapshot carries the engine's own
+        # record of what it holds, and the engine prefills from that.
         if not new_ids and done.stop_reason != "cancelled":
             self._held = ()  # refused before prefill: the state is whatever it was
             return

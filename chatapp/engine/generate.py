@@ -2,7 +2,8 @@
 
 The loop is model-agnostic. Per token it costs one model call on a preallocated state and one host
 round trip (the sampled id, needed to stream text). Stop ids, stop strings, the token budget, the
-context limit and cancellation are all checked here, between model calls, never inside one.
+context limit and cancellation are checked here, between model calls; a model whose single call is long
+(Huginn at many recurrence steps) also polls the cancel flag inside it and raises Interrupted.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from .api import Done, SamplingSettings, StepEvent
 from .sample import Sampler
+from .arch.base import Interrupted
 from .state import ContextFull, StateList
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -31,9 +33,15 @@ class Timer:
 
 
 def prefill(model, state: StateList, ids: list[int], device) -> torch.Tensor:
-    """Feed ids through the model in chunks; return the last position's logits [V]."""
+    """Feed ids through the model in chunks; return the last position's logits [V].
+
+    A cancel raises Interrupted between chunks (or inside one, where the model polls it); the state
+    then holds a prefix of `ids`, `state.length` long.
+    """
     logits = None
     for i in range(0, len(ids), PREFILL_CHUNK):
+        if i:
+            model.check_interrupt()
         chunk = torch.tensor([ids[i:i + PREFILL_CHUNK]], device=device)
         logits = model(chunk, state, last_only=True)[0, -1]
     assert logits is not None, "prefill needs at least one token"
@@ -70,6 +78,13 @@ class StopStrings:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+def roll_back(state: StateList, fed: list[int]) -> None:
+    """After an interrupted forward, make the state hold exactly `fed` again (a speculative draft may
+    have left extra positions; an interrupted forward leaves none)."""
+    if state.length > len(fed):
+        state.trim(len(fed))
 
 
 def decode_loop(model, state: StateList, logits: torch.Tensor, prompt: list[int], tokenizer: Tokenizer,
@@ -118,6 +133,10 @@ def decode_loop(model, state: StateList, logits: torch.Tensor, prompt: list[int]
             except ContextFull as e:
                 reason, detail = "context_full", str(e)
                 break
+            except Interrupted:
+                reason = "cancelled"
+                roll_back(state, fed)
+                break
             # The state absorbed the chosen token and every returned one but the last.
             fed.append(draw.token_id)
             fed.extend(tok for tok, _, _ in ahead[:-1])
@@ -129,6 +148,12 @@ def decode_loop(model, state: StateList, logits: torch.Tensor, prompt: list[int]
             logits = model(torch.tensor([[draw.token_id]], device=device), state, last_only=True)[0, -1]
         except ContextFull as e:
             reason, detail = "context_full", str(e)
+            break
+        except Interrupted:
+            # Stopped inside the forward (Huginn polls between recurrence steps): the token was sampled
+            # and shown but not absorbed.
+            reason = "cancelled"
+            roll_back(state, fed)
             break
         fed.append(draw.token_id)
         steps = model.last_steps

@@ -20,6 +20,7 @@ import torch
 
 from ..catalog import CatalogError, ModelEntry, load_catalog
 from .api import ControlSpec, Done, MemoryReport, SamplingSettings, StepEvent
+from .arch.base import Interrupted
 from .generate import Timer, decode_loop, prefill
 from .loader import LoadError, load_model, read_config, resolve_device, resolve_dtype
 from .tokenizer import Tokenizer, load_tokenizer
@@ -43,6 +44,7 @@ class Engine:
         self._prompt_snap: tuple[tuple[int, ...], object, torch.Tensor] | None = None
         self._cancel = threading.Event()
         self._lock = threading.Lock()
+        model.interrupt = self._cancel
         model.set_controls(entry.controls)
 
     # Contract.
@@ -60,21 +62,38 @@ class Engine:
         settings.validate()
         stop_ids = set(settings.stop_ids) | set(self.tokenizer.stop_ids)
         self._cancel.clear()
-        with self._lock, torch.inference_mode():
-            start = time.perf_counter()
-            if controls:
-                self.model.set_controls(controls)
-            if not ids:
-                raise ValueError("the prompt is empty")
-            if len(ids) >= self.context_limit:
-                yield Done("context_full", len(ids), 0, 0.0, 0.0, 0.0,
-                           detail=f"the prompt has {len(ids)} tokens; the context holds {self.context_limit}")
-                return
-            timer = Timer(start)
+        with self._lock:
+            # Inference mode is entered around each step of the stream, not across its yields: it is
+            # thread-local, and the consumer's code between two events must not run under it.
+            events = self._stream(ids, settings, stop_ids, controls)
+            while True:
+                with torch.inference_mode():
+                    event = next(events, None)
+                if event is None:
+                    return
+                yield event
+
+    def _stream(self, ids: list[int], settings: SamplingSettings, stop_ids: set[int],
+                controls: dict[str, Any] | None) -> Iterator[StepEvent | Done]:
+        start = time.perf_counter()
+        if controls:
+            self.model.set_controls(controls)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.context_limit:
+            yield Done("context_full", len(ids), 0, 0.0, 0.0, 0.0,
+                       detail=f"the prompt has {len(ids)} tokens; the context holds {self.context_limit}")
+            return
+        timer = Timer(start)
+        try:
             logits, reused = self._prefill(list(ids))
-            timer.prefill_s = time.perf_counter() - start
-            yield from decode_loop(self.model, self.state, logits, list(ids), self.tokenizer, settings, stop_ids,
-                                   self.context_limit, self._cancel, timer, self._fed, reused)
+        except Interrupted:
+            yield Done("cancelled", len(ids), 0, 0.0, 0.0, 0.0,
+                       detail=f"stopped during the prompt ({self.state.length} of {len(ids)} tokens absorbed)")
+            return
+        timer.prefill_s = time.perf_counter() - start
+        yield from decode_loop(self.model, self.state, logits, list(ids), self.tokenizer, settings, stop_ids,
+                               self.context_limit, self._cancel, timer, self._fed, reused)
 
     def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
         """Bring the state to `ids` minus what it already holds; return the next-token logits."""
@@ -100,7 +119,11 @@ class Engine:
             else:
                 self.state.reset()
                 self._fed, common = [], 0
-        logits = prefill(self.model, self.state, ids[common:], self.device)
+        try:
+            logits = prefill(self.model, self.state, ids[common:], self.device)
+        except Interrupted:
+            self._fed = list(ids[:self.state.length])  # the state holds a prefix of the prompt
+            raise
         self._fed = list(ids)
         if not self.state.can_trim:
             self._prompt_snap = (tuple(ids), self.state.snapshot(), logits.clone())

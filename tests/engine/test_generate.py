@@ -33,6 +33,7 @@ class Scripted(ArchModel):
         self.script, self.prompt_len, self.recurrent = script, prompt_len, recurrent
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.calls = []
+        self.inference_mode = []
 
     @property
     def max_context(self):
@@ -42,6 +43,7 @@ class Scripted(ArchModel):
         t = ids.shape[1]
         state.check_room(t)
         self.calls.append(t)
+        self.inference_mode.append(torch.is_inference_mode_enabled())
         if self.recurrent:
             state[0].state += ids.sum()
         else:
@@ -113,6 +115,13 @@ def test_cancel_between_tokens():
         if len(got) == 2:
             engine.cancel()
     assert got[-1].stop_reason == "cancelled" and got[-1].new_tokens == 2
+
+
+def test_model_calls_run_in_inference_mode_but_the_consumer_between_events_does_not():
+    engine = _engine(list(b"abcd"), 1)
+    outside = [torch.is_inference_mode_enabled() for _ in engine.generate([1], GREEDY)]
+    assert len(outside) > 1 and not any(outside)
+    assert engine.model.inference_mode and all(engine.model.inference_mode)
 
 
 def test_utf8_split_across_tokens_streams_whole_characters():

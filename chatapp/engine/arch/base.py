@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import threading
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from ..api import ControlSpec
 from ..state import StateList
 
-__all__ = ["ArchArgs", "ControlSpec", "ArchModel", "arch_module", "ARCHITECTURES", "UnknownArchitecture"]
+__all__ = ["ArchArgs", "ControlSpec", "ArchModel", "Interrupted", "arch_module", "ARCHITECTURES", "UnknownArchitecture"]
 
 # model_type -> module under engine/arch. Aliases map other spellings seen in configs.
 ARCHITECTURES = {
@@ -65,6 +66,10 @@ class ArchArgs:
         return cls(**merged)
 
 
+class Interrupted(Exception):
+    """A model call stopped between two of its internal steps because the caller asked it to."""
+
+
 class ArchModel(nn.Module):
     """Base of every architecture's Model.
 
@@ -82,6 +87,14 @@ class ArchModel(nn.Module):
         self.controls: dict[str, Any] = {c.name: c.default for c in self.CONTROLS}
         #: Recurrence steps the last forward used per position, where the architecture has them.
         self.last_steps: int | None = None
+        #: Set by the Engine to its cancel flag; long forwards (Huginn's recurrence) poll it.
+        self.interrupt: threading.Event | None = None
+
+    def check_interrupt(self) -> None:
+        """Raise Interrupted when the caller asked to stop. Call it only where the state can be rolled back
+        to its length before this forward (see StateList.trim); the decode loop does that roll-back."""
+        if self.interrupt is not None and self.interrupt.is_set():
+            raise Interrupted
 
     def set_controls(self, values: dict[str, Any] | None) -> None:
         """Validate and apply control values (unknown names raise ValueError)."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import RMSNorm, apply_rope_interleaved, causal_attention, rope_angles, rope_frequencies
-from .base import ArchArgs, ArchModel, ControlSpec
+from .base import ArchArgs, ArchModel, ControlSpec, Interrupted
 from .huginn_cache import LOOKUPS, CacheStrategy, HuginnState, like_init
 from .huginn_exit import CRITERIA, ExitRule
 
@@ -259,13 +259,18 @@ class Model(ArchModel):
         for i, block in enumerate(self.transformer.prelude):
             e = block(e, cos, sin, state, i)
         x = input_states.to(e.dtype) if input_states is not None else self._initial_state(e, start, state, rule)
-        if rule is None:
-            for i in range(steps):
-                x = self._step(x, e, i, cos, sin, state)
-            logits, z = self._coda(x, cos, sin, state, last_only)
-            used = steps
-        else:
-            x, logits, z, used = self._adaptive(x, e, steps, rule, cos, sin, state, last_only)
+        try:
+            if rule is None:
+                for i in range(steps):
+                    x = self._step(x, e, i, cos, sin, state)
+                logits, z = self._coda(x, cos, sin, state, last_only)
+                used = steps
+            else:
+                x, logits, z, used = self._adaptive(x, e, steps, rule, cos, sin, state, last_only)
+        except Interrupted:
+            if state is not None:
+                state.trim(state.length)  # drop the open chunk's entries: the state is as before this call
+            raise
         if state is not None:
             state.latent.x.copy_(x[:, -1:])
             state.latent.position = start + t - 1
@@ -275,6 +280,7 @@ class Model(ArchModel):
 
     def _step(self, x, e, i: int, cos, sin, state) -> torch.Tensor:
         """One recurrence: inject the prelude output through the adapter (state first), run the core."""
+        self.check_interrupt()
         x = self.transformer.adapter(torch.cat([x, e], dim=-1))
         base = self.args.n_layers_in_prelude + self.args.n_layers_in_recurrent_block * i
         for j, block in enumerate(self.transformer.core_block):

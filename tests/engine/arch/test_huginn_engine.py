@@ -128,6 +128,71 @@ def test_speculative_decoding_in_the_loop_gives_the_plain_greedy_reply(engine, i
     assert done2.reused_tokens == len(ids) + len(fast) - 2
 
 
+def _cancel_at_step(engine, monkeypatch, n):
+    """Ask the engine to stop as the n-th recurrence step from now begins (Esc in the TUI)."""
+    calls = []
+    real = engine.model._step
+
+    def step(*args):
+        calls.append(1)
+        if len(calls) == n:
+            engine.cancel()
+        return real(*args)
+
+    monkeypatch.setattr(engine.model, "_step", step)
+    return calls
+
+
+MODES = {"plain": {}, "speculative": {"draft_steps": 2, "draft_tokens": 3},
+         "adaptive": {"exit_criterion": "latent-diff", "exit_threshold": 0.05}}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("where", ["first prompt chunk", "later prompt chunk", "first decode", "second forward",
+                                   "later decode"])
+def test_stop_inside_the_recurrence_keeps_the_state_consistent(engine, demo_dir, monkeypatch, mode, where):
+    # A stop is honoured within one recurrence step, and the state then holds exactly what the engine says
+    # it absorbed, so the next turn resumes from it and answers as a fresh engine does.
+    from chatapp.engine.runtime import load_engine
+
+    monkeypatch.setattr("chatapp.engine.generate.PREFILL_CHUNK", 4)
+    controls = {"num_steps": 12, "cache_strategy": "full", **MODES[mode]}
+    ids = engine.tokenizer.render([{"role": "user", "content": "stop me"}])
+    fresh = load_engine(get_entry("huginn-tiny"), device="cpu", dtype="float32", model_dir=demo_dir)
+    counted = _cancel_at_step(fresh, monkeypatch, 0)
+    run(fresh, ids, controls, max_new_tokens=1)
+    prompt_steps = len(counted)  # what the chunked prefill runs
+    at = {"first prompt chunk": 3, "later prompt chunk": prompt_steps // 2 + 1,
+          "first decode": prompt_steps + 2, "second forward": prompt_steps + 14, "later decode": prompt_steps + 40}[where]
+    if mode == "speculative" and where == "second forward":
+        at = prompt_steps + 4  # inside the second draft: the first draft token is in the cache, not in _fed
+    calls = _cancel_at_step(engine, monkeypatch, at)
+    events, done = run(engine, ids, controls, max_new_tokens=40)
+    assert done.stop_reason == "cancelled" and len(calls) == at  # the step that saw the request never ran
+    held = len(engine._fed)
+    assert engine.state.length == held and engine._fed == (ids + [e.token_id for e in events])[:held]
+    assert all(buf.length <= held for buf in engine.state.slots.values())
+    if "prompt" in where:
+        assert not events and "stopped during the prompt" in done.detail
+        assert held == (0 if where == "first prompt chunk" else 4 * (held // 4)) and (held > 0) == ("later" in where)
+    else:
+        assert events and held >= len(ids)
+    # Replay the same absorption on the fresh engine (prompt in chunks of 4, then a token per forward; with
+    # adaptive exit a chunk's boundaries change its step counts), then both take the next turn.
+    fresh.reset()
+    for n in sorted({min(held, len(ids))} | set(range(len(ids) + 1, held + 1))):
+        if n:
+            run(fresh, engine._fed[:n], controls, max_new_tokens=1)
+    assert fresh._fed == engine._fed
+    monkeypatch.undo()
+    follow = ids + [e.token_id for e in events] + engine.tokenizer.encode("go on")
+    got, again = run(engine, follow, controls)
+    assert again.reused_tokens == held
+    want, _ = run(fresh, follow, controls)
+    assert [e.token_id for e in got] == [e.token_id for e in want]
+    assert [e.steps for e in got] == [e.steps for e in want]
+
+
 def test_chat_format_renders_the_upload_template():
     entry = get_entry("huginn")
     tok = ByteTokenizer(entry.tokenizer.specials, entry.chat)
