@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt for the new chat")
     p.add_argument("--prompt", help="answer this once on stdout and exit ('-' reads stdin)")
     p.add_argument("--stats", action="store_true", help="with --prompt: print timings to stderr")
+    p.add_argument("--fake", action="store_true",
+                   help="open the TUI on a scripted fake engine (no model, no torch): try the interface")
     _add_model_flags(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -309,7 +311,11 @@ def cmd_tui(args) -> int:
         from .tui.app import make_app
     except ImportError as e:
         raise CliError(f"the TUI cannot start: {e}") from None
-    make_app(model_id=args.model, system_prompt=args.system).run()
+    engine = None
+    if args.fake:
+        from .chat.fake import scripted_demo
+        engine = scripted_demo()
+    make_app(engine=engine, model_id=None if args.fake else args.model, system_prompt=args.system).run()
     return EXIT_OK
 
 
@@ -323,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command:
             return COMMANDS[args.command](args)
         if args.prompt is not None:
+            if args.fake:
+                raise CliError("--fake is for the TUI; --prompt needs a real model (--model ID)", EXIT_USAGE)
             if not args.model:
                 raise CliError("--prompt needs --model (see `smollchat models`)", EXIT_USAGE)
             return cmd_prompt(args)

@@ -63,6 +63,11 @@ def test_prompt_needs_a_model(capsys):
     assert "--prompt needs --model" in capsys.readouterr().err
 
 
+def test_fake_engine_is_for_the_tui_only(capsys):
+    assert main(["--fake", "--prompt", "hi"]) == 2
+    assert "--fake is for the TUI" in capsys.readouterr().err
+
+
 def test_bad_sampling_flag_is_a_usage_error(capsys):
     assert main(["--model", "axiom-tiny", "--prompt", "hi", "--top-p", "3"]) == 2
     assert "top_p" in capsys.readouterr().err

@@ -139,7 +139,8 @@ class FakeEngine:
                  ttft_s: float = 0.05, instant: bool = True, context_limit: int = 2048,
                  weights_bytes: int = 12_000_000, kv_bytes_per_token: int = 4096, recurrent_bytes: int = 0,
                  can_trim: bool | None = None, controls: tuple[ControlSpec, ...] = (), steps: Any = None, error_after: int | None = None,
-                 error_message: str = "scripted engine failure", device: str = "cpu") -> None:
+                 error_message: str = "scripted engine failure", device: str = "cpu",
+                 n_layers: int | None = None, hidden_size: int | None = None, params: int | None = None) -> None:
         if callable(replies):
             self._reply: Callable[[str], str] | None = replies
             self._replies: list[str] = []
@@ -152,6 +153,8 @@ class FakeEngine:
         self.instant = instant
         self.context_limit = context_limit
         self.weights_bytes = weights_bytes
+        # Depth and width as Engine.info() reports them (the memory panel's dense-KV ghost needs both).
+        self.n_layers, self.hidden_size, self.params = n_layers, hidden_size, params
         self.kv_bytes_per_token = kv_bytes_per_token
         self.recurrent_bytes = recurrent_bytes
         self.can_trim = recurrent_bytes == 0 if can_trim is None else can_trim
@@ -248,8 +251,10 @@ class FakeEngine:
         self._fed = []
 
     def info(self) -> dict[str, Any]:
-        return {"model_id": self.entry_id, "name": "Fake model", "architecture": "fake", "device": self.device,
-                "dtype": self.dtype, "context_limit": self.context_limit, "demo": False}
+        out = {"model_id": self.entry_id, "name": "Fake model", "architecture": "fake", "device": self.device,
+               "dtype": self.dtype, "context_limit": self.context_limit, "demo": False}
+        figures = {"n_layers": self.n_layers, "hidden_size": self.hidden_size, "params": self.params}
+        return {**out, **{k: v for k, v in figures.items() if v is not None}}
 
     # Helpers.
     def _eos(self) -> int:
@@ -306,6 +311,31 @@ class FakeEngine:
             return time.monotonic_ns()
         rate = self.tokens_per_s or 1.0
         return start_ns + int((self.ttft_s + i / rate) * 1e9)
+
+
+def scripted_demo() -> FakeEngine:
+    """The engine `smollchat --fake` opens the TUI on: no model and no torch, streaming at a real pace
+    (40 tok/s), with Huginn-like compute controls whose per-token steps vary as early exit would, a
+    constant recurrent state plus a small KV cache, and depth and width for the memory panel's ghost."""
+
+    def reply(prompt: str) -> str:
+        # The rendered ChatML prompt: quote the last user turn.
+        last = prompt.rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0].strip()
+        asked = " ".join(last.split())[:80] or "nothing"
+        return (f"You asked: *{asked}*\n\nThis is the **scripted fake engine**: no model is loaded, so this "
+                "answer is canned. Everything around it is real: the stream, the stop key, the run card, "
+                "the memory panel and the compute panel.\n\n- edit a message to branch\n- regenerate for a "
+                "sibling\n- Esc stops and keeps the partial reply\n\n```python\nprint(\"hello from smollchat\")\n```")
+
+    def steps(i: int, controls: dict[str, Any]) -> int:
+        cap = int(controls.get("num_steps", 32))
+        if controls.get("exit_criterion", "none") == "none":
+            return cap
+        return max(int(controls.get("min_steps", 1)), min(cap, 4 + (i * 7) % max(cap - 3, 1)))
+
+    return FakeEngine(reply, entry_id="fake", tokens_per_s=40.0, ttft_s=0.15, instant=False, context_limit=4096,
+                      weights_bytes=276_000_000, kv_bytes_per_token=2048, recurrent_bytes=6 * 2**20, can_trim=False,
+                      controls=HUGINN_LIKE_CONTROLS, steps=steps, n_layers=24, hidden_size=768, params=138_000_000)
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> tuple[int, int] | None:

@@ -174,3 +174,22 @@ def test_downloader_progress_cancel_resume_and_errors(tmp_path):
     assert dl.is_downloaded(demo) and dl.ensure_demo(demo).is_dir()
     with pytest.raises(HubError):
         dl.ensure_demo(entry)
+
+
+def test_scripted_demo_quotes_the_last_question_and_steps_follow_the_exit_control():
+    from chatapp.chat.fake import scripted_demo
+
+    engine = scripted_demo()
+    engine.instant = True
+    info = engine.info()
+    assert (info["n_layers"], info["hidden_size"]) == (24, 768)  # the memory panel's ghost line needs both
+    ids = engine.tokenizer.render([{"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"},
+                                   {"role": "user", "content": "Why   is the\nsky blue?"}])
+    events = list(engine.generate(ids, SamplingSettings(max_new_tokens=400)))
+    text = "".join(e.text for e in events if isinstance(e, StepEvent))
+    assert text.startswith("You asked: *Why is the sky blue?*") and events[-1].stop_reason == "eos"
+    assert {e.steps for e in events if isinstance(e, StepEvent)} == {32}
+    events = list(engine.generate(ids, SamplingSettings(max_new_tokens=20),
+                                  {"exit_criterion": "kl", "num_steps": 16, "min_steps": 6}))
+    steps = [e.steps for e in events if isinstance(e, StepEvent)]
+    assert all(6 <= n <= 16 for n in steps) and len(set(steps)) > 3

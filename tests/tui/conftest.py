@@ -21,15 +21,9 @@ SIZE = (120, 36)
 FIXED_CLOCK = 0.0
 
 
-class GhostFake(FakeEngine):
+def ghost_fake(*args: Any, n_layers: int = 12, hidden_size: int = 768, **kw: Any) -> FakeEngine:
     """A FakeEngine that also reports depth and width, as Engine.info() does, for the KV ghost line."""
-
-    def __init__(self, *a: Any, n_layers: int = 12, hidden_size: int = 768, **kw: Any) -> None:
-        super().__init__(*a, **kw)
-        self.n_layers, self.hidden_size = n_layers, hidden_size
-
-    def info(self) -> dict[str, Any]:
-        return {**super().info(), "n_layers": self.n_layers, "hidden_size": self.hidden_size, "params": 138_000_000}
+    return FakeEngine(*args, n_layers=n_layers, hidden_size=hidden_size, params=138_000_000, **kw)
 
 
 @pytest.fixture

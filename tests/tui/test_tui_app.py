@@ -19,7 +19,7 @@ from chatapp.tui.widgets.chat_list import ChatList
 from chatapp.tui.widgets.compute import ComputePanel
 from chatapp.tui.widgets.memory import MemoryPanel
 
-from .conftest import SIZE, GhostFake, send, wait_until
+from .conftest import SIZE, ghost_fake, send, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -161,7 +161,7 @@ async def test_compute_panel_is_hidden_without_controls(build):
 
 
 async def test_memory_panel_follows_the_stream_with_a_ghost_line(build):
-    engine = GhostFake(["x " * 40], kv_bytes_per_token=0, recurrent_bytes=65536, n_layers=12, hidden_size=768)
+    engine = ghost_fake(["x " * 40], kv_bytes_per_token=0, recurrent_bytes=65536, n_layers=12, hidden_size=768)
     app = build(engine)
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, "go")

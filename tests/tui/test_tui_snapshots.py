@@ -12,7 +12,7 @@ from chatapp.chat.conversation import Conversation
 from chatapp.chat.fake import HUGINN_LIKE_CONTROLS, FakeDownloader, FakeEngine
 from chatapp.tui import streaming
 
-from .conftest import SIZE, GhostFake, send, still, wait_until
+from .conftest import SIZE, ghost_fake, send, still, wait_until
 from .test_tui_models import Gate, open_models
 
 RUN = {"model_id": "fake", "new_tokens": 42, "stop_reason": "eos",
@@ -77,7 +77,7 @@ def test_chat_screen_with_branches_stopped_reply_and_figures(build, store, snap_
 def test_memory_panel_constant_state_next_to_the_ghost(build, snap_compare):
     """You should see the memory panel after three turns: weights, a constant 64 KiB recurrent state
     (flat state line) and the dense-transformer ghost growing with the context (12 layers x 768)."""
-    engine = GhostFake(["one two three four five six seven eight"], kv_bytes_per_token=0, recurrent_bytes=65536)
+    engine = ghost_fake(["one two three four five six seven eight"], kv_bytes_per_token=0, recurrent_bytes=65536)
     app = build(engine)
 
     async def run_before(pilot):
