@@ -1,5 +1,4 @@
 """The generate loop and the Engine handle: stop reasons, streaming, cancellation, prefix reuse."""
-import threading
 from dataclasses import dataclass, replace
 
 import pytest

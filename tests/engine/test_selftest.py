@@ -19,24 +19,9 @@ from chatapp.engine.selftest import (CHAT, ENGLISH, SAME_LOGITS, format_report, 
                                      selftest_model)
 from chatapp.engine.tokenizer import load_tokenizer
 
+FIXTURE = "odinnext"
+
 PRIMARY = {k: v[0] for k, v in odinnext.OPTIONS.items()}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: intra-op threads only add contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def fx(fixtures_root):
-    d = fixtures_root / "odinnext"
-    if not d.is_dir():
-        pytest.skip("odinnext fixture absent")
-    return d
 
 
 def test_own_reading_ranks_first_on_its_own_samples(fx):

@@ -11,7 +11,6 @@ idempotent on our own state_dict (the demo checkpoints are saved from it).
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 import warnings
 from dataclasses import dataclass

@@ -10,7 +10,6 @@ logits, cached greedy steps, greedy ids); the engram and hyper-connections live 
 """
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from dataclasses import dataclass

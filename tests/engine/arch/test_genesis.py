@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from chatapp.engine.arch import genesis
 from chatapp.engine.loader import (LoadError, build_model, check_inventory, load_model, read_config,
@@ -22,33 +22,13 @@ from chatapp.engine.loader import (LoadError, build_model, check_inventory, load
 from chatapp.engine.state import ContextFull
 from chatapp.engine.verify import verify
 
+FIXTURE = "genesis"
+
 # Real head geometry (spec §1.1) on fewer layers and a small vocabulary: cheap to run 2,000 tokens through.
 REAL_HEADS = dict(model_type="genesis", n_embd=576, n_head=9, n_kv_head=3, block_size=2048, gla_expand_k=0.75,
                   gla_expand_v=1.5, ttt_rank=4, use_mup=True, use_selective_activation=True, selective_k_ratio=0.85)
 TINY = dict(model_type="genesis", vocab_size=97, n_embd=48, n_layer=4, block_size=64, n_head=4, n_kv_head=2,
             gla_expand_k=0.75, gla_expand_v=1.5, ttt_rank=2, use_mup=True, selective_k_ratio=0.85)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core box: a second OpenMP thread only spins (100x slower when loaded).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def fx(fixtures_root):
-    d = fixtures_root / "genesis"
-    if not d.is_dir():
-        pytest.skip("genesis fixture absent")
-    return d
-
-
-@pytest.fixture(scope="module")
-def golden(fx):
-    return load_file(str(fx / "golden.safetensors")), json.loads((fx / "golden.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -6,41 +6,19 @@ loading and the catalog entries are in test_huginn_memory.py and test_huginn_eng
 """
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from chatapp.engine.arch.huginn_cache import CacheStrategy, HuginnState
 from chatapp.engine.arch.huginn_exit import ExitRule
 from chatapp.engine.loader import load_model
 from chatapp.engine.verify import forced_decode, verify
 
+FIXTURE = "huginn"
+
 ZERO = dict(state_init="zero", num_steps=8, cache_strategy="full", continuous_compute=False,
             exit_criterion="none", exit_threshold="auto", draft_steps=0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core box: a second OpenMP thread only spins.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def fx(fixtures_root):
-    d = fixtures_root / "huginn"
-    if not d.is_dir():
-        pytest.skip("huginn fixture absent")
-    return d
-
-
-@pytest.fixture(scope="module")
-def golden(fx):
-    return load_file(str(fx / "golden.safetensors")), json.loads((fx / "golden.json").read_text())
 
 
 @pytest.fixture

@@ -14,14 +14,6 @@ from chatapp.engine.loader import build_model
 from chatapp.engine.tokenizer import ByteTokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     # What the demo maker does: the seeded model with the reference init, its state_dict, config.json.

@@ -18,14 +18,6 @@ SMALL = dict(model_type="huginn_raven", n_embd=64, n_heads=4, intermediate_size=
              block_size=512, mean_recurrence=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def spec_slots(strategy: str, r: int) -> int:
     """Spec §5: 4r + 4 slots for full; compress-sN 4 + N; compress-rN 4 + ceil(4r / N); the anchor keeps
     8 iterations plus one shared: 4 + min(4r, 36)."""

@@ -22,24 +22,13 @@ from chatapp.engine.loader import LoadError, build_model, check_inventory, load_
 from chatapp.engine.state import ContextFull
 from chatapp.engine.verify import verify
 
+FIXTURE = "odinnext"
+
 PRIMARY = {k: v[0] for k, v in odinnext.OPTIONS.items()}
 # The real model's values (spec §2); the config key layout is the fixture's guess.
 REAL_CONFIG = {"model_type": "odinnext", "vocab_size": 32770, "hidden_size": 768, "num_hidden_layers": 16,
                "num_heads": 6, "expand_ratio": 128, "intermediate_size": 2048, "max_position_embeddings": 2048,
                "rope_theta": 100000.0, "norm_eps": 1e-6, "tie_word_embeddings": True}
-
-
-@pytest.fixture(scope="module")
-def fx(fixtures_root):
-    d = fixtures_root / "odinnext"
-    if not d.is_dir():
-        pytest.skip("odinnext fixture absent")
-    return d
-
-
-@pytest.fixture(scope="module")
-def golden(fx):
-    return load_file(str(fx / "golden.safetensors")), json.loads((fx / "golden.json").read_text())
 
 
 @pytest.fixture(scope="module")

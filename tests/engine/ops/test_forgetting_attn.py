@@ -27,15 +27,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HEADS = {"mha": (4, 4, 4), "genesis": (9, 3, 9), "gqa": (6, 2, 3)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Small matmuls on a shared 2-core box: a second OpenMP thread only spins.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_inputs(t, length, heads, dtype, b=2, d=24, dv=20, seed=7, gate_scale=2.0, gate_shift=2.0):
     h, hk, hv = heads
     gen = torch.Generator().manual_seed(seed)
