@@ -298,8 +298,7 @@ def run_selftest(model_id_or_dir: str | Path, device: str = "cpu", dtype: str = 
     switch = None
     if type(model).OPTIONS and not hasattr(model, "set_options"):
         # Architectures without run-time switches are reloaded once per alternative.
-        def switch(reading):
-            return load_model(directory, dev, dtype, options={**options, **reading})
+        switch = lambda reading: load_model(directory, dev, dtype, options={**options, **reading})  # noqa: E731
     name = entry.id if entry is not None and not path.is_dir() else str(path)
     return selftest_model(model, tokenizer, name, str(directory), dev, switch, seed)
 

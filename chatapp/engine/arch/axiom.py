@@ -5,7 +5,6 @@ Spec: shared/specs/axiom.md. Checked against: github user-anto/Axiom-Dense-380M 
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -129,13 +128,7 @@ class Model(ArchModel):
         weights.pop("rope_cos", None)
         weights.pop("rope_sin", None)
         # The export stores the tied head twice; keep one copy unless they really differ.
-        head = weights.pop("lm_head.weight", None)
-        if head is not None and "embed.weight" not in weights:
-            weights["embed.weight"] = head
-        elif head is not None and not _same(head, weights["embed.weight"]):
-            warnings.warn("lm_head.weight differs from embed.weight; using it as an untied head")
-            self.lm_head = nn.Linear(self.args.dim, self.args.vocab_size, bias=False, device=head.device)
-            weights["lm_head.weight"] = head
+        self.keep_one_head(weights, "embed.weight", self.args.dim, self.args.vocab_size)
         for i in range(self.args.n_layers):
             p = f"layers.{i}."
             # q | k | v fused into one matmul.
@@ -148,8 +141,3 @@ class Model(ArchModel):
                     [weights.pop(p + "ffn.w1.weight"), weights.pop(p + "ffn.w3.weight")])
         return weights
 
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.is_meta or b.is_meta:
-        return a.shape == b.shape
-    return a.shape == b.shape and torch.equal(a, b)

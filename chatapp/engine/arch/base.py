@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import threading
+import warnings
 from typing import Any
 
 import torch
@@ -142,3 +143,24 @@ class ArchModel(nn.Module):
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def keep_one_head(self, weights: dict[str, torch.Tensor], embed_key: str, hidden: int, vocab: int) -> None:
+        """Checkpoints often store a tied head twice (`lm_head.weight` beside the embedding): keep one copy,
+        unless the two really differ; then warn and give the model an untied `lm_head` of that shape."""
+        head = weights.pop("lm_head.weight", None)
+        if head is None:
+            return
+        embed = weights.get(embed_key)
+        if embed is None:
+            weights[embed_key] = head
+        elif not same_tensor(head, embed):
+            warnings.warn(f"lm_head.weight differs from {embed_key}; using it as an untied head")
+            self.lm_head = nn.Linear(hidden, vocab, bias=False, device=head.device, dtype=head.dtype)
+            weights["lm_head.weight"] = head
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shape and values (shape alone on the meta device, where there are no values)."""
+    if a.shape != b.shape:
+        return False
+    return a.is_meta or b.is_meta or torch.equal(a, b.to(a.dtype))

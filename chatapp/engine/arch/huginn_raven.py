@@ -11,7 +11,6 @@ argmax-stability / latent-diff runs). The KV slots live in huginn_cache.py, exit
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -403,14 +402,7 @@ class Model(ArchModel):
         weights.pop("freqs_cis", None)
         if self.lm_head is None:
             # The card: the tied embedding was uploaded twice. One copy is kept unless they really differ.
-            head = weights.pop("lm_head.weight", None)
-            if head is not None and "transformer.wte.weight" not in weights:
-                weights["transformer.wte.weight"] = head
-            elif head is not None and not _same(head, weights["transformer.wte.weight"]):
-                warnings.warn("lm_head.weight differs from transformer.wte.weight; using it as an untied head")
-                self.lm_head = nn.Linear(self.args.n_embd, self.args.padded_vocab_size, bias=False,
-                                         device=head.device)
-                weights["lm_head.weight"] = head
+            self.keep_one_head(weights, "transformer.wte.weight", self.args.n_embd, self.args.padded_vocab_size)
         return weights
 
     def init_demo_weights(self) -> None:
@@ -436,8 +428,3 @@ class Model(ArchModel):
         if self.lm_head is not None:
             tn(self.lm_head.weight, std)
 
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.is_meta or b.is_meta:
-        return a.shape == b.shape
-    return a.shape == b.shape and torch.equal(a, b)

@@ -12,7 +12,6 @@ idempotent on our own state_dict (the demo checkpoints are saved from it).
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -305,13 +304,7 @@ class Model(ArchModel):
         for name in [k for k in weights if _ROPE_TABLE.search(k.rsplit(".", 1)[-1])]:
             weights.pop(name)
         # The tied head may be stored a second time; keep one copy unless they really differ.
-        head = weights.pop("lm_head.weight", None)
-        if head is not None and "model.embeddings.weight" not in weights:
-            weights["model.embeddings.weight"] = head
-        elif head is not None and not _same(head, weights.get("model.embeddings.weight")):
-            warnings.warn("lm_head.weight differs from the embedding; using it as an untied head")
-            self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False, device=head.device)
-            weights["lm_head.weight"] = head
+        self.keep_one_head(weights, "model.embeddings.weight", a.hidden_size, a.vocab_size)
         for i, layer in enumerate(self.model.layers):
             p = f"model.layers.{i}."
             # q | f | i fused into one matmul.
@@ -335,8 +328,3 @@ class Model(ArchModel):
                     setattr(layer, gate, nn.Parameter(torch.zeros(a.hidden_size, device=old.device, dtype=old.dtype)))
         return weights
 
-
-def _same(a: torch.Tensor, b: torch.Tensor | None) -> bool:
-    if b is None or a.shape != b.shape:
-        return False
-    return a.is_meta or b.is_meta or torch.equal(a, b.to(a.dtype))

@@ -11,7 +11,6 @@ logits, cached greedy steps, greedy ids); the engram and hyper-connections live 
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -410,13 +409,7 @@ class Model(ArchModel):
         # Rotary tables are recomputed, never trusted.
         weights = {k: v for k, v in weights.items() if not _ROTARY_BUFFER.search(k)}
         # The reference saves the tied head as its own tensor; keep one copy unless they really differ.
-        head = weights.pop("lm_head.weight", None)
-        if head is not None and "model.embed_tokens.weight" not in weights:
-            weights["model.embed_tokens.weight"] = head
-        elif head is not None and not _same(head, weights["model.embed_tokens.weight"]):
-            warnings.warn("lm_head.weight differs from model.embed_tokens.weight; using it as an untied head")
-            self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False, device=head.device, dtype=head.dtype)
-            weights["lm_head.weight"] = head
+        self.keep_one_head(weights, "model.embed_tokens.weight", a.hidden_size, a.vocab_size)
         for i in range(a.num_hidden_layers):
             p = f"model.layers.{i}."
             # q_a | k | v read the same input: one matmul.
@@ -440,8 +433,3 @@ class Model(ArchModel):
             for layer in self.model.layers:
                 layer.ffn = FeedForward(self.args)
 
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.is_meta or b.is_meta:
-        return a.shape == b.shape
-    return a.shape == b.shape and torch.equal(a, b)

@@ -7,11 +7,6 @@ GPU is present; their outputs are NaN-filled first, so an element a kernel forge
 """
 from __future__ import annotations
 
-import importlib
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +16,8 @@ from chatapp.engine.ops.forgetting_attn import forgetting_attn_naive
 from chatapp.engine.ops.forgetting_attn import torch as fa_torch
 from chatapp.engine.ops.forgetting_attn.cache import ForgettingKVCache
 from chatapp.engine.state import ContextFull
+
+from .conftest import triton_impl
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (H, Hk, Hv): plain MHA, Genesis's FoX layout (k grouped, v not), and both grouped differently.
@@ -130,59 +127,18 @@ def test_cache_bytes_snapshot_trim_and_overflow():
         cache.update(torch.randn(1, 6, 3, 64), torch.randn(1, 6, 9, 64), -torch.rand(1, 6, 9))
 
 
-def test_dispatch_follows_the_device_and_the_override(monkeypatch):
-    cpu = torch.device("cpu")
+def test_dispatch_reaches_the_torch_and_naive_paths(monkeypatch):
     monkeypatch.delenv("SMOLLCHAT_OPS", raising=False)
-    assert fa.backend(cpu) == "torch"
-    assert fa.backend(torch.device("cuda", 0)) == "triton"
     q, k, v, c = make_inputs(5, 9, HEADS["gqa"], torch.float32)
     ref = oracle(q, k, v, c)
     assert_close(fa.forgetting_attn_chunk(q, k, v, c), ref, torch.float32, "torch via dispatch")
     monkeypatch.setenv("SMOLLCHAT_OPS", "naive")
-    assert fa.backend(cpu) == "naive"
     assert torch.equal(fa.forgetting_attn_chunk(q, k, v, c), ref)
-    monkeypatch.setenv("SMOLLCHAT_OPS", "fast")
-    with pytest.raises(ValueError, match="SMOLLCHAT_OPS"):
-        fa.backend(cpu)
-
-
-CUDA = torch.cuda.is_available()
-if not CUDA and "triton" not in sys.modules:
-    # Triton picks the interpreter when its own library functions are decorated, i.e. at first import.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def _interpreted() -> bool:
-    import triton.language.standard as std
-    return type(std.cumsum).__name__ == "InterpretedFunction"
 
 
 @pytest.fixture
 def fa_triton(monkeypatch):
-    """The Triton module and the device its kernels run on (CPU through the interpreter without CUDA)."""
-    pytest.importorskip("triton")
-    if CUDA:
-        return importlib.import_module("chatapp.engine.ops.forgetting_attn.triton"), "cuda"
-    if not _interpreted():
-        pytest.skip("triton was imported before TRITON_INTERPRET was set; "
-                    "test_triton_paths_in_a_fresh_interpreter runs these tests in a subprocess")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    mod = importlib.import_module("chatapp.engine.ops.forgetting_attn.triton")
-    if type(mod._forgetting_attn_step_kernel).__name__ != "InterpretedFunction":
-        mod = importlib.reload(mod)
-    return mod, "cpu"
-
-
-def test_triton_paths_in_a_fresh_interpreter():
-    """Runs the Triton tests in a fresh process when this one imported triton without the interpreter."""
-    pytest.importorskip("triton")
-    if CUDA or _interpreted():
-        pytest.skip("the Triton tests run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "triton_ and not fresh_interpreter"], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout[-1000:]
+    return triton_impl(monkeypatch, "chatapp.engine.ops.forgetting_attn.triton", "_forgetting_attn_step_kernel")
 
 
 def _nan_out(shape, dtype, device):

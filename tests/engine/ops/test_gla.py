@@ -6,11 +6,6 @@ non-zero, and both gate shapes are covered: per key channel [B, T, H, K] (HGRN2)
 """
 from __future__ import annotations
 
-import importlib
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +13,8 @@ import torch.nn.functional as F
 from chatapp.engine.ops import gla
 from chatapp.engine.ops.gla import gla_naive
 from chatapp.engine.ops.gla import torch as gla_torch
+
+from .conftest import triton_impl
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -116,60 +113,18 @@ def test_no_initial_state_means_zeros():
     assert_close(s, s_ref, torch.float32, "final state")
 
 
-def test_dispatch_follows_the_device_and_the_override(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.delenv("SMOLLCHAT_OPS", raising=False)
-    assert gla.backend(cpu) == "torch"
-    assert gla.backend(torch.device("cuda", 0)) == "triton"
+def test_forced_naive_path_writes_into_out_state(monkeypatch):
     monkeypatch.setenv("SMOLLCHAT_OPS", "naive")
-    assert gla.backend(cpu) == "naive"
     q, k, v, g, s0 = make_inputs(5, True, torch.float32)
     buf = torch.empty_like(s0)
     o, s = gla.gla_step(q, k, v, g, None, s0, out_state=buf)
     assert s is buf
     assert_close(s, oracle(q, k, v, g, s0)[1], torch.float32, "naive path into out_state")
-    monkeypatch.setenv("SMOLLCHAT_OPS", "fast")
-    with pytest.raises(ValueError, match="SMOLLCHAT_OPS"):
-        gla.backend(cpu)
-
-
-CUDA = torch.cuda.is_available()
-if not CUDA and "triton" not in sys.modules:
-    # Triton picks the interpreter when its own library functions are decorated, i.e. at first import.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def _interpreted() -> bool:
-    import triton.language.standard as std
-    return type(std.cumsum).__name__ == "InterpretedFunction"
 
 
 @pytest.fixture
 def gla_triton(monkeypatch):
-    """The Triton module and the device its kernels run on (CPU through the interpreter without CUDA)."""
-    pytest.importorskip("triton")
-    if CUDA:
-        return importlib.import_module("chatapp.engine.ops.gla.triton"), "cuda"
-    if not _interpreted():
-        pytest.skip("triton was imported before TRITON_INTERPRET was set; "
-                    "test_triton_paths_in_a_fresh_interpreter runs these tests in a subprocess")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    mod = importlib.import_module("chatapp.engine.ops.gla.triton")
-    if type(mod._gla_step_kernel).__name__ != "InterpretedFunction":
-        mod = importlib.reload(mod)
-    return mod, "cpu"
-
-
-def test_triton_paths_in_a_fresh_interpreter():
-    """Runs the Triton tests in a fresh process when this one imported triton without the interpreter."""
-    pytest.importorskip("triton")
-    if CUDA or _interpreted():
-        pytest.skip("the Triton tests run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton_"
-                          " and not fresh_interpreter"], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout[-1000:]
+    return triton_impl(monkeypatch, "chatapp.engine.ops.gla.triton", "_gla_step_kernel")
 
 
 def _on(device, *xs):

@@ -9,25 +9,12 @@ on CPU needs TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
-import os
-
 # The submodule named torch.py shadows nothing here: this package never imports the torch library itself.
+from .. import backend
 from . import torch as _torch_impl
 from .naive import forgetting_attn_naive
 
 __all__ = ["forgetting_attn_naive", "forgetting_attn_chunk", "forgetting_attn_step", "backend"]
-
-BACKENDS = ("naive", "torch", "triton")
-
-
-def backend(device) -> str:
-    """The implementation a call on `device` uses: SMOLLCHAT_OPS if set, else torch on CPU, triton on CUDA."""
-    forced = os.environ.get("SMOLLCHAT_OPS", "").strip().lower()
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"SMOLLCHAT_OPS={forced!r}; expected one of {', '.join(BACKENDS)}")
-        return forced
-    return "triton" if device.type == "cuda" else "torch"
 
 
 def forgetting_attn_chunk(q, k, v, c, scale=None):

@@ -9,25 +9,12 @@ SMOLLCHAT_OPS=naive|torch|triton forces one path (tests, debugging; triton on CP
 """
 from __future__ import annotations
 
-import os
-
 # The submodule named torch.py shadows nothing here: this package never imports the torch library itself.
+from .. import backend
 from . import torch as _torch_impl
 from .naive import gla_naive
 
 __all__ = ["gla_naive", "gla_chunk", "gla_step", "backend"]
-
-BACKENDS = ("naive", "torch", "triton")
-
-
-def backend(device) -> str:
-    """The implementation a call on `device` uses: SMOLLCHAT_OPS if set, else torch on CPU, triton on CUDA."""
-    forced = os.environ.get("SMOLLCHAT_OPS", "").strip().lower()
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"SMOLLCHAT_OPS={forced!r}; expected one of {', '.join(BACKENDS)}")
-        return forced
-    return "triton" if device.type == "cuda" else "torch"
 
 
 def gla_chunk(q, k, v, g, scale=None, initial_state=None):
