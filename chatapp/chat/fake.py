@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ..catalog import ChatFormat, ModelEntry, Source, TokenizerSpec
 from ..engine.api import ControlSpec, Done, MemoryReport, SamplingSettings, StepEvent
+from ..engine.hub import DownloadCancelled, DownloadProgress, HubError, OfflineError
 from ..engine.tokenizer import StreamDecoder, Tokenizer
 
 CHATML = ChatFormat(
@@ -345,31 +346,6 @@ def _first_stop(text: str, stops: Sequence[str]) -> tuple[int, int] | None:
 
 
 # The downloader fake mirrors `engine.hub`; its types come from there when that module exists.
-try:
-    from ..engine.hub import DownloadCancelled, DownloadProgress, HubError, OfflineError
-except ImportError:  # pragma: no cover - an install without the hub module
-    @dataclass(frozen=True)
-    class DownloadProgress:  # type: ignore[no-redef]
-        """Progress of one download: the file in flight and byte totals over all files."""
-
-        file: str
-        done_bytes: int
-        total_bytes: int
-        speed_bps: float
-        eta_s: float | None
-        file_index: int = 0
-        file_count: int = 0
-
-    class HubError(RuntimeError):  # type: ignore[no-redef]
-        """A download that failed; the message says what to do."""
-
-    class OfflineError(HubError):  # type: ignore[no-redef]
-        """No network (or HF_HUB_OFFLINE) and the files are not local."""
-
-    class DownloadCancelled(HubError):  # type: ignore[no-redef]
-        """The caller's cancel event was set; what was fetched so far is kept for a resume."""
-
-
 @dataclass
 class FakeDownloader:
     """A scripted `engine.hub`: download with progress, cancel, resume, offline and failure cases.
