@@ -345,7 +345,7 @@ def _first_stop(text: str, stops: Sequence[str]) -> tuple[int, int] | None:
     return min(hits) if hits else None
 
 
-# The downloader fake mirrors `engine.hub`; its types come from there when that module exists.
+# The downloader fake mirrors `engine.hub` and raises its error types.
 @dataclass
 class FakeDownloader:
     """A scripted `engine.hub`: download with progress, cancel, resume, offline and failure cases.

@@ -140,4 +140,3 @@ class Model(ArchModel):
                 weights[p + "ffn.w13.weight"] = torch.cat(
                     [weights.pop(p + "ffn.w1.weight"), weights.pop(p + "ffn.w3.weight")])
         return weights
-

@@ -427,4 +427,3 @@ class Model(ArchModel):
             tn(block.mlp.proj.weight, out_std)
         if self.lm_head is not None:
             tn(self.lm_head.weight, std)
-

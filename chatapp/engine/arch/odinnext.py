@@ -327,4 +327,3 @@ class Model(ArchModel):
                     old = getattr(layer, gate)
                     setattr(layer, gate, nn.Parameter(torch.zeros(a.hidden_size, device=old.device, dtype=old.dtype)))
         return weights
-

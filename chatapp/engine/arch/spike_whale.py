@@ -432,4 +432,3 @@ class Model(ArchModel):
         with torch.device(self.model.layers[0].ffn.down_proj.weight.device):
             for layer in self.model.layers:
                 layer.ffn = FeedForward(self.args)
-
