@@ -77,6 +77,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """
     t, length = q.shape[1], k.shape[2]
     rep = q.shape[2] // k.shape[1]
+    if t == 1 and rep > 1:
+        # One query sees every cached key: fold the rep query heads of each kv head into query rows (a view)
+        # instead of copying the whole cache rep times (repeat_interleave: ~2 ms a token for Axiom on CPU).
+        b, _, h, d = q.shape
+        o = F.scaled_dot_product_attention(q.view(b, k.shape[1], rep, d), k, v, scale=scale)
+        return o.reshape(b, 1, h, v.shape[-1])
     if rep > 1:
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)

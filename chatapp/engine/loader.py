@@ -201,6 +201,15 @@ class _CpuBf16Linear(torch.nn.Linear):
         return super().forward(x)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where oneDNN's bf16 GEMM beats the
+    upcast: 128 x 1024 x 5632 takes 4.1 ms in bf16 against 16.6 ms upcast on a Zen 4 (avx512_bf16)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # private helpers; without them assume no
+        return False
+
+
 def upcast_wide_cpu_matmuls(model: torch.nn.Module) -> None:
     """Switch every nn.Linear of a CPU bf16 model to `_CpuBf16Linear` (same parameters)."""
     for m in model.modules():
@@ -222,7 +231,7 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu", dtype: str |
     keep = set(getattr(model, "FP32_TENSORS", ()))
     weights = check_inventory(model, _read_tensors(safetensors_files(model_dir), device, dtype, keep))
     model.load_state_dict(weights, strict=True, assign=True)
-    if device.type == "cpu" and dtype == torch.bfloat16:
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
         upcast_wide_cpu_matmuls(model)
     model.post_load(device)
     model.requires_grad_(False)

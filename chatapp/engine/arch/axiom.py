@@ -116,6 +116,23 @@ class Model(ArchModel):
         head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
         return F.linear(x, head).float()
 
+    def post_load(self, device) -> None:
+        """CPU fp32: store the matrices that widen (out > in: q|k|v, gate|up, the head) column-major.
+
+        Same shapes, transposed strides: a single-token F.linear then takes MKL's x @ W path, measured here at
+        21-25 GB/s against 16-17 GB/s for nn.Linear's row-major [out, in] (2 threads, real shapes; decode step
+        111 -> 93 ms in one process). wo and w2 gain nothing that way and stay; bf16 reads row-major fastest
+        (column-major 10-40 % slower), so bf16 weights stay as loaded.
+        """
+        if torch.device(device).type != "cpu":
+            return
+        mats = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
+        if self.lm_head is None:
+            mats.append(self.embed.weight)  # the tied head
+        for w in mats:
+            if w.dtype == torch.float32 and w.shape[0] > w.shape[1] and w.is_contiguous():
+                w.data = w.data.t().contiguous().t()
+
     def make_state(self, max_len: int, device, dtype) -> StateList:
         a = self.args
         return StateList([KVState(max_len, a.n_kv_heads, a.head_dim, device, dtype) for _ in range(a.n_layers)],

@@ -72,3 +72,30 @@ def test_state_bytes_match_the_spec_formula(axiom):
     state = model.make_state(40, "cpu", torch.bfloat16)
     # 2 (K and V) x layers x kv heads x head_dim x 2 bytes per token (spec §4).
     assert state.bytes().allocated["kv"] == 2 * a.n_layers * a.n_kv_heads * a.head_dim * 2 * 40
+
+
+def test_cpu_fp32_load_stores_widening_matrices_column_major(axiom, fixtures_root):
+    # The fixture's logits (checked above) come from this layout; the shapes never change.
+    model, _ = axiom
+    layer = model.layers[0]
+    a = model.args
+    assert layer.attn.wqkv.weight.shape == ((a.n_heads + 2 * a.n_kv_heads) * a.head_dim, a.dim)
+    assert layer.attn.wqkv.weight.stride() == (1, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim)
+    assert layer.ffn.w13.weight.stride() == (1, 2 * a.ffn_dim)
+    assert model.embed.weight.stride() == (1, a.vocab_size)  # the tied head
+    assert layer.attn.wo.weight.is_contiguous() and layer.ffn.w2.weight.is_contiguous()
+    # bf16 GEMV is faster row-major: a bf16 load keeps every matrix as stored.
+    m16 = load_model(fixtures_root / "axiom", dtype="bfloat16")
+    assert all(p.is_contiguous() for p in m16.parameters())
+
+
+def test_single_query_gqa_fold_equals_repeated_kv():
+    from chatapp.engine.layers import causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 16, 64, generator=g)
+    k, v = torch.randn(2, 1, 8, 37, 64, generator=g)
+    # Query head h reads kv head h // 2 (repeat_interleave, spec §3.2).
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)).transpose(1, 2)
+    assert torch.allclose(causal_attention(q, k, v), want, atol=1e-6)
