@@ -19,7 +19,7 @@ import time
 import torch
 
 from chatapp.engine.generate import PREFILL_CHUNK
-from chatapp.engine.loader import build_model, upcast_wide_cpu_matmuls
+from chatapp.engine.loader import build_model, prepare_for_inference
 
 # The real config.json (spec byrne §2.1): 16 x 640, 10 query heads over one 64-dim K/V head, engram, 2 streams.
 CONFIG = {"model_type": "spike_whale", "vocab_size": 16512, "hidden_size": 640, "num_hidden_layers": 16,
@@ -69,8 +69,7 @@ def main() -> None:
         for name, p in model.named_parameters():
             if name not in model.FP32_TENSORS:
                 p.data = p.data.to(dtype)
-        upcast_wide_cpu_matmuls(model)
-    model.post_load(torch.device("cpu"))
+    prepare_for_inference(model, torch.device("cpu"), dtype)
     init_s = time.perf_counter() - t
     ids = torch.randint(0, CONFIG["vocab_size"], (1, a.prompt), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():

@@ -18,7 +18,7 @@ import time
 import torch
 
 from chatapp.engine.arch.genesis import GENESIS_147M
-from chatapp.engine.loader import build_model, upcast_wide_cpu_matmuls
+from chatapp.engine.loader import build_model, prepare_for_inference
 
 
 def run_once(model, ids: torch.Tensor, new: int) -> dict:
@@ -57,10 +57,7 @@ def main() -> None:
         cfg.update(use_selective_activation=True, selective_k_ratio=0.85)
     t = time.perf_counter()
     model = build_model(cfg, device="cpu").to(dtype).eval()
-    # What load_model does after loading: the CPU bf16 prefill upcast, then the model's post_load.
-    if dtype == torch.bfloat16:
-        upcast_wide_cpu_matmuls(model)
-    model.post_load(torch.device("cpu"))
+    prepare_for_inference(model, torch.device("cpu"), dtype)  # what load_model does after loading
     init_s = time.perf_counter() - t
     ids = torch.randint(0, 50279, (1, a.prompt), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():

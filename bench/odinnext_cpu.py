@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from chatapp.engine.loader import build_model, upcast_wide_cpu_matmuls
+from chatapp.engine.loader import build_model, prepare_for_inference
 
 # The real model (spec §2): 16 x 768, 6 heads with a 128 x 128 state, FFN 2048, vocab 32,770.
 CONFIG = {"model_type": "odinnext", "vocab_size": 32770, "hidden_size": 768, "num_hidden_layers": 16,
@@ -52,8 +52,7 @@ def main() -> None:
     dtype = getattr(torch, a.dtype)
     t = time.perf_counter()
     model = build_model(CONFIG, device="cpu").to(dtype).eval()
-    if dtype == torch.bfloat16:
-        upcast_wide_cpu_matmuls(model)  # what load_model does for CPU bf16
+    prepare_for_inference(model, torch.device("cpu"), dtype)  # what load_model does after loading
     init_s = time.perf_counter() - t
     ids = torch.randint(0, CONFIG["vocab_size"], (1, a.prompt), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():

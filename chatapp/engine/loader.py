@@ -231,6 +231,12 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu", dtype: str |
     keep = set(getattr(model, "FP32_TENSORS", ()))
     weights = check_inventory(model, _read_tensors(safetensors_files(model_dir), device, dtype, keep))
     model.load_state_dict(weights, strict=True, assign=True)
+    return prepare_for_inference(model, device, dtype)
+
+
+def prepare_for_inference(model: ArchModel, device: torch.device, dtype: torch.dtype) -> ArchModel:
+    """What every loaded model gets (benchmarks that build weights in memory call it too): the CPU bf16
+    prefill upcast where the CPU lacks bf16 hardware, the architecture's post_load, no grad, eval mode."""
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
         upcast_wide_cpu_matmuls(model)
     model.post_load(device)
