@@ -9,42 +9,17 @@ TTFT = start -> first new token (includes the prefill). Greedy (argmax) next tok
 """
 from __future__ import annotations
 
-import argparse
-import json
-import resource
-import statistics
 import time
 
 import torch
 
 from chatapp.engine.arch.genesis import GENESIS_147M
 from chatapp.engine.loader import build_model, prepare_for_inference
-
-
-def run_once(model, ids: torch.Tensor, new: int) -> dict:
-    state = model.make_state(ids.shape[1] + new, "cpu", next(model.parameters()).dtype)
-    stamps = []
-    t0 = time.perf_counter()
-    logits = model(ids, state, last_only=True)
-    for i in range(new):
-        tok = logits[0, -1].argmax()
-        stamps.append(time.perf_counter())
-        if i + 1 < new:
-            logits = model(tok.view(1, 1), state, last_only=True)
-    ttft = stamps[0] - t0
-    steps = [b - a for a, b in zip(stamps, stamps[1:])]
-    # The protocol's figure, plus one from the median step: robust to a neighbour stealing a core mid-run.
-    return {"ttft_s": ttft, "prefill_tok_s": ids.shape[1] / ttft,
-            "decode_tok_s": (new - 1) / (stamps[-1] - stamps[0]), "median_step_tok_s": 1 / statistics.median(steps)}
+from protocol import arguments, measure
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--new", type=int, default=65)
-    ap.add_argument("--runs", type=int, default=3)
+    ap = arguments(__doc__.splitlines()[0])
     ap.add_argument("--selective", action="store_true",
                     help="selective activation on (k = 0.85), as the Instruct metadata may say (spec §1.1)")
     a = ap.parse_args()
@@ -59,19 +34,8 @@ def main() -> None:
     model = build_model(cfg, device="cpu").to(dtype).eval()
     prepare_for_inference(model, torch.device("cpu"), dtype)  # what load_model does after loading
     init_s = time.perf_counter() - t
-    ids = torch.randint(0, 50279, (1, a.prompt), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        run_once(model, ids, 8)
-        runs = [run_once(model, ids, a.new) for _ in range(a.runs)]
-    rec = {"model": "genesis-152m", "impl": "smollchat engine (torch CPU path)", "dtype": a.dtype,
-           "selective": a.selective, "threads": a.threads, "prompt": a.prompt, "new_tokens": a.new,
-           "init_s": round(init_s, 2), "weight_bytes": model.weight_bytes(), "torch": torch.__version__}
-    for k in ("ttft_s", "prefill_tok_s", "decode_tok_s", "median_step_tok_s"):
-        vals = [r[k] for r in runs]
-        rec[k] = round(statistics.median(vals), 4)
-        rec[k + "_all"] = [round(v, 4) for v in vals]
-    rec["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
-    print(json.dumps(rec), flush=True)
+    measure(model, a, cfg["vocab_size"], {"model": "genesis-152m", "impl": "smollchat engine (torch CPU path)",
+                                          "selective": a.selective, "init_s": round(init_s, 2)})
 
 
 if __name__ == "__main__":
