@@ -34,3 +34,15 @@ def fx(request, fixtures_root):
 @pytest.fixture(scope="module")
 def golden(fx):
     return load_file(str(fx / "golden.safetensors")), json.loads((fx / "golden.json").read_text())
+
+
+def demo_engine(entry_id: str, **kw):
+    """The Engine the CLI opens on a demo entry: the demo checkpoint made on first use (under the test's
+    own data dir), loaded with the catalog's settings; its parameter count is the catalog's."""
+    from chatapp.catalog import get_entry
+    from chatapp.engine.runtime import load_engine
+
+    entry = get_entry(entry_id)
+    engine = load_engine(entry, device="cpu", **kw)
+    assert sum(p.numel() for p in engine.model.parameters()) == entry.params
+    return engine

@@ -22,6 +22,8 @@ from chatapp.engine.loader import LoadError, build_model, check_inventory, load_
 from chatapp.engine.state import ContextFull
 from chatapp.engine.verify import verify
 
+from ..conftest import demo_engine
+
 FIXTURE = "byrne"
 
 # The real config.json (spec §2.1, Escarda-86M-Base; Byrne has use_jepa false).
@@ -409,19 +411,8 @@ def test_a_bf16_load_keeps_the_engram_inputs_in_fp32(fx, golden):
     assert (logits.argmax(-1) == golden[0]["logits"].argmax(-1)).float().mean() > 0.9
 
 
-def test_demo_entry_streams_through_the_engine(tmp_path):
-    # What the demo maker does (seeded model, state_dict, config.json), then the Engine the CLI uses.
-    from chatapp.catalog import get_entry
-    from chatapp.engine.runtime import load_engine
-
-    entry = get_entry("byrne-tiny")
-    torch.manual_seed(entry.demo_seed)
-    demo = build_model(entry.demo_config, entry.options, device="cpu")
-    demo.init_demo_weights()
-    assert sum(p.numel() for p in demo.parameters()) == entry.params
-    save_file({k: v.contiguous() for k, v in demo.state_dict().items()}, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(entry.demo_config))
-    engine = load_engine(entry, device="cpu", model_dir=tmp_path)
+def test_demo_entry_streams_through_the_engine():
+    engine = demo_engine("byrne-tiny")  # the demo checkpoint and Engine the CLI uses
     ids = engine.tokenizer.render([{"role": "user", "content": "hi"}], system="Be brief.")
     assert ids[0] == 260 and engine.tokenizer.stop_ids == (261, 259)
     settings = engine.default_settings().with_overrides(seed=3, max_new_tokens=12)

@@ -22,6 +22,8 @@ from chatapp.engine.loader import (LoadError, build_model, check_inventory, load
 from chatapp.engine.state import ContextFull
 from chatapp.engine.verify import verify
 
+from ..conftest import demo_engine
+
 FIXTURE = "genesis"
 
 # Real head geometry (spec §1.1) on fewer layers and a small vocabulary: cheap to run 2,000 tokens through.
@@ -299,19 +301,8 @@ def test_chat_rendering_with_the_pythia_tokenizer(fixtures_root):
         "<|im_start|>system\nYou are a helpful assistant.\n<|im_end|>\n")
 
 
-def test_demo_entry_streams_through_the_engine_with_a_hybrid_memory_report(tmp_path):
-    # What the demo maker does (seeded model, state_dict, config.json), then the Engine the CLI uses.
-    from chatapp.catalog import get_entry
-    from chatapp.engine.runtime import load_engine
-
-    entry = get_entry("genesis-tiny")
-    torch.manual_seed(entry.demo_seed)
-    demo = build_model(entry.demo_config, device="cpu")
-    demo.init_demo_weights()
-    assert sum(p.numel() for p in demo.parameters()) == entry.params
-    save_file({k: v.contiguous() for k, v in demo.state_dict().items()}, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(entry.demo_config))
-    engine = load_engine(entry, device="cpu", model_dir=tmp_path)
+def test_demo_entry_streams_through_the_engine_with_a_hybrid_memory_report():
+    engine = demo_engine("genesis-tiny")  # the demo checkpoint and Engine the CLI uses
     ids = engine.tokenizer.render([{"role": "user", "content": "hi"}], system="Be brief.")
     assert ids[0] == 257 and engine.tokenizer.stop_ids == (258, 256)
     settings = engine.default_settings().with_overrides(seed=3, max_new_tokens=12)

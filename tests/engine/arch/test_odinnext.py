@@ -22,6 +22,8 @@ from chatapp.engine.loader import LoadError, build_model, check_inventory, load_
 from chatapp.engine.state import ContextFull
 from chatapp.engine.verify import verify
 
+from ..conftest import demo_engine
+
 FIXTURE = "odinnext"
 
 PRIMARY = {k: v[0] for k, v in odinnext.OPTIONS.items()}
@@ -240,19 +242,8 @@ def test_bf16_compute_agrees_with_fp32_on_argmax(fx, golden):
     assert agree >= 0.9
 
 
-def test_demo_entry_streams_through_the_engine_with_a_constant_state(tmp_path):
-    # What the demo maker does (seeded model, state_dict, config.json), then the Engine the CLI uses.
-    from chatapp.catalog import get_entry
-    from chatapp.engine.runtime import load_engine
-
-    entry = get_entry("odinnext-tiny")
-    torch.manual_seed(entry.demo_seed)
-    demo = build_model(entry.demo_config, entry.options, device="cpu")
-    demo.init_demo_weights()
-    assert sum(p.numel() for p in demo.parameters()) == entry.params
-    save_file({k: v.contiguous() for k, v in demo.state_dict().items()}, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(entry.demo_config))
-    engine = load_engine(entry, device="cpu", model_dir=tmp_path)
+def test_demo_entry_streams_through_the_engine_with_a_constant_state():
+    engine = demo_engine("odinnext-tiny")  # the demo checkpoint and Engine the CLI uses
     assert engine.context_limit == 2048
     tok = engine.tokenizer
     ids = tok.render([{"role": "user", "content": "hi"}], system="Be brief.")
