@@ -127,31 +127,23 @@ def decode_loop(model, state: StateList, logits: torch.Tensor, prompt: list[int]
             reason, detail = "context_full", f"the context holds {context_limit} tokens"
             break
         sampler.extend([draw.token_id])
-        if speculate and not pending:
-            try:
-                ahead = model.speculate(state, draw.token_id)
-            except ContextFull as e:
-                reason, detail = "context_full", str(e)
-                break
-            except Interrupted:
-                reason = "cancelled"
-                roll_back(state, fed)
-                break
-            # The state absorbed the chosen token and every returned one but the last.
-            fed.append(draw.token_id)
-            fed.extend(tok for tok, _, _ in ahead[:-1])
-            pending = [(lg, st) for _, lg, st in ahead]
-        if pending:
-            logits, steps = pending.pop(0)
-            continue
         try:
+            if speculate and not pending:
+                ahead = model.speculate(state, draw.token_id)
+                # The state absorbed the chosen token and every returned one but the last.
+                fed.append(draw.token_id)
+                fed.extend(tok for tok, _, _ in ahead[:-1])
+                pending = [(lg, st) for _, lg, st in ahead]
+            if pending:
+                logits, steps = pending.pop(0)
+                continue
             logits = model(torch.tensor([[draw.token_id]], device=device), state, last_only=True)[0, -1]
         except ContextFull as e:
             reason, detail = "context_full", str(e)
             break
         except Interrupted:
-            # Stopped inside the forward (Huginn polls between recurrence steps): the token was sampled
-            # and shown but not absorbed.
+            # Stopped inside a forward (Huginn polls between recurrence steps): the token was sampled and
+            # shown but not absorbed.
             reason = "cancelled"
             roll_back(state, fed)
             break
