@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from chatapp.engine.arch import genesis
 from chatapp.engine.loader import (LoadError, build_model, check_inventory, load_model, read_config,
-                                   upcast_wide_cpu_matmuls)
+                                   prepare_for_inference)
 from chatapp.engine.state import ContextFull
 from chatapp.engine.verify import verify
 
@@ -221,8 +221,7 @@ def test_used_bytes_follow_the_formulas_while_the_model_runs(dtype):
     # One FoX and three GDN layers at the real head geometry, run to 10, 1,000 and 2,000 tokens.
     torch.manual_seed(0)
     model = build_model({**REAL_HEADS, "vocab_size": 320, "n_layer": 4}, device="cpu").to(dtype).eval()
-    if dtype == torch.bfloat16:
-        upcast_wide_cpu_matmuls(model)  # as load_model does for CPU bf16
+    prepare_for_inference(model, torch.device("cpu"), dtype)  # as load_model does
     state = model.make_state(2048, "cpu", dtype)
     ptrs = [b.data_ptr() for s in state for b in s.buffers()]
     ids = torch.randint(0, 320, (1, 2048), generator=torch.Generator().manual_seed(1))
