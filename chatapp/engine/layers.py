@@ -96,3 +96,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         mask = torch.arange(length, device=q.device)[None, :] <= i
         o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale)
     return o.transpose(1, 2)
+
+
+def store_column_major(weights, widening_only: bool = True) -> None:
+    """CPU fp32 decode: give matrices [in, out] storage under their [out, in] shape (a transposed copy, same
+    shape, transposed strides), so a single-token F.linear takes MKL's x @ W GEMV, which reads fp32 about
+    1.3-2x faster here (measured per architecture, see their post_load). With `widening_only`, only matrices
+    with out > in move (the narrowing ones gain nothing). bf16 GEMV is fastest row-major: only fp32 moves."""
+    for w in weights:
+        if w.dtype == torch.float32 and w.is_contiguous() and (not widening_only or w.shape[0] > w.shape[1]):
+            w.data = w.data.t().contiguous().t()

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import RMSNorm, apply_rope_interleaved, causal_attention, rope_angles, rope_frequencies
+from ..layers import (RMSNorm, apply_rope_interleaved, causal_attention, rope_angles, rope_frequencies,
+                      store_column_major)
 from ..state import KVState, StateList
 from .base import ArchArgs, ArchModel
 
@@ -129,9 +130,7 @@ class Model(ArchModel):
         mats = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
         if self.lm_head is None:
             mats.append(self.embed.weight)  # the tied head
-        for w in mats:
-            if w.dtype == torch.float32 and w.shape[0] > w.shape[1] and w.is_contiguous():
-                w.data = w.data.t().contiguous().t()
+        store_column_major(mats)
 
     def make_state(self, max_len: int, device, dtype) -> StateList:
         a = self.args

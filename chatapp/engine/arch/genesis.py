@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import RMSNorm, rms_norm, rope_angles, rope_frequencies
+from ..layers import RMSNorm, rms_norm, rope_angles, rope_frequencies, store_column_major
 from ..ops.forgetting_attn import forgetting_attn_chunk, forgetting_attn_step
 from ..ops.forgetting_attn.cache import ForgettingKVCache
 from ..ops.gla import gla_chunk, gla_step
@@ -316,10 +316,8 @@ class Model(ArchModel):
         # bf16 GEMV is the other way round, so only fp32 weights move.
         if torch.device(device).type != "cpu":
             return
-        for mod in self.modules():
-            w = getattr(mod, "weight", None)
-            if isinstance(mod, (nn.Linear, nn.Embedding)) and w.dtype == torch.float32 and w.is_contiguous():
-                mod.weight.data = w.data.t().contiguous().t()
+        store_column_major((m.weight for m in self.modules() if isinstance(m, (nn.Linear, nn.Embedding))),
+                           widening_only=False)
 
     @property
     def max_context(self) -> int:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import RMSNorm
+from ..layers import RMSNorm, store_column_major
 from ..state import KVState, StateList
 from .base import ArchArgs, ArchModel
 from .spike_whale_parts import EngramMemory, EngramWindow, HCOutputMix, HyperConnection
@@ -344,9 +344,7 @@ class Model(ArchModel):
         mats = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
         if self.lm_head is None and self._head is None:
             mats.append(self.model.embed_tokens.weight)
-        for w in mats:
-            if w.dtype == torch.float32 and w.shape[0] > w.shape[1] and w.is_contiguous():
-                w.data = w.data.t().contiguous().t()
+        store_column_major(mats)
 
     @torch.no_grad()
     def init_demo_weights(self) -> None:
