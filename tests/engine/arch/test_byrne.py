@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from chatapp.engine.arch import spike_whale
 from chatapp.engine.arch.spike_whale_parts import HyperConnection
 from chatapp.engine.layers import apply_rope_half, apply_rope_interleaved, causal_attention, rope_angles, rope_frequencies
+from chatapp.engine.generate import prefill
 from chatapp.engine.loader import LoadError, build_model, check_inventory, load_model
 from chatapp.engine.state import ContextFull
 from chatapp.engine.verify import verify
@@ -219,13 +220,10 @@ def test_used_bytes_follow_the_formula_while_the_model_runs():
     state = model.make_state(4096, "cpu", torch.float32)
     ptrs = [b.data_ptr() for s in state for b in s.buffers()]
     ids = torch.randint(0, 300, (1, 2001), generator=torch.Generator().manual_seed(1))
-    fed = 0
     with torch.inference_mode():
         for target in (10, 1000, 2000):
-            while fed < target:
-                n = min(512, target - fed)
-                logits = model(ids[:, fed:fed + n], state, last_only=True)
-                fed += n
+            # The Engine's chunked prefill, from what the state holds up to `target` tokens.
+            logits = prefill(model, state, ids[0, state.length:target].tolist(), "cpu")
             assert torch.isfinite(logits).all()
             assert state.bytes().used == _spec_bytes(2, target, 4), f"at {target} tokens"
             assert state.bytes().allocated == _spec_bytes(2, 4096, 4)

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from chatapp.engine.arch import genesis
+from chatapp.engine.generate import prefill
 from chatapp.engine.loader import (LoadError, build_model, check_inventory, load_model, read_config,
                                    prepare_for_inference)
 from chatapp.engine.state import ContextFull
@@ -225,13 +226,10 @@ def test_used_bytes_follow_the_formulas_while_the_model_runs(dtype):
     state = model.make_state(2048, "cpu", dtype)
     ptrs = [b.data_ptr() for s in state for b in s.buffers()]
     ids = torch.randint(0, 320, (1, 2048), generator=torch.Generator().manual_seed(1))
-    fed = 0
     with torch.inference_mode():
         for target in (10, 1000, 2000):
-            while fed < target:
-                n = min(512, target - fed)
-                logits = model(ids[:, fed:fed + n], state, last_only=True)
-                fed += n
+            # The Engine's chunked prefill, from what the state holds up to `target` tokens.
+            logits = prefill(model, state, ids[0, state.length:target].tolist(), "cpu")
             assert torch.isfinite(logits).all()
             b = state.bytes()
             assert b.used == _spec_bytes(3, 1, target, dtype), f"at {target} tokens"
