@@ -110,7 +110,7 @@ def _parse_controls(items: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_models(args) -> int:
-    from .engine import hub
+    from . import hub
 
     rows = []
     for e in _catalog().values():
@@ -138,7 +138,7 @@ def _human(n: float, unit: str) -> str:
 
 
 def cmd_download(args) -> int:
-    from .engine import hub
+    from . import hub
 
     entry = _resolve_entry(args.model_id)
     if entry.demo:
@@ -218,7 +218,7 @@ def _tokenizer_location(entry) -> tuple[Path | None, Path | None]:
         return None, None
     if entry.path and entry.path.is_dir():
         return entry.path, None
-    from .engine import hub
+    from . import hub
 
     return hub.local_dir(entry), hub.file_path(entry, entry.tokenizer.file)
 

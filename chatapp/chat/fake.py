@@ -5,7 +5,7 @@ rate (or instantly, reporting the same fixed timings), reports fixed byte counts
 `cancel()` between tokens, `max_new_tokens`, stop strings and the context limit, and can declare
 compute controls with per-token steps. `FakeTokenizer` is a real `engine.tokenizer.Tokenizer`
 (word- or byte-level) with a ChatML format, so `Session` renders prompts exactly as it does for a
-real model. `FakeDownloader` mimics `engine.hub` for the models screen. No torch is imported.
+real model. `FakeDownloader` mimics `hub` for the models screen. No torch is imported.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ..catalog import ChatFormat, ModelEntry, Source, TokenizerSpec
 from ..engine.api import ControlSpec, Done, MemoryReport, SamplingSettings, StepEvent
-from ..engine.hub import DownloadCancelled, DownloadProgress, HubError, OfflineError
+from ..hub import DownloadCancelled, DownloadProgress, HubError, OfflineError
 from ..engine.tokenizer import StreamDecoder, Tokenizer
 
 CHATML = ChatFormat(
@@ -345,10 +345,10 @@ def _first_stop(text: str, stops: Sequence[str]) -> tuple[int, int] | None:
     return min(hits) if hits else None
 
 
-# The downloader fake mirrors `engine.hub` and raises its error types.
+# The downloader fake mirrors `hub` and raises its error types.
 @dataclass
 class FakeDownloader:
-    """A scripted `engine.hub`: download with progress, cancel, resume, offline and failure cases.
+    """A scripted `hub`: download with progress, cancel, resume, offline and failure cases.
 
     Args:
         files: (name, size in bytes) of every entry's download.

@@ -175,7 +175,7 @@ def _rss_bytes() -> int:
 
 def model_files(entry: ModelEntry) -> Path:
     """The entry's local directory: the demo checkpoint (made on first use) or the downloaded snapshot."""
-    from . import hub
+    from .. import hub
 
     if entry.demo:
         return hub.ensure_demo(entry)
@@ -213,7 +213,7 @@ def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", mo
     say("loading tokenizer")
     tok_file = None
     if entry.tokenizer.kind == "hf-json" and not (directory / entry.tokenizer.file).exists() and not entry.demo:
-        from . import hub
+        from .. import hub
         tok_file = hub.file_path(entry, entry.tokenizer.file)
     tokenizer = load_tokenizer(entry, directory, tok_file)
     say("loading weights")

@@ -306,7 +306,7 @@ def run_selftest(model_id_or_dir: str | Path, device: str = "cpu", dtype: str = 
 def _tokenizer_file(entry, directory: Path) -> Path | None:
     if entry.tokenizer.kind != "hf-json" or (directory / entry.tokenizer.file).exists() or entry.demo or entry.source is None:
         return None
-    from . import hub
+    from .. import hub
 
     try:
         return hub.file_path(entry, entry.tokenizer.file)

@@ -176,7 +176,7 @@ def make_app(engine: Any = None, catalog: dict[str, ModelEntry] | None = None, s
              loader: Loader | None = None, entry: ModelEntry | None = None, keymap: dict[str, str] | None = None,
              clock: Callable[[], float] = time.time) -> SmollChat:
     """Build the app. Everything left None comes from the user's environment:
-    the catalog from models/*.toml, the store from the data dir, downloads from `engine.hub`,
+    the catalog from models/*.toml, the store from the data dir, downloads from `hub`,
     the keymap from keys.toml, themes from themes/ and the config dir."""
     notices: list[str] = []
     if catalog is None:

@@ -1,6 +1,6 @@
 """What the TUI needs from outside itself, behind small seams the tests replace.
 
-- downloader: `chatapp.engine.hub` (is_downloaded, local_dir, download, delete, disk_usage,
+- downloader: `chatapp.hub` (is_downloaded, local_dir, download, delete, disk_usage,
   ensure_demo) or `chat.fake.FakeDownloader` in tests.
 - loader: `load(entry, progress) -> engine`; the real one imports `chatapp.engine.runtime` (and
   so torch) only when a model is actually loaded, never at start-up.
@@ -40,7 +40,7 @@ class DownloadsUnavailable:
 
 def default_downloader() -> Any:
     try:
-        from ..engine import hub
+        from .. import hub
     except ImportError as e:
         return DownloadsUnavailable(f"downloads are unavailable in this install ({e})")
     return hub

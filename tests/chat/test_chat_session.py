@@ -413,7 +413,7 @@ print(json.dumps(out))
 def test_real_engine_continues_its_state_across_turns():
     """The demo checkpoints through the real engine (in a child process: this one stays torch-free):
     the second turn's prompt extends everything the state absorbed, for a KV and a recurrent model."""
-    pytest.importorskip("chatapp.engine.hub")
+    pytest.importorskip("chatapp.hub")
     import json
     import os
     import subprocess

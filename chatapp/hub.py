@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import quote, urlsplit
 
-from .. import locations
-from ..catalog import ModelEntry, Source
+from . import locations
+from .catalog import ModelEntry, Source
 
 __all__ = ["DownloadProgress", "RemoteFile", "HubError", "OfflineError", "DownloadCancelled", "plan", "download",
            "local_dir", "is_downloaded", "file_path", "delete", "disk_usage", "ensure_demo", "cache_root"]
@@ -733,7 +733,7 @@ def ensure_demo(entry: ModelEntry) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from .loader import build_model
+    from .engine.loader import build_model
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.id}.", dir=final.parent))
     try:

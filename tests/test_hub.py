@@ -1,4 +1,4 @@
-"""engine.hub against a local fake Hub (tests/fakehub.py): filtering, second source, progress, resume, size and
+"""chatapp.hub against a local fake Hub (tests/fakehub.py): filtering, second source, progress, resume, size and
 checksum checks, cancel, offline, delete/disk usage; and the deterministic demo checkpoints."""
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import pytest
 import huggingface_hub.constants as hf_constants
 
 from chatapp.catalog import Source, load_catalog
-from chatapp.engine import hub
+from chatapp import hub
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fakehub import FakeHub, free_port  # noqa: E402
 
 WEIGHTS = bytes(range(256)) * 1200          # 307,200 bytes, served as an LFS file through the "CDN"
