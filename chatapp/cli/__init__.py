@@ -1,0 +1,57 @@
+"""Command line: `smollchat` (TUI), one-shot answers, and the model/fixture subcommands.
+
+    smollchat [--model ID|DIR] [--system TEXT]            open the TUI
+    smollchat --model ID --prompt TEXT|- [flags]          answer once on stdout (streamed)
+    smollchat models | download ID | tokenize | verify DIR | selftest ID
+
+One module per command. A subcommand is a module in this package with `register(subparsers)`, which
+adds its parser and sets `func`, and an optional `ORDER` for its place in --help: adding a command
+is adding a module. torch is imported only inside the commands that run a model, so `models`,
+`tokenize` and the TUI's first frame start fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from typing import Sequence
+
+from . import chat
+from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError
+
+__all__ = ["main", "build_parser", "CliError", "EXIT_OK", "EXIT_FAIL", "EXIT_USAGE"]
+
+
+def _command_modules() -> list:
+    mods = []
+    for info in pkgutil.iter_modules(__path__):
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        if callable(getattr(mod, "register", None)):
+            mods.append(mod)
+    return sorted(mods, key=lambda m: (getattr(m, "ORDER", 100), m.__name__))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smollchat", description="Chat with small experimental language models.")
+    chat.add_arguments(p)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _command_modules():
+        mod.register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command:
+            return args.func(args)
+        return chat.run(args)
+    except CliError as e:
+        print(f"smollchat: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("\nsmollchat: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
