@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chatapp.engine.api import Done, SamplingSettings, StepEvent  # noqa: E402
+from chatapp.contract import Done, SamplingSettings, StepEvent  # noqa: E402
 from chatapp.engine.runtime import Engine, entry_for_directory, load_engine  # noqa: E402
 
 # config.json as the authors' upload.py writes it (spec axiom §2.2); the values are ModelConfig's defaults.

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatapp.catalog import get_entry  # noqa: E402
-from chatapp.engine.api import StepEvent  # noqa: E402
+from chatapp.contract import StepEvent  # noqa: E402
 from chatapp.engine.loader import build_model, load_model  # noqa: E402
 from chatapp.engine.runtime import Engine  # noqa: E402
 from chatapp.engine.tokenizer import ByteTokenizer  # noqa: E402

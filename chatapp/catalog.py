@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .engine.api import SamplingSettings
+from .contract import SamplingSettings
 
 
 class CatalogError(ValueError):

@@ -1,6 +1,6 @@
 """Scripted stand-ins for the engine, the tokenizer and the downloader (tests, demos of the UI).
 
-`FakeEngine` fits `engine.api.EngineProtocol`: it streams scripted replies token by token at a fixed
+`FakeEngine` fits `contract.EngineProtocol`: it streams scripted replies token by token at a fixed
 rate (or instantly, reporting the same fixed timings), reports fixed byte counts, honours
 `cancel()` between tokens, `max_new_tokens`, stop strings and the context limit, and can declare
 compute controls with per-token steps. `FakeTokenizer` is a real `engine.tokenizer.Tokenizer`
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ..catalog import ChatFormat, ModelEntry, Source, TokenizerSpec
-from ..engine.api import ControlSpec, Done, MemoryReport, SamplingSettings, StepEvent
+from ..contract import ControlSpec, Done, MemoryReport, SamplingSettings, StepEvent
 from ..hub import DownloadCancelled, DownloadProgress, HubError, OfflineError
 from ..engine.tokenizer import StreamDecoder, Tokenizer
 
@@ -215,16 +215,16 @@ class FakeEngine:
             t_ns = self._t_ns(start_ns, i)
             steps = self._steps(i, controls)
             if tok == eos:
-                yield StepEvent(tok, "", -0.05, 0.5, steps, t_ns)
+                yield StepEvent(tok, "", t_ns, -0.05, 0.5, steps=steps)
                 reason = "eos"
                 break
             text = detok.push(tok)
             if cut is not None and shown + len(text) > cut[0]:
-                yield StepEvent(tok, text[:max(cut[0] - shown, 0)], -0.5, 1.5, steps, t_ns)
+                yield StepEvent(tok, text[:max(cut[0] - shown, 0)], t_ns, -0.5, 1.5, steps=steps)
                 reason = "stop_string"
                 break
             shown += len(text)
-            yield StepEvent(tok, text, -0.5 - (i % 7) * 0.1, 1.0 + (i % 5) * 0.25, steps, t_ns)
+            yield StepEvent(tok, text, t_ns, -0.5 - (i % 7) * 0.1, 1.0 + (i % 5) * 0.25, steps=steps)
             if new >= settings.max_new_tokens:
                 break
             if prompt + new >= self.context_limit:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Sequence
 
 from ..catalog import ModelEntry
-from ..engine.api import Done, EngineProtocol, MemoryReport, SamplingSettings, StepEvent
+from ..contract import Done, EngineProtocol, MemoryReport, SamplingSettings, StepEvent
 from .conversation import Conversation, Message
 
 _SETTING_NAMES = frozenset(f.name for f in fields(SamplingSettings))
@@ -64,7 +64,7 @@ class Session:
     """One engine (real or fake) serving any number of conversations.
 
     Args:
-        engine: anything that fits `engine.api.EngineProtocol`.
+        engine: anything that fits `contract.EngineProtocol`.
         tokenizer: the engine's tokenizer (`engine.tokenizer` when omitted).
         entry: the catalog entry (defaults, chat format, revision); `engine.entry` when omitted.
         store: when given, the chat is saved as the reply streams (every SAVE_EVERY_S) and at the end,

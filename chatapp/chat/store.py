@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..engine.api import SamplingSettings
+from ..contract import SamplingSettings
 from .conversation import Conversation, Message
 
 

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from .api import Done, SamplingSettings, StepEvent
+from ..contract import Done, SamplingSettings, StepEvent
 from .sample import Sampler
 from .arch.base import Interrupted
 from .state import ContextFull, StateList
@@ -113,11 +113,11 @@ def decode_loop(model, state: StateList, logits: torch.Tensor, prompt: list[int]
         timer.last_token = now
         new += 1
         if draw.token_id in stop_ids:
-            yield StepEvent(draw.token_id, "", draw.logprob, draw.entropy, steps, time.monotonic_ns())
+            yield StepEvent(draw.token_id, "", time.monotonic_ns(), draw.logprob, draw.entropy, steps=steps)
             reason = "eos"
             break
         text, hit = stops.feed(detok.push(draw.token_id))
-        yield StepEvent(draw.token_id, text, draw.logprob, draw.entropy, steps, time.monotonic_ns())
+        yield StepEvent(draw.token_id, text, time.monotonic_ns(), draw.logprob, draw.entropy, steps=steps)
         if hit:
             reason = "stop_string"
             break

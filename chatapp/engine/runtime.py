@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..catalog import CatalogError, ModelEntry, load_catalog
-from .api import ControlSpec, Done, MemoryReport, SamplingSettings, StepEvent
+from ..contract import ControlSpec, Done, MemoryReport, SamplingSettings, StepEvent
 from .arch.base import Interrupted
 from .generate import Timer, decode_loop, prefill
 from .loader import LoadError, load_model, read_config, resolve_device, resolve_dtype
@@ -176,9 +176,10 @@ def _rss_bytes() -> int:
 def model_files(entry: ModelEntry) -> Path:
     """The entry's local directory: the demo checkpoint (made on first use) or the downloaded snapshot."""
     from .. import hub
+    from .demo import ensure_demo
 
     if entry.demo:
-        return hub.ensure_demo(entry)
+        return ensure_demo(entry)
     d = hub.local_dir(entry)
     if d is None:
         raise LoadError(f"{entry.id} is not downloaded yet; run `smollchat download {entry.id}` "

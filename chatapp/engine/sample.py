@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .api import SamplingSettings
+from ..contract import SamplingSettings
 
 
 def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

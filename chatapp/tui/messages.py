@@ -10,7 +10,7 @@ from typing import Any
 
 from textual.message import Message
 
-from ..engine.api import Done, MemoryReport
+from ..contract import Done, MemoryReport
 
 
 class ReplyChunk(Message):

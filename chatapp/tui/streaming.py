@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Iterable
 
-from ..engine.api import Done, MemoryReport, StepEvent
+from ..contract import Done, MemoryReport, StepEvent
 from .messages import MemorySample, ReplyChunk, ReplyFinished, ReplyStats
 
 BATCH_S = 0.03

@@ -8,7 +8,7 @@ import pytest
 
 from chatapp.chat.fake import (HUGINN_LIKE_CONTROLS, DownloadCancelled, FakeDownloader, FakeEngine, FakeTokenizer,
                                HubError, OfflineError, fake_entry)
-from chatapp.engine.api import Done, SamplingSettings, StepEvent
+from chatapp.contract import Done, SamplingSettings, StepEvent
 
 
 def collect(gen):

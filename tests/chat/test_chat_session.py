@@ -12,7 +12,7 @@ from chatapp.chat.conversation import Conversation
 from chatapp.chat.fake import HUGINN_LIKE_CONTROLS, FakeEngine, FakeTokenizer, fake_entry
 from chatapp.chat.session import ContextOverflow, Session
 from chatapp.chat.store import Store
-from chatapp.engine.api import Done, StepEvent
+from chatapp.contract import Done, StepEvent
 from chatapp.engine.tokenizer import load_tokenizer
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from chatapp.catalog import load_catalog
-from chatapp.engine.api import Done, SamplingSettings, StepEvent
+from chatapp.contract import Done, SamplingSettings, StepEvent
 from chatapp.engine.arch.base import ArchModel
 from chatapp.engine.generate import StopStrings
 from chatapp.engine.loader import load_model

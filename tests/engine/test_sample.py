@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chatapp.engine.api import SamplingSettings
+from chatapp.contract import SamplingSettings
 from chatapp.engine.sample import Sampler, apply_temperature_top_k_top_p_min_p, banned_ngram_tokens
 
 CARD = SamplingSettings(temperature=0.2, top_k=50, top_p=0.85, repetition_penalty=1.15, no_repeat_ngram=3)

@@ -7,7 +7,7 @@ import pytest
 from chatapp.chat.conversation import Conversation
 from chatapp.chat.fake import FakeEngine, FakeTokenizer, fake_entry
 from chatapp.chat.session import Session
-from chatapp.engine.api import Done, StepEvent
+from chatapp.contract import Done, StepEvent
 from chatapp.tui import figures
 from chatapp.tui.keys import KEYS, KeymapError, bindings, load_keymap
 from chatapp.tui.messages import MemorySample, ReplyChunk, ReplyFinished, ReplyStats
@@ -101,7 +101,7 @@ class Clock:
 def events(texts, clock, steps=None):
     for i, t in enumerate(texts):
         clock.t += 0.011
-        yield StepEvent(i, t, -0.1, 1.0, steps[i] if steps else None, 1000 + i)
+        yield StepEvent(i, t, 1000 + i, -0.1, 1.0, steps=steps[i] if steps else None)
     yield Done("eos", 3, len(texts), 0.05, 60.0, 100.0, text="!")
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import ControlSpec
+from ...contract import ControlSpec
 from ..state import StateList
 
 __all__ = ["ArchArgs", "ControlSpec", "ArchModel", "Interrupted", "arch_module", "ARCHITECTURES", "UnknownArchitecture"]

@@ -14,7 +14,7 @@ from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static, Switch, TextArea
 
-from ...engine.api import SamplingSettings
+from ...contract import SamplingSettings
 from ..keys import bindings
 from .dialogs import DIALOG_CSS, TextPrompt
 

@@ -16,7 +16,7 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Input, Label, Select, Static, Switch
 
-from ...engine.api import ControlSpec
+from ...contract import ControlSpec
 from ..figures import steps_strip, steps_summary
 
 #: The control that caps the steps a token may use; the early-exit saving is measured against it.

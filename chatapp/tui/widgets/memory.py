@@ -12,7 +12,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from ...engine.api import MemoryReport
+from ...contract import MemoryReport
 from ..figures import bucket_max, ghost_kv_bytes, human_bytes, sparkline
 
 KIND_LABELS = (("kv", "KV cache"), ("recurrent", "recurrent"), ("conv", "conv state"), ("other", "other"))

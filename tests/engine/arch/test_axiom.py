@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chatapp.engine.api import SamplingSettings
+from chatapp.contract import SamplingSettings
 from chatapp.engine.loader import load_model
 from chatapp.engine.sample import Sampler
 from chatapp.engine.verify import verify

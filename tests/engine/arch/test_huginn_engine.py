@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from chatapp.catalog import get_entry
-from chatapp.engine.api import Done, StepEvent
+from chatapp.contract import Done, StepEvent
 from chatapp.engine.loader import build_model
 from chatapp.engine.tokenizer import ByteTokenizer
 

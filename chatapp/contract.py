@@ -1,0 +1,325 @@
+"""The seam between the chat layer and an engine: what `chat/` and `tui/` may use of one. No torch.
+
+- `EngineProtocol`: tokenizer, entry, info, generate, cancel, memory report. `engine.runtime.Engine` and
+  `chat.fake.FakeEngine` implement it; nothing else of an engine is reached from outside it.
+- `SamplingSettings` and `ControlSpec`, with the one validator of both: `SamplingSettings.validate` and
+  `resolve_controls`, which merges architecture defaults < catalog entry < chat < call into the complete,
+  checked `Controls` that every `generate` call carries (nothing of a call stays on the engine).
+- `StepEvent`, the per-token record (its optional figures are computed only when a `TokenDetail` asks),
+  `Done` at the end of a call, `MemoryReport`.
+
+The TUI imports this before any model is loaded, so it must never import torch (DESIGN.md, layout).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
+
+if TYPE_CHECKING:
+    from .catalog import ModelEntry
+    from .engine.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """One per-architecture compute control, rendered generically by the TUI.
+
+    Attributes:
+        name: the key used in `controls` dicts, catalog defaults and golden.json.
+        label: short human label.
+        type: "int" | "float" | "choice" | "bool" | "str".
+        default: the value used when nothing sets it.
+        min, max: bounds for int/float.
+        choices: allowed values for "choice".
+        help: one line shown beside the control.
+        changes_state: whether the value changes what the model's state holds after a token (the
+            prompt cache keys its snapshots by these); False for controls that only change how the
+            same result is computed (e.g. a speculative draft that is verified at full depth).
+    """
+
+    name: str
+    label: str
+    type: str
+    default: Any
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[Any, ...] = ()
+    help: str = ""
+    changes_state: bool = True
+
+    def coerce(self, value: Any) -> Any:
+        """Convert and validate a value for this control; raise ValueError with a clear message."""
+        try:
+            if self.type == "int":
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                v: Any = int(value)
+            elif self.type == "float":
+                v = value if isinstance(value, str) and value == "auto" else float(value)
+            elif self.type == "bool":
+                v = _bool(value)
+            else:
+                v = value if self.type != "str" else str(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"control {self.name!r} expects {_A[self.type]}, got {value!r}") from None
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"control {self.name!r} must be a finite number; got {v}")
+        if self.type == "choice" and self.choices and not _choice_ok(v, self.choices):
+            raise ValueError(f"control {self.name!r} must be one of {', '.join(map(str, self.choices))}; got {v!r}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if self.min is not None and v < self.min or self.max is not None and v > self.max:
+                raise ValueError(f"control {self.name!r} must be within [{_bound(self.min)}, {_bound(self.max)}]; "
+                                 f"got {v}")
+        return v
+
+
+_A = {"int": "an integer", "float": "a number", "bool": "true or false", "choice": "one of its choices",
+      "str": "a string"}
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError
+
+
+def _bound(b: float | None) -> str:
+    return "..." if b is None else f"{b:g}"
+
+
+def _choice_ok(v: Any, choices: tuple[Any, ...]) -> bool:
+    # A trailing "*" marks a family of choices such as "compress-s*" (any integer after the prefix).
+    for c in choices:
+        if isinstance(c, str) and c.endswith("*") and isinstance(v, str) and v.startswith(c[:-1]):
+            return True
+        if v == c:
+            return True
+    return False
+
+
+class Controls(Mapping):
+    """The complete, validated control values of one call (made only by `resolve_controls`)."""
+
+    __slots__ = ("_values", "_state_key")
+
+    def __init__(self, values: dict[str, Any], state_key: tuple[tuple[str, Any], ...]) -> None:
+        self._values = dict(values)
+        self._state_key = state_key
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Controls({self._values!r})"
+
+    @property
+    def state_key(self) -> tuple[tuple[str, Any], ...]:
+        """The values that change what the state holds (part of the prompt cache's key)."""
+        return self._state_key
+
+
+def resolve_controls(specs: tuple[ControlSpec, ...], catalog: Mapping[str, Any] | None = None,
+                     chat: Mapping[str, Any] | None = None, call: Mapping[str, Any] | None = None) -> Controls:
+    """Merge architecture defaults (the specs) < catalog entry < chat < call and validate every value.
+
+    Unknown names raise ValueError, except in the chat's layer: a chat keeps its controls when it is
+    continued on another model, which uses the ones it declares.
+    """
+    by_name = {s.name: s for s in specs}
+    values = {s.name: s.default for s in specs}
+    for source, layer in (("the catalog entry", catalog), ("the chat", chat), ("this call", call)):
+        if isinstance(layer, Controls) and set(layer) == set(by_name):
+            values.update(layer)  # already validated against specs of the same names
+            continue
+        for name, value in (layer or {}).items():
+            spec = by_name.get(name)
+            if spec is None:
+                if source == "the chat":
+                    continue
+                raise ValueError(f"unknown control {name!r} (from {source}); this model's controls are: "
+                                 f"{', '.join(by_name) or 'none'}")
+            values[name] = spec.coerce(value)
+    return Controls(values, tuple((s.name, values[s.name]) for s in specs if s.changes_state))
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Decoding settings. temperature 0 means greedy; 0/None disables a filter."""
+
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram: int = 0
+    seed: int | None = None
+    max_new_tokens: int = 256
+    stop_strings: tuple[str, ...] = ()
+    stop_ids: tuple[int, ...] = ()
+
+    def with_overrides(self, **kw: Any) -> "SamplingSettings":
+        """A copy with the non-None keyword values applied (unknown names raise TypeError)."""
+        names = {f.name for f in fields(self)}
+        bad = set(kw) - names
+        if bad:
+            raise TypeError(f"unknown sampling settings: {', '.join(sorted(bad))}")
+        kw = {k: (tuple(v) if k in ("stop_strings", "stop_ids") else v) for k, v in kw.items() if v is not None}
+        return replace(self, **kw)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting of the wrong type or out of range."""
+        for name, kind in (("temperature", float), ("top_k", int), ("top_p", float), ("min_p", float),
+                           ("repetition_penalty", float), ("no_repeat_ngram", int), ("max_new_tokens", int)):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
+            if not ok:
+                raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'}; got {v!r}")
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number; got {v}")
+        checks = [
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("top_k", self.top_k >= 0, ">= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+            ("no_repeat_ngram", self.no_repeat_ngram >= 0, ">= 0"),
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {rule}; got {getattr(self, name)!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64); got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class TokenDetail:
+    """Which optional figures each StepEvent carries; the engine computes none that is not asked for."""
+
+    logprob: bool = False
+    entropy: bool = False
+    alternatives: int = 0
+
+    @property
+    def any(self) -> bool:
+        return self.logprob or self.entropy or self.alternatives > 0
+
+
+#: What a chat run card records per token.
+RUN_CARD_DETAIL = TokenDetail(logprob=True, entropy=True)
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One generated token.
+
+    Attributes:
+        token_id: the sampled id.
+        text: the streamed text delta (never a broken UTF-8 sequence; may be "").
+        t_ns: monotonic time when the token was ready.
+        logprob: log-probability of the token under the final sampling distribution (when asked).
+        entropy: entropy (nats) of the model's raw next-token distribution (when asked).
+        alternatives: the most likely (token id, log-probability) pairs of that distribution (when asked).
+        steps: recurrence steps the token's forward ran (Huginn), else None. Always filled: the forward
+            reports it anyway, so it costs nothing.
+    """
+
+    token_id: int
+    text: str
+    t_ns: int
+    logprob: float | None = None
+    entropy: float | None = None
+    alternatives: tuple[tuple[int, float], ...] | None = None
+    steps: int | None = None
+
+
+STOP_REASONS = ("eos", "stop_string", "max_tokens", "cancelled", "context_full")
+
+
+@dataclass(frozen=True)
+class Done:
+    """The end of one generation.
+
+    stop_reason is one of STOP_REASONS. `text` is streamed text held back until the end (a partial stop
+    string that never completed, or an incomplete UTF-8 sequence); append it to the reply.
+    `reused_tokens` is the prompt prefix the engine's prompt cache skipped ("prefill skipped N tokens").
+    """
+
+    stop_reason: str
+    prompt_tokens: int
+    new_tokens: int
+    ttft_s: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    reused_tokens: int = 0
+    detail: str = ""
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Bytes by kind plus allocator figures.
+
+    Attributes:
+        weights: parameter bytes.
+        allocated: state bytes allocated, by kind ("kv", "recurrent", "conv", "other").
+        used: state bytes holding information, by kind.
+        context_used, context_limit: tokens in the state and the most it can hold.
+        device: "cpu" or "cuda:N".
+        allocator: torch allocator figures where the device has them (bytes).
+        prompt_cache: bytes held by the prompt cache's snapshots.
+    """
+
+    weights: int
+    allocated: dict[str, int]
+    used: dict[str, int]
+    context_used: int
+    context_limit: int
+    device: str
+    allocator: dict[str, int] = field(default_factory=dict)
+    prompt_cache: int = 0
+
+    @property
+    def state_total(self) -> int:
+        return sum(self.allocated.values())
+
+
+class EngineProtocol(Protocol):
+    """Everything `chat/` and `tui/` may use of an engine.
+
+    `info()` returns the figures the UI shows: model_id, name, architecture, device, dtype,
+    context_limit, demo, and where known n_layers, hidden_size, params.
+    `generate` streams StepEvents and one final Done. `cancel` (an Event the caller owns) stops that
+    call alone, even while it waits for the engine; `cancel()` stops whichever call is running now.
+    """
+
+    entry_id: str
+    entry: "ModelEntry"
+    tokenizer: "Tokenizer"
+    controls: tuple[ControlSpec, ...]
+    context_limit: int
+
+    def info(self) -> dict[str, Any]: ...
+
+    def generate(self, ids: list[int], settings: SamplingSettings | None = None,
+                 controls: Mapping[str, Any] | None = None, *, cancel: threading.Event | None = None,
+                 detail: TokenDetail = TokenDetail()) -> Iterator[StepEvent | Done]: ...
+
+    def cancel(self) -> None: ...
+
+    def memory(self) -> MemoryReport: ...
