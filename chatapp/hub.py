@@ -1,6 +1,7 @@
 """Model files from the Hugging Face Hub, in its standard cache: plan, download (resumable, cancellable), inspect.
 
-Torch-free (the TUI imports it at start-up; `ensure_demo` imports torch only when it has to build a demo).
+Torch-free (the TUI imports it at start-up). Demo checkpoints are built by the engine (engine/demo.py); this module
+only says where they live and whether one is made.
 
 What comes from huggingface_hub: the repo listing (`HfApi.model_info(files_metadata=True)`), each file's metadata
 (`get_hf_file_metadata`: etag, size, CDN location), URLs, auth headers, the shared HTTP session, error types,
@@ -29,7 +30,6 @@ import json
 import os
 import queue
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -44,7 +44,8 @@ from . import locations
 from .catalog import ModelEntry, Source
 
 __all__ = ["DownloadProgress", "RemoteFile", "HubError", "OfflineError", "DownloadCancelled", "plan", "download",
-           "local_dir", "is_downloaded", "file_path", "delete", "disk_usage", "ensure_demo", "cache_root"]
+           "local_dir", "is_downloaded", "file_path", "delete", "disk_usage", "cache_root",
+           "demo_dir", "demo_stamp", "demo_ready"]
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 #: Code and pickle formats are never fetched, whatever a catalog glob says (the catalog refuses them too).
@@ -298,10 +299,14 @@ def download(entry: ModelEntry, progress: Callable[[DownloadProgress], None] | N
     """Fetch every planned file into the HF cache (resuming partial files) and return the main snapshot dir.
 
     Raises DownloadCancelled (partial files kept), OfflineError (no network or HF_HUB_OFFLINE, files missing),
-    HubError (anything else: unknown repo, size or checksum mismatch, ...). A demo entry is made locally instead.
+    HubError (anything else: unknown repo, size or checksum mismatch, ...). A demo entry is not downloaded: its
+    directory is returned once the engine has made it (chatapp.engine.demo.ensure_demo).
     """
     if entry.demo:
-        return ensure_demo(entry)
+        if (d := local_dir(entry)) is not None:
+            return d
+        raise HubError(f"{entry.id} is a demo checkpoint with random weights: it is made on this machine when it is "
+                       "loaded, not downloaded.")
     if entry.source is None:
         raise HubError(f"{entry.id} has no download source in the catalog.")
     if _offline():
@@ -600,17 +605,20 @@ def _complete_snapshot(src: Source, cache: Path | None = None) -> Path | None:
     return snap
 
 
-def _demo_path(entry: ModelEntry) -> Path:
+def demo_dir(entry: ModelEntry) -> Path:
+    """Where a demo entry's checkpoint lives (engine/demo.py builds it there)."""
     return locations.demo_dir() / entry.id
 
 
-def _demo_stamp(entry: ModelEntry) -> dict[str, Any]:
+def demo_stamp(entry: ModelEntry) -> dict[str, Any]:
+    """What a demo was made from; a demo whose stamp differs is stale and made again."""
     # Round-tripped through JSON so it compares equal to what was written.
     return json.loads(json.dumps({"demo_config": entry.demo_config, "demo_seed": entry.demo_seed,
                                   "options": entry.options}, sort_keys=True))
 
 
-def _demo_ready(d: Path, stamp: dict[str, Any] | None = None) -> bool:
+def demo_ready(d: Path, stamp: dict[str, Any] | None = None) -> bool:
+    """Whether `d` holds a made demo (with `stamp`: made from exactly that)."""
     if not ((d / "model.safetensors").is_file() and (d / "config.json").is_file()):
         return False
     if stamp is None:
@@ -624,8 +632,8 @@ def _demo_ready(d: Path, stamp: dict[str, Any] | None = None) -> bool:
 def local_dir(entry: ModelEntry) -> Path | None:
     """The complete local snapshot (main source, with every extra source complete too), or the made demo dir."""
     if entry.demo:
-        d = _demo_path(entry)
-        return d if _demo_ready(d) else None
+        d = demo_dir(entry)
+        return d if demo_ready(d) else None
     if entry.source is None:
         return None
     cache = cache_root()
@@ -642,7 +650,7 @@ def is_downloaded(entry: ModelEntry) -> bool:
 def file_path(entry: ModelEntry, name: str) -> Path | None:
     """A finished file from the main snapshot or an extra source (e.g. Genesis's tokenizer.json), else None."""
     if entry.demo:
-        p = _demo_path(entry) / name
+        p = demo_dir(entry) / name
         return p if p.is_file() else None
     cache = cache_root()
     for src in _sources(entry):
@@ -668,7 +676,7 @@ def disk_usage(entry: ModelEntry) -> int:
     Extra sources (a tokenizer repo) are not counted: delete() leaves them, as other models or tools may share them.
     """
     if entry.demo:
-        d = _demo_path(entry)
+        d = demo_dir(entry)
         return sum(p.stat().st_size for p in d.glob("*") if p.is_file()) if d.is_dir() else 0
     if entry.source is None:
         return 0
@@ -690,7 +698,7 @@ def delete(entry: ModelEntry) -> None:
     are left as they are.
     """
     if entry.demo:
-        shutil.rmtree(_demo_path(entry), ignore_errors=True)
+        shutil.rmtree(demo_dir(entry), ignore_errors=True)
         return
     if entry.source is None:
         return
@@ -712,58 +720,3 @@ def delete(entry: ModelEntry) -> None:
     # What the scan does not know about (partial blobs, the download record) goes with the folder.
     shutil.rmtree(storage, ignore_errors=True)
     shutil.rmtree(cache / ".locks" / storage.name, ignore_errors=True)
-
-
-# ---------------------------------------------------------------- demo checkpoints
-
-
-def ensure_demo(entry: ModelEntry) -> Path:
-    """Make (once, deterministically) the demo entry's random-weight checkpoint and return its directory.
-
-    config.json = the entry's demo_config; model.safetensors = the state_dict of Model(ModelArgs) built on CPU
-    under torch.manual_seed(demo_seed) (then `init_demo_weights()` when the architecture has one). Written in a
-    temporary directory and renamed into place, so a crash never leaves half a demo.
-    """
-    if not entry.demo:
-        raise HubError(f"{entry.id} is not a demo entry; download it with `smollchat download {entry.id}`.")
-    final = _demo_path(entry)
-    stamp = _demo_stamp(entry)
-    if _demo_ready(final, stamp):
-        return final
-    import torch
-    from safetensors.torch import save_file
-
-    from .engine.loader import build_model
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.id}.", dir=final.parent))
-    try:
-        # A private RNG stream: the caller's torch seed state is left as it was.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(entry.demo_seed)
-            model = build_model(dict(entry.demo_config), entry.options, device="cpu")
-            init = getattr(model, "init_demo_weights", None)
-            if callable(init):
-                init()
-        # Clones: tied weights share storage, which save_file refuses.
-        tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"smollchat_demo": "random weights"})
-        (tmp / "config.json").write_text(json.dumps(entry.demo_config, indent=1, sort_keys=True))
-        (tmp / DEMO_STAMP).write_text(json.dumps(stamp, sort_keys=True))
-        _swap_in(tmp, final, stamp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _swap_in(tmp: Path, final: Path, stamp: dict[str, Any]) -> None:
-    """Rename a finished directory into place, replacing a stale one."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-        shutil.rmtree(old, ignore_errors=True)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        # Another process finished the same demo first; its bytes are the same.
-        if not _demo_ready(final, stamp):
-            raise

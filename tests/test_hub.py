@@ -1,5 +1,5 @@
 """chatapp.hub against a local fake Hub (tests/fakehub.py): filtering, second source, progress, resume, size and
-checksum checks, cancel, offline, delete/disk usage; and the deterministic demo checkpoints."""
+checksum checks, cancel, offline, delete/disk usage. (Demo checkpoints: tests/engine/test_demo.py.)"""
 from __future__ import annotations
 
 import hashlib
@@ -258,41 +258,3 @@ def test_delete_and_disk_usage_touch_only_that_repo(fake, entry):
     # The shared tokenizer repo is another repo: left in place.
     assert (hub.cache_root() / "models--org--tokenizer").is_dir()
     hub.delete(entry)  # deleting twice is harmless
-
-
-# ---------------------------------------------------------------- demo checkpoints
-
-
-def test_demo_is_deterministic_loadable_and_counts_as_downloaded(monkeypatch, tmp_path):
-    import torch
-    from safetensors import safe_open
-
-    from chatapp.engine.loader import load_model
-
-    demo = load_catalog()["axiom-tiny"]
-    assert hub.local_dir(demo) is None and not hub.is_downloaded(demo)
-    rng = torch.get_rng_state()
-    d = hub.ensure_demo(demo)
-    assert torch.equal(torch.get_rng_state(), rng)  # the caller's seed state is untouched
-    assert hub.is_downloaded(demo) and hub.local_dir(demo) == d and hub.download(demo) == d
-    first = (d / "model.safetensors").read_bytes()
-    with safe_open(d / "model.safetensors", "pt") as f:
-        assert f.metadata() == {"smollchat_demo": "random weights"}
-    assert hub.file_path(demo, "config.json") == d / "config.json"
-    assert hub.disk_usage(demo) >= len(first)
-    model = load_model(d)
-    assert sum(p.numel() for p in model.parameters()) > 0
-
-    monkeypatch.setenv("SMOLLCHAT_HOME", str(tmp_path / "second-home"))
-    again = hub.ensure_demo(demo)
-    assert again != d and (again / "model.safetensors").read_bytes() == first
-    assert not [p for p in again.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
-    reseeded = hub.ensure_demo(replace(demo, demo_seed=demo.demo_seed + 1))
-    assert reseeded == again and (again / "model.safetensors").read_bytes() != first
-    hub.delete(demo)
-    assert not hub.is_downloaded(demo)
-
-
-def test_ensure_demo_refuses_a_real_entry():
-    with pytest.raises(hub.HubError):
-        hub.ensure_demo(load_catalog()["axiom"])

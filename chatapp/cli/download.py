@@ -20,7 +20,9 @@ def run(args) -> int:
 
     entry = resolve_entry(args.model_id)
     if entry.demo:
-        path = hub.ensure_demo(entry)
+        from ..engine.demo import ensure_demo
+
+        path = ensure_demo(entry)
         print(f"{entry.id} is a demo checkpoint (random weights), ready at {path}")
         return EXIT_OK
     cancel = threading.Event()
