@@ -49,11 +49,15 @@ def test_verify_exit_codes(tmp_path, fixture_dir, capsys):
     import shutil
     bad = tmp_path / "bad"
     shutil.copytree(fixture_dir("axiom"), bad)
-    golden = json.loads((bad / "golden.json").read_text())
-    golden["suggested_tolerance"]["logits_fp32"] = {"atol": 0.0, "rtol": 0.0}
-    (bad / "golden.json").chmod(0o644)
-    (bad / "golden.json").write_text(json.dumps(golden))
-    assert main(["verify", str(bad)]) == 1  # a tolerance of zero cannot be met: FAIL, exit 1
+    # A perturbed weight fails by construction (a zero tolerance can be met bit for bit on some CPUs).
+    from safetensors.torch import load_file, save_file
+    weights_file = bad / "model.safetensors"
+    weights = load_file(str(weights_file))
+    name = next(k for k in sorted(weights) if k.endswith("norm.weight"))
+    weights[name] = weights[name] * 3.0 + 1.0
+    weights_file.chmod(0o644)
+    save_file(weights, str(weights_file))
+    assert main(["verify", str(bad)]) == 1  # logits off the fixture: FAIL, exit 1
     assert "FAIL" in capsys.readouterr().out
 
 

@@ -6,6 +6,7 @@ loading and the catalog entries are in test_huginn_memory.py and test_huginn_eng
 """
 from __future__ import annotations
 
+from functools import partial
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from chatapp.engine.arch.huginn_cache import CacheStrategy, HuginnState
 from chatapp.engine.arch.huginn_exit import ExitRule
 from chatapp.engine.loader import load_model
 from chatapp.engine.verify import forced_decode, verify
+
+from ..closeness import assert_close
 
 FIXTURE = "huginn"
 
@@ -28,14 +31,15 @@ def model(fx):
     return m
 
 
-def close(got, ref, atol=5e-4, rtol=1e-4):
-    err, bound = (got - ref).abs().max().item(), atol + rtol * ref.abs().max().item()
-    assert err <= bound, f"max abs err {err:.3e} > {bound:.3e}"
+# Tolerance of this file's model-level comparisons unless a test states its own.
+close = partial(assert_close, atol=5e-4)
 
 
 @torch.inference_mode()
-def greedy(model, ids, n, state=None):
-    """Prefill then plain greedy decoding; returns (ids, steps per token, exit values per token)."""
+def greedy(model, ids, n, controls, state=None):
+    """Prefill then plain greedy decoding under `controls` (over ZERO); returns (ids, steps per token,
+    exit values per token)."""
+    controls = {**ZERO, **controls}
     state = state or model.make_state(ids.shape[1] + n, "cpu", torch.float32)
     logits = model(ids, state, last_only=True)[0, -1]
     out, steps, values = [], [model.last_steps], [list(model.last_exit_values)]

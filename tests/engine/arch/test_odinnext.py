@@ -23,6 +23,7 @@ from chatapp.engine.state import ContextFull
 from chatapp.engine.verify import verify
 
 from ..conftest import demo_engine
+from ..closeness import assert_close
 
 FIXTURE = "odinnext"
 
@@ -39,8 +40,7 @@ def model(fx):
 
 
 def close(got, ref, tol):
-    err, bound = (got - ref).abs().max().item(), tol["atol"] + tol["rtol"] * ref.abs().max().item()
-    assert err <= bound, f"max abs err {err:.3e} > {bound:.3e}"
+    assert_close(got, ref, tol=tol)
 
 
 def test_verify_passes_on_the_fixture(fx):

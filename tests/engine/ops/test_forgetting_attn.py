@@ -17,6 +17,7 @@ from chatapp.engine.ops.forgetting_attn import torch as fa_torch
 from chatapp.engine.ops.forgetting_attn.cache import ForgettingKVCache
 from chatapp.engine.state import ContextFull
 
+from ..closeness import assert_close_rms
 from .conftest import triton_impl
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -35,14 +36,8 @@ def make_inputs(t, length, heads, dtype, b=2, d=24, dv=20, seed=7, gate_scale=2.
 
 
 def assert_close(got, ref, dtype, what):
-    """Relative-RMS check plus a max-abs bound scaled to the reference."""
-    got, ref = got.float(), ref.float()
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    rms = (got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-12)
-    tol = 1e-5 if dtype == torch.float32 else 1.5e-2
-    assert rms < tol, f"{what}: relative RMS error {rms:.2e} >= {tol:g}"
-    bound = (5e-5 if dtype == torch.float32 else 6e-2) * ref.abs().max().clamp_min(1.0)
-    assert (got - ref).abs().max() <= bound, f"{what}: max abs error {(got - ref).abs().max():.3e} > {bound:.3e}"
+    # (relative RMS, max-abs scale) of this op per input dtype
+    assert_close_rms(got, ref, *((1e-5, 5e-5) if dtype == torch.float32 else (1.5e-2, 6e-2)), what)
 
 
 def oracle(q, k, v, c):

@@ -14,6 +14,7 @@ from chatapp.engine.ops import gla
 from chatapp.engine.ops.gla import gla_naive
 from chatapp.engine.ops.gla import torch as gla_torch
 
+from ..closeness import assert_close_rms
 from .conftest import triton_impl
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -31,14 +32,8 @@ def make_inputs(t, per_head, dtype, b=2, h=3, dk=32, dv=24, seed=42, gate_scale=
 
 
 def assert_close(got, ref, dtype, what):
-    """Relative-RMS check (fla's style) plus a max-abs bound scaled to the reference."""
-    got, ref = got.float(), ref.float()
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    rms = (got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-12)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert rms < tol, f"{what}: relative RMS error {rms:.2e} >= {tol:g}"
-    bound = (3e-5 if dtype == torch.float32 else 4e-2) * ref.abs().max().clamp_min(1.0)
-    assert (got - ref).abs().max() <= bound, f"{what}: max abs error {(got - ref).abs().max():.3e} > {bound:.3e}"
+    # (relative RMS, max-abs scale) of this op per input dtype
+    assert_close_rms(got, ref, *((1e-5, 3e-5) if dtype == torch.float32 else (1e-2, 4e-2)), what)
 
 
 def oracle(q, k, v, g, s0):
