@@ -36,10 +36,8 @@ close = partial(assert_close, atol=5e-4)
 
 
 @torch.inference_mode()
-def greedy(model, ids, n, controls, state=None):
-    """Prefill then plain greedy decoding under `controls` (over ZERO); returns (ids, steps per token,
-    exit values per token)."""
-    controls = {**ZERO, **controls}
+def greedy(model, ids, n, state=None):
+    """Prefill then plain greedy decoding; returns (ids, steps per token, exit values per token)."""
     state = state or model.make_state(ids.shape[1] + n, "cpu", torch.float32)
     logits = model(ids, state, last_only=True)[0, -1]
     out, steps, values = [], [model.last_steps], [list(model.last_exit_values)]
