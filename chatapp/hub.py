@@ -158,7 +158,6 @@ def _allowed(path: str, allow: tuple[str, ...]) -> bool:
 @contextmanager
 def _hub_errors(what: str, repo: str, revision: str = "") -> Iterator[None]:
     """Turn huggingface_hub / HTTP failures into HubError or OfflineError with one clear sentence."""
-    import httpx2
     from huggingface_hub import errors as hf_errors
 
     try:
@@ -168,9 +167,6 @@ def _hub_errors(what: str, repo: str, revision: str = "") -> Iterator[None]:
     except hf_errors.OfflineModeIsEnabled:
         raise OfflineError(f"cannot fetch {what}: huggingface_hub is in offline mode (HF_HUB_OFFLINE was set when "
                            "it was imported); restart without HF_HUB_OFFLINE to download.") from None
-    except (httpx2.TransportError, ConnectionError) as e:
-        raise OfflineError(f"cannot reach the Hugging Face Hub at {_endpoint()} to fetch {what} "
-                           f"({type(e).__name__}); check the network connection and try again.") from None
     except hf_errors.GatedRepoError:
         raise HubError(f"{repo} is gated on the Hub: accept its terms on the model page and log in with "
                        "`hf auth login`, then try again.") from None
@@ -183,6 +179,11 @@ def _hub_errors(what: str, repo: str, revision: str = "") -> Iterator[None]:
     except hf_errors.HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "?"
         raise HubError(f"the Hub answered HTTP {status} for {what}; try again later.") from None
+    except (hf_errors.HTTPError, ConnectionError) as e:
+        # huggingface_hub's name for its transport's base error (httpx in 1.x, httpx2 in 2.x): with the status
+        # errors handled above, what is left is the network (connect, timeout, protocol).
+        raise OfflineError(f"cannot reach the Hugging Face Hub at {_endpoint()} to fetch {what} "
+                           f"({type(e).__name__}); check the network connection and try again.") from None
     except OSError as e:
         raise HubError(f"cannot write {what} to {cache_root()} ({e.strerror or e}).") from None
 
@@ -392,7 +393,6 @@ def _fetch(rf: RemoteFile, cache: Path, index: int, tracker: _Tracker, cancel: t
 def _transfer(rf: RemoteFile, url: str, send_auth: bool, blob: Path, index: int, tracker: _Tracker,
               cancel: threading.Event | None) -> None:
     """Stream one file into `<blob>.incomplete` from where it stopped, check it, and move it into place."""
-    import httpx2
     from huggingface_hub.utils import build_hf_headers
 
     what = f"{rf.repo}/{rf.path}"
@@ -441,13 +441,12 @@ def _transfer(rf: RemoteFile, url: str, send_auth: bool, blob: Path, index: int,
                 seen = f"more than {rf.size}" if e.args[1] else f"only {e.args[0]}"
                 raise HubError(f"{what} does not have the size the Hub reports ({rf.size} bytes listed, {seen} "
                                "served), so the partial file was removed; try again later.") from None
-            except (httpx2.TransportError, _Transient) as e:
+            except _Transient as e:
                 f.flush()
                 failures = 1 if got else failures + 1
                 if failures > RETRIES:
                     raise OfflineError(f"the connection to the Hub broke off while fetching {what} ({have} of "
-                                       f"{rf.size} bytes kept, {type(e).__name__}); run the download again to "
-                                       "resume.") from None
+                                       f"{rf.size} bytes kept, {e}); run the download again to resume.") from None
                 _pause(RETRY_WAIT_S * failures, cancel, tracker)
             finally:
                 reader.close()
@@ -499,11 +498,12 @@ class _Reader:
         return False
 
     def _run(self, url: str, headers: dict[str, str]) -> None:
-        import httpx2
+        from huggingface_hub import errors as hf_errors
         from huggingface_hub.utils import get_session, hf_raise_for_status
 
         try:
-            timeout = httpx2.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+            # (connect, read, write, pool): the tuple form both httpx and httpx2 accept, so no transport import.
+            timeout = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S, READ_TIMEOUT_S, CONNECT_TIMEOUT_S)
             with get_session().stream("GET", url, headers=headers, timeout=timeout, follow_redirects=True) as r:
                 if r.status_code in _TRANSIENT_STATUS:
                     raise _Transient(f"HTTP {r.status_code}")
@@ -522,6 +522,10 @@ class _Reader:
                     if chunk and not self._put(("data", chunk)):
                         return
             self._put(("end", None))
+        except hf_errors.HfHubHTTPError as e:
+            self._put(("error", e))
+        except hf_errors.HTTPError as e:  # the transport's (connect, read timeout, broken body): worth a retry
+            self._put(("error", _Transient(type(e).__name__)))
         except BaseException as e:  # handed to the writing thread, which decides
             self._put(("error", e))
 
