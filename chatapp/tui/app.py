@@ -16,6 +16,7 @@ from textual.app import App, SystemCommand
 from textual.screen import Screen
 
 from .. import locations
+from ..textsafe import displayable
 from ..catalog import CatalogError, ModelEntry, load_catalog
 from ..chat.session import Session
 from ..chat.store import Store, StoreError
@@ -62,6 +63,14 @@ class SmollChat(App):
     @property
     def entry_id(self) -> str | None:
         return self.entry.id if self.entry is not None else None
+
+    def notify(self, message: str, *, title: str = "", severity: str = "information", timeout: float | None = None,
+               markup: bool = True) -> None:
+        """Every toast (widgets' and screens' `notify` come here) is plain text: its message and title
+        often quote a chat title, a file name or an error, which must neither run as markup nor send
+        control sequences to the terminal. `markup` is accepted for Textual's signature and ignored."""
+        super().notify(displayable(str(message)), title=displayable(str(title)), severity=severity, timeout=timeout,
+                       markup=False)
 
     def get_theme_variable_defaults(self) -> dict[str, str]:
         return dict(VARIABLE_DEFAULTS)
@@ -163,10 +172,12 @@ class SmollChat(App):
                            chats=screen.query_one("#chat-options"))
         elif isinstance(screen, ModelsScreen):
             targets["models"] = screen
+        # Textual lists its own palette, quit and theme commands; one entry per description besides
+        # (the chat list's Delete and the screen's F8 both delete a chat).
         seen = {"command_palette", "quit", "change_theme"}
         for k in KEYS:
-            if k.scope in targets and (k.scope, k.action) not in seen:
-                seen.add((k.scope, k.action))
+            if k.scope in targets and k.action not in seen and k.description not in seen:
+                seen.update((k.action, k.description))
                 yield SystemCommand(f"{k.description}", f"{keys_for(k.id, self.keymap)} · {k.id}",
                                     lambda k=k, node=targets[k.scope]: self.run_action(k.action, node))
 

@@ -4,14 +4,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 BARS = "▁▂▃▄▅▆▇█"
-# C0 controls (but newline and tab) and DEL as their visible Unicode pictures: a model with random
-# weights emits them, and raw they would move a real terminal's cursor.
-_CONTROLS = {c: 0x2400 + c for c in range(32) if c not in (9, 10)} | {127: 0x2421}
-
-
-def displayable(text: str) -> str:
-    """Text safe to show in a terminal: control characters become visible symbols (␏, ␡)."""
-    return text.translate(_CONTROLS)
 
 
 def human_bytes(n: float) -> str:

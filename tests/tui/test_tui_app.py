@@ -13,7 +13,7 @@ from chatapp import locations
 from chatapp.chat import store as store_module
 from chatapp.chat.fake import HUGINN_LIKE_CONTROLS, FakeEngine
 from chatapp.tui.app import make_app
-from chatapp.tui.keys import KEYS
+from chatapp.tui.keys import KEYS, spec
 from chatapp.tui.screens.help import HelpScreen
 from chatapp.tui.widgets.chat_list import ChatList
 from chatapp.tui.widgets.compute import ComputePanel
@@ -26,7 +26,8 @@ pytestmark = pytest.mark.asyncio
 
 def chat_titles(app) -> list[str]:
     options = app.chat_screen.query_one(ChatList).options
-    return [str(options.get_option_at_index(i).prompt).split("\n")[0] for i in range(options.option_count)]
+    return [str(options.get_option_at_index(i).prompt).split("\n")[0].removeprefix(ChatList.OPEN_MARK).strip()
+            for i in range(options.option_count)]
 
 
 async def answer_prompt(pilot, text: str) -> None:
@@ -224,10 +225,15 @@ async def test_help_lists_every_binding_and_the_palette_every_action(build):
         for k in KEYS:
             assert k.id in text
         await pilot.press("escape")
-        titles = {c.title for c in app.get_system_commands(app.chat_screen)}
+        commands = list(app.get_system_commands(app.chat_screen))
+        titles = [c.title for c in commands]
+        assert len(titles) == len(set(titles)), "a command is listed twice (Theme, Delete chat were)"
+        ids = {k.id for k in KEYS}
+        listed = {c.help.rsplit(" · ", 1)[-1] for c in commands} & ids
+        actions = {spec(i).action for i in listed} | {"command_palette", "quit", "change_theme"}
         for k in KEYS:
             if k.scope in ("chat", "composer", "messages", "chats") or k.id in ("app.help", "app.models"):
-                assert k.description in titles, k.id
+                assert k.action in actions, k.id
 
 
 async def test_palette_runs_an_action(build):

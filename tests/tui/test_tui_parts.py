@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from chatapp import textsafe
 from chatapp.chat.conversation import Conversation
 from chatapp.chat.fake import FakeEngine, FakeTokenizer, fake_entry
 from chatapp.chat.session import Session
@@ -25,7 +26,20 @@ def test_human_figures():
 
 
 def test_control_characters_are_shown_not_sent_to_the_terminal():
-    assert figures.displayable("a\x1b[2Jb\x0f\tc\nd\x7f") == "a␛[2Jb␏\tc\nd␡"
+    assert textsafe.displayable("a\x1b[2Jb\x0f\tc\nd\x7f\x9b") == "a␛[2Jb␏\tc\nd␡\ufffd"
+
+
+def test_strip_controls_drops_escape_sequences_for_a_tty():
+    """What the one-shot CLI writes to a terminal: no sequence survives (the pane title, colours)."""
+    title = "a\x1b]2;pwned\x07b\x1b]0;x\x1b\\c\x1b[31mred\x1b[0m\td\ne\x9b2Jf\x00\x7f\x1bcg"
+    assert textsafe.strip_controls(title) == "abcred\td\nefg"
+    assert textsafe.strip_controls("plain text, [markup] kept") == "plain text, [markup] kept"
+
+
+def test_plain_is_never_read_as_markup():
+    content = textsafe.plain("[@click=app.quit]x[/] \x1b]2;t\x07", "bold")
+    assert content.plain == "[@click=app.quit]x[/] ␛]2;t␇"
+    assert not any("click" in str(span.style) for span in content.spans)
 
 
 def test_run_line_names_every_figure():

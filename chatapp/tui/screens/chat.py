@@ -1,61 +1,68 @@
-"""The chat screen: chat list | conversation + composer | model, memory and compute panels.
+"""The chat screen: chat list | conversation + branch line + composer | model, memory and compute panels.
 
-It routes: the composer and the message list post requests, this screen applies them to the
-chat layer (Conversation tree, Session, Store) and starts the one generation worker, which streams
-in a thread and posts batched messages back (see streaming.pump).
+It composes widgets that own their state and routes their messages: the message list (the one
+selection), the live reply (the generation worker), the branch navigator, the chat actions (the open
+chat and its tree) and the chat library (rename, delete, export, import, settings). Below a width
+the side panels collapse so the conversation keeps a readable measure.
 """
 from __future__ import annotations
 
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.events import Resize
 from textual.screen import Screen
 from textual.widgets import Footer, Static
-from textual.worker import Worker, get_current_worker
 
-from ...chat.conversation import Conversation
+from ...textsafe import plain
 from ..keys import bindings
-from ..messages import ReplyFinished
-from ..streaming import pump
+from ..widgets.branches import BranchNavigator
+from ..widgets.chat_actions import ChatActions
+from ..widgets.chat_library import ChatLibrary
 from ..widgets.chat_list import ChatList
 from ..widgets.composer import Composer
-from ..widgets.compute import ComputePanel
+from ..widgets.compute import BUDGET_CONTROL, ComputePanel
 from ..widgets.conversation import ConversationView
+from ..widgets.live import LiveReply
 from ..widgets.memory import MemoryPanel
 from ..widgets.model_info import ModelInfo
-from .chat_manage import EMPTY, ChatManagement
-from .live import LiveReply
-from .dialogs import Confirm, EditMessage
+
+#: Widths of the chat list and the side panels, and the narrowest the conversation may get:
+#: below list + side + MIN_CHAT columns only one panel shows, below panel + MIN_CHAT none.
+LIST_W, SIDE_W, MIN_CHAT = 28, 38, 42
 
 
-
-class ChatScreen(LiveReply, ChatManagement, Screen):
+class ChatScreen(Screen):
     CSS_PATH = "chat.tcss"
     BINDINGS = bindings("chat")
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv: Conversation | None = None
-        """The chat on screen (saved once it has a message)."""
-        self.streaming: str | None = None
-        """Id of the reply being generated (its message id once known, "" before), None when idle."""
-        self._worker: Worker | None = None
-        self.init_live()
+        self._want = {"chats": True, "side": True}
+        self._last_toggled = "chats"
 
     def compose(self) -> ComposeResult:
+        view = ConversationView(id="conversation")
+        live = LiveReply(view, id="live")
+        actions = ChatActions(view, live, id="actions")
         with Horizontal(id="body"):
             yield ChatList(self.app.store.list_chats, clock=self.app.clock, id="chat-list")
             with Vertical(id="main"):
-                yield Static("", id="chat-header", markup=False)
-                yield ConversationView(id="conversation")
+                yield Static("", id="chat-header")
+                yield view
+                yield BranchNavigator(id="branches")
                 yield Composer(self.app.store.recent_prompts(), id="composer",
                                placeholder="Message (Enter sends, Shift+Enter new line)")
             with VerticalScroll(id="side"):
                 yield ModelInfo(id="model-info")
                 yield MemoryPanel(id="memory")
                 yield ComputePanel(id="compute")
+        yield live
+        yield actions
+        yield ChatLibrary(actions, id="library")
         yield Footer()
 
+    # The parts (tests and benchmarks reach them through these).
     @property
     def view(self) -> ConversationView:
         return self.query_one(ConversationView)
@@ -64,11 +71,57 @@ class ChatScreen(LiveReply, ChatManagement, Screen):
     def composer(self) -> Composer:
         return self.query_one(Composer)
 
+    @property
+    def actions(self) -> ChatActions:
+        return self.query_one(ChatActions)
+
+    @property
+    def live(self) -> LiveReply:
+        return self.query_one(LiveReply)
+
+    @property
+    def conv(self):
+        return self.actions.conv
+
+    @property
+    def streaming(self) -> str | None:
+        return self.live.streaming
+
+    async def open_chat(self, chat_id: str) -> None:
+        if not self.actions.busy():
+            await self.actions.open_chat(chat_id)
+
     async def on_mount(self) -> None:
-        self.query_one(ChatList).reload()
-        await self.open_new_chat(self.app.initial_system)
+        await self.actions.new_chat(self.app.initial_system)
         self.model_changed()
         self.composer.focus()
+
+    # Layout.
+    def on_resize(self, event: Resize) -> None:
+        self._layout()
+
+    def _layout(self) -> None:
+        width = self.size.width
+        show = dict(self._want)
+        if show["chats"] and show["side"] and width - LIST_W - SIDE_W < MIN_CHAT:
+            show["side" if self._last_toggled == "chats" else "chats"] = False  # room for one: the last asked
+        show["side"] = show["side"] and width - SIDE_W >= MIN_CHAT
+        show["chats"] = show["chats"] and width - LIST_W >= MIN_CHAT
+        self.query_one(ChatList).display = show["chats"]
+        self.query_one("#side").display = show["side"]
+
+    def _toggle(self, name: str, widget) -> None:
+        self._want[name] = not widget.display
+        self._last_toggled = name
+        self._layout()
+        if self._want[name] and not widget.display:
+            self.notify("The terminal is too narrow for this panel beside the chat.", severity="warning")
+
+    def action_toggle_chats(self) -> None:
+        self._toggle("chats", self.query_one(ChatList))
+
+    def action_toggle_panels(self) -> None:
+        self._toggle("side", self.query_one("#side"))
 
     # Model state (the app calls these when a model loads).
     def model_changed(self) -> None:
@@ -83,7 +136,8 @@ class ChatScreen(LiveReply, ChatManagement, Screen):
         memory.report = self.app.session.memory() if self.app.session else None
         memory.display = self.app.session is not None
         self.call_later(self._refresh_controls)
-        self._header()
+        if self.conv is not None:
+            self.call_later(self.actions.show)
 
     def model_loading(self, name: str, stage: str, error: str = "") -> None:
         if not self.query(ModelInfo):
@@ -102,169 +156,140 @@ class ChatScreen(LiveReply, ChatManagement, Screen):
         conv = self.conv
         title = conv.title if conv else "New chat"
         model = self.app.entry_id or "no model"
-        system = "" if conv is None or conv.system_prompt is None else " · own system prompt"
-        self.query_one("#chat-header", Static).update(f"{title}  ·  {model}{system}")
+        system = "model's default system prompt" if conv is None or conv.system_prompt is None else "own system prompt"
+        self.query_one("#chat-header", Static).update(plain(f"{title}  ·  {model}  ·  {system}"))
 
-    # Sending and streaming.
+    def _context_note(self) -> None:
+        """Warn in the composer's border once the next prompt nearly fills the context."""
+        note = self.actions.context_note() if not self.live.busy else ""
+        self.composer.border_subtitle = plain(note) if note else None
+        self.composer.set_class(bool(note), "-context-warning")
+
+    # What the parts report.
+    async def on_chat_actions_changed(self, event: ChatActions.Changed) -> None:
+        chat_list = self.query_one(ChatList)
+        conv = event.conv
+        chat_list.current = conv.id if conv is not None and conv.messages else None
+        chat_list.reload()
+        self._header()
+        self.query_one(BranchNavigator).follow(conv, self.view.selected)
+        if event.switched:
+            await self._refresh_controls()
+            self._show_panels_for(conv)
+        self._context_note()
+
+    def _show_panels_for(self, conv) -> None:
+        """Panels describe the chat on screen: its last reply's steps, its context."""
+        last = next((m for m in reversed(conv.path()) if m.role == "assistant"), None) if conv and conv.current_leaf else None
+        run = last.run if last is not None else {}
+        self.query_one(ComputePanel).show_reply(tuple(run.get("steps") or ()),
+                                                (run.get("controls") or {}).get(BUDGET_CONTROL))
+        memory = self.query_one(MemoryPanel)
+        if self.app.session is not None:
+            memory.report = self.app.session.memory()
+            memory.reset_series()
+            try:
+                memory.show_context(len(self.app.session.prompt(conv).ids) if conv and conv.current_leaf else 0)
+            except ValueError:
+                memory.show_context(self.app.session.engine.context_limit)
+
+    def on_conversation_view_selection_changed(self, event: ConversationView.SelectionChanged) -> None:
+        self.query_one(BranchNavigator).follow(self.conv, event.message_id)
+
+    @on(ConversationView.ActionRequested)
+    async def on_message_action(self, event: ConversationView.ActionRequested) -> None:
+        if event.action == "sibling":
+            navigator = self.query_one(BranchNavigator)
+            navigator.follow(self.conv, event.message_id)
+            if self.actions.busy() or navigator.switch(event.delta):
+                return
+        await self.actions.act(event.action, event.message_id, event.delta)
+
+    async def on_branch_navigator_switched(self, event: BranchNavigator.Switched) -> None:
+        if self.conv is not None and event.conv_id == self.conv.id:
+            await self.actions.branch_switched(event.message_id)
+
+    def on_live_reply_started(self, event: LiveReply.Started) -> None:
+        self.composer.busy = True
+        self.query_one(ComputePanel).begin_reply()
+
+    def on_live_reply_progress(self, event: LiveReply.Progress) -> None:
+        if event.steps:
+            self.query_one(ComputePanel).add_steps(event.steps)
+        if event.memory is not None:
+            self.query_one(MemoryPanel).report = event.memory
+
+    async def on_live_reply_finished(self, event: LiveReply.Finished) -> None:
+        self.composer.busy = False
+        await self.actions.finished(event)
+        if self.app.session is not None:
+            self.query_one(MemoryPanel).report = self.app.session.memory()
+
     async def on_composer_submitted(self, event: Composer.Submitted) -> None:
-        if self.app.session is None or self.streaming is not None:
+        if self.app.session is None or self.live.busy:
             self.composer.load_text(event.text)
             self.notify("Load a model first: Ctrl+O opens the models screen." if self.app.session is None
                         else "A reply is still streaming; Esc stops it.", severity="warning")
             return
-        conv = self.conv
-        msg = conv.add(conv.current_leaf, "user", event.text)
-        conv.model_id = self.app.entry_id
-        self.app.store.save(conv)
-        await self.view.add_message(msg)
-        self.query_one(ChatList).current = conv.id
-        self.query_one(ChatList).reload()
-        self._header()
-        self.start_reply(msg.id)
-
-    def start_reply(self, parent_id: str, continue_from: str | None = None) -> None:
-        """Generate a reply under `parent_id` (or extend `continue_from`) in the generation worker."""
-        self.streaming = continue_from or ""
-        self.composer.busy = True
-        self.query_one(ComputePanel).steps = ()
-        self.generation_started()
-        self._worker = self._generate(self.conv, parent_id, continue_from)
-
-    @work(thread=True, exclusive=True, group="generate")
-    def _generate(self, conv: Conversation, parent_id: str, continue_from: str | None) -> None:
-        session, worker = self.app.session, get_current_worker()
-        events = session.stream(conv, parent_id, continue_from=continue_from)
-        pump(events, conv_id=conv.id, message_id=lambda: continue_from or conv.current_leaf,
-             post=self.post_message, is_cancelled=lambda: worker.is_cancelled, cancel=session.cancel,
-             memory=session.memory)
-
-    async def on_reply_finished(self, event: ReplyFinished) -> None:
-        await self.paint_frame()
-        self.streaming, self._worker = None, None
-        self.composer.busy = False
-        self.generation_ended()
-        conv = self.conv
-        if conv is None or event.conv_id != conv.id:
-            return
-        msg = conv.messages.get(event.message_id) if event.message_id else None
-        if event.error:
-            if msg is not None:
-                msg.status = "error"
-                msg.run["error"] = event.error
-            self.notify(event.error, title="Generation failed", severity="error")
-        elif event.done is not None and event.done.stop_reason == "context_full" and event.done.new_tokens == 0:
-            self.notify(event.done.detail or "The context is full.", title="Context full", severity="warning")
-        self.app.store.save(conv)
-        view = self.view.view_for(event.message_id) if event.message_id else None
-        if view is not None:
-            await view.finish()
-        self.view.refresh_branch_marks()
-        if self.app.session is not None:
-            self.query_one(MemoryPanel).report = self.app.session.memory()
-        self.query_one(ChatList).reload()
-
-    def action_stop(self) -> None:
-        """Esc: stop the reply at once (the partial text stays, marked stopped), else back to the composer."""
-        if self.streaming is not None and self._worker is not None:
-            self.app.session.cancel()
-            self._worker.cancel()
-            return
-        if self.focused is not self.composer:
-            self.view.selected = None
-            self.composer.focus()
-
-    def action_focus_messages(self) -> None:
-        self.view.focus()
-
-    def action_toggle_chats(self) -> None:
-        chat_list = self.query_one(ChatList)
-        chat_list.display = not chat_list.display
-
-    def action_toggle_panels(self) -> None:
-        side = self.query_one("#side")
-        side.display = not side.display
+        await self.actions.send(event.text)
 
     def on_compute_panel_changed(self, event: ComputePanel.Changed) -> None:
         if self.conv is not None:
             self.conv.controls[event.name] = event.value
             if self.conv.messages:
-                self.app.store.save(self.conv)
+                self.actions.save()
 
-    # Tree actions on the selected message.
-    def _busy(self) -> bool:
-        if self.streaming is not None:
-            self.notify("A reply is streaming; Esc stops it first.", severity="warning")
-            return True
-        return False
+    async def on_chat_list_selected(self, event: ChatList.Selected) -> None:
+        await self.open_chat(event.chat_id)
+        self.composer.focus()
 
-    @on(ConversationView.ActionRequested)
-    async def on_message_action(self, event: ConversationView.ActionRequested) -> None:
+    def on_chat_list_delete_requested(self, event: ChatList.DeleteRequested) -> None:
+        if self.conv is not None and event.chat_id == self.conv.id and self.actions.busy():
+            return
+        self.query_one(ChatLibrary).delete(event.chat_id, event.title)
+
+    # Keys of the screen.
+    def action_stop(self) -> None:
+        """Esc: stop the reply at once (the partial text stays, marked stopped), else back to the composer."""
+        if not self.live.stop() and self.focused is not self.composer:
+            self.composer.focus()
+
+    def action_focus_messages(self) -> None:
+        self.view.focus()
+
+    def action_regenerate(self) -> None:
+        self.view.request("regenerate")
+
+    def action_sibling(self, delta: int) -> None:
+        self.view.request("sibling", delta)
+
+    async def action_new_chat(self) -> None:
+        if not self.actions.busy():
+            await self.actions.new_chat()
+            self.composer.focus()
+
+    def action_search_chats(self) -> None:
+        self._want["chats"], self._last_toggled = True, "chats"
+        self._layout()
+        self.query_one(ChatList).focus_search()
+
+    def action_rename_chat(self) -> None:
+        self.query_one(ChatLibrary).rename()
+
+    def action_delete_chat(self) -> None:
         conv = self.conv
-        if conv is None or event.message_id not in conv.messages or self._busy():
-            return
-        msg = conv.get(event.message_id)
-        if event.action == "copy":
-            self.app.copy_to_clipboard(msg.content)
-            self.notify("Message copied to the clipboard.")
-        elif event.action == "edit":
-            self.app.push_screen(EditMessage(msg.role, msg.content), lambda text: self._edited(msg.id, text))
-        elif event.action == "regenerate":
-            await self.regenerate(msg.id)
-        elif event.action == "continue":
-            await self.continue_reply(msg.id)
-        elif event.action == "sibling":
-            chosen = conv.switch_sibling(msg.id, event.delta)
-            self.app.store.save(conv)
-            await self.view.show(conv, EMPTY)
-            self.view.selected = chosen.id
-        elif event.action == "delete":
-            n = len(conv.subtree(msg.id))
-            detail = f"and the {n - 1} message(s) after it on every branch" if n > 1 else "just this message"
-            self.app.push_screen(Confirm("Delete this message?", detail=detail),
-                                 lambda yes: self._delete_message(msg.id) if yes else None)
-        elif event.action == "fork":
-            await self.fork_chat(msg.id)
+        if conv is None or not conv.messages:
+            self.notify("This chat is empty: nothing is saved yet.", severity="warning")
+        elif not self.actions.busy():
+            self.query_one(ChatLibrary).delete(conv.id, conv.title)
 
-    async def _edited(self, message_id: str, text: str | None) -> None:
-        if text is None or self.conv is None:
-            return
-        new = self.conv.edit(message_id, text)
-        self.app.store.save(self.conv)
-        await self.view.show(self.conv, EMPTY)
-        if new.role == "user" and self.app.session is not None:
-            self.start_reply(new.id)
+    def action_export_chat(self) -> None:
+        self.query_one(ChatLibrary).export()
 
-    async def _delete_message(self, message_id: str) -> None:
-        self.conv.delete(message_id)
-        self.app.store.save(self.conv)
-        await self.view.show(self.conv, EMPTY)
+    def action_import_chat(self) -> None:
+        if not self.actions.busy():
+            self.query_one(ChatLibrary).import_()
 
-    async def regenerate(self, message_id: str | None = None) -> None:
-        """A new reply beside the selected one (or for the selected prompt); the old one stays."""
-        conv = self.conv
-        if conv is None or self.app.session is None or self._busy():
-            return
-        target = conv.get(message_id or self.view.target_id or conv.current_leaf or "")
-        parent = target.parent_id if target.role == "assistant" else target.id
-        if parent is None:
-            return
-        conv.current_leaf = parent
-        await self.view.show(conv, EMPTY)
-        self.start_reply(parent)
-
-    async def continue_reply(self, message_id: str) -> None:
-        msg = self.conv.get(message_id)
-        if msg.role != "assistant" or self.app.session is None:
-            self.notify("Continue works on a model reply.", severity="warning")
-            return
-        self.conv.current_leaf = msg.id
-        await self.view.show(self.conv, EMPTY)
-        self.start_reply(msg.parent_id, continue_from=msg.id)
-
-    async def action_regenerate(self) -> None:
-        await self.regenerate()
-
-    async def action_sibling(self, delta: int) -> None:
-        target = self.view.target_id
-        if target is not None:
-            self.view.post_message(ConversationView.ActionRequested(self.view, "sibling", target, delta))
+    def action_chat_settings(self) -> None:
+        if self.conv is not None and not self.actions.busy():
+            self.query_one(ChatLibrary).settings()

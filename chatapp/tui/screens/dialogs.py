@@ -7,6 +7,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static, TextArea
 
+from ...textsafe import plain
 from ..keys import bindings
 
 DIALOG_CSS = """
@@ -35,10 +36,10 @@ class TextPrompt(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label(self.title_text, classes="title")
+            yield Label(plain(self.title_text), classes="title")
             yield Input(self.value, placeholder=self.placeholder, id="value")
             if self.hint:
-                yield Static(self.hint, classes="hint", markup=False)
+                yield Static(plain(self.hint), classes="hint")
             yield Static("", classes="error", markup=False)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
@@ -46,7 +47,7 @@ class TextPrompt(ModalScreen[str | None]):
         self.action_save()
 
     def show_error(self, text: str) -> None:
-        self.query_one(".error", Static).update(text)
+        self.query_one(".error", Static).update(plain(text))
 
     def action_save(self) -> None:
         value = self.query_one(Input).value.strip()
@@ -69,9 +70,9 @@ class Confirm(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label(self.question, classes="title")
+            yield Label(plain(self.question), classes="title")
             if self.detail:
-                yield Static(self.detail, classes="hint", markup=False)
+                yield Static(plain(self.detail), classes="hint")
             with Horizontal(classes="buttons"):
                 yield Button("Cancel", id="no")
                 yield Button(self.yes, id="yes", variant="error")

@@ -17,6 +17,7 @@ from textual.widgets import DataTable, Footer, ProgressBar, Static
 
 from ..backend import error_text
 from ..figures import human_bytes, human_count, human_duration
+from ...textsafe import plain
 from ..keys import bindings
 from ..messages import DownloadFinished, DownloadProgressed
 from .dialogs import Confirm
@@ -129,7 +130,7 @@ class ModelsScreen(Screen):
     def say(self, text: str, error: bool = False) -> None:
         message = self.query_one("#models-message", Static)
         message.set_class(error, "-error")
-        message.update(text)
+        message.update(plain(text))
 
     # Actions.
     def action_load(self) -> None:

@@ -15,6 +15,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static, Switch, TextArea
 
 from ...contract import SamplingSettings
+from ...textsafe import plain
 from ..keys import bindings
 from .dialogs import DIALOG_CSS, TextPrompt
 
@@ -100,7 +101,7 @@ class ChatSettings(ModalScreen[dict | None]):
         current = self.conv.settings.get("preset")
         if current and current not in names:
             names.append(current)
-        return [(NO_PRESET, NO_PRESET)] + [(n, n) for n in names]
+        return [(NO_PRESET, NO_PRESET)] + [(plain(n), n) for n in names]
 
     def on_switch_changed(self, event: Switch.Changed) -> None:
         area = self.query_one("#system", TextArea)
@@ -118,7 +119,7 @@ class ChatSettings(ModalScreen[dict | None]):
                     out[name] = value
             self.defaults.with_overrides(**out).validate()
         except (ValueError, TypeError) as e:
-            self.query_one(".error", Static).update(str(e))
+            self.query_one(".error", Static).update(plain(str(e)))
             return None
         return out
 

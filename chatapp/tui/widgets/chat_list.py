@@ -9,9 +9,10 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.message import Message
-from textual.widgets import Input, OptionList
+from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option, OptionDoesNotExist
 
+from ...textsafe import displayable, plain
 from ..keys import bindings
 
 
@@ -46,8 +47,11 @@ class ChatOptions(OptionList):
         self.post_message(self.DeleteHighlighted())
 
     def on_focus(self) -> None:
+        # The cursor row starts on the open chat (else the first), so the first Down moves from there.
         if self.highlighted is None and self.option_count:
             self.highlighted = 0
+        if self.highlighted is not None:
+            self.scroll_to_highlight()
 
 
 class ChatList(Vertical):
@@ -57,7 +61,10 @@ class ChatList(Vertical):
     ChatList { width: 28; height: 1fr; border-right: vkey $panel; }
     ChatList Input { margin: 0 0 0 0; }
     ChatList OptionList { height: 1fr; border: none; background: transparent; }
+    ChatList .none { color: $text-muted; padding: 1 1; height: auto; }
     """
+    #: Marks the chat shown in the conversation.
+    OPEN_MARK = "● "
 
     @dataclass
     class Selected(Message):
@@ -68,6 +75,7 @@ class ChatList(Vertical):
     class DeleteRequested(Message):
         chat_list: "ChatList"
         chat_id: str
+        title: str
 
     def __init__(self, search: Callable[[str | None], list[Any]], clock: Callable[[], float] = time.time,
                  **kw: Any) -> None:
@@ -75,10 +83,12 @@ class ChatList(Vertical):
         self._search = search
         self._clock = clock
         self.current: str | None = None
-        """Id of the chat shown in the conversation, highlighted here."""
+        """Id of the chat shown in the conversation, marked and highlighted here."""
+        self._titles: dict[str, str] = {}
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="Search chats", id="chat-search", compact=True)
+        yield Static("", classes="none")
         yield ChatOptions(id="chat-options")
 
     @property
@@ -95,12 +105,21 @@ class ChatList(Vertical):
         now = self._clock()
         options = self.options
         options.clear_options()
-        width = LABEL_CELLS
+        self._titles = {row.id: row.title or "Untitled" for row in rows}
         for row in rows:
-            label = Text(clip(row.title or "Untitled", width))
+            is_open = row.id == self.current
+            title = clip(displayable(row.title or "Untitled"), LABEL_CELLS - len(self.OPEN_MARK))
+            label = Text(self.OPEN_MARK if is_open else "  ", style="bold")
+            label.append(title, style="bold" if is_open else "")
             detail = " · ".join(p for p in (row.model_id or "", age(row.updated_at, now), f"{row.message_count} msgs") if p)
-            label.append("\n" + clip(row.snippet or detail, width), style="dim")
+            label.append("\n  " + clip(displayable(row.snippet or detail), LABEL_CELLS - 2), style="italic")
             options.add_option(Option(label, id=row.id))
+        none = self.query_one(".none", Static)
+        none.display = not rows
+        if not rows:
+            q = self.query_text
+            none.update(plain(f"No chat matches “{q}”. Esc goes back." if q else
+                              "No saved chats yet: a chat is saved with its first message."))
         if self.current is not None:
             try:
                 options.highlighted = options.get_option_index(self.current)
@@ -129,5 +148,5 @@ class ChatList(Vertical):
         if options.highlighted is not None:
             option = options.get_option_at_index(options.highlighted)
             if option.id:
-                self.post_message(self.DeleteRequested(self, option.id))
+                self.post_message(self.DeleteRequested(self, option.id, self._titles.get(option.id, "this chat")))
 

@@ -32,7 +32,7 @@ class Composer(TextArea):
     BINDINGS = bindings("composer")
 
     busy: reactive[bool] = reactive(False)
-    """True while a reply streams: Enter then does nothing (the text stays for the next turn)."""
+    """True while a reply streams: Enter then says so and keeps the text for the next turn."""
 
     @dataclass
     class Submitted(Message):
@@ -70,7 +70,11 @@ class Composer(TextArea):
 
     def action_send(self) -> None:
         text = self.text.strip()
-        if not text or self.busy:
+        if not text:
+            return
+        if self.busy:
+            self.notify("A reply is still streaming: your text stays here until it ends (Esc stops it).",
+                        severity="warning", timeout=4)
             return
         self.prompts.append(text)
         self._recall = None

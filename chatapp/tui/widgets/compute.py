@@ -39,7 +39,7 @@ class ComputePanel(Vertical):
     """
 
     steps: reactive[tuple] = reactive(tuple, layout=True)
-    """Per-token steps of the current reply (None for a token without them)."""
+    """Per-token steps of the reply shown (None for a token without them)."""
 
     @dataclass
     class Changed(Message):
@@ -54,6 +54,8 @@ class ComputePanel(Vertical):
         self.specs: tuple[ControlSpec, ...] = ()
         self.values: dict[str, Any] = {}
         self._rebuilding = asyncio.Lock()
+        self._reply_budget: int | None = None
+        """The step budget the reply shown ran with: its figures never mix with a newer setting."""
 
     def compose(self) -> ComposeResult:
         yield Static("Compute", classes="title")
@@ -130,7 +132,6 @@ class ComputePanel(Vertical):
         if self.values.get(spec.name) != value:
             self.values[spec.name] = value
             self.post_message(self.Changed(self, spec.name, value))
-            self._readout()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
@@ -148,13 +149,23 @@ class ComputePanel(Vertical):
         event.stop()
         self._accept(event.switch, event.value)
 
-    def watch_steps(self) -> None:
+    def begin_reply(self) -> None:
+        """A reply starts with the controls as they are now."""
+        self.show_reply((), self.values.get(BUDGET_CONTROL))
+
+    def add_steps(self, steps: tuple) -> None:
+        self.steps = (*self.steps, *steps)
+
+    def show_reply(self, steps: tuple, budget: object) -> None:
+        """The steps of one reply and the budget it ran with (from its run card, or at its start)."""
+        self._reply_budget = int(budget) if isinstance(budget, (int, float)) and not isinstance(budget, bool) else None
+        self.steps = tuple(steps)
         if self.is_mounted:
             self._readout()
 
-    def _budget(self) -> int | None:
-        value = self.values.get(BUDGET_CONTROL)
-        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    def watch_steps(self) -> None:
+        if self.is_mounted:
+            self._readout()
 
     def _readout(self) -> None:
         steps = list(self.steps)
@@ -162,7 +173,7 @@ class ComputePanel(Vertical):
         if not any(s is not None for s in steps):
             readout.update("steps per token: (after the next reply)" if self.specs else "")
             return
-        budget = self._budget()
+        budget = self._reply_budget
         mean, peak, saving = steps_summary(steps, budget)
         width = max(8, self.size.width - 2)
         lines = [f"steps/token  mean {mean:.1f} · max {peak}" + (f" of {budget}" if budget else ""),

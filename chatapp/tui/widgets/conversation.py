@@ -1,8 +1,11 @@
-"""The conversation: the current branch (root to leaf) as MessageViews in an anchored scroll view.
+"""The message list: the current branch (root to leaf) as MessageViews in an anchored scroll view,
+with exactly one selected message.
 
-It owns the selection (which message the message keys act on) and the live reply's view; tree
-operations (edit, regenerate, delete, branch switch, fork) are posted up as `ActionRequested` for
-the screen to carry out on the chat layer.
+The selection lives here and nowhere else. It is always a message on screen (the last one unless
+the user or an operation picked another), always drawn (a mark and a background, stronger while the
+list has focus), and every message key, screen key and mouse click acts on it: the list posts
+`ActionRequested` with the selected id, and whoever carries out the action says which message to
+select afterwards (`show(..., select=)`), so the highlight and the next key never disagree.
 """
 from __future__ import annotations
 
@@ -10,9 +13,9 @@ from dataclasses import dataclass
 
 from textual.containers import VerticalScroll
 from textual.message import Message
-from textual.reactive import reactive
 from textual.widgets import Static
 
+from ...textsafe import plain
 from ..keys import bindings
 from .message import MessageView
 
@@ -28,9 +31,6 @@ class ConversationView(VerticalScroll, can_focus=True):
 
     BINDINGS = bindings("messages")
 
-    selected: reactive[str | None] = reactive(None)
-    """Id of the message the message keys act on; None means the last one."""
-
     @dataclass
     class ActionRequested(Message):
         """A message key was pressed: `action` on message `message_id`, optional `delta`."""
@@ -40,6 +40,13 @@ class ConversationView(VerticalScroll, can_focus=True):
         message_id: str
         delta: int = 0
 
+    @dataclass
+    class SelectionChanged(Message):
+        """The selected message changed (None: the chat is empty)."""
+
+        view: "ConversationView"
+        message_id: str | None
+
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
         self.conv = None
@@ -48,41 +55,45 @@ class ConversationView(VerticalScroll, can_focus=True):
         # Message id -> its view. A CSS query would walk every Markdown block of the chat on each
         # streamed batch.
         self._views: dict[str, MessageView] = {}
+        self._selected: str | None = None
 
     def on_mount(self) -> None:
         self.anchor()
 
     # Building.
-    async def show(self, conv, empty_text: str = "") -> None:
-        """Render the current branch of `conv` from scratch."""
+    async def show(self, conv, empty_text: str = "", system: str = "", select: str | None = None) -> None:
+        """Render the current branch of `conv` from scratch, the `system` line above it, and select
+        `select` (else the message selected before, if still shown, else the last)."""
         self.conv = conv
+        keep = select or self._selected
         await self.remove_children()
         self._order, self._views = [], {}
+        views: list = [Static(plain(system), classes="system")] if system else []
         if conv is None or not conv.messages:
-            await self.mount(Static(empty_text, classes="empty", markup=False))
-            return
-        views = []
-        if conv.system_prompt:
-            views.append(Static(f"System: {conv.system_prompt}", classes="system", markup=False))
-        for m in conv.path():
-            views.append(MessageView(m, conv.sibling_index(m.id)))
-            self._views[m.id] = views[-1]
-            self._order.append(m.id)
+            views.append(Static(plain(empty_text), classes="empty"))
+        else:
+            for m in conv.path():
+                views.append(MessageView(m, conv.sibling_index(m.id)))
+                self._views[m.id] = views[-1]
+                self._order.append(m.id)
         await self.mount_all(views)
-        if self.selected not in self._order:
-            self.selected = None
-        self._mark_selected()
+        self._selected = None
+        self.select(keep if keep in self._views else (self._order[-1] if self._order else None))
         self.anchor()
 
     async def add_message(self, message, live: bool = False) -> MessageView:
         """Append a message view: a sent prompt, or (live) the reply that starts streaming, whose
-        text then arrives only through `MessageView.write`."""
+        text then arrives only through `MessageView.write`. A selection on the last message follows
+        to the new one (as a cursor at the end of a text does)."""
         for empty in self.query(".empty"):
             await empty.remove()
+        follow = self._selected is None or (self._order and self._selected == self._order[-1])
         view = MessageView(message, self.conv.sibling_index(message.id) if self.conv else (0, 1), live=live)
         await self.mount(view)
         self._order.append(message.id)
         self._views[message.id] = view
+        if follow:
+            self.select(message.id, scroll=False)
         return view
 
     def view_for(self, message_id: str) -> MessageView | None:
@@ -98,60 +109,67 @@ class ConversationView(VerticalScroll, can_focus=True):
 
     # Selection.
     @property
+    def selected(self) -> str | None:
+        """The message every message action applies to (None only when the chat is empty)."""
+        return self._selected
+
+    @property
     def target_id(self) -> str | None:
-        """The message keys act on: the selection, else the last message."""
-        return self.selected if self.selected in self._order else (self._order[-1] if self._order else None)
+        return self._selected
 
-    def watch_selected(self) -> None:
-        self._mark_selected()
+    def select(self, message_id: str | None, scroll: bool = True) -> None:
+        if message_id is not None and message_id not in self._views:
+            return
+        if message_id != self._selected:
+            old = self._views.get(self._selected) if self._selected else None
+            if old is not None:
+                old.set_selected(False)
+            self._selected = message_id
+            if message_id is not None:
+                self._views[message_id].set_selected(True)
+            self.post_message(self.SelectionChanged(self, message_id))
+        view = self._views.get(message_id) if message_id else None
+        if scroll and view is not None and message_id != (self._order[-1] if self._order else None):
+            # Off the end: stop following the bottom so the selected message stays in sight.
+            self.release_anchor()
+            self.call_after_refresh(self.scroll_to_widget, view, animate=False)
 
-    def on_focus(self) -> None:
-        self._mark_selected()
-
-    def on_blur(self) -> None:
-        self._mark_selected()
-
-    def _mark_selected(self) -> None:
-        target = self.target_id if self.has_focus else None
-        for view in self._views.values():
-            view.set_class(view.message.id == target, "-selected")
+    def on_message_view_clicked(self, event: MessageView.Clicked) -> None:
+        event.stop()
+        self.select(event.message_id)
+        self.focus()
 
     def action_move(self, delta: int) -> None:
         if not self._order:
             return
-        current = self._order.index(self.target_id) if self.target_id in self._order else len(self._order) - 1
-        index = max(0, min(len(self._order) - 1, current + delta))
-        self.selected = self._order[index]
-        view = self.view_for(self.selected)
-        if view is not None:
-            self.release_anchor()
-            self.scroll_to_widget(view, animate=False)
+        current = self._order.index(self._selected) if self._selected in self._order else len(self._order) - 1
+        self.select(self._order[max(0, min(len(self._order) - 1, current + delta))])
 
     def action_leave(self) -> None:
-        self.selected = None
         self.screen.focus_next("Composer")
 
-    def _request(self, action: str, delta: int = 0) -> None:
-        if self.target_id is not None:
-            self.post_message(self.ActionRequested(self, action, self.target_id, delta))
+    def request(self, action: str, delta: int = 0) -> None:
+        """Ask for `action` on the selected message (screen keys such as Ctrl+R come here too)."""
+        if self._selected is not None:
+            self.post_message(self.ActionRequested(self, action, self._selected, delta))
 
     def action_edit(self) -> None:
-        self._request("edit")
+        self.request("edit")
 
     def action_regenerate(self) -> None:
-        self._request("regenerate")
+        self.request("regenerate")
 
     def action_continue(self) -> None:
-        self._request("continue")
+        self.request("continue")
 
     def action_delete(self) -> None:
-        self._request("delete")
+        self.request("delete")
 
     def action_sibling(self, delta: int) -> None:
-        self._request("sibling", delta)
+        self.request("sibling", delta)
 
     def action_fork(self) -> None:
-        self._request("fork")
+        self.request("fork")
 
     def action_copy(self) -> None:
-        self._request("copy")
+        self.request("copy")

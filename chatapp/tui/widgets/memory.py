@@ -55,8 +55,16 @@ class MemoryPanel(Widget):
         self.samples: dict[int, int] = {}
         """State bytes in use by context position, over the current conversation."""
         self._shape: tuple = ()
+        self._chat_tokens: int | None = None
+
+    def show_context(self, tokens: int) -> None:
+        """Context of the chat on screen (its next prompt), until the engine reports on a new reply:
+        after a switch the engine still holds the previous chat, whose figures would mislead."""
+        self._chat_tokens = tokens
+        self.refresh()
 
     def watch_report(self, report: MemoryReport | None) -> None:
+        self._chat_tokens = None
         if report is None:
             self.samples, self._shape = {}, ()
             self.refresh(layout=True)
@@ -98,13 +106,14 @@ class MemoryPanel(Widget):
                 self._row(text, label, human_bytes(used), extra)
         limit = max(report.context_limit, 1)
         width = max(8, self.size.width - LABEL_WIDTH - 4)
-        fill = int(width * min(report.context_used, limit) / limit)
+        used = report.context_used if self._chat_tokens is None else self._chat_tokens
+        fill = int(width * min(used, limit) / limit)
         text.append(f"{'context':<{LABEL_WIDTH}}", self._style("label"))
-        text.append(f"{report.context_used:,} / {report.context_limit:,} tokens\n")
+        text.append(f"{used:,} / {report.context_limit:,} tokens\n")
         text.append(" " * LABEL_WIDTH)
         text.append("█" * fill, self._style("kv"))
         text.append("░" * (width - fill) + "\n", self._style("muted"))
-        self._series(text, report, width)
+        self._series(text, report, width, used)
         return text
 
     def _row(self, text: Text, label: str, value: str, extra: str = "") -> None:
@@ -112,9 +121,8 @@ class MemoryPanel(Widget):
         text.append(f"{value:>10}")
         text.append(f"{extra}\n", self._style("muted"))
 
-    def _series(self, text: Text, report: MemoryReport, width: int) -> None:
-        """Two sparklines over the conversation's tokens on one scale: state bytes and the ghost."""
-        n = report.context_used
+    def _series(self, text: Text, report: MemoryReport, width: int, n: int) -> None:
+        """Two sparklines over the conversation's `n` tokens on one scale: state bytes and the ghost."""
         layers, hidden = self.info.get("n_layers"), self.info.get("hidden_size")
         state_now = sum(report.used.values())
         positions = list(range(1, n + 1)) if n <= width else [max(1, (i + 1) * n // width) for i in range(width)]

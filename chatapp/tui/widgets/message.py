@@ -1,16 +1,34 @@
-"""One message of the conversation: a header (role, branch position, status), the Markdown body,
-and under a reply its run figures (tokens, TTFT, prefill and decode speed, stop reason)."""
+"""One message of the conversation: a header (role, branch position, status, selection mark), the
+body, and under a reply its run figures (tokens, TTFT, prefill and decode speed, stop reason).
+
+A reply's body is Markdown; a prompt is shown as typed (line breaks and all), as plain text. Every
+string here comes from a user or a model, so it reaches the screen through `textsafe` only.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical
+from textual.message import Message
 from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
-from ..figures import displayable, human_duration, run_line
+from ...textsafe import displayable, plain
+from ..figures import human_duration, run_line
 
 ROLE_LABELS = {"user": "You", "assistant": "Model", "system": "System"}
 STATUS_LABELS = {"streaming": "● streaming", "stopped": "■ stopped", "error": "✕ error"}
+#: The mark before the selected message's header (besides its background), so the selection reads
+#: the same in every theme and without colour.
+SELECTED_MARK = "▶ "
+
+
+def failed_send(message) -> bool:
+    """A prompt whose reply could not be started (too long, the store failed): shown with its
+    reason, retried in place by `r`."""
+    return message.role == "user" and message.status == "error"
 
 
 class MessageView(Vertical):
@@ -23,16 +41,25 @@ class MessageView(Vertical):
         border-left: outer $primary 40%;
     }
     MessageView.-assistant { border-left: outer $secondary; }
-    MessageView.-selected { background: $boost; border-left: outer $accent; }
+    MessageView.-selected { background: $primary 12%; border-left: thick $accent; }
+    ConversationView:focus MessageView.-selected { background: $primary 25%; }
     MessageView .header { color: $text-muted; text-style: bold; height: 1; }
-    MessageView.-assistant .header { color: $secondary; }
-    MessageView.-user .header { color: $primary; }
-    MessageView.-stopped .header, MessageView.-error .header { color: $warning; }
+    MessageView.-assistant .header { color: $text-secondary; }
+    MessageView.-user .header { color: $text-primary; }
+    MessageView.-stopped .header, MessageView.-error .header { color: $text-warning; }
+    MessageView .prompt { height: auto; margin-bottom: 1; }
     MessageView .stats { color: $text-muted; height: auto; margin-bottom: 1; }
+    MessageView .failed { color: $text-error; height: auto; margin-bottom: 1; }
     /* The last block's bottom margin is the gap to the next message (a :last-child rule to drop it
        would restyle every block of a streaming reply on each mount). */
     MessageView Markdown { margin: 0; padding: 0; background: transparent; }
     """
+
+    @dataclass
+    class Clicked(Message):
+        """The message was clicked: the list selects it."""
+
+        message_id: str
 
     def __init__(self, message, sibling: tuple[int, int] = (0, 1), live: bool = False) -> None:
         super().__init__(id=f"m-{message.id}", classes=f"-{message.role}")
@@ -43,58 +70,91 @@ class MessageView(Vertical):
         """The chat-layer Message shown (its content may grow while streaming)."""
         self.sibling = sibling
         """(index, count) among the message's siblings: a branch point when count > 1."""
+        self.selected = False
         self._stream: MarkdownStream | None = None
+        self._live_figures = ""
 
     def compose(self) -> ComposeResult:
-        yield Static(self._header(), classes="header", markup=False)
-        yield Markdown("" if self.live else displayable(self.message.content or ""), open_links=False)
+        yield Static(self._header(), classes="header")
         if self.message.role == "assistant":
-            yield Static(self._stats(), classes="stats", markup=False)
+            yield Markdown("" if self.live else displayable(self.message.content or ""), open_links=False)
+            yield Static(self._stats(), classes="stats")
+        else:
+            yield Static(plain(self.message.content or ""), classes="prompt")
+            yield Static(self._failure(), classes="failed")
+
+    def on_mount(self) -> None:
+        self._mark_status()
+
+    def on_click(self, event: events.Click) -> None:
+        self.post_message(self.Clicked(self.message.id))
 
     @property
     def body(self) -> Markdown:
         return self.query_one(Markdown)
 
-    def _header(self, live: str = "") -> str:
+    def _header(self) -> object:
         m = self.message
-        parts = [ROLE_LABELS.get(m.role, m.role)]
+        parts = [SELECTED_MARK.strip() if self.selected else "", ROLE_LABELS.get(m.role, m.role)]
         i, n = self.sibling
         if n > 1:
             parts.append(f"◀ {i + 1}/{n} ▶")
-        status = STATUS_LABELS.get(m.status)
+        status = "✕ not sent" if failed_send(m) else STATUS_LABELS.get(m.status)
         if status:
             parts.append(status)
-        if live:
-            parts.append(live)
-        return "  ".join(parts)
+        if self._live_figures:
+            parts.append(self._live_figures)
+        return plain("  ".join(p for p in parts if p))
 
-    def _stats(self) -> str:
+    def _stats(self) -> object:
         if self.message.status == "streaming":
-            return ""  # the header carries the live counters until the run card is complete
+            return plain("")  # the header carries the live counters until the run card is complete
         run = self.message.run or {}
         line = run_line(run)
         if self.message.status == "error" and run.get("error"):
             line = f"{line} · {run['error']}" if line else run["error"]
-        return line
+        return plain(line)
 
-    def refresh_message(self, sibling: tuple[int, int] | None = None) -> None:
-        """Redraw header and figures after the message changed (status, run card, branch count)."""
-        if sibling is not None:
-            self.sibling = sibling
+    def _failure(self) -> object:
+        if not failed_send(self.message):
+            return plain("")
+        reason = self.message.run.get("error") or "the reply could not be started"
+        return plain(f"{reason}\nr retries this message (in place); e edits it into a new branch.")
+
+    def _mark_status(self) -> None:
         for status in ("streaming", "stopped", "error"):
             self.set_class(self.message.status == status, f"-{status}")
+        if self.message.role != "assistant":
+            failed = self.query_one(".failed", Static)
+            failed.display = failed_send(self.message)
+
+    def set_selected(self, selected: bool) -> None:
+        if selected != self.selected:
+            self.selected = selected
+            self.set_class(selected, "-selected")
+            self.query_one(".header", Static).update(self._header(), layout=False)
+
+    def refresh_message(self, sibling: tuple[int, int] | None = None) -> None:
+        """Redraw header, body and figures after the message changed (status, run card, branch count)."""
+        if sibling is not None:
+            self.sibling = sibling
+        self._live_figures = ""
+        self._mark_status()
         self.query_one(".header", Static).update(self._header())
         if self.message.role == "assistant":
             self.query_one(".stats", Static).update(self._stats())
+        else:
+            self.query_one(".prompt", Static).update(plain(self.message.content or ""))
+            self.query_one(".failed", Static).update(self._failure())
 
     def show_live(self, new_tokens: int, elapsed_s: float, ttft_s: float | None) -> None:
         """Live counters while streaming (the final run card replaces them)."""
         rate = new_tokens / elapsed_s if elapsed_s > 0 else 0.0
-        live = f"{new_tokens} tok · {rate:.1f} tok/s"
+        self._live_figures = f"{new_tokens} tok · {rate:.1f} tok/s"
         if ttft_s is not None:
-            live += f" · TTFT {human_duration(ttft_s)}"
+            self._live_figures += f" · TTFT {human_duration(ttft_s)}"
         # One line whatever it says: repaint without a layout pass.
-        self.query_one(".header", Static).update(self._header(live), layout=False)
+        self.query_one(".header", Static).update(self._header(), layout=False)
 
     async def write(self, text: str) -> None:
         """Append streamed text; MarkdownStream batches appends when rendering falls behind."""
@@ -109,5 +169,6 @@ class MessageView(Vertical):
             await self._stream.stop()
             self._stream = None
         self.live = False
-        await self.body.update(displayable(self.message.content or ""))
+        if self.message.role == "assistant":
+            await self.body.update(displayable(self.message.content or ""))
         self.refresh_message()

@@ -1,0 +1,192 @@
+"""The live reply: the one generation worker and the display of what it streams.
+
+`LiveReply.start` runs `Session.stream` in a thread (streaming.pump posts batched messages back to
+this widget); what arrives is gathered into frames painted into the message list at most every
+FRAME_S, so the UI thread stays mostly idle while text streams. It posts `Progress` (steps, memory)
+for the panels and `Finished` when the reply ended; it never touches the tree or the store.
+
+Why pace: every paint that grows the reply re-lays out the whole screen, whose cost grows with the
+number of Markdown blocks on it; painting per worker batch kept the UI thread busy all the time,
+and a busy UI thread starves the generation thread of the GIL (the engine slowed to a tenth of its
+rate in bench/tui_stream.py). Text still goes through MarkdownStream, which coalesces further.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from textual import work
+from textual.message import Message
+from textual.widget import Widget
+from textual.worker import Worker, get_current_worker
+
+from ...engine.api import Done, MemoryReport
+from ..messages import MemorySample, ReplyChunk, ReplyFinished, ReplyStats
+from ..streaming import pump
+from .conversation import ConversationView
+
+#: Seconds between paints of the live reply: 20 per second at most...
+FRAME_S = 0.05
+#: ...and at least one per second. In between, the interval follows the UI thread's load.
+MAX_FRAME_S = 1.0
+#: The share of the time the UI thread may be busy while a reply streams. Painting a long reply
+#: costs more (each paint re-lays out every block on screen), so paints then come less often,
+#: and the generation thread keeps getting the GIL.
+UI_BUSY_TARGET = 0.35
+#: The interpreter's thread switch interval while a reply streams. With the default 5 ms a thread
+#: waiting for the GIL (the engine, between torch calls) can wait 5 ms each time the UI thread holds
+#: it; in bench/tui_stream.py 0.2 ms let the FakeEngine run at 2/3 of its rate with no UI, 5 ms at 1/10.
+STREAMING_SWITCH_S = 0.0002
+
+
+@dataclass
+class Frame:
+    """What arrived since the last paint."""
+
+    message_id: str | None = None
+    text: list[str] = field(default_factory=list)
+    steps: list[int | None] = field(default_factory=list)
+    stats: ReplyStats | None = None
+    memory: MemoryReport | None = None
+    t_ns: int = 0
+
+
+class LiveReply(Widget):
+    """Not drawn itself: it streams into the ConversationView it was given."""
+
+    DEFAULT_CSS = "LiveReply { display: none; }"
+
+    @dataclass
+    class Progress(Message):
+        """Per-token steps that arrived (to append) and the latest memory report, if any."""
+
+        steps: tuple[int | None, ...]
+        memory: MemoryReport | None
+
+    @dataclass
+    class Started(Message):
+        """A reply began (the composer waits, the compute panel starts a new readout)."""
+
+        conv_id: str
+
+    @dataclass
+    class Finished(Message):
+        """The reply ended: `done` from the engine, or `error` (then `message_id` is None when no
+        reply was started, e.g. the prompt does not fit: the prompt `parent_id` failed)."""
+
+        conv_id: str
+        parent_id: str | None
+        message_id: str | None
+        done: Done | None
+        error: str | None
+
+    def __init__(self, view: ConversationView, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.view = view
+        self.streaming: str | None = None
+        """Id of the reply being generated (its message id once known, "" before), None when idle."""
+        self.conv_id: str | None = None
+        self._reply_parent: str | None = None
+        self._worker: Worker | None = None
+        self._reply_session: Any = None
+        self._frame = Frame()
+        self._frame_due = False
+        self._frame_s = FRAME_S
+        self._load_mark = (time.monotonic(), time.thread_time())
+        self._switch_s = sys.getswitchinterval()
+        self.last_shown_ns = 0
+        """Engine time of the newest token on screen (the display-lag benchmark reads it)."""
+
+    @property
+    def busy(self) -> bool:
+        return self.streaming is not None
+
+    def start(self, session: Any, conv: Any, parent_id: str, continue_from: str | None = None) -> None:
+        """Generate a reply under `parent_id` (or extend `continue_from`) in the generation worker."""
+        self.streaming = continue_from or ""
+        self.conv_id, self._reply_parent, self._reply_session = conv.id, parent_id, session
+        self._frame, self._frame_s = Frame(), FRAME_S
+        self._load_mark = (time.monotonic(), time.thread_time())
+        self._switch_s = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_s, STREAMING_SWITCH_S))
+        self._worker = self._generate(session, conv, parent_id, continue_from)
+        self.post_message(self.Started(conv.id))
+
+    def stop(self) -> bool:
+        """Stop the reply at once (the partial text stays, marked stopped); False when idle."""
+        if self.streaming is None or self._worker is None:
+            return False
+        self._reply_session.cancel()
+        self._worker.cancel()
+        return True
+
+    @work(thread=True, exclusive=True, group="generate")
+    def _generate(self, session: Any, conv: Any, parent_id: str, continue_from: str | None) -> None:
+        worker = get_current_worker()
+        events = session.stream(conv, parent_id, continue_from=continue_from)
+        pump(events, conv_id=conv.id, message_id=lambda: continue_from or conv.current_leaf,
+             post=self.post_message, is_cancelled=lambda: worker.is_cancelled, cancel=session.cancel,
+             memory=session.memory)
+
+    # What the worker posts.
+    def _queue_frame(self) -> None:
+        if not self._frame_due:
+            self._frame_due = True
+            self.set_timer(self._frame_s, self.paint_frame)
+
+    def _pace(self) -> None:
+        """Adjust the paint interval to the UI thread's CPU use since the last paint."""
+        wall, cpu = time.monotonic(), time.thread_time()
+        busy = (cpu - self._load_mark[1]) / max(wall - self._load_mark[0], 1e-3)
+        self._load_mark = (wall, cpu)
+        grow = 1.5 if busy > UI_BUSY_TARGET else 0.8
+        self._frame_s = min(MAX_FRAME_S, max(FRAME_S, self._frame_s * grow))
+
+    def on_reply_chunk(self, event: ReplyChunk) -> None:
+        frame = self._frame
+        frame.message_id = event.message_id
+        frame.text.append(event.text)
+        frame.steps.extend(event.steps)
+        frame.t_ns = event.t_ns
+        self._queue_frame()
+
+    def on_reply_stats(self, event: ReplyStats) -> None:
+        self._frame.stats = event
+        self._frame.message_id = self._frame.message_id or event.message_id
+        self._queue_frame()
+
+    def on_memory_sample(self, event: MemorySample) -> None:
+        self._frame.memory = event.report
+        self._queue_frame()
+
+    async def paint_frame(self) -> None:
+        """Show everything gathered since the last paint (also called once when the reply ends)."""
+        self._frame_due = False
+        self._pace()
+        frame, self._frame = self._frame, Frame()
+        steps = tuple(frame.steps) if any(s is not None for s in frame.steps) else ()
+        if steps or frame.memory is not None:
+            self.post_message(self.Progress(steps, frame.memory))
+        conv = self.view.conv
+        if frame.message_id is None or conv is None or conv.id != self.conv_id or frame.message_id not in conv.messages:
+            return  # another chat is on screen: the reply streams on into its tree, unseen
+        view = self.view.view_for(frame.message_id)
+        if view is None:
+            view = await self.view.add_message(conv.get(frame.message_id), live=True)
+        self.streaming = frame.message_id
+        if frame.text:
+            await view.write("".join(frame.text))
+            self.last_shown_ns = frame.t_ns
+        if frame.stats is not None and frame.stats.message_id == frame.message_id:
+            view.show_live(frame.stats.new_tokens, frame.stats.elapsed_s, frame.stats.ttft_s)
+
+    async def on_reply_finished(self, event: ReplyFinished) -> None:
+        await self.paint_frame()
+        self.streaming, self._worker = None, None
+        sys.setswitchinterval(self._switch_s)
+        view = self.view.view_for(event.message_id) if event.message_id else None
+        if view is not None:
+            await view.finish()
+        self.post_message(self.Finished(event.conv_id, self._reply_parent, event.message_id, event.done, event.error))
