@@ -24,6 +24,11 @@ class LayerState:
     def __init__(self) -> None:
         self.length = 0  # tokens absorbed
 
+    def advance(self, t: int) -> None:
+        """Count t more absorbed tokens. Every kind is advanced this way, once per forward, by
+        StateList.advance; writes (KVState.update) go at `length` and never move it themselves."""
+        self.length += t
+
     def buffers(self) -> list[torch.Tensor]:
         """The tensors that hold this state (what nbytes counts and snapshots copy)."""
         raise NotImplementedError
@@ -58,19 +63,20 @@ class LayerState:
 class KVState(LayerState):
     """A key/value cache preallocated to `max_len` positions.
 
-    Layout: k and v are [B, H_kv, max_len, D] (heads before time so a decode step reads contiguous
-    rows per head). K is stored after RoPE.
+    Layout: k [B, H_kv, max_len, D] and v [B, H_v, max_len, D_v] (heads before time so a decode step reads
+    contiguous rows per head; H_v defaults to H_kv, D_v to D). K is stored after RoPE. Subclasses may add
+    buffers with time at dim 2 (`buffers()`); snapshots, trims and byte counts cover them too.
     """
 
     kind = "kv"
     can_trim = True
 
     def __init__(self, max_len: int, n_kv_heads: int, head_dim: int, device, dtype,
-                 batch: int = 1, v_dim: int | None = None) -> None:
+                 batch: int = 1, v_dim: int | None = None, n_v_heads: int | None = None) -> None:
         super().__init__()
         self.max_len = max_len
         self.k = torch.zeros(batch, n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros(batch, n_kv_heads, max_len, v_dim or head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros(batch, n_v_heads or n_kv_heads, max_len, v_dim or head_dim, device=device, dtype=dtype)
 
     def buffers(self) -> list[torch.Tensor]:
         return [self.k, self.v]
@@ -81,26 +87,28 @@ class KVState(LayerState):
     def used_nbytes(self) -> int:
         return self.length * self.bytes_per_token()
 
+    def check_room(self, t: int) -> None:
+        if self.length + t > self.max_len:
+            raise ContextFull(f"the KV cache holds {self.max_len} tokens; {self.length + t} were asked for")
+
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v ([B, T, H_kv, D]) and return the whole filled cache as [B, H_kv, L, D]."""
-        t = k.shape[1]
-        start, end = self.length, self.length + t
-        if end > self.max_len:
-            raise ContextFull(f"the KV cache holds {self.max_len} tokens; {end} were asked for")
+        """Write k, v ([B, T, H, D]) at positions [length, length + T) and return the cache filled through
+        them as [B, H, length + T, D]. `length` moves only when the forward ends (advance)."""
+        self.check_room(k.shape[1])
+        start, end = self.length, self.length + k.shape[1]
         self.k[:, :, start:end] = k.transpose(1, 2)
         self.v[:, :, start:end] = v.transpose(1, 2)
-        self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def snapshot(self) -> object:
         # Only the filled part is worth copying.
         n = self.length
-        return (n, [self.k[:, :, :n].clone(), self.v[:, :, :n].clone()])
+        return (n, [b[:, :, :n].clone() for b in self.buffers()])
 
     def restore(self, snap) -> None:
-        n, (k, v) = snap
-        self.k[:, :, :n].copy_(k)
-        self.v[:, :, :n].copy_(v)
+        n, saved = snap
+        for dst, src in zip(self.buffers(), saved):
+            dst[:, :, :n].copy_(src)
         self.length = n
 
     def reset(self) -> None:
@@ -164,6 +172,11 @@ class CompositeState(LayerState):
     def used_nbytes(self) -> int:
         return sum(p.used_nbytes() for p in self.parts.values())
 
+    def advance(self, t: int) -> None:
+        for p in self.parts.values():
+            p.advance(t)
+        self.length += t
+
     def reset(self) -> None:
         for p in self.parts.values():
             p.reset()
@@ -196,7 +209,7 @@ class StateList(list):
     """The states of all layers of a model, plus the position counter shared by them.
 
     `length` is the number of tokens the model has absorbed; models read it as the position of the
-    next token and call `advance(t)` once per forward.
+    next token and call `advance(t)` once per forward, which advances every layer's state alike.
     """
 
     def __init__(self, states=(), max_len: int | None = None) -> None:
@@ -215,6 +228,8 @@ class StateList(list):
                 f"context is full: {self.length} + {t} tokens exceed the limit of {self.max_len}")
 
     def advance(self, t: int) -> None:
+        for s in self:
+            s.advance(t)
         self.length += t
 
     def reset(self) -> None:

@@ -226,11 +226,11 @@ class HuginnState(StateList):
         buf = self.slots.get(phys)
         if buf is None:
             buf = self.slots[phys] = SlotKV(self, phys)
+            buf.length = self.length  # then advanced with every other state when the chunk closes
             self.append(buf)
         buf.grow(self._end)
         buf.k[:, :, self._start:self._end] = k.transpose(1, 2)
         buf.v[:, :, self._start:self._end] = v.transpose(1, 2)
-        buf.length = max(buf.length, self._end)
         end = self._end
         if slot < self.prelude:
             # Prelude and coda (negative) slots: every position writes them, so they are read as they are.

@@ -272,8 +272,6 @@ class Model(ArchModel):
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, state[i] if state is not None else None)
         if state is not None:
-            for s in state:
-                s.length += t  # tokens absorbed, per layer (the state contract)
             state.advance(t)
         if last_only:
             x = x[:, -1:]

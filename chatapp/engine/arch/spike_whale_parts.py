@@ -113,7 +113,6 @@ class EngramMemory(nn.Module):
         ctx = torch.cat([tail, comp], dim=1)  # [B, W - 1 + T, C]
         if window is not None:
             window.tail.copy_(ctx[:, -(w - 1):])
-            window.length = start + t
         _, pow2, offsets = self._select(x.device)
         # One GEMM for all lookups: the window [B, T, C, W] of each position against proj on its slots.
         codes = ctx.unfold(1, w, 1).reshape(b, t, -1) @ self.code_weight(x.device)  # [B, T, L * bits]
