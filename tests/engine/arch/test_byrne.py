@@ -323,7 +323,6 @@ def test_engram_matches_a_naive_loop_whole_and_in_pieces(reading):
         window = model.make_state(16, "cpu", torch.float32)[-1]
         parts = [mod(x[:, i:j], window, i) for i, j in ((0, 1), (1, 2), (2, 11))]
         close(torch.cat(parts, 1)[0], ref, atol=1e-5)
-        assert window.length == 11
     for name, value in (("engram_reduce", "sum"), ("engram_gate", "erf")):
         model.set_options(**{name: value})
         with torch.inference_mode():

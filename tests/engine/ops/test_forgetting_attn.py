@@ -95,6 +95,7 @@ def test_cache_prefill_then_steps_equals_one_pass():
     outs = []
     for lo, hi in [(0, 20), (20, 37)] + [(i, i + 1) for i in range(37, n)]:
         kc, vc, cc = cache.update(k[:, lo:hi], v[:, lo:hi], log_f[:, lo:hi])
+        cache.advance(hi - lo)
         fn = fa_torch.forgetting_attn_step if hi - lo == 1 else fa_torch.forgetting_attn_chunk
         outs.append(fn(q[:, lo:hi], kc, vc, cc))
     assert cache.length == n and cc.dtype == torch.float32
@@ -109,15 +110,18 @@ def test_cache_bytes_snapshot_trim_and_overflow():
     assert cache.nbytes() == 10 * 1572
     k, v, f = torch.randn(1, 4, 3, 64), torch.randn(1, 4, 9, 64), -torch.rand(1, 4, 9)
     cache.update(k, v, f)
+    cache.advance(4)
     assert cache.used_nbytes() == 4 * 1572
     snap = cache.snapshot()
     cache.update(k[:, :2], v[:, :2], f[:, :2])
+    cache.advance(2)
     cache.trim(5)
     assert cache.length == 5
     cache.restore(snap)
     assert cache.length == 4
     _, _, c = cache.update(k[:, :1], v[:, :1], f[:, :1])
     assert torch.allclose(c[0, :, 4], f[0].sum(0) + f[0, 0], atol=1e-6)
+    cache.advance(1)
     with pytest.raises(ContextFull):
         cache.update(torch.randn(1, 6, 3, 64), torch.randn(1, 6, 9, 64), -torch.rand(1, 6, 9))
 
