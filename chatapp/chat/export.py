@@ -2,7 +2,9 @@
 import that JSON back.
 
 The JSON format is versioned: {"format": "smollchat.chat", "version": 1, "exported_at": ...,
-"conversation": Conversation.to_dict()}. Importing validates everything and says what is wrong.
+"conversation": Conversation.to_dict()}. Importing validates everything (Conversation.from_dict, the
+validator the store uses too) and says what is wrong; ids that collide with saved chats are replaced
+when the chat is stored (`Store.import_chat`).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import json
 import time
 from typing import Any
 
-from .conversation import Conversation, Message
+from .conversation import Conversation, Message, new_id, parse_json
 
 FORMAT = "smollchat.chat"
 VERSION = 1
@@ -82,23 +84,51 @@ def to_json(conv: Conversation) -> str:
 
 
 def from_json(text: str) -> Conversation:
-    """Read `to_json` output back; ValueError with a clear message for a broken or foreign file."""
+    """Read `to_json` output back; ValueError with a clear message for a broken or foreign file.
+
+    A message id that appears twice in the file keeps its first message; the others get fresh ids
+    (replies naming that id stay under the first), noted in the result's `repairs`.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"not a smollchat chat export: expected text, got {type(text).__name__}")
     try:
-        data = json.loads(text)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"not a smollchat chat export: the file is not valid JSON ({e})") from None
+        data = parse_json(text, "the file")
+    except ValueError as e:
+        raise ValueError(f"not a smollchat chat export: {e}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"not a smollchat chat export: expected \"format\": \"{FORMAT}\"")
     version = data.get("version")
-    if not isinstance(version, int) or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ValueError(f"chat export has no valid version (got {version!r})")
     if version > VERSION:
         raise ValueError(f"this chat was exported by a newer smollchat (format version {version}; "
                          f"this version reads up to {VERSION}); upgrade smollchat to import it")
+    raw = data.get("conversation")
+    notes = _fresh_duplicate_ids(raw)
     try:
-        return Conversation.from_dict(data.get("conversation"))
+        conv = Conversation.from_dict(raw)
     except ValueError as e:
         raise ValueError(f"broken chat export: {e}") from None
+    conv.repairs = notes
+    return conv
+
+
+def _fresh_duplicate_ids(raw: Any) -> list[str]:
+    """Give every repeated message id after the first a fresh one, in place; return what was changed."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("messages"), list):
+        return []
+    seen: set[str] = set()
+    notes = []
+    for i, m in enumerate(raw["messages"]):
+        if not isinstance(m, dict) or not isinstance(m.get("id"), str):
+            continue
+        if m["id"] in seen:
+            fresh = new_id()
+            notes.append(f"message #{i + 1} repeated the id {m['id']}; it was given the id {fresh}")
+            raw["messages"][i] = {**m, "id": fresh}
+        else:
+            seen.add(m["id"])
+    return notes
 
 
 def _iso(t: float) -> str:

@@ -82,7 +82,7 @@ def test_imported_chat_saves_as_a_copy_next_to_the_original(tmp_path):
     ('{"format": "smollchat.chat", "version": 1, "conversation": []}', "broken chat export"),
     ('{"format": "smollchat.chat", "version": 1, "conversation": {"id": "x", "messages": '
      '[{"id": "m", "parent_id": "ghost", "role": "user", "content": "", "created_at": 1}]}}', "ghost"),
-    ('{"format": "smollchat.chat", "version": 1, "conversation": {"id": "x", "created_at": [1]}}', "numbers"),
+    ('{"format": "smollchat.chat", "version": 1, "conversation": {"id": "x", "created_at": [1]}}', "created_at must be a time"),
 ])
 def test_broken_imports_say_what_is_wrong(text, message):
     with pytest.raises(ValueError, match=message):
