@@ -79,20 +79,9 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             y = causal_attention(q, k.transpose(1, 2), v.transpose(1, 2))
         else:
-            k_all, v_all, keep = cache.attend_kv(slot, k, v)  # [B, Hkv, L, D]
-            y = causal_attention(q, k_all, v_all) if keep is None else _masked_attention(q, k_all, v_all, keep)
+            k_all, v_all, keep = cache.attend_kv(slot, k, v)  # [B, Hkv, L, D], keep [L] or None
+            y = causal_attention(q, k_all, v_all, keep=keep)
         return self.proj(y.reshape(b, t, -1))
-
-
-def _masked_attention(q, k, v, keep: torch.Tensor) -> torch.Tensor:
-    """Bottom-right causal attention over the positions a lookup kept (`keep` [L] bool)."""
-    t, length = q.shape[1], k.shape[2]
-    rows = torch.arange(t, device=q.device)[:, None] + (length - t)
-    mask = (torch.arange(length, device=q.device)[None, :] <= rows) & keep[None, :]
-    rep = q.shape[2] // k.shape[1]
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask).transpose(1, 2)
 
 
 class GatedMLP(nn.Module):

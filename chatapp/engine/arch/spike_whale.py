@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import RMSNorm, store_column_major
+from ..layers import RMSNorm, causal_attention, store_column_major
 from ..state import KVState, StateList
 from .base import ArchArgs, ArchModel
 from .spike_whale_parts import EngramMemory, EngramWindow, HCOutputMix, HyperConnection
@@ -189,34 +189,12 @@ class Attention(nn.Module):
             k_all, v_all = kv.update(k, v)  # [B, Hkv, L, D]: normalised, rotated k; raw v
         else:
             k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
-        y = mqa_attention(q, k_all, v_all)  # [B, T, Hkv, rep, D]
+        y = causal_attention(q, k_all, v_all).unflatten(2, (hkv, h // hkv))  # [B, T, Hkv, rep, D]
         if self.a.use_xsa:
             # XSA: remove from each head's output its component along the token's own (normalised) value.
             vn = (v / (torch.linalg.vector_norm(v, dim=-1, keepdim=True) + 1e-8)).unsqueeze(3)  # [B, T, Hkv, 1, D]
             y = torch.addcmul(y, y @ vn.transpose(-1, -2), vn, value=-1.0)
         return self.o_b_proj(self.o_a_proj(y.reshape(b, t, h * d)))
-
-
-def mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of T new queries q [B, T, H, D] over the cache k, v [B, Hkv, L, D] (the last T its own).
-
-    The single K/V head is never copied per query head: a decode step folds the heads of a group into
-    the query rows (a view), a chunk lets SDPA broadcast K/V (enable_gqa); the causal mask of a chunk
-    appended to a cache is aligned bottom-right. Returns [B, T, Hkv, rep, D].
-    """
-    b, t, h, d = q.shape
-    hkv, length = k.shape[1], k.shape[2]
-    rep = h // hkv
-    if t == 1:
-        return F.scaled_dot_product_attention(q.view(b, hkv, rep, d), k, v).view(b, 1, hkv, rep, d)
-    qh = q.transpose(1, 2)
-    if t == length:
-        o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, enable_gqa=True)
-    else:
-        last = torch.arange(length - t, length, device=q.device)[:, None]
-        mask = torch.arange(length, device=q.device)[None, :] <= last
-        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, enable_gqa=True)
-    return o.transpose(1, 2).unflatten(2, (hkv, rep))
 
 
 class FeedForward(nn.Module):

@@ -87,15 +87,3 @@ def test_cpu_fp32_load_stores_widening_matrices_column_major(axiom, fixtures_roo
     # bf16 GEMV is faster row-major: a bf16 load keeps every matrix as stored.
     m16 = load_model(fixtures_root / "axiom", dtype="bfloat16")
     assert all(p.is_contiguous() for p in m16.parameters())
-
-
-def test_single_query_gqa_fold_equals_repeated_kv():
-    from chatapp.engine.layers import causal_attention
-
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 1, 16, 64, generator=g)
-    k, v = torch.randn(2, 1, 8, 37, 64, generator=g)
-    # Query head h reads kv head h // 2 (repeat_interleave, spec §3.2).
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)).transpose(1, 2)
-    assert torch.allclose(causal_attention(q, k, v), want, atol=1e-6)

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from chatapp.engine.arch import spike_whale
 from chatapp.engine.arch.spike_whale_parts import HyperConnection
-from chatapp.engine.layers import apply_rope_half, apply_rope_interleaved, causal_attention, rope_angles, rope_frequencies
+from chatapp.engine.layers import apply_rope_half, apply_rope_interleaved, rope_angles, rope_frequencies
 from chatapp.engine.generate import prefill
 from chatapp.engine.loader import LoadError, build_model, check_inventory, load_model
 from chatapp.engine.state import ContextFull
@@ -360,16 +360,6 @@ def test_the_dynamic_form_names_its_own_tensors():
     names = set(build_model({**TINY, "num_hidden_layers": 1}, {"hc_form": "dynamic"}).state_dict())
     assert {"model.layers.0.hc_attn.fn", "model.layers.0.hc_attn.base", "model.layers.0.hc_ffn.scale"} <= names
     assert not any("logits" in k for k in names)
-
-
-@pytest.mark.parametrize("t, cached", [(1, 0), (1, 9), (5, 9), (12, 0)])
-@pytest.mark.parametrize("hkv", [1, 2])
-def test_mqa_attention_matches_repeated_heads(t, cached, hkv):
-    g = torch.Generator().manual_seed(5)
-    q = torch.randn(2, t, 4, 16, generator=g)
-    k, v = torch.randn(2, hkv, cached + t, 16, generator=g), torch.randn(2, hkv, cached + t, 16, generator=g)
-    got = spike_whale.mqa_attention(q, k, v).reshape(2, t, 4, 16)
-    close(got, causal_attention(q, k, v), atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["half_split", "interleaved"])
