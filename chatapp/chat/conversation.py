@@ -218,9 +218,13 @@ class Conversation:
 
     def latest_leaf(self, message_id: str) -> str:
         """The deepest descendant reached by always taking the most recent child."""
+        newest: dict[str | None, Message] = {}  # one pass, not one scan per level: chains can be long
+        for m in self.messages.values():
+            if m.parent_id not in newest or m.created_at >= newest[m.parent_id].created_at:
+                newest[m.parent_id] = m
         node = message_id
-        while kids := self.children(node):
-            node = kids[-1].id
+        while node in newest:
+            node = newest[node].id
         return node
 
     def __iter__(self) -> Iterator[Message]:

@@ -69,7 +69,7 @@ def run_summary(m: Message) -> str:
         bits.append(f"seed {run['seed']}")
     if run.get("controls"):
         bits.append(", ".join(f"{k}={v}" for k, v in run["controls"].items()))
-    steps = run.get("steps")
+    steps = [s for s in run.get("steps") or () if s is not None]
     if steps:
         bits.append(f"steps/token mean {sum(steps) / len(steps):.1f} max {max(steps)}")
     if m.status in ("stopped", "error"):

@@ -191,3 +191,37 @@ def test_can_continue_only_cut_off_replies():
     a.status = "error"
     assert not a.can_continue
     assert not m["u2"].can_continue
+
+
+def test_repair_mode_fixes_what_it_can_and_says_what_it_did():
+    c, m = chat()
+    d = c.to_dict()
+    by = {x["id"]: x for x in d["messages"]}
+    by[m["u1"].id]["parent_id"] = m["a1"].id  # u1 <-> a1: a cycle with the rest of the chat under it
+    by[m["a2"].id]["run"] = {"timings": {"decode_tok_s": "fast"}, "seed": 7}
+    by[m["a2"].id]["status"] = "finished"
+    d["messages"].append(dict(by[m["u2"].id], content="a duplicate"))
+    d["messages"].append({"id": "x", "role": "user", "content": 5, "created_at": 104.0, "parent_id": m["a2"].id})
+    d["messages"].append({"id": "y", "role": "assistant", "content": "under x", "created_at": 105.0, "parent_id": "x"})
+    d["current_leaf"] = "nowhere"
+    with pytest.raises(ValueError):
+        Conversation.from_dict(d)
+    k = Conversation.from_dict(d, repair=True)
+    text = "\n".join(k.repairs)
+    for why in ("cycle", "decode_tok_s", "finished", "appears twice", "content must be a string", "current_leaf"):
+        assert why in text, why
+    assert k.roots() and [x.content for x in k.path(k.get("y").id)][-3:] == ["And 3+3?", "6.", "under x"]
+    assert k.get(m["a2"].id).run == {"seed": 7} and k.get(m["a2"].id).status == "stopped"
+    assert k.get(m["u2"].id).content == "And 3+3?"  # the first of two copies is kept
+    assert Conversation.from_dict(k.to_dict()).to_dict() == k.to_dict()  # what repair returns is valid
+
+
+def test_a_long_chain_is_validated_in_linear_time():
+    n = 20_000
+    msgs = [{"id": f"m{i}", "parent_id": f"m{i - 1}" if i else None, "role": "user" if i % 2 == 0 else "assistant",
+             "content": str(i), "created_at": float(i + 1)} for i in range(n)]
+    import time
+    t = time.perf_counter()
+    back = Conversation.from_dict({"id": "long", "messages": msgs})  # no current_leaf: the latest is found
+    assert time.perf_counter() - t < 5.0  # checking each path, or each level's children, took minutes here
+    assert back.current_leaf == f"m{n - 1}" and len(back.path()) == n

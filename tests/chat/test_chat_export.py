@@ -82,8 +82,74 @@ def test_imported_chat_saves_as_a_copy_next_to_the_original(tmp_path):
     ('{"format": "smollchat.chat", "version": 1, "conversation": []}', "broken chat export"),
     ('{"format": "smollchat.chat", "version": 1, "conversation": {"id": "x", "messages": '
      '[{"id": "m", "parent_id": "ghost", "role": "user", "content": "", "created_at": 1}]}}', "ghost"),
-    ('{"format": "smollchat.chat", "version": 1, "conversation": {"id": "x", "created_at": [1]}}', "created_at must be a time"),
+    ('{"format": "smollchat.chat", "version": 1, "conversation": {"id": "x", "created_at": [1]}}',
+     "created_at must be a time"),
 ])
 def test_broken_imports_say_what_is_wrong(text, message):
     with pytest.raises(ValueError, match=message):
         from_json(text)
+
+
+def _export(**message) -> str:
+    m = {"id": "m", "parent_id": None, "role": "assistant", "content": "hi", "created_at": 1.0, **message}
+    return json.dumps({"format": FORMAT, "version": 1, "conversation": {"id": "x", "messages": [m]}})
+
+
+@pytest.mark.parametrize("text, message", [
+    (_export(run={"timings": {"decode_tok_s": "fast"}}), "run.timings.decode_tok_s must be a finite number"),
+    (_export(run={"new_tokens": -3}), "run.new_tokens must be an integer >= 0"),
+    (_export(run={"steps": [1, "two"]}), r"run.steps\[1\] must be"),
+    (_export(run={"continued": [{"seed": 1.5}]}), r"run.continued\[0\].seed must be an integer"),
+    (_export(created_at=float("nan")), "created_at must be a time"),
+    (_export(created_at=float("inf")), "created_at must be a time"),
+    (_export(created_at=1e300), "created_at must be a time"),
+    (_export(created_at=True), "created_at must be a time"),
+    (_export(content="\ud800 lone"), "content is not valid Unicode"),
+    (_export(content=["a"]), "content must be a string"),
+    (_export(token_ids=[1, 2**40]), "token_ids"),
+    (_export(token_ids=[True]), "token_ids"),
+    (_export(id=""), "message id must be a non-empty string"),
+    (_export(id="x" * 500), "at most 128 characters"),
+    (_export(run={"custom": {"a": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}),
+     "nested more than 32 levels"),
+    ('{"format": "smollchat.chat", "version": 1, "conversation": {"id": "x", "title": {"a": 1}}}',
+     "title must be a string"),
+    ('{"format": "smollchat.chat", "version": 1, "conversation": {"id": "x", "settings": {"temperature": "hot"}}}',
+     "settings.temperature"),
+    ('{"format": "smollchat.chat", "version": 1, "conversation": {"id": "x", "settings": {"top_p": NaN}}}',
+     "settings.top_p"),
+    ('{"format": "smollchat.chat", "version": 1, "conversation": {"id": "x", "settings": {"warp": 9}}}',
+     "settings.warp"),
+    ('{"format": "smollchat.chat", "version": 1, "conversation": {"id": "x", "controls": {"num_steps": [4]}}}',
+     "controls.num_steps"),
+])
+def test_imports_with_wrong_types_or_ranges_are_refused_before_anything_is_stored(text, message):
+    with pytest.raises(ValueError, match=message):
+        from_json(text)
+
+
+def test_json_nested_100000_deep_gives_a_clear_error_not_a_recursion_error():
+    deep = "[" * 100_000 + "]" * 100_000
+    for text in (deep, _export()[:-2] + ', "settings": {"x": ' + deep + "}}}"):
+        with pytest.raises(ValueError, match="nested more than 32 levels deep"):
+            from_json(text)
+    # Brackets inside strings are text, not nesting.
+    assert from_json(_export(content="[" * 1000)).get("m").content == "[" * 1000
+
+
+def test_message_ids_repeated_inside_the_file_get_fresh_ones():
+    c = tree()
+    d = json.loads(to_json(c))
+    msgs = d["conversation"]["messages"]
+    twin = {**msgs[1], "content": "a twin", "created_at": msgs[-1]["created_at"] + 1}
+    msgs.append(twin)
+    back = from_json(json.dumps(d))
+    assert len(back.messages) == 4 and msgs[1]["id"] in back.messages
+    fresh = next(m for m in back.messages.values() if m.content == "a twin")
+    assert fresh.id != msgs[1]["id"] and fresh.parent_id == msgs[1]["parent_id"]
+    assert back.repairs and "repeated the id" in back.repairs[0]
+
+
+def test_run_summary_of_an_imported_card_never_fails():
+    c = from_json(_export(run={"timings": {"decode_tok_s": 12.5, "ttft_s": None}, "steps": [None, 3], "seed": 2**63}))
+    assert "12.5 tok/s" in run_summary(c.get("m"))
