@@ -136,21 +136,22 @@ def resolve_controls(specs: tuple[ControlSpec, ...], catalog: Mapping[str, Any] 
                      chat: Mapping[str, Any] | None = None, call: Mapping[str, Any] | None = None) -> Controls:
     """Merge architecture defaults (the specs) < catalog entry < chat < call and validate every value.
 
-    Unknown names raise ValueError, except in the chat's layer: a chat keeps its controls when it is
-    continued on another model, which uses the ones it declares.
+    Unknown names in a call raise ValueError. The catalog and chat layers may name controls this model
+    does not declare (a chat continued on another model, an entry paired with a stand-in engine): those
+    are left out. The engine checks its own catalog entry's names when it loads.
     """
     by_name = {s.name: s for s in specs}
     values = {s.name: s.default for s in specs}
-    for source, layer in (("the catalog entry", catalog), ("the chat", chat), ("this call", call)):
+    for layer in (catalog, chat, call):
         if isinstance(layer, Controls) and set(layer) == set(by_name):
             values.update(layer)  # already validated against specs of the same names
             continue
         for name, value in (layer or {}).items():
             spec = by_name.get(name)
             if spec is None:
-                if source == "the chat":
+                if layer is not call:
                     continue
-                raise ValueError(f"unknown control {name!r} (from {source}); this model's controls are: "
+                raise ValueError(f"unknown control {name!r}; this model's controls are: "
                                  f"{', '.join(by_name) or 'none'}")
             values[name] = spec.coerce(value)
     return Controls(values, tuple((s.name, values[s.name]) for s in specs if s.changes_state))

@@ -45,7 +45,7 @@ def test_the_state_key_holds_only_the_controls_that_change_the_state():
     ({"num_steps": "many"}, "an integer"),
     ({"exit_criterion": "soon"}, "one of none, kl"),
     ({"warm": "perhaps"}, "true or false"),
-    ({"nonsense": 1}, "unknown control 'nonsense' (from this call)"),
+    ({"nonsense": 1}, "unknown control 'nonsense'; this model's controls are: num_steps, exit_criterion"),
 ])
 def test_invalid_control_values_are_refused_with_a_clear_message(call, words):
     with pytest.raises(ValueError) as e:
@@ -53,10 +53,10 @@ def test_invalid_control_values_are_refused_with_a_clear_message(call, words):
     assert words in str(e.value)
 
 
-def test_a_chat_keeps_controls_another_model_does_not_declare_but_a_catalog_may_not():
-    assert "other" not in resolve_controls(SPECS, chat={"other": 1})
-    with pytest.raises(ValueError, match="from the catalog entry"):
-        resolve_controls(SPECS, catalog={"other": 1})
+def test_a_chat_may_hold_controls_another_model_declares_but_their_values_are_checked():
+    assert "other" not in resolve_controls(SPECS, catalog={"other": 1}, chat={"other": 1})
+    with pytest.raises(ValueError, match="num_steps"):
+        resolve_controls(SPECS, chat={"num_steps": 1000})
 
 
 @pytest.mark.parametrize("bad, words", [

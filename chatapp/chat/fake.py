@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ..catalog import ChatFormat, ModelEntry, Source, TokenizerSpec
-from ..contract import ControlSpec, Done, MemoryReport, SamplingSettings, StepEvent
+from ..contract import (ControlSpec, Controls, Done, MemoryReport, SamplingSettings, StepEvent, TokenDetail,
+                        resolve_controls)
 from ..hub import DownloadCancelled, DownloadProgress, HubError, OfflineError
 from ..engine.tokenizer import StreamDecoder, Tokenizer
 
@@ -119,6 +120,7 @@ class FakeEngine:
     """A scripted engine that fits `EngineProtocol`.
 
     Args:
+        entry: the catalog entry it stands for (a `fake_entry` by default; its controls are the catalog layer).
         replies: strings used in turn (cycling), or one callable(prompt_text) -> reply.
         tokenizer: defaults to a word-level FakeTokenizer.
         tokens_per_s, ttft_s: the decode rate and time to first token reported in `Done`.
@@ -141,14 +143,16 @@ class FakeEngine:
                  weights_bytes: int = 12_000_000, kv_bytes_per_token: int = 4096, recurrent_bytes: int = 0,
                  can_trim: bool | None = None, controls: tuple[ControlSpec, ...] = (), steps: Any = None, error_after: int | None = None,
                  error_message: str = "scripted engine failure", device: str = "cpu",
-                 n_layers: int | None = None, hidden_size: int | None = None, params: int | None = None) -> None:
+                 n_layers: int | None = None, hidden_size: int | None = None, params: int | None = None,
+                 entry: ModelEntry | None = None) -> None:
         if callable(replies):
             self._reply: Callable[[str], str] | None = replies
             self._replies: list[str] = []
         else:
             self._reply, self._replies = None, list(replies) or [DEFAULT_REPLY]
         self.tokenizer = tokenizer or FakeTokenizer()
-        self.entry_id = entry_id
+        self.entry = entry or fake_entry(entry_id, context=context_limit)
+        self.entry_id = self.entry.id
         self.tokens_per_s = tokens_per_s
         self.ttft_s = ttft_s
         self.instant = instant
@@ -168,22 +172,36 @@ class FakeEngine:
         self.dtype = "float32"
         self.calls: list[FakeCall] = []
         self._fed: list[int] = []
-        self._cancel = threading.Event()
+        self._running: threading.Event | None = None
         self._n = 0
 
     # Contract.
     def cancel(self) -> None:
-        """Stop the running generation before its next token."""
-        self._cancel.set()
+        """Stop the call that is running now."""
+        running = self._running
+        if running is not None:
+            running.set()
 
     def generate(self, ids: list[int], settings: SamplingSettings | None = None,
-                 controls: dict[str, Any] | None = None) -> Iterator[StepEvent | Done]:
+                 controls: Any = None, *, cancel: threading.Event | None = None,
+                 detail: TokenDetail = TokenDetail()) -> Iterator[StepEvent | Done]:
         settings = settings or SamplingSettings()
         settings.validate()
-        self._cancel.clear()
         if not ids:
             raise ValueError("the prompt is empty")
-        controls = self._check_controls(controls or {})
+        if not isinstance(controls, Controls):
+            controls = resolve_controls(self.controls, self.entry.controls, call=controls)
+        cancel = cancel if cancel is not None else threading.Event()
+        # No queue here (unlike the real engine): a test may leave one stream open while it starts another.
+        self._running = cancel
+        try:
+            yield from self._stream(list(ids), settings, controls, cancel, detail)
+        finally:
+            if self._running is cancel:
+                self._running = None
+
+    def _stream(self, ids: list[int], settings: SamplingSettings, controls: Controls, cancel: threading.Event,
+                want: TokenDetail) -> Iterator[StepEvent | Done]:
         self.calls.append(FakeCall(list(ids), settings, dict(controls)))
         prompt = len(ids)
         if prompt >= self.context_limit:
@@ -197,34 +215,34 @@ class FakeEngine:
         eos = self._eos()
         start_ns = time.monotonic_ns()
         if not self.instant and self.ttft_s > 0:
-            self._cancel.wait(self.ttft_s)
+            cancel.wait(self.ttft_s)
         detok = StreamDecoder(self.tokenizer)
         shown, new, reason, detail = 0, 0, "max_tokens", ""
         for i, tok in enumerate([*reply_ids, eos]):
-            if self._cancel.is_set():
+            if cancel.is_set():
                 reason = "cancelled"
                 break
             if self.error_after is not None and i >= self.error_after:
                 raise RuntimeError(self.error_message)
             if i > 0 and not self.instant and self.tokens_per_s > 0:
-                self._cancel.wait(1.0 / self.tokens_per_s)
-                if self._cancel.is_set():
+                cancel.wait(1.0 / self.tokens_per_s)
+                if cancel.is_set():
                     reason = "cancelled"
                     break
             new += 1
             t_ns = self._t_ns(start_ns, i)
             steps = self._steps(i, controls)
             if tok == eos:
-                yield StepEvent(tok, "", t_ns, -0.05, 0.5, steps=steps)
+                yield _event(tok, "", t_ns, -0.05, 0.5, steps, want)
                 reason = "eos"
                 break
             text = detok.push(tok)
             if cut is not None and shown + len(text) > cut[0]:
-                yield StepEvent(tok, text[:max(cut[0] - shown, 0)], t_ns, -0.5, 1.5, steps=steps)
+                yield _event(tok, text[:max(cut[0] - shown, 0)], t_ns, -0.5, 1.5, steps, want)
                 reason = "stop_string"
                 break
             shown += len(text)
-            yield StepEvent(tok, text, t_ns, -0.5 - (i % 7) * 0.1, 1.0 + (i % 5) * 0.25, steps=steps)
+            yield _event(tok, text, t_ns, -0.5 - (i % 7) * 0.1, 1.0 + (i % 5) * 0.25, steps, want)
             if new >= settings.max_new_tokens:
                 break
             if prompt + new >= self.context_limit:
@@ -289,14 +307,6 @@ class FakeEngine:
         self._n += 1
         return reply
 
-    def _check_controls(self, controls: dict[str, Any]) -> dict[str, Any]:
-        specs = {c.name: c for c in self.controls}
-        unknown = set(controls) - set(specs)
-        if unknown:
-            raise ValueError(f"unknown control(s) {', '.join(sorted(unknown))}; this model has "
-                             f"{', '.join(specs) or 'none'}")
-        return {**{c.name: c.default for c in self.controls}, **{k: specs[k].coerce(v) for k, v in controls.items()}}
-
     def _steps(self, i: int, controls: dict[str, Any]) -> int | None:
         s = self.steps
         if s is None:
@@ -323,10 +333,15 @@ def scripted_demo() -> FakeEngine:
         # The rendered ChatML prompt: quote the last user turn.
         last = prompt.rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0].strip()
         asked = " ".join(last.split())[:80] or "nothing"
-        return (f"You asked: *{asked}*\n\nThis is the **scripted fake engine**: no model is loaded, so this "
+        full = (f"You asked: *{asked}*\n\nThis is the **scripted fake engine**: no model is loaded, so this "
                 "answer is canned. Everything around it is real: the stream, the stop key, the run card, "
                 "the memory panel and the compute panel.\n\n- edit a message to branch\n- regenerate for a "
                 "sibling\n- Esc stops and keeps the partial reply\n\n```python\nprint(\"hello from smollchat\")\n```")
+        # Continue: the prompt ends inside the open reply; go on from where that text stops.
+        written = prompt.rsplit("<|im_start|>assistant\n", 1)[-1]
+        if "<|im_end|>" not in written and full.startswith(written):
+            return full[len(written):]
+        return full
 
     def steps(i: int, controls: dict[str, Any]) -> int:
         cap = int(controls.get("num_steps", 32))
@@ -337,6 +352,14 @@ def scripted_demo() -> FakeEngine:
     return FakeEngine(reply, entry_id="fake", tokens_per_s=40.0, ttft_s=0.15, instant=False, context_limit=4096,
                       weights_bytes=276_000_000, kv_bytes_per_token=2048, recurrent_bytes=6 * 2**20, can_trim=False,
                       controls=HUGINN_LIKE_CONTROLS, steps=steps, n_layers=24, hidden_size=768, params=138_000_000)
+
+
+def _event(tok: int, text: str, t_ns: int, logprob: float, entropy: float, steps: int | None,
+           detail: TokenDetail) -> StepEvent:
+    """A scripted token with the figures `detail` asks for (alternatives: the token, then worse guesses)."""
+    alts = tuple((tok + j, logprob - j) for j in range(detail.alternatives)) if detail.alternatives else None
+    return StepEvent(tok, text, t_ns, logprob if detail.logprob else None, entropy if detail.entropy else None,
+                     alts, steps)
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> tuple[int, int] | None:

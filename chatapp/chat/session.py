@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Sequence
 
 from ..catalog import ModelEntry
-from ..contract import Done, EngineProtocol, MemoryReport, SamplingSettings, StepEvent
+from ..contract import (RUN_CARD_DETAIL, Controls, Done, EngineProtocol, MemoryReport, SamplingSettings, StepEvent,
+                        resolve_controls)
 from .conversation import Conversation, Message
 
 _SETTING_NAMES = frozenset(f.name for f in fields(SamplingSettings))
@@ -77,8 +78,8 @@ class Session:
     def __init__(self, engine: EngineProtocol, tokenizer: Any = None, entry: ModelEntry | None = None, *,
                  store: Any = None, snapshot_budget: int = SNAPSHOT_BUDGET) -> None:
         self.engine = engine
-        self.tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer")
-        self.entry: ModelEntry = entry if entry is not None else getattr(engine, "entry")
+        self.tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
+        self.entry: ModelEntry = entry if entry is not None else engine.entry
         self.store = store
         self.last_prompt: Prompt | None = None
         self._cancel = threading.Event()
@@ -112,11 +113,9 @@ class Session:
         settings.validate()
         return settings
 
-    def controls_for(self, conv: Conversation) -> dict[str, Any]:
-        """The catalog's control defaults under the chat's overrides, limited to what this model declares."""
-        specs = {c.name: c for c in getattr(self.engine, "controls", ())}
-        merged = {**self.entry.controls, **conv.controls}
-        return {k: specs[k].coerce(v) for k, v in merged.items() if k in specs}
+    def controls_for(self, conv: Conversation, call: dict[str, Any] | None = None) -> Controls:
+        """Every control this model declares: architecture < catalog entry < chat < `call` (contract)."""
+        return resolve_controls(self.engine.controls, self.entry.controls, conv.controls, call)
 
     # Prompts.
     def prompt_ids(self, conv: Conversation, leaf: str | None = None) -> list[int]:
@@ -278,7 +277,7 @@ class Session:
         closing this generator) keeps the partial reply, marked "stopped"; an engine error marks it
         "error", saves it and re-raises.
         """
-        self._cancel.clear()
+        self._cancel = cancel = threading.Event()  # this reply's own: a late stop of another one cannot reach it
         settings = self.settings_for(conv)
         if settings.seed is None:
             # The run card must name the seed, so a replay draws the same tokens.
@@ -309,7 +308,7 @@ class Session:
             self.store.save(conv)
         last_save = time.monotonic()
         new_ids: list[int] = []
-        events = self.engine.generate(prompt.ids, settings, controls)
+        events = self.engine.generate(prompt.ids, settings, controls, cancel=cancel, detail=RUN_CARD_DETAIL)
         try:
             for ev in events:
                 if isinstance(ev, Done):
@@ -325,9 +324,6 @@ class Session:
                 per_token["entropy"].append(round(ev.entropy, 4))
                 if ev.steps is not None:
                     msg.run.setdefault("steps", []).append(ev.steps)
-                if self._cancel.is_set():
-                    # Repeat the request: an engine that had not started yet when cancel() came cleared it.
-                    self.engine.cancel()
                 if self.store is not None and time.monotonic() - last_save >= SAVE_EVERY_S:
                     self.store.save_message(conv.id, msg)
                     last_save = time.monotonic()
@@ -344,7 +340,7 @@ class Session:
             if msg.status == "streaming":
                 # The consumer stopped iterating before Done: keep what arrived, marked stopped.
                 self._held = ()
-                self.engine.cancel()
+                cancel.set()
                 msg.status = "stopped"
                 msg.run["stop_reason"] = "cancelled"
                 self._save_end(conv, msg)
@@ -359,7 +355,6 @@ class Session:
     def cancel(self) -> None:
         """Stop the reply being streamed before its next token (the partial text is kept)."""
         self._cancel.set()
-        self.engine.cancel()
 
     def memory(self) -> MemoryReport:
         return self.engine.memory()
@@ -414,14 +409,14 @@ class Session:
                   prompt: Prompt, resumed: int) -> dict[str, Any]:
         e = self.entry
         eng = self.engine
+        info = eng.info()
         return {
             "model_id": e.id, "model_name": e.name,
             "revision": e.source.revision if e.source else None,
             "demo": e.demo,
             **({"demo_seed": e.demo_seed} if e.demo else {}),
             "app_version": _app_version(),
-            "engine": {"device": str(getattr(eng, "device", "")),
-                       "dtype": str(getattr(eng, "dtype", "")).removeprefix("torch."),
+            "engine": {"device": info.get("device", ""), "dtype": info.get("dtype", ""),
                        "context_limit": eng.context_limit},
             "settings": _jsonable(asdict(settings)),
             "seed": settings.seed,

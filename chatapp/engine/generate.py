@@ -1,22 +1,24 @@
-"""The prefill/decode loop: ids in, StepEvent records out, then one Done.
+"""The prefill/decode loop: a DecodeRequest in, StepEvent records out, a DecodeResult (with the Done) back.
 
 The loop is model-agnostic. Per token it costs one model call on a preallocated state and one host
 round trip (the sampled id, needed to stream text). Stop ids, stop strings, the token budget, the
 context limit and cancellation are checked here, between model calls; a model whose single call is long
-(Huginn at many recurrence steps) also polls the cancel flag inside it and raises Interrupted.
+(Huginn at many recurrence steps) also polls the call's cancel flag inside it and raises Interrupted.
+Everything one call needs travels in its DecodeRequest; what the state absorbed comes back in the
+DecodeResult, so nothing of a call is left on the model.
 """
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generator, Mapping
 
 import torch
 
-from ..contract import Done, SamplingSettings, StepEvent
+from ..contract import Done, SamplingSettings, StepEvent, TokenDetail
+from .arch.base import Forward, Interrupted, check_cancel
 from .sample import Sampler
-from .arch.base import Interrupted
 from .state import ContextFull, StateList
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -24,28 +26,26 @@ from .tokenizer import StreamDecoder, Tokenizer
 PREFILL_CHUNK = 512
 
 
-@dataclass
-class Timer:
-    start: float
-    prefill_s: float = 0.0
-    first_token: float | None = None
-    last_token: float | None = None
-
-
-def prefill(model, state: StateList, ids: list[int], device) -> torch.Tensor:
-    """Feed ids through the model in chunks; return the last position's logits [V].
+def feed(model, state: StateList, ids: list[int], device, controls: Mapping[str, Any] | None = None,
+         cancel: threading.Event | None = None) -> Forward:
+    """Feed ids through the model in chunks; return the last position's logits [V] and its steps.
 
     A cancel raises Interrupted between chunks (or inside one, where the model polls it); the state
     then holds a prefix of `ids`, `state.length` long.
     """
-    logits = None
+    out = None
     for i in range(0, len(ids), PREFILL_CHUNK):
         if i:
-            model.check_interrupt()
+            check_cancel(cancel)
         chunk = torch.tensor([ids[i:i + PREFILL_CHUNK]], device=device)
-        logits = model(chunk, state, last_only=True)[0, -1]
-    assert logits is not None, "prefill needs at least one token"
-    return logits
+        out = model.infer(chunk, state, controls, cancel, last_only=True)
+    assert out is not None, "prefill needs at least one token"
+    return Forward(out.logits[0, -1], out.steps)
+
+
+def prefill(model, state: StateList, ids: list[int], device) -> torch.Tensor:
+    """`feed` under the model's default controls: the last position's logits [V]."""
+    return feed(model, state, ids, device).logits
 
 
 class StopStrings:
@@ -80,56 +80,99 @@ class StopStrings:
         return out
 
 
-def roll_back(state: StateList, fed: list[int]) -> None:
-    """After an interrupted forward, make the state hold exactly `fed` again (a speculative draft may
-    have left extra positions; an interrupted forward leaves none)."""
-    if state.length > len(fed):
-        state.trim(len(fed))
+def roll_back(state: StateList, held: int) -> None:
+    """After an interrupted forward, make the state hold exactly the `held` tokens it had absorbed (a
+    speculative draft may have left extra positions; an interrupted forward leaves none)."""
+    if state.length > held:
+        state.trim(held)
 
 
-def decode_loop(model, state: StateList, logits: torch.Tensor, prompt: list[int], tokenizer: Tokenizer,
-                settings: SamplingSettings, stop_ids: set[int], context_limit: int, cancel: threading.Event,
-                timer: Timer, fed: list[int], reused: int = 0) -> Iterator[StepEvent | Done]:
-    """Sample from `logits`, stream, feed back; `fed` receives every id the state absorbs."""
+@dataclass
+class DecodeRequest:
+    """One call's decoding: the state after the prompt, the logits it ended with and everything that
+    shapes what comes next.
+
+    Attributes:
+        first: the prompt's last forward (next-token logits [V] and the steps it ran).
+        prompt: the prompt ids (the state holds them all).
+        stop_ids: the settings' stop ids plus the tokenizer's.
+        reused: prompt tokens the prompt cache skipped.
+        start_s, prefill_s: perf_counter at the call's start, seconds the prefill took.
+    """
+
+    model: Any
+    state: StateList
+    tokenizer: Tokenizer
+    first: Forward
+    prompt: list[int]
+    settings: SamplingSettings
+    stop_ids: frozenset[int]
+    context_limit: int
+    controls: Mapping[str, Any]
+    cancel: threading.Event
+    detail: TokenDetail = TokenDetail()
+    reused: int = 0
+    start_s: float = 0.0
+    prefill_s: float = 0.0
+
+
+@dataclass
+class DecodeResult:
+    """How a decode ended (`done`, for the caller to emit once it has recorded the rest) and the ids the
+    state absorbed after the prompt, in order."""
+
+    done: Done
+    absorbed: list[int] = field(default_factory=list)
+
+
+def decode_loop(req: DecodeRequest) -> Generator[StepEvent, None, DecodeResult]:
+    """Sample from `req.first`, stream, feed back; returns (`result = yield from decode_loop(req)`) the
+    DecodeResult. A consumer may stop listening at Done, so the caller records the result before it
+    yields the Done."""
+    model, state, settings = req.model, req.state, req.settings
+    logits, steps = req.first.logits, req.first.steps
     device = logits.device
-    sampler = Sampler(settings, logits.shape[-1], device, prompt)
-    detok = StreamDecoder(tokenizer)
+    sampler = Sampler(settings, logits.shape[-1], device, req.prompt)
+    detok = StreamDecoder(req.tokenizer)
     stops = StopStrings(settings.stop_strings)
-    new = 0
+    fed: list[int] = []
+    new, first_t, last_t = 0, None, None
     reason, detail = "max_tokens", ""
-    steps = model.last_steps
-    # Self-speculative decoding (Huginn): under plain greedy a model that offers `speculate` returns
+    want = req.detail
+    # Self-speculative decoding (Huginn): under plain greedy a model that offers a speculator returns
     # several next tokens per call, each with the logits plain decoding would have produced.
-    speculate = (settings.temperature == 0 and settings.repetition_penalty == 1.0 and settings.no_repeat_ngram == 0
-                 and getattr(model, "speculative", False))
+    plain_greedy = settings.temperature == 0 and settings.repetition_penalty == 1.0 and settings.no_repeat_ngram == 0
+    spec = model.speculator(req.controls, req.cancel) if plain_greedy else None
     pending: list[tuple[torch.Tensor, int | None]] = []
     while True:
-        if cancel.is_set():
+        if req.cancel.is_set():
             reason = "cancelled"
             break
-        draw = sampler.draw(logits)
+        draw = sampler.draw(logits, logprob=want.logprob, entropy=want.entropy)
         now = time.perf_counter()
-        timer.first_token = timer.first_token or now
-        timer.last_token = now
+        first_t = first_t or now
+        last_t = now
         new += 1
-        if draw.token_id in stop_ids:
-            yield StepEvent(draw.token_id, "", time.monotonic_ns(), draw.logprob, draw.entropy, steps=steps)
+        alts = _alternatives(logits, want.alternatives) if want.alternatives else None
+        extra = dict(logprob=draw.logprob, entropy=draw.entropy, alternatives=alts, steps=steps)
+        if draw.token_id in req.stop_ids:
+            yield StepEvent(draw.token_id, "", time.monotonic_ns(), **extra)
             reason = "eos"
             break
         text, hit = stops.feed(detok.push(draw.token_id))
-        yield StepEvent(draw.token_id, text, time.monotonic_ns(), draw.logprob, draw.entropy, steps=steps)
+        yield StepEvent(draw.token_id, text, time.monotonic_ns(), **extra)
         if hit:
             reason = "stop_string"
             break
         if new >= settings.max_new_tokens:
             break
-        if len(prompt) + new >= context_limit:
-            reason, detail = "context_full", f"the context holds {context_limit} tokens"
+        if len(req.prompt) + new >= req.context_limit:
+            reason, detail = "context_full", f"the context holds {req.context_limit} tokens"
             break
         sampler.extend([draw.token_id])
         try:
-            if speculate and not pending:
-                ahead = model.speculate(state, draw.token_id)
+            if spec is not None and not pending:
+                ahead = spec.step(state, draw.token_id)
                 # The state absorbed the chosen token and every returned one but the last.
                 fed.append(draw.token_id)
                 fed.extend(tok for tok, _, _ in ahead[:-1])
@@ -137,7 +180,8 @@ def decode_loop(model, state: StateList, logits: torch.Tensor, prompt: list[int]
             if pending:
                 logits, steps = pending.pop(0)
                 continue
-            logits = model(torch.tensor([[draw.token_id]], device=device), state, last_only=True)[0, -1]
+            out = model.infer(torch.tensor([[draw.token_id]], device=device), state, req.controls, req.cancel,
+                              last_only=True)
         except ContextFull as e:
             reason, detail = "context_full", str(e)
             break
@@ -145,19 +189,26 @@ def decode_loop(model, state: StateList, logits: torch.Tensor, prompt: list[int]
             # Stopped inside a forward (Huginn polls between recurrence steps): the token was sampled and
             # shown but not absorbed.
             reason = "cancelled"
-            roll_back(state, fed)
+            roll_back(state, len(req.prompt) + len(fed))
             break
+        logits, steps = out.logits[0, -1], out.steps
         fed.append(draw.token_id)
-        steps = model.last_steps
     tail = ""
     if reason != "stop_string":
         tail, hit = stops.feed(detok.flush())
         tail += "" if hit else stops.flush()
-    decode_s = (timer.last_token - timer.first_token) if timer.first_token and timer.last_token else 0.0
-    n_prefill = len(prompt) - reused
-    yield Done(
-        stop_reason=reason, prompt_tokens=len(prompt), new_tokens=new,
-        ttft_s=(timer.first_token - timer.start) if timer.first_token else 0.0,
-        prefill_tok_s=n_prefill / timer.prefill_s if timer.prefill_s > 0 else 0.0,
+    decode_s = (last_t - first_t) if first_t and last_t else 0.0
+    n_prefill = len(req.prompt) - req.reused
+    done = Done(
+        stop_reason=reason, prompt_tokens=len(req.prompt), new_tokens=new,
+        ttft_s=(first_t - req.start_s) if first_t else 0.0,
+        prefill_tok_s=n_prefill / req.prefill_s if req.prefill_s > 0 else 0.0,
         decode_tok_s=(new - 1) / decode_s if new > 1 and decode_s > 0 else 0.0,
-        reused_tokens=reused, detail=detail, text=tail)
+        reused_tokens=req.reused, detail=detail, text=tail)
+    return DecodeResult(done, fed)
+
+
+def _alternatives(logits: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
+    """The k most likely ids of the model's raw distribution with their log-probabilities."""
+    top = logits.float().log_softmax(-1).topk(min(k, logits.shape[-1]))
+    return tuple(zip(top.indices.tolist(), top.values.tolist()))

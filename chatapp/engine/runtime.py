@@ -14,14 +14,15 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
 from ..catalog import CatalogError, ModelEntry, load_catalog
-from ..contract import ControlSpec, Done, MemoryReport, SamplingSettings, StepEvent
-from .arch.base import Interrupted
-from .generate import Timer, decode_loop, prefill
+from ..contract import (ControlSpec, Controls, Done, MemoryReport, SamplingSettings, StepEvent, TokenDetail,
+                        resolve_controls)
+from .arch.base import Forward, Interrupted
+from .generate import DecodeRequest, decode_loop, feed
 from .loader import LoadError, load_model, read_config, resolve_device, resolve_dtype
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -38,71 +39,94 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.context_limit = context_limit
-        self.controls: tuple[ControlSpec, ...] = tuple(model.CONTROLS)
+        self.controls: tuple[ControlSpec, ...] = tuple(model.control_specs())
+        unknown = set(entry.controls) - {c.name for c in self.controls}
+        if unknown:
+            raise LoadError(f"{entry.id}: the catalog sets control(s) {', '.join(sorted(unknown))}, which this "
+                            f"model does not have ({', '.join(c.name for c in self.controls) or 'none'})")
+        resolve_controls(self.controls, entry.controls)  # a catalog value this model refuses fails the load
         self.state = model.make_state(context_limit, device, dtype)
         self._fed: list[int] = []  # ids absorbed by self.state, in order
         self._prompt_snap: tuple[tuple[int, ...], object, torch.Tensor] | None = None
-        self._cancel = threading.Event()
+        self._running: threading.Event | None = None  # the cancel flag of the call holding the lock
+        self._state_key: tuple = ()  # the state-changing controls the state was built under
         self._lock = threading.Lock()
-        model.interrupt = self._cancel
-        model.set_controls(entry.controls)
 
     # Contract.
     def cancel(self) -> None:
-        """Stop the running generation before its next token."""
-        self._cancel.set()
+        """Stop the call that is running now (a queued call keeps going; its caller cancels it by its own flag)."""
+        running = self._running
+        if running is not None:
+            running.set()
 
     def default_settings(self) -> SamplingSettings:
         return self.entry.sampling()
 
+    def resolve(self, controls: Mapping[str, Any] | None = None) -> Controls:
+        """This model's complete controls: architecture < catalog entry < `controls` (see contract)."""
+        return resolve_controls(self.controls, self.entry.controls, call=controls)
+
     def generate(self, ids: list[int], settings: SamplingSettings | None = None,
-                 controls: dict[str, Any] | None = None) -> Iterator[StepEvent | Done]:
-        """Stream a reply to the prompt `ids`; see api.StepEvent / api.Done."""
+                 controls: Mapping[str, Any] | None = None, *, cancel: threading.Event | None = None,
+                 detail: TokenDetail = TokenDetail()) -> Iterator[StepEvent | Done]:
+        """Stream a reply to the prompt `ids`; see contract.StepEvent / contract.Done.
+
+        `controls` are complete `Controls` (a chat session's) or a partial dict merged over the catalog's
+        here; `cancel` is this call's own flag (set it to stop this call, even before it starts).
+        """
         settings = settings or self.default_settings()
         settings.validate()
-        stop_ids = set(settings.stop_ids) | set(self.tokenizer.stop_ids)
-        self._cancel.clear()
+        controls = controls if isinstance(controls, Controls) else self.resolve(controls)
+        stop_ids = frozenset(settings.stop_ids) | frozenset(self.tokenizer.stop_ids)
+        cancel = cancel if cancel is not None else threading.Event()
         with self._lock:
-            # Inference mode is entered around each step of the stream, not across its yields: it is
-            # thread-local, and the consumer's code between two events must not run under it.
-            events = self._stream(ids, settings, stop_ids, controls)
-            while True:
-                with torch.inference_mode():
-                    event = next(events, None)
-                if event is None:
-                    return
-                yield event
+            self._running = cancel
+            try:
+                # Inference mode is entered around each step of the stream, not across its yields: it is
+                # thread-local, and the consumer's code between two events must not run under it.
+                events = self._stream(ids, settings, stop_ids, controls, cancel, detail)
+                while True:
+                    with torch.inference_mode():
+                        event = next(events, None)
+                    if event is None:
+                        return
+                    yield event
+            finally:
+                self._running = None
 
-    def _stream(self, ids: list[int], settings: SamplingSettings, stop_ids: set[int],
-                controls: dict[str, Any] | None) -> Iterator[StepEvent | Done]:
+    def _stream(self, ids: list[int], settings: SamplingSettings, stop_ids: frozenset[int], controls: Controls,
+                cancel: threading.Event, detail: TokenDetail) -> Iterator[StepEvent | Done]:
         start = time.perf_counter()
-        if controls:
-            self.model.set_controls(controls)
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.context_limit:
             yield Done("context_full", len(ids), 0, 0.0, 0.0, 0.0,
                        detail=f"the prompt has {len(ids)} tokens; the context holds {self.context_limit}")
             return
-        timer = Timer(start)
         try:
-            logits, reused = self._prefill(list(ids))
+            first, reused = self._prefill(list(ids), controls, cancel)
         except Interrupted:
             yield Done("cancelled", len(ids), 0, 0.0, 0.0, 0.0,
                        detail=f"stopped during the prompt ({self.state.length} of {len(ids)} tokens absorbed)")
             return
-        timer.prefill_s = time.perf_counter() - start
-        yield from decode_loop(self.model, self.state, logits, list(ids), self.tokenizer, settings, stop_ids,
-                               self.context_limit, self._cancel, timer, self._fed, reused)
+        req = DecodeRequest(self.model, self.state, self.tokenizer, first, list(ids), settings, stop_ids,
+                            self.context_limit, controls, cancel, detail, reused, start, time.perf_counter() - start)
+        result = yield from decode_loop(req)
+        self._fed.extend(result.absorbed)
+        yield result.done
 
-    def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+    def _prefill(self, ids: list[int], controls: Controls, cancel: threading.Event) -> tuple[Forward, int]:
         """Bring the state to `ids` minus what it already holds; return the next-token logits."""
+        if controls.state_key != self._state_key:
+            # What the state holds was computed under other controls: it does not continue under these.
+            self.reset()
+            self._state_key = controls.state_key
         snap = self._prompt_snap
         if snap is not None and snap[0] == tuple(ids):
             # Same prompt again (regenerate): restore the state and logits it ended with.
             self.state.restore(snap[1])
             self._fed = list(ids)
-            return snap[2].clone(), len(ids)
+            return Forward(snap[2].logits.clone(), snap[2].steps), len(ids)
         common = 0
         for a, b in zip(self._fed, ids):
             if a != b:
@@ -120,14 +144,14 @@ class Engine:
                 self.state.reset()
                 self._fed, common = [], 0
         try:
-            logits = prefill(self.model, self.state, ids[common:], self.device)
+            first = feed(self.model, self.state, ids[common:], self.device, controls, cancel)
         except Interrupted:
             self._fed = list(ids[:self.state.length])  # the state holds a prefix of the prompt
             raise
         self._fed = list(ids)
         if not self.state.can_trim:
-            self._prompt_snap = (tuple(ids), self.state.snapshot(), logits.clone())
-        return logits, common
+            self._prompt_snap = (tuple(ids), self.state.snapshot(), Forward(first.logits.clone(), first.steps))
+        return first, common
 
     def reset(self) -> None:
         """Forget everything the state holds."""

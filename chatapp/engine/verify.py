@@ -86,18 +86,20 @@ def golden_controls(golden: dict) -> dict:
 
 
 @torch.inference_mode()
-def forced_decode(model, input_ids: torch.Tensor, continuation: list[int]) -> torch.Tensor:
+def forced_decode(model, input_ids: torch.Tensor, continuation: list[int], controls=None) -> torch.Tensor:
     """Prefill, then feed `continuation` one token at a time through the cache.
 
     Returns the logits behind each continuation token ([n, V]; row 0 = prefill's last position).
     Feeding the expected ids means the argmax of each row equals them all iff free greedy decoding
-    reproduces them, and the step logits stay comparable after a first mismatch.
+    reproduces them, and the step logits stay comparable after a first mismatch. `controls` (missing ones
+    at their defaults) go with every forward.
     """
     n = len(continuation)
     state = model.make_state(input_ids.shape[1] + n, input_ids.device, torch.float32)
-    rows = [model(input_ids, state, last_only=True)[0, -1]]
+    rows = [model.infer(input_ids, state, controls, last_only=True).logits[0, -1]]
     for tok in continuation[:-1]:
-        rows.append(model(torch.tensor([[tok]], device=input_ids.device), state, last_only=True)[0, -1])
+        ids = torch.tensor([[tok]], device=input_ids.device)
+        rows.append(model.infer(ids, state, controls, last_only=True).logits[0, -1])
     return torch.stack(rows)
 
 
@@ -111,16 +113,15 @@ def verify(fixture_dir: str | Path) -> VerifyReport:
     tensors = load_file(str(d / "golden.safetensors"))
     model = load_model(d, "cpu", torch.float32)
     controls = golden_controls(golden)
-    model.set_controls(controls)
     report = VerifyReport(str(d), type(model).__module__.rsplit(".", 1)[-1], controls)
     ids = tensors["input_ids"]
     if "logits" in tensors:
-        report.comparisons.append(_compare("logits", model(ids), tensors["logits"], _tolerance(golden, "logits_fp32")))
+        report.comparisons.append(_compare("logits", model.infer(ids, None, controls).logits, tensors["logits"], _tolerance(golden, "logits_fp32")))
     else:
         report.missing.append("logits")
     if "greedy_ids" in tensors:
         expected = tensors["greedy_ids"][0].tolist()
-        step_logits = forced_decode(model, ids, expected)
+        step_logits = forced_decode(model, ids, expected, controls)
         got = step_logits.argmax(-1).tolist()
         report.greedy_ids, report.expected_greedy_ids = got, expected
         report.greedy_ids_match = got == expected

@@ -242,7 +242,9 @@ def test_controls_and_per_token_steps_land_in_the_run_card():
     done = run(s.stream(c, u.id))
     card = c.get(c.current_leaf).run
     assert eng.calls[0].controls["num_steps"] == 8 and eng.calls[0].controls["exit_criterion"] == "kl"
-    assert card["controls"] == {"num_steps": 8, "exit_criterion": "kl"}
+    # The card records every control in force, defaults included: architecture < catalog < chat.
+    defaults = {spec.name: spec.default for spec in HUGINN_LIKE_CONTROLS}
+    assert card["controls"] == {**defaults, "num_steps": 8, "exit_criterion": "kl"} == dict(eng.calls[0].controls)
     assert card["steps"] == [8] * done.new_tokens
     c.controls = {"num_steps": 1000}
     with pytest.raises(ValueError, match="num_steps"):

@@ -5,7 +5,7 @@ import dataclasses
 import importlib
 import threading
 import warnings
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -13,7 +13,8 @@ from torch import nn
 from ...contract import ControlSpec
 from ..state import StateList
 
-__all__ = ["ArchArgs", "ControlSpec", "ArchModel", "Interrupted", "arch_module", "ARCHITECTURES", "UnknownArchitecture"]
+__all__ = ["ArchArgs", "ControlSpec", "ArchModel", "Forward", "Interrupted", "check_cancel", "arch_module",
+           "ARCHITECTURES", "UnknownArchitecture"]
 
 # model_type -> module under engine/arch. Aliases map other spellings seen in configs.
 ARCHITECTURES = {
@@ -71,11 +72,27 @@ class Interrupted(Exception):
     """A model call stopped between two of its internal steps because the caller asked it to."""
 
 
+def check_cancel(cancel: threading.Event | None) -> None:
+    """Raise Interrupted when the call's cancel flag is set. Poll it only where the state can be rolled
+    back to its length before this forward (see StateList.trim); the decode loop does that roll-back."""
+    if cancel is not None and cancel.is_set():
+        raise Interrupted
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    """What one model call did: its logits and, for a recurrent-depth model, the steps it ran."""
+
+    logits: torch.Tensor
+    steps: int | None = None
+
+
 class ArchModel(nn.Module):
     """Base of every architecture's Model.
 
     Subclasses define `forward(ids [B, T], state: StateList | None) -> logits [B, T, V]`,
-    `make_state`, `sanitize` and, where they have them, `CONTROLS` and `OPTIONS`.
+    `make_state`, `sanitize` and, where they have them, `CONTROLS` and `OPTIONS`. A model keeps nothing
+    of a call: controls and the cancel flag arrive with each `infer`, which returns what it did.
     """
 
     #: Compute controls the UI renders (Huginn's recurrence); empty for most models.
@@ -83,28 +100,18 @@ class ArchModel(nn.Module):
     #: Named reading options for uncertain architecture facts (OdinNext): name -> choices.
     OPTIONS: dict[str, tuple[Any, ...]] = {}
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.controls: dict[str, Any] = {c.name: c.default for c in self.CONTROLS}
-        #: Recurrence steps the last forward used per position, where the architecture has them.
-        self.last_steps: int | None = None
-        #: Set by the Engine to its cancel flag; long forwards (Huginn's recurrence) poll it.
-        self.interrupt: threading.Event | None = None
+    def control_specs(self) -> tuple[ControlSpec, ...]:
+        """The controls with this checkpoint's defaults (the architecture layer of the merge)."""
+        return self.CONTROLS
 
-    def check_interrupt(self) -> None:
-        """Raise Interrupted when the caller asked to stop. Call it only where the state can be rolled back
-        to its length before this forward (see StateList.trim); the decode loop does that roll-back."""
-        if self.interrupt is not None and self.interrupt.is_set():
-            raise Interrupted
+    def infer(self, ids: torch.Tensor, state: StateList | None, controls: Mapping[str, Any] | None = None,
+              cancel: threading.Event | None = None, last_only: bool = False) -> Forward:
+        """One forward under one call's controls; a model without controls or inner steps just runs."""
+        return Forward(self(ids, state, last_only=last_only))
 
-    def set_controls(self, values: dict[str, Any] | None) -> None:
-        """Validate and apply control values (unknown names raise ValueError)."""
-        specs = {c.name: c for c in self.CONTROLS}
-        for k, v in (values or {}).items():
-            if k not in specs:
-                known = ", ".join(specs) or "none"
-                raise ValueError(f"unknown control {k!r} for this architecture (controls: {known})")
-            self.controls[k] = specs[k].coerce(v)
+    def speculator(self, controls: Mapping[str, Any], cancel: threading.Event | None = None):
+        """A per-call self-speculative decoder (`step(state, token_id)`), where the architecture has one."""
+        return None
 
     def make_state(self, max_len: int, device, dtype) -> StateList:
         raise NotImplementedError

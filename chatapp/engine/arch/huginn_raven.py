@@ -11,20 +11,19 @@ argmax-stability / latent-diff runs). The KV slots live in huginn_cache.py, exit
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..layers import RMSNorm, apply_rope_interleaved, causal_attention, rope_angles, rope_frequencies
-from .base import ArchArgs, ArchModel, ControlSpec, Interrupted
+from ...contract import resolve_controls
+from .base import ArchArgs, ArchModel, ControlSpec, Forward, Interrupted, check_cancel
 from .huginn_cache import LOOKUPS, CacheStrategy, HuginnState, like_init
 from .huginn_exit import CRITERIA, ExitRule
-
-#: Prompt tokens per internal prefill chunk when a cache is rebuilt under another compression.
-REBUILD_CHUNK = 512
-
 
 @dataclass
 class ModelArgs(ArchArgs):
@@ -147,7 +146,7 @@ class Model(ArchModel):
                     help="core iterations per token; the card: <4 is coarse, gains up to ~64 (each ~1.6B params read)"),
         ControlSpec("exit_criterion", "early exit", "choice", "none", choices=CRITERIA,
                     help="stop iterating a token once this rule says it has settled (num_steps is the cap)"),
-        ControlSpec("exit_threshold", "exit threshold", "float", "auto",
+        ControlSpec("exit_threshold", "exit threshold", "float", "auto", min=0.0,
                     help="auto = the reference's default for the rule (kl 1e-3, argmax-stability 5, ...)"),
         ControlSpec("min_steps", "min steps", "int", 0, 0, 128, help="no exit test before this many steps"),
         ControlSpec("check_every", "check every", "int", 1, 1, 128, help="test the exit rule every n steps"),
@@ -160,8 +159,10 @@ class Model(ArchModel):
         ControlSpec("cache_strategy", "KV cache", "choice", "full", choices=_STRATEGIES,
                     help="full / latest-m4 (early exit) / compress-sN (ring of N core slots) / <lookup>-compress-..."),
         ControlSpec("draft_steps", "speculative draft", "int", 0, 0, 128,
-                    help="greedy only: draft tokens with this many steps, verify at num_steps (0 = off)"),
-        ControlSpec("draft_tokens", "draft length", "int", 4, 1, 16, help="tokens drafted per verification"),
+                    help="greedy only: draft tokens with this many steps, verify at num_steps (0 = off)",
+                    changes_state=False),
+        ControlSpec("draft_tokens", "draft length", "int", 4, 1, 16, help="tokens drafted per verification",
+                    changes_state=False),
     )
 
     def __init__(self, args: ModelArgs) -> None:
@@ -176,14 +177,14 @@ class Model(ArchModel):
             ln_f=RMSNorm(a.n_embd, a.norm_eps),
         ))
         self.lm_head = None if a.tie_embeddings else nn.Linear(a.n_embd, a.padded_vocab_size, bias=False)
-        self.controls["num_steps"] = a.mean_recurrence
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cpu_rows = False
-        #: Values of the exit rule at each check of the last forward (adaptive exit only).
-        self.last_exit_values: list[float] = []
-        #: Speculative decoding counters: verifications, tokens drafted, drafts accepted, plain steps taken.
+        # The config's mean_recurrence is this checkpoint's default depth.
+        self._specs = tuple(replace(c, default=a.mean_recurrence) if c.name == "num_steps" else c
+                            for c in self.CONTROLS)
+        #: Speculative decoding counters since load (statistics only): verifications, tokens drafted, drafts
+        #: accepted, plain steps taken.
         self.spec_stats = {"calls": 0, "drafted": 0, "accepted": 0, "plain": 0}
-        self._spec = {"k": 0, "skip": 0, "wait": 1}
 
     @property
     def max_context(self) -> int:
@@ -198,36 +199,46 @@ class Model(ArchModel):
                 if isinstance(m, nn.Linear):
                     m.__class__ = CpuRowsLinear
 
-    def set_controls(self, values) -> None:
-        super().set_controls(values)
-        if any(k.startswith("draft_") for k in values or {}):
-            self._spec.update(k=0, skip=0, wait=1)
-        CacheStrategy.parse(self.controls["cache_strategy"])  # N and the lookup are checked here
+    def control_specs(self) -> tuple[ControlSpec, ...]:
+        return self._specs
 
-    @property
-    def speculative(self) -> bool:
-        """Whether `speculate` applies: a draft depth is set and no per-token state couples the tokens."""
-        c = self.controls
-        return c["draft_steps"] > 0 and c["exit_criterion"] == "none" and not c["continuous_compute"]
+    def _controls(self, values: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+        """Complete control values: `values` over this checkpoint's defaults (validated by the contract)."""
+        c = resolve_controls(self._specs, call=values)
+        CacheStrategy.parse(c["cache_strategy"])  # N and the lookup are checked here
+        return c
+
+    def speculator(self, controls: Mapping[str, Any], cancel: threading.Event | None = None) -> "Speculator | None":
+        """Self-speculative greedy decoding for one call, where it applies: a draft depth is set and no
+        per-token state couples the tokens (early exit, warm start)."""
+        c = self._controls(controls)
+        if c["draft_steps"] > 0 and c["exit_criterion"] == "none" and not c["continuous_compute"]:
+            return Speculator(self, c, cancel)
+        return None
+
+    def infer(self, ids, state, controls=None, cancel=None, last_only=False) -> Forward:
+        r = self.run(ids, state, last_only, controls=controls, cancel=cancel)
+        return Forward(r.logits, r.steps)
 
     def forward(self, ids: torch.Tensor, state: HuginnState | None = None, last_only: bool = False,
-                num_steps: int | None = None, input_states: torch.Tensor | None = None) -> torch.Tensor:
+                num_steps: int | None = None, input_states: torch.Tensor | None = None,
+                controls: Mapping[str, Any] | None = None) -> torch.Tensor:
         """fp32 logits [B, T, V] ([B, 1, V] with last_only); see `run`."""
-        return self.run(ids, state, last_only, num_steps, input_states)[0]
+        return self.run(ids, state, last_only, num_steps, input_states, controls).logits
 
-    def run(self, ids, state=None, last_only=False, num_steps=None, input_states=None):
-        """Forward a chunk under the current controls.
+    def run(self, ids, state=None, last_only=False, num_steps=None, input_states=None, controls=None,
+            cancel: threading.Event | None = None) -> "Run":
+        """Forward a chunk under `controls` (missing ones take their defaults).
 
         Args:
             ids: [B, T] token ids; with a state they follow the `state.length` tokens it holds.
             num_steps: overrides the control (0 is allowed: the coda then reads ln_f(s0)).
             input_states: an explicit initial state s0 [B, T, h] (the reference's `input_states`).
-        Returns:
-            (fp32 logits, latents ln_f(x_r) [B, T, h]); `last_steps` holds the steps the chunk ran.
+            cancel: polled before every recurrence step; raises Interrupted with the state as it was.
         """
-        c = self.controls
+        c = self._controls(controls)
         steps = c["num_steps"] if num_steps is None else num_steps
-        self.last_exit_values = []
+        values: list[float] = []
         rule = None if c["exit_criterion"] == "none" else ExitRule(c["exit_criterion"], c["exit_threshold"],
                                                                    self.args.padded_vocab_size)
         if rule is not None and state is None:
@@ -237,8 +248,6 @@ class Model(ArchModel):
         if state is not None:
             strategy = CacheStrategy.parse(c["cache_strategy"], self.args.n_layers_in_prelude,
                                            self.args.n_layers_in_recurrent_block)
-            if state.length and strategy.remap_key != state.strategy.remap_key:
-                self._rebuild(state, strategy)
             state.begin(ids, strategy)
             start = state.length
         t = ids.shape[1]
@@ -246,15 +255,16 @@ class Model(ArchModel):
         e = self.transformer.wte(ids) * self.args.emb_scale
         for i, block in enumerate(self.transformer.prelude):
             e = block(e, cos, sin, state, i)
-        x = input_states.to(e.dtype) if input_states is not None else self._initial_state(e, start, state, rule)
+        x = input_states.to(e.dtype) if input_states is not None else self._initial_state(e, start, state, rule, c)
         try:
             if rule is None:
                 for i in range(steps):
-                    x = self._step(x, e, i, cos, sin, state)
+                    x = self._step(x, e, i, cos, sin, state, cancel)
                 logits, z = self._coda(x, cos, sin, state, last_only)
                 used = steps
             else:
-                x, logits, z, used = self._adaptive(x, e, steps, rule, cos, sin, state, last_only)
+                x, logits, z, used = self._adaptive(x, e, steps, rule, c, (cos, sin), state, last_only, cancel,
+                                                    values)
         except Interrupted:
             if state is not None:
                 state.trim(state.length)  # drop the open chunk's entries: the state is as before this call
@@ -263,12 +273,11 @@ class Model(ArchModel):
             state.latent.x.copy_(x[:, -1:])
             state.latent.position = start + t - 1
             state.finish()
-        self.last_steps = used
-        return logits, z
+        return Run(logits, z, used, values)
 
-    def _step(self, x, e, i: int, cos, sin, state) -> torch.Tensor:
+    def _step(self, x, e, i: int, cos, sin, state, cancel=None) -> torch.Tensor:
         """One recurrence: inject the prelude output through the adapter (state first), run the core."""
-        self.check_interrupt()
+        check_cancel(cancel)
         x = self.transformer.adapter(torch.cat([x, e], dim=-1))
         base = self.args.n_layers_in_prelude + self.args.n_layers_in_recurrent_block * i
         for j, block in enumerate(self.transformer.core_block):
@@ -285,20 +294,21 @@ class Model(ArchModel):
         head = self.lm_head.weight if self.lm_head is not None else self.transformer.wte.weight
         return cpu_rows_linear(h, head).float() if self._cpu_rows else F.linear(h, head).float(), z
 
-    def _adaptive(self, x, e, max_steps: int, rule: ExitRule, cos, sin, state, last_only: bool):
-        """Iterate until the exit rule fires (checked between steps, on the host), at most max_steps."""
-        c = self.controls
+    def _adaptive(self, x, e, max_steps: int, rule: ExitRule, c, rope, state, last_only: bool, cancel, values):
+        """Iterate until the exit rule fires (checked between steps, on the host), at most max_steps;
+        `values` receives the rule's value at each check."""
+        cos, sin = rope
         rule.start(x)
         out, out_step, used = None, -1, max_steps
         for i in range(max_steps):
-            x = self._step(x, e, i, cos, sin, state)
+            x = self._step(x, e, i, cos, sin, state, cancel)
             if i < c["min_steps"] or (i - c["min_steps"]) % c["check_every"]:
                 continue
             if rule.needs_logits:
                 # The coda rewrites this chunk's coda KV at every check; the entries of the exit step remain.
                 out, out_step = self._coda(x, cos, sin, state, last_only), i
             value = float(rule.value(x, out[0][:, -1] if out is not None else None))
-            self.last_exit_values.append(value)
+            values.append(value)
             if rule.exits(value):
                 used = i + 1
                 break
@@ -306,8 +316,7 @@ class Model(ArchModel):
             out = self._coda(x, cos, sin, state, last_only)
         return x, out[0], out[1], used
 
-    def _initial_state(self, e: torch.Tensor, start: int, state: HuginnState | None, rule) -> torch.Tensor:
-        c = self.controls
+    def _initial_state(self, e: torch.Tensor, start: int, state: HuginnState | None, rule, c) -> torch.Tensor:
         t = e.shape[1]
         if (c["continuous_compute"] and state is not None and t == 1 and start > 0
                 and state.latent.position == start - 1):
@@ -319,13 +328,6 @@ class Model(ArchModel):
             return torch.zeros_like(e)
         return like_init(e.shape, start, c["state_seed"], self.args.init_std, self.args.emb_scale).to(e)
 
-    def _rebuild(self, state: HuginnState, strategy: CacheStrategy) -> None:
-        """Re-absorb the state's tokens under a new compression remap (its layout cannot be converted)."""
-        ids = state.absorbed_ids()
-        state.reset()
-        for i in range(0, ids.shape[1], REBUILD_CHUNK):
-            self.run(ids[:, i:i + REBUILD_CHUNK], state, last_only=True)
-
     def _angles(self, start: int, t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if start + t > self.args.block_size:
             raise ValueError(f"position {start + t} is beyond the RoPE table of {self.args.block_size}")
@@ -334,52 +336,6 @@ class Model(ArchModel):
             self._rope = rope_angles(torch.arange(self.args.block_size, device=device), inv)
         cos, sin = self._rope
         return cos[start:start + t], sin[start:start + t]
-
-    @torch.inference_mode()
-    def speculate(self, state: HuginnState, token_id: int) -> list[tuple[int, torch.Tensor, int]]:
-        """Self-speculative greedy decoding: the state holds everything before `token_id` (chosen, not
-        yet absorbed). Draft `draft_tokens` tokens at `draft_steps`, drop them from the cache, run
-        token_id + drafts as one chunk at `num_steps`, keep the drafts the full depth agrees with.
-
-        Returns (token, logits [V] it is the argmax of, steps) for the next 1..draft_tokens+1 tokens,
-        exactly what plain greedy decoding at `num_steps` gives. Afterwards the state has absorbed
-        token_id and every returned token but the last (which, like token_id, is chosen, not absorbed).
-        """
-        c = self.controls
-        dev, full, sp = state.device, c["num_steps"], self._spec
-        room = (state.max_len - state.length) if state.max_len is not None else c["draft_tokens"] + 1
-        k = min(sp["k"] or c["draft_tokens"], c["draft_tokens"], room - 1)
-        if k < 1 or not self.speculative or sp["skip"] > 0:
-            sp["skip"] = max(0, sp["skip"] - 1)
-            self.spec_stats["plain"] += 1
-            logits = self(torch.tensor([[token_id]], device=dev), state, last_only=True)[0, -1]
-            return [(int(logits.argmax()), logits, self.last_steps)]
-        base, drafts, tok = state.length, [], token_id
-        for _ in range(k):
-            tok = int(self(torch.tensor([[tok]], device=dev), state, last_only=True,
-                           num_steps=c["draft_steps"])[0, -1].argmax())
-            drafts.append(tok)
-        state.trim(base)
-        logits = self(torch.tensor([[token_id, *drafts]], device=dev), state, num_steps=full)[0]  # [k+1, V]
-        best = logits.argmax(-1).tolist()
-        m = 0
-        while m < k and best[m] == drafts[m]:
-            m += 1
-        # Positions past the first disagreement were computed from a wrong token: drop them.
-        state.trim(base + m + 1)
-        self.last_steps = full
-        # Draft length follows the acceptance: one more after a full hit, what was accepted after a miss.
-        # A miss at length 1 pauses drafting for `wait` tokens (doubling up to 64), so drafts that keep
-        # failing cost a bounded fraction over plain decoding instead of a verification per token.
-        if m == k:
-            sp["k"], sp["wait"] = k + 1, 1
-        elif m == 0 and k == 1:
-            sp["skip"], sp["wait"] = sp["wait"], min(2 * sp["wait"], 64)
-        else:
-            sp["k"] = max(1, m)
-        s = self.spec_stats
-        s["calls"], s["drafted"], s["accepted"] = s["calls"] + 1, s["drafted"] + k, s["accepted"] + m
-        return [(best[i], logits[i], full) for i in range(m + 1)]
 
     def make_state(self, max_len: int, device, dtype) -> HuginnState:
         a = self.args
@@ -416,3 +372,68 @@ class Model(ArchModel):
             tn(block.mlp.proj.weight, out_std)
         if self.lm_head is not None:
             tn(self.lm_head.weight, std)
+
+
+@dataclass
+class Run:
+    """What one Huginn forward did: fp32 logits, latents ln_f(x_r) [B, T, h], the steps it ran, and the
+    exit rule's value at each check (adaptive exit only)."""
+
+    logits: torch.Tensor
+    latents: torch.Tensor
+    steps: int
+    exit_values: list[float] = field(default_factory=list)
+
+
+class Speculator:
+    """Self-speculative greedy decoding over one call: the draft length adapts to what is accepted."""
+
+    def __init__(self, model: Model, controls: Mapping[str, Any], cancel: threading.Event | None) -> None:
+        self.model, self.c, self.cancel = model, controls, cancel
+        self.k, self.skip, self.wait = 0, 0, 1
+
+    def _forward(self, ids: list[int], state: HuginnState, num_steps: int, last_only: bool) -> torch.Tensor:
+        return self.model.run(torch.tensor([ids], device=state.device), state, last_only, num_steps,
+                              controls=self.c, cancel=self.cancel).logits
+
+    @torch.inference_mode()
+    def step(self, state: HuginnState, token_id: int) -> list[tuple[int, torch.Tensor, int]]:
+        """The state holds everything before `token_id` (chosen, not yet absorbed). Draft `draft_tokens`
+        tokens at `draft_steps`, drop them from the cache, run token_id + drafts as one chunk at
+        `num_steps`, keep the drafts the full depth agrees with.
+
+        Returns (token, logits [V] it is the argmax of, steps) for the next 1..draft_tokens+1 tokens,
+        exactly what plain greedy decoding at `num_steps` gives. Afterwards the state has absorbed
+        token_id and every returned token but the last (which, like token_id, is chosen, not absorbed).
+        """
+        c, stats, full = self.c, self.model.spec_stats, self.c["num_steps"]
+        room = (state.max_len - state.length) if state.max_len is not None else c["draft_tokens"] + 1
+        k = min(self.k or c["draft_tokens"], c["draft_tokens"], room - 1)
+        if k < 1 or self.skip > 0:
+            self.skip = max(0, self.skip - 1)
+            stats["plain"] += 1
+            logits = self._forward([token_id], state, full, True)[0, -1]
+            return [(int(logits.argmax()), logits, full)]
+        base, drafts, tok = state.length, [], token_id
+        for _ in range(k):
+            tok = int(self._forward([tok], state, c["draft_steps"], True)[0, -1].argmax())
+            drafts.append(tok)
+        state.trim(base)
+        logits = self._forward([token_id, *drafts], state, full, False)[0]  # [k+1, V]
+        best = logits.argmax(-1).tolist()
+        m = 0
+        while m < k and best[m] == drafts[m]:
+            m += 1
+        # Positions past the first disagreement were computed from a wrong token: drop them.
+        state.trim(base + m + 1)
+        # Draft length follows the acceptance: one more after a full hit, what was accepted after a miss.
+        # A miss at length 1 pauses drafting for `wait` tokens (doubling up to 64), so drafts that keep
+        # failing cost a bounded fraction over plain decoding instead of a verification per token.
+        if m == k:
+            self.k, self.wait = k + 1, 1
+        elif m == 0 and k == 1:
+            self.skip, self.wait = self.wait, min(2 * self.wait, 64)
+        else:
+            self.k = max(1, m)
+        stats["calls"], stats["drafted"], stats["accepted"] = stats["calls"] + 1, stats["drafted"] + k, stats["accepted"] + m
+        return [(best[i], logits[i], full) for i in range(m + 1)]

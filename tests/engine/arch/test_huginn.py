@@ -26,9 +26,7 @@ ZERO = dict(state_init="zero", num_steps=8, cache_strategy="full", continuous_co
 
 @pytest.fixture
 def model(fx):
-    m = load_model(fx, "cpu", torch.float32)
-    m.set_controls(ZERO)
-    return m
+    return load_model(fx, "cpu", torch.float32)
 
 
 # Tolerance of this file's model-level comparisons unless a test states its own.
@@ -36,17 +34,19 @@ close = partial(assert_close, atol=5e-4)
 
 
 @torch.inference_mode()
-def greedy(model, ids, n, state=None):
-    """Prefill then plain greedy decoding; returns (ids, steps per token, exit values per token)."""
+def greedy(model, ids, n, controls, state=None):
+    """Prefill then plain greedy decoding under `controls` (over ZERO); returns (ids, steps per token,
+    exit values per token)."""
+    controls = {**ZERO, **controls}
     state = state or model.make_state(ids.shape[1] + n, "cpu", torch.float32)
-    logits = model(ids, state, last_only=True)[0, -1]
-    out, steps, values = [], [model.last_steps], [list(model.last_exit_values)]
+    r = model.run(ids, state, last_only=True, controls=controls)
+    out, steps, values = [], [r.steps], [r.exit_values]
     for i in range(n):
-        out.append(int(logits.argmax()))
+        out.append(int(r.logits[0, -1].argmax()))
         if i < n - 1:
-            logits = model(torch.tensor([[out[-1]]]), state, last_only=True)[0, -1]
-            steps.append(model.last_steps)
-            values.append(list(model.last_exit_values))
+            r = model.run(torch.tensor([[out[-1]]]), state, last_only=True, controls=controls)
+            steps.append(r.steps)
+            values.append(r.exit_values)
     return out, steps, values
 
 
@@ -60,7 +60,8 @@ def test_verify_passes_on_the_fixture(fx):
 @pytest.mark.parametrize("steps", [0, 4, 8])
 def test_logits_and_latents_at_each_depth(model, golden, steps):
     tensors, meta = golden
-    logits, latents = model.run(tensors["input_ids"], num_steps=steps)
+    r = model.run(tensors["input_ids"], num_steps=steps, controls=ZERO)
+    logits, latents = r.logits, r.latents
     close(logits, tensors[f"logits_steps{steps}"], **meta["suggested_tolerance"]["logits_fp32"])
     if steps:
         close(latents, tensors[f"latent_states_steps{steps}"])
@@ -72,29 +73,27 @@ def test_logits_and_latents_at_each_depth(model, golden, steps):
 @torch.inference_mode()
 def test_an_explicit_initial_state_feeds_the_state_half_of_the_adapter(model, golden):
     tensors, _ = golden
-    logits, _ = model.run(tensors["input_ids"], num_steps=4, input_states=tensors["input_states"])
+    logits = model(tensors["input_ids"], num_steps=4, input_states=tensors["input_states"], controls=ZERO)
     close(logits, tensors["logits_input_states_steps4"])
-    zero, _ = model.run(tensors["input_ids"], num_steps=4)
+    zero = model(tensors["input_ids"], num_steps=4, controls=ZERO)
     assert (zero - logits).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("strategy,key", [("full", "greedy_ids"), ("compress-s8", "greedy_ids_compress_s8")])
 def test_cached_greedy_ids(model, golden, strategy, key):
     tensors, _ = golden
-    model.set_controls({"cache_strategy": strategy})
-    ids, steps, _ = greedy(model, tensors["input_ids"], 16)
+    ids, steps, _ = greedy(model, tensors["input_ids"], 16, {"cache_strategy": strategy})
     assert ids == tensors[key][0].tolist()
     assert steps == [8] * 16
 
 
 def test_continuous_compute_warm_starts_each_token(model, golden):
     tensors, _ = golden
-    model.set_controls({"num_steps": 4, "continuous_compute": True})
-    ids, _, _ = greedy(model, tensors["input_ids"], 16)
+    warm = {**ZERO, "num_steps": 4, "continuous_compute": True}
+    ids, _, _ = greedy(model, tensors["input_ids"], 16, warm)
     assert ids == tensors["greedy_ids_continuous_steps4"][0].tolist()
-    warm_rows = forced_decode(model, tensors["input_ids"], ids)
-    model.set_controls({"continuous_compute": False})
-    cold_rows = forced_decode(model, tensors["input_ids"], ids)
+    warm_rows = forced_decode(model, tensors["input_ids"], ids, warm)
+    cold_rows = forced_decode(model, tensors["input_ids"], ids, {**warm, "continuous_compute": False})
     # The prompt is never warm-started; every decoded token is.
     assert torch.equal(warm_rows[0], cold_rows[0])
     assert ((warm_rows[1:] - cold_rows[1:]).abs().amax(-1) > 1e-4).all()
@@ -105,9 +104,8 @@ def test_continuous_compute_warm_starts_each_token(model, golden):
 def test_adaptive_exit_ids_and_steps_per_token(model, golden, criterion, key):
     tensors, meta = golden
     threshold = meta["adaptive"][criterion]["threshold"]
-    model.set_controls({"num_steps": 16, "cache_strategy": "latest-m4", "exit_criterion": criterion,
-                        "exit_threshold": threshold})
-    ids, steps, values = greedy(model, tensors["input_ids"], 16)
+    ids, steps, values = greedy(model, tensors["input_ids"], 16, {
+        "num_steps": 16, "cache_strategy": "latest-m4", "exit_criterion": criterion, "exit_threshold": threshold})
     want_ids, want_steps = tensors[f"adaptive_{key}_ids"][0].tolist(), tensors[f"adaptive_{key}_steps"][0].tolist()
     rule = ExitRule(criterion, threshold, model.args.padded_vocab_size)
     for i, (got, want) in enumerate(zip(steps, want_steps)):
@@ -129,23 +127,22 @@ def test_prefill_equals_step_by_step_decode(model, golden, init, strategy):
     # slots): there a prompt token reads its neighbours' same-step entries, a decoded one their last
     # overwrite. That is the reference's behaviour (greedy_ids_compress_s8 depends on it).
     ids = golden[0]["input_ids"]
-    model.set_controls({"state_init": init, "cache_strategy": strategy, "num_steps": 5})
+    c = {**ZERO, "state_init": init, "cache_strategy": strategy, "num_steps": 5}
     with torch.inference_mode():
-        whole = model(ids)
+        whole = model(ids, controls=c)
         state = model.make_state(ids.shape[1], "cpu", torch.float32)
-        steps = torch.cat([model(ids[:, :7], state), *(model(ids[:, i:i + 1], state) for i in range(7, 24))], 1)
+        steps = torch.cat([model(ids[:, :7], state, controls=c),
+                           *(model(ids[:, i:i + 1], state, controls=c) for i in range(7, 24))], 1)
     close(steps, whole, atol=2e-5, rtol=0)
 
 
 @torch.inference_mode()
 def test_like_init_is_random_noise_that_reproduces_by_seed(model, golden):
     ids = golden[0]["input_ids"]
-    model.set_controls({"state_init": "like-init", "state_seed": 7})
-    a, b = model(ids), model(ids)
-    model.set_controls({"state_seed": 8})
-    c = model(ids)
-    model.set_controls({"state_init": "zero"})
-    z = model(ids)
+    seven = {**ZERO, "state_init": "like-init", "state_seed": 7}
+    a, b = model(ids, controls=seven), model(ids, controls=seven)
+    c = model(ids, controls={**seven, "state_seed": 8})
+    z = model(ids, controls={**seven, "state_init": "zero"})
     assert torch.equal(a, b)
     assert (a - c).abs().max() > 1e-3 and (a - z).abs().max() > 1e-3
 
@@ -216,12 +213,11 @@ def _scheduled_rows(model, ids, strategy, state):
     """Prefill ids at 6 steps, then decode at 3, 9, 5, 12, 2, 11 steps (down and up, past the anchor's
     8 iterations), so that slots go missing; returns the last-position logits of every call."""
     schedule = [6, 3, 9, 5, 12, 2, 11]
-    model.set_controls({"cache_strategy": strategy, "num_steps": schedule[0]})
+    c = {**ZERO, "cache_strategy": strategy}
     with torch.inference_mode():
-        rows = [model(ids, state, last_only=True)[0, -1]]
+        rows = [model(ids, state, last_only=True, controls={**c, "num_steps": schedule[0]})[0, -1]]
         for i, n in enumerate(schedule[1:]):
-            model.set_controls({"num_steps": n})
-            rows.append(model(ids[:, i:i + 1], state, last_only=True)[0, -1])
+            rows.append(model(ids[:, i:i + 1], state, last_only=True, controls={**c, "num_steps": n})[0, -1])
     if type(state) is HuginnState:
         assert state.steps_per_position() == [6] * ids.shape[1] + schedule[1:]
     return torch.stack(rows)
@@ -243,17 +239,17 @@ def test_cache_strategy_parsing():
 def test_speculative_decoding_matches_plain_greedy(model, golden, init):
     tensors, _ = golden
     ids = tensors["input_ids"]
-    model.set_controls({"state_init": init})
-    plain, _, _ = greedy(model, ids, 16)
+    plain, _, _ = greedy(model, ids, 16, {"state_init": init})
     if init == "zero":
         assert plain == tensors["greedy_ids"][0].tolist()
-    model.set_controls({"draft_steps": 2, "draft_tokens": 3})
+    c = {**ZERO, "state_init": init, "draft_steps": 2, "draft_tokens": 3}
+    spec = model.speculator(c)
     state = model.make_state(ids.shape[1] + 20, "cpu", torch.float32)
     with torch.inference_mode():
-        logits = model(ids, state, last_only=True)[0, -1]
+        logits = model(ids, state, last_only=True, controls=c)[0, -1]
         out = [int(logits.argmax())]
         while len(out) < 16:
-            got = model.speculate(state, out[-1])
+            got = spec.step(state, out[-1])
             assert all(s == 8 for _, _, s in got)
             assert all(int(lg.argmax()) == t for t, lg, _ in got)
             out += [t for t, _, _ in got]
@@ -264,15 +260,10 @@ def test_speculative_decoding_matches_plain_greedy(model, golden, init):
     assert stats["calls"] >= 1 and 0 <= stats["accepted"] <= stats["drafted"]
 
 
-def test_speculation_steps_aside_for_adaptive_exit(model, golden):
-    model.set_controls({"draft_steps": 2, "exit_criterion": "kl"})
-    assert not model.speculative
-    ids = golden[0]["input_ids"]
-    state = model.make_state(30, "cpu", torch.float32)
-    with torch.inference_mode():
-        model(ids, state, last_only=True)
-        assert len(model.speculate(state, 5)) == 1
-    assert state.length == ids.shape[1] + 1
+def test_speculation_steps_aside_for_adaptive_exit_and_warm_starts(model):
+    assert model.speculator({**ZERO, "draft_steps": 2}) is not None
+    assert model.speculator({**ZERO, "draft_steps": 2, "exit_criterion": "kl"}) is None
+    assert model.speculator({**ZERO, "draft_steps": 2, "continuous_compute": True}) is None
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16])
@@ -293,10 +284,9 @@ def test_a_bf16_cpu_load_routes_linears_through_the_row_tiles(fx, golden):
     from chatapp.engine.arch.huginn_raven import CpuRowsLinear
 
     model = load_model(fx, "cpu", torch.bfloat16)
-    model.set_controls(ZERO)
     assert isinstance(model.transformer.core_block[0].mlp.fc, CpuRowsLinear) and model._cpu_rows
     with torch.inference_mode():
-        got = model(golden[0]["input_ids"])
+        got = model(golden[0]["input_ids"], controls=ZERO)
     # bf16 through 8 recurrences: same argmax for most positions as the fp32 golden logits.
     agree = (got.argmax(-1) == golden[0]["logits"].argmax(-1)).float().mean()
     assert agree >= 0.75
@@ -305,14 +295,15 @@ def test_a_bf16_cpu_load_routes_linears_through_the_row_tiles(fx, golden):
 def test_drafts_that_keep_failing_back_off_to_plain_steps(model, golden):
     # One draft step is far from 8 here: no draft is ever accepted, so drafting pauses for growing spans.
     ids = golden[0]["input_ids"]
-    plain, _, _ = greedy(model, ids, 40)
-    model.set_controls({"draft_steps": 1, "draft_tokens": 4})
+    plain, _, _ = greedy(model, ids, 40, {})
+    c = {**ZERO, "draft_steps": 1, "draft_tokens": 4}
+    spec = model.speculator(c)
     model.spec_stats.update(calls=0, drafted=0, accepted=0, plain=0)
     state = model.make_state(ids.shape[1] + 45, "cpu", torch.float32)
     with torch.inference_mode():
-        out = [int(model(ids, state, last_only=True)[0, -1].argmax())]
+        out = [int(model(ids, state, last_only=True, controls=c)[0, -1].argmax())]
         while len(out) < 40:
-            out += [t for t, _, _ in model.speculate(state, out[-1])]
+            out += [t for t, _, _ in spec.step(state, out[-1])]
     s = model.spec_stats
     assert out[:40] == plain
     assert s["accepted"] == 0 and s["plain"] > 3 * s["calls"] and s["drafted"] < 2 * s["calls"]

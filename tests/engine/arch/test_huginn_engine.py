@@ -56,7 +56,7 @@ def test_demo_streams_in_the_catalog_dtype(demo_dir):
 
 def test_demo_streams_with_the_steps_of_each_token(engine):
     ids = engine.tokenizer.render([{"role": "user", "content": "hi"}])
-    assert engine.model.controls["num_steps"] == 32 and engine.model.controls["cache_strategy"] == "latest-m4"
+    assert engine.resolve()["num_steps"] == 32 and engine.resolve()["cache_strategy"] == "latest-m4"
     events, done = run(engine, ids, {"num_steps": 6})
     assert done.new_tokens == len(events) and all(e.steps == 6 for e in events)
     # Early exit: each token reports its own count, capped by num_steps.
@@ -89,16 +89,20 @@ def test_controls_change_between_turns_without_reloading(engine, demo_dir):
     from chatapp.engine.runtime import load_engine
 
     first = engine.tokenizer.render([{"role": "user", "content": "one"}])
-    events, _ = run(engine, first, {"num_steps": 4, "cache_strategy": "full"})
+    before = {"num_steps": 4, "cache_strategy": "full"}
+    events, _ = run(engine, first, before)
     second = engine.tokenizer.render([{"role": "user", "content": "one"},
                                       {"role": "assistant", "content": engine.tokenizer.decode(
                                           [e.token_id for e in events])},
                                       {"role": "user", "content": "two"}])
-    # Another compression: the cache is rebuilt under it from the tokens it held, on the same model. (A
-    # ring of 32 holds 7 steps whole, so how the rebuild chunks the tokens cannot change the numbers.)
+    # A control that only changes how the same tokens are computed (a verified draft) keeps the state.
+    _, done = run(engine, second, {**before, "draft_steps": 2}, temperature=0.0)
+    assert done.reused_tokens > len(first)  # the prompt and the reply's tokens as far as they re-encode alike
+    # Another depth and compression: what the state holds was computed otherwise, so it starts over and
+    # answers exactly as a fresh engine does.
     later = {"num_steps": 7, "cache_strategy": "compress-s32", "state_init": "zero"}
     got, done = run(engine, second, later)
-    assert done.reused_tokens > 0 and engine.state.strategy.compress == "s"
+    assert done.reused_tokens == 0 and engine.state.strategy.compress == "s"
     fresh = load_engine(get_entry("huginn-tiny"), device="cpu", dtype="float32", model_dir=demo_dir)
     want, _ = run(fresh, second, later)
     assert [e.token_id for e in got] == [e.token_id for e in want]
@@ -118,6 +122,45 @@ def test_speculative_decoding_in_the_loop_gives_the_plain_greedy_reply(engine, i
     # What the state absorbed is what it says it absorbed: a follow-up turn reuses that prefix.
     again, done2 = run(engine, ids + [e.token_id for e in fast[:-1]], {**base, "draft_steps": 0}, max_new_tokens=3)
     assert done2.reused_tokens == len(ids) + len(fast) - 2
+
+
+def test_a_calls_controls_do_not_outlive_it(engine, demo_dir):
+    """Controls chosen in one call (one chat) are not in force in the next call that does not set them."""
+    from chatapp.engine.runtime import load_engine
+
+    ids = engine.tokenizer.render([{"role": "user", "content": "leak?"}])
+    adaptive = {"num_steps": 16, "exit_criterion": "latent-diff", "exit_threshold": 0.2}
+    held, _ = run(engine, ids, {**adaptive, "min_steps": 12, "check_every": 3})
+    assert all(e.steps >= 13 for e in held)
+    got, _ = run(engine, ids, adaptive)
+    fresh = load_engine(get_entry("huginn-tiny"), device="cpu", dtype="float32", model_dir=demo_dir)
+    want, _ = run(fresh, ids, adaptive)
+    assert [e.steps for e in got] == [e.steps for e in want] and min(e.steps for e in got) < 12
+    assert [e.token_id for e in got] == [e.token_id for e in want]
+
+
+def test_a_queued_call_does_not_clear_the_cancel_of_the_running_one(engine):
+    import threading
+    import time
+
+    ids = engine.tokenizer.render([{"role": "user", "content": "queue"}])
+    settings = engine.default_settings().with_overrides(max_new_tokens=30, temperature=0.0)
+    first = engine.generate(ids, settings, {"num_steps": 2})
+    assert isinstance(next(first), StepEvent)  # running: it holds the engine
+    engine.cancel()
+    queued: list = []
+    waiting = threading.Thread(target=lambda: queued.extend(engine.generate(ids, settings, {"num_steps": 2})))
+    waiting.start()
+    time.sleep(1.0)  # the second call has started and waits for the engine
+    rest = list(first)
+    assert len(rest) == 1 and rest[0].stop_reason == "cancelled"
+    waiting.join(timeout=60)
+    assert queued[-1].stop_reason in ("max_tokens", "eos") and len(queued) > 1
+    # A caller's own flag stops its call even while that call is still waiting for the engine.
+    mine = threading.Event()
+    mine.set()
+    events = list(engine.generate(ids, settings, {"num_steps": 2}, cancel=mine))
+    assert len(events) == 1 and events[0].stop_reason == "cancelled"
 
 
 def _cancel_at_step(engine, monkeypatch, n):

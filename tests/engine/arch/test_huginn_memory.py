@@ -38,12 +38,12 @@ def test_kv_bytes_follow_the_spec_formula_at_several_lengths_and_steps(strategy)
     a = model.args
     per_slot_token = 2 * a.n_kv_heads * a.head_dim * 4  # K and V, fp32
     for steps in (1, 5, 12):
-        model.set_controls({"num_steps": steps, "cache_strategy": strategy, "state_init": "zero"})
+        controls = {"num_steps": steps, "cache_strategy": strategy, "state_init": "zero"}
         state = model.make_state(a.block_size, "cpu", torch.float32)
         fed = 0
         for t in (1, 200, 100):  # lengths 1, 201 and 301: one block, then two
             with torch.inference_mode():
-                model(torch.randint(0, 128, (1, t)), state, last_only=True)
+                model(torch.randint(0, 128, (1, t)), state, last_only=True, controls=controls)
             fed += t
             b = state.bytes()
             slots = spec_slots(strategy, steps)
@@ -71,12 +71,12 @@ def test_real_size_bytes_per_token_match_the_spec():
 def test_the_cache_grows_in_blocks_and_gives_memory_back():
     torch.manual_seed(0)
     model = build_model(SMALL, device="cpu").eval()
-    model.set_controls({"num_steps": 3, "state_init": "zero"})
+    controls = {"num_steps": 3, "state_init": "zero"}
     state = model.make_state(512, "cpu", torch.float32)
     with torch.inference_mode():
-        model(torch.randint(0, 128, (1, 10)), state)
+        model(torch.randint(0, 128, (1, 10)), state, controls=controls)
         one_block = state.bytes().allocated["kv"]
-        model(torch.randint(0, 128, (1, 250)), state)
+        model(torch.randint(0, 128, (1, 250)), state, controls=controls)
         assert state.bytes().allocated["kv"] == 2 * one_block
         snap = state.snapshot()
         state.trim(100)
