@@ -1,27 +1,26 @@
 """Model files from the Hugging Face Hub, in its standard cache: plan, download (resumable, cancellable), inspect.
 
-Torch-free (the TUI imports it at start-up). Demo checkpoints are built by the engine (engine/demo.py); this module
-only says where they live and whether one is made.
+Torch-free (the TUI imports it at start-up); demo checkpoints are built by engine/demo.py, this module only finds them.
+From huggingface_hub: the listing (`HfApi.model_info(files_metadata=True)`), each file's metadata
+(`get_hf_file_metadata`), URLs, auth headers, the shared HTTP session, error types, `filter_repo_objects`, the cache
+lock, `try_to_load_from_cache`, `scan_cache_dir`. Done here: the byte transfer, since `hf_hub_download` can neither
+resume nor cancel promptly. The body is streamed with a `Range` request into `blobs/<hash>.incomplete` by a reader
+thread that hands chunks over a small queue; the calling thread writes them, reports exact byte counts and polls the
+cancel event every 0.1 s, so a cancel takes effect within ~0.1 s even on a stalled connection and leaves a partial
+file the next call resumes (listing and HEAD requests time out after CONNECT_TIMEOUT_S). A finished file lands where
+`hf_hub_download` puts it (`blobs/<hash>`, `snapshots/<commit>/<path>` -> relative symlink, `refs/<revision>`), so
+`hf cache` and `scan_cache_dir` see it (layout checked against huggingface_hub 2.4.0 by tests/test_hub.py).
 
-What comes from huggingface_hub: the repo listing (`HfApi.model_info(files_metadata=True)`), each file's metadata
-(`get_hf_file_metadata`: etag, size, CDN location), URLs, auth headers, the shared HTTP session, error types,
-`filter_repo_objects` for the allow globs, the cache lock, `try_to_load_from_cache` and `scan_cache_dir`.
-What is done here: the byte transfer. `hf_hub_download` in huggingface_hub 2.x writes to a per-process temporary
-file that it deletes on failure (an interrupted file restarts from zero) and reports progress in 10 MiB steps, so
-it can neither resume nor cancel promptly. Here the body is streamed with a `Range` request into
-`blobs/<etag>.incomplete`; the HTTP read runs in a reader thread that hands chunks over a small queue, and the
-calling thread writes them, reports exact byte counts and polls the cancel event every 0.1 s, so a cancel takes
-effect within ~0.1 s even on a stalled connection and leaves a partial file the next call resumes (the short
-listing and HEAD requests are not interrupted; they time out after CONNECT_TIMEOUT_S). Each finished file is
-checked against the size the Hub lists (and LFS files against their sha256), then lands where `hf_hub_download`
-puts it (`blobs/<etag>`, `snapshots/<commit>/<path>` -> relative symlink, `refs/<revision>`), so `hf cache`,
-`try_to_load_from_cache` and `scan_cache_dir` see it. Layout and behaviour checked against huggingface_hub==2.4.0
-(file_download.py, utils/_cache_manager.py) by the tests in tests/engine/test_hub.py.
+A hostile endpoint (an HF_ENDPOINT mirror, a proxy) cannot make a download write outside the model's cache folder:
+every name the server supplies passes `_checked` (commit, hashes, file paths, redirect targets) and blob names come
+from the listed hashes, never from the ETag (which must equal them); every path is resolved by `_contained` before
+anything is written or trusted there, so a planted link is not followed out. Each file is checked against its listed
+size and hash: sha256 for LFS files, the git blob SHA-1 for the others.
 
-Every file of one source comes from the single commit its revision resolved to when listed. Completion is recorded
-per source in `<repo cache>/.smollchat/<revision>.json` (commit, allow globs, file sizes); `local_dir` trusts a
-snapshot only when that record matches the catalog and every file is on disk with its size, without network.
-The environment (HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_HUB_OFFLINE) is read at each call, not at import.
+Every file of one source comes from the commit its revision resolved to when listed. Completion is recorded per
+source in `<repo cache>/.smollchat/<revision>.json`; `local_dir` trusts a snapshot only when that record matches the
+catalog and every file is on disk with its size, without network. The environment (HF_HOME, HF_HUB_CACHE,
+HF_ENDPOINT, HF_HUB_OFFLINE) is read at each call, not at import.
 """
 from __future__ import annotations
 
@@ -29,6 +28,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from . import locations
 from .catalog import ModelEntry, Source
@@ -108,6 +108,17 @@ class RemoteFile:
     commit: str = ""
     #: LFS files: the content hash the finished file is checked against.
     sha256: str | None = None
+    #: Other files: their git blob SHA-1 (sha1 of b"blob <size>\0" + content), checked the same way.
+    git_sha1: str | None = None
+
+    @property
+    def blob_name(self) -> str:
+        """The name of its file under blobs/: the hash the Hub lists (and sends as its ETag), never the ETag itself."""
+        return self.sha256 or self.git_sha1 or ""
+
+    def hasher(self) -> Any:
+        """A fresh hasher whose hexdigest is `blob_name` once the whole file went through it."""
+        return hashlib.sha256() if self.sha256 else hashlib.sha1(b"blob %d\0" % self.size)
 
 
 # ---------------------------------------------------------------- environment, read at call time
@@ -152,6 +163,52 @@ def _allowed(path: str, allow: tuple[str, ...]) -> bool:
     return bool(list(filter_repo_objects([path], allow_patterns=list(allow))))
 
 
+# ---------------------------------------------------------------- what the server says, and where it may lead
+
+_HEX_LENGTH = {"commit": 40, "git blob SHA-1": 40, "sha256": 64}
+MAX_REDIRECTS = 5
+
+
+def _checked(kind: str, value: Any, what: str, base: str = "") -> str:
+    """The one gate for every name a server supplies before it becomes part of a path or a URL that is fetched.
+
+    Hashes: lowercase hex of their length. "file path": relative, '/'-separated plain segments (no '..', '.', empty
+    or absolute parts, backslashes, drive letters, control characters). "redirect": http(s) with a host and no
+    credentials, never https -> http (`base` is the URL that redirected)."""
+    if not value:
+        raise HubError(f"the server at {_endpoint()} sent no {kind} for {what}; try again later.")
+    ok = isinstance(value, str) and len(value) <= 1024
+    if ok and kind in _HEX_LENGTH:
+        ok = re.fullmatch(f"[0-9a-f]{{{_HEX_LENGTH[kind]}}}", value) is not None
+    elif ok and kind == "file path":
+        ok = not (value.startswith("/") or "\\" in value or re.match(r"[A-Za-z]:", value)
+                  or any(ord(c) < 32 or ord(c) == 127 for c in value)
+                  or any(part in ("", ".", "..") for part in value.split("/")))
+    elif ok and kind == "redirect":
+        parts = urlsplit(value)
+        ok = (parts.scheme in ("http", "https") and bool(parts.hostname) and "@" not in parts.netloc
+              and not (urlsplit(base).scheme == "https" and parts.scheme == "http"))
+    elif ok:
+        raise ValueError(f"unknown kind {kind!r}")
+    if not ok:
+        raise HubError(f"the server at {_endpoint()} sent an unsafe {kind} for {what} ({str(value)[:200]!r}), which "
+                       "was refused; check that HF_ENDPOINT and any proxy lead to a Hub you trust.")
+    return value
+
+
+def _inside(root: Path, path: Path) -> bool:
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, top]) == top
+
+
+def _contained(root: Path, path: Path) -> None:
+    """A HubError unless `path`, every link resolved, stays inside `root`: checked before anything is written or
+    trusted there, so a link planted in the cache is never followed out of it."""
+    if not _inside(root, path):
+        raise HubError(f"{path} leads outside its cache folder {root} (a link there points to "
+                       f"{os.path.realpath(path)}), so nothing was written; delete that link and download again.")
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -180,8 +237,7 @@ def _hub_errors(what: str, repo: str, revision: str = "") -> Iterator[None]:
         status = e.response.status_code if e.response is not None else "?"
         raise HubError(f"the Hub answered HTTP {status} for {what}; try again later.") from None
     except (hf_errors.HTTPError, ConnectionError) as e:
-        # huggingface_hub's name for its transport's base error (httpx in 1.x, httpx2 in 2.x): with the status
-        # errors handled above, what is left is the network (connect, timeout, protocol).
+        # The transport's base error (httpx in 1.x, httpx2 in 2.x); with status errors handled above: the network.
         raise OfflineError(f"cannot reach the Hugging Face Hub at {_endpoint()} to fetch {what} "
                            f"({type(e).__name__}); check the network connection and try again.") from None
     except OSError as e:
@@ -220,17 +276,21 @@ def _list_source(src: Source) -> list[RemoteFile]:
     with _hub_errors(f"the file list of {src.repo}", src.repo, src.revision):
         info = HfApi(endpoint=_endpoint()).model_info(src.repo, revision=src.revision, files_metadata=True,
                                                       timeout=CONNECT_TIMEOUT_S)
-    if not info.sha:
-        raise HubError(f"the Hub did not say which commit {src.repo}@{src.revision} is; try again later.")
+    commit = _checked("commit", info.sha, f"{src.repo}@{src.revision}")
     out = []
     for s in info.siblings or []:
         if not _allowed(s.rfilename, src.allow):
             continue
+        what = f"{src.repo}/{s.rfilename}"
+        path = _checked("file path", s.rfilename, f"a file of {src.repo}")
         size = s.lfs.size if s.lfs else s.size
-        if size is None:
-            raise HubError(f"the Hub listed {src.repo}/{s.rfilename} without a size; try again later.")
-        out.append(RemoteFile(src.repo, src.revision, s.rfilename, int(size), info.sha,
-                              s.lfs.sha256 if s.lfs else None))
+        if not isinstance(size, int) or size < 0:
+            raise HubError(f"the Hub listed {what} without a valid size; try again later.")
+        if s.lfs is None and s.blob_id is None:
+            raise HubError(f"the Hub listed {what} without its git blob id, so it cannot be checked; try again later.")
+        out.append(RemoteFile(src.repo, src.revision, path, size, commit,
+                              _checked("sha256", s.lfs.sha256, what) if s.lfs else None,
+                              None if s.lfs else _checked("git blob SHA-1", s.blob_id, what)))
     if not out:
         raise HubError(f"{src.repo}@{src.revision} has no file matching {', '.join(src.allow)}; "
                        "check the catalog entry.")
@@ -244,13 +304,10 @@ class _Tracker:
     """Byte-accurate, monotonic, rate-limited progress over a whole plan."""
 
     def __init__(self, files: list[RemoteFile], callback: Callable[[DownloadProgress], None] | None) -> None:
-        self.callback = callback
-        self.total = sum(f.size for f in files)
-        self.count = len(files)
-        self.index, self.file = 0, ""
+        self.callback, self.total, self.count = callback, sum(f.size for f in files), len(files)
+        self.index, self.file, self.shown = 0, "", 0
         self.base = 0      # bytes of the files already finished
         self.current = 0   # bytes of the current file on disk
-        self.shown = 0
         self.received = 0  # bytes received from the network in this call
         self.samples: deque[tuple[float, int]] = deque([(time.monotonic(), 0)])
         self.last = 0.0
@@ -339,10 +396,12 @@ def _prepare_snapshot(cache: Path, src: Source, commit: str) -> None:
     # The snapshot folder exists before the ref that names it, as scan_cache_dir requires.
     storage = _storage(src.repo, cache)
     with _hub_errors(f"the cache folder of {src.repo}", src.repo):
-        (storage / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
-        (storage / "blobs").mkdir(parents=True, exist_ok=True)
+        for folder in (storage / "snapshots" / commit, storage / "blobs"):
+            _contained(storage, folder)
+            folder.mkdir(parents=True, exist_ok=True)
         if src.revision != commit:
             ref = storage / "refs" / src.revision
+            _contained(storage, ref)
             ref.parent.mkdir(parents=True, exist_ok=True)
             _atomic_write(ref, commit)
 
@@ -353,33 +412,43 @@ def _fetch(rf: RemoteFile, cache: Path, index: int, tracker: _Tracker, cancel: t
     from huggingface_hub.utils import WeakFileLock
 
     storage = _storage(rf.repo, cache)
-    pointer = storage / "snapshots" / rf.commit / rf.path
+    snapshot = storage / "snapshots" / rf.commit
+    pointer = snapshot / rf.path
+    what = f"{rf.repo}/{rf.path}"
+    # Its folders stay inside the snapshot, and a link already there (ours point into blobs/) inside the model's
+    # folder: one leading elsewhere is neither trusted as done nor written through.
+    _contained(snapshot, pointer.parent)
+    if os.path.lexists(pointer):
+        _contained(storage, pointer)
     if pointer.is_file() and pointer.stat().st_size == rf.size:
         tracker.begin(index, rf, rf.size)
         tracker.end(rf.size)
         return
-    what = f"{rf.repo}/{rf.path}"
     url = hf_hub_url(rf.repo, rf.path, revision=rf.commit, endpoint=_endpoint())
     with _hub_errors(what, rf.repo, rf.revision):
         meta = get_hf_file_metadata(url, timeout=CONNECT_TIMEOUT_S)
     if meta.size is not None and meta.size != rf.size:
         raise HubError(f"the Hub reports two sizes for {what} ({rf.size} listed, {meta.size} served); "
                        "try again later.")
-    if not meta.etag:
-        raise HubError(f"the Hub sent no ETag for {what}; try again later.")
-    blob = storage / "blobs" / meta.etag
-    lock = cache / ".locks" / storage.name / f"{meta.etag}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    etag = _checked("sha256" if rf.sha256 else "git blob SHA-1", meta.etag, what)
+    if etag != rf.blob_name:
+        raise HubError(f"the Hub lists one version of {what} and serves another (ETag {etag}, listed "
+                       f"{rf.blob_name}); try again later.")
+    # The CDN location the Hub redirects to (signed, so the auth token never goes there); Xet-stored files have
+    # none we can stream, so they come through the resolve URL's own redirect.
+    source = url if meta.xet_file_data is not None else _checked("redirect", meta.location or url, what, base=url)
+    blob = storage / "blobs" / rf.blob_name
+    lock = cache / ".locks" / storage.name / f"{rf.blob_name}.lock"
+    with _hub_errors(what, rf.repo):
+        _contained(storage, blob)
+        _contained(cache, lock)
+        lock.parent.mkdir(parents=True, exist_ok=True)
     try:
         with WeakFileLock(lock, timeout=LOCK_WAIT_S):
             if blob.is_file() and blob.stat().st_size != rf.size:
                 blob.unlink()
             if not blob.is_file():
-                # The CDN location the Hub redirects to (signed, so the auth token never goes there); Xet-stored
-                # files have none we can stream, so they come through the resolve URL's own redirect.
-                cdn = meta.xet_file_data is None and urlsplit(meta.location).netloc != urlsplit(url).netloc
-                _transfer(rf, meta.location if meta.xet_file_data is None else url, not cdn, blob, index, tracker,
-                          cancel)
+                _transfer(rf, source, urlsplit(source).netloc == urlsplit(url).netloc, blob, index, tracker, cancel)
             else:
                 tracker.begin(index, rf, rf.size)
             with _hub_errors(what, rf.repo):
@@ -397,22 +466,23 @@ def _transfer(rf: RemoteFile, url: str, send_auth: bool, blob: Path, index: int,
 
     what = f"{rf.repo}/{rf.path}"
     part = blob.with_name(blob.name + ".incomplete")
-    hasher = hashlib.sha256() if rf.sha256 else None
+    hasher = rf.hasher()
     # Compression would make byte offsets and sizes meaningless for Range resume.
     headers = {k: v for k, v in build_hf_headers().items() if send_auth or k.lower() != "authorization"}
     headers["Accept-Encoding"] = "identity"
     failures = 0
-    with _hub_errors(what, rf.repo), open(part, "ab") as f:
+    _contained(blob.parent, part)
+    with _hub_errors(what, rf.repo), _append(part) as f:
         have = f.tell()
         if have > rf.size:
             f.truncate(0)
             have = 0
-        if hasher is not None and have:
+        if have:
             _hash_prefix(part, have, hasher)
         tracker.begin(index, rf, have)
         while have < rf.size:
             _check_cancel(cancel, tracker)
-            reader = _Reader(url, {**headers, "Range": f"bytes={have}-"} if have else headers)
+            reader = _Reader(url, {**headers, "Range": f"bytes={have}-"} if have else headers, what)
             got = 0
             try:
                 status, start = reader.head(cancel, tracker)
@@ -422,7 +492,7 @@ def _transfer(rf: RemoteFile, url: str, send_auth: bool, blob: Path, index: int,
                     f.seek(0)
                     f.truncate(0)
                     have = 0
-                    hasher = hashlib.sha256() if rf.sha256 else None
+                    hasher = rf.hasher()
                     tracker.restart_file()
                 for chunk in reader.chunks(cancel, tracker):
                     if have + len(chunk) > rf.size:
@@ -430,8 +500,7 @@ def _transfer(rf: RemoteFile, url: str, send_auth: bool, blob: Path, index: int,
                     f.write(chunk)
                     have += len(chunk)
                     got += len(chunk)
-                    if hasher is not None:
-                        hasher.update(chunk)
+                    hasher.update(chunk)
                     tracker.add(len(chunk))
                 if have < rf.size:
                     raise _SizeMismatch(have, False)
@@ -450,11 +519,17 @@ def _transfer(rf: RemoteFile, url: str, send_auth: bool, blob: Path, index: int,
                 _pause(RETRY_WAIT_S * failures, cancel, tracker)
             finally:
                 reader.close()
-    if hasher is not None and hasher.hexdigest() != rf.sha256:
+    if hasher.hexdigest() != rf.blob_name:
         part.unlink(missing_ok=True)
         raise HubError(f"{what} does not match the checksum the Hub reports; the file was removed, try again.")
     with _hub_errors(what, rf.repo):
         os.replace(part, blob)
+
+
+def _append(path: Path) -> Any:
+    """`open(path, "ab")` that refuses to follow a link at `path` (O_NOFOLLOW), checked or not."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    return os.fdopen(os.open(path, flags, 0o644), "ab")
 
 
 class _SizeMismatch(Exception):
@@ -467,12 +542,15 @@ class _Transient(Exception):
 
 def _hash_prefix(path: Path, n: int, hasher: Any) -> None:
     with open(path, "rb") as g:
-        while n > 0:
-            block = g.read(min(n, 1 << 20))
-            if not block:
-                break
+        while n > 0 and (block := g.read(min(n, 1 << 20))):
             hasher.update(block)
             n -= len(block)
+
+
+def _range_start(r: Any) -> int | None:
+    """Where a 206 body starts (from Content-Range), else None (the body is then taken as the whole file)."""
+    m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", r.headers.get("Content-Range", "").strip())
+    return int(m.group(1)) if r.status_code == 206 and m else None
 
 
 class _Reader:
@@ -482,7 +560,8 @@ class _Reader:
     only reads the network (it never touches the file), and stops at its next chunk or read timeout after close().
     """
 
-    def __init__(self, url: str, headers: dict[str, str]) -> None:
+    def __init__(self, url: str, headers: dict[str, str], what: str) -> None:
+        self.what = what
         self.q: queue.Queue = queue.Queue(maxsize=16)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(url, headers), daemon=True, name="smollchat-download")
@@ -504,24 +583,27 @@ class _Reader:
         try:
             # (connect, read, write, pool): the tuple form both httpx and httpx2 accept, so no transport import.
             timeout = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S, READ_TIMEOUT_S, CONNECT_TIMEOUT_S)
-            with get_session().stream("GET", url, headers=headers, timeout=timeout, follow_redirects=True) as r:
-                if r.status_code in _TRANSIENT_STATUS:
-                    raise _Transient(f"HTTP {r.status_code}")
-                if r.status_code >= 400 and r.status_code != 416:
-                    r.read()
-                    hf_raise_for_status(r)
-                start = None
-                if r.status_code == 206:
-                    rng = r.headers.get("Content-Range", "")
-                    start = int(rng.split()[1].split("-")[0]) if rng.startswith("bytes ") else None
-                if not self._put(("head", (r.status_code, start))):
+            # Redirects are followed here, each target checked (and the token dropped when the host changes).
+            for _ in range(MAX_REDIRECTS + 1):
+                with get_session().stream("GET", url, headers=headers, timeout=timeout, follow_redirects=False) as r:
+                    if r.status_code in (301, 302, 303, 307, 308) and r.headers.get("Location"):
+                        target = _checked("redirect", urljoin(url, r.headers["Location"]), self.what, base=url)
+                        if urlsplit(target).netloc != urlsplit(url).netloc:
+                            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+                        url = target
+                        continue
+                    if r.status_code in _TRANSIENT_STATUS:
+                        raise _Transient(f"HTTP {r.status_code}")
+                    if r.status_code >= 400 and r.status_code != 416:
+                        r.read()
+                        hf_raise_for_status(r)
+                    if self._put(("head", (r.status_code, _range_start(r)))) and r.status_code != 416:
+                        for chunk in r.iter_bytes():
+                            if chunk and not self._put(("data", chunk)):
+                                return
+                        self._put(("end", None))
                     return
-                if r.status_code == 416:
-                    return
-                for chunk in r.iter_bytes():
-                    if chunk and not self._put(("data", chunk)):
-                        return
-            self._put(("end", None))
+            raise HubError(f"the Hub redirected {self.what} more than {MAX_REDIRECTS} times; try again later.")
         except hf_errors.HfHubHTTPError as e:
             self._put(("error", e))
         except hf_errors.HTTPError as e:  # the transport's (connect, read timeout, broken body): worth a retry
@@ -588,23 +670,26 @@ def _write_manifest(cache: Path, src: Source, files: list[RemoteFile]) -> None:
               "files": {f.path: f.size for f in files}}
     path = _manifest_path(cache, src)
     with _hub_errors(f"the download record of {src.repo}", src.repo):
+        _contained(_storage(src.repo, cache), path)
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, json.dumps(record, indent=1, sort_keys=True))
 
 
 def _complete_snapshot(src: Source, cache: Path | None = None) -> Path | None:
-    """The source's snapshot dir when its download record matches the catalog and every file is on disk."""
+    """The source's snapshot dir when its download record matches the catalog and every file is on disk (inside
+    the model's cache folder: a link leading out of it does not count)."""
     cache = cache or cache_root()
+    storage = _storage(src.repo, cache)
     try:
         record = json.loads(_manifest_path(cache, src).read_text())
         if record["allow"] != list(src.allow) or not record["files"]:
             return None
-        snap = _storage(src.repo, cache) / "snapshots" / record["commit"]
+        snap = storage / "snapshots" / _checked("commit", record["commit"], "the download record")
         for name, size in record["files"].items():
-            p = snap / name
-            if not p.is_file() or p.stat().st_size != size:
+            p = snap / _checked("file path", name, "the download record")
+            if not p.is_file() or p.stat().st_size != size or not _inside(storage, p):
                 return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, HubError):
         return None
     return snap
 
@@ -669,38 +754,27 @@ def file_path(entry: ModelEntry, name: str) -> Path | None:
             found = try_to_load_from_cache(src.repo, name, cache_dir=str(cache), revision=src.revision)
         except ValueError:
             found = None
-        if isinstance(found, str) and Path(found).is_file():
+        if isinstance(found, str) and Path(found).is_file() and _inside(_storage(src.repo, cache), Path(found)):
             return Path(found)
     return None
 
 
 def disk_usage(entry: ModelEntry) -> int:
-    """Bytes on disk for the entry's main repo (finished and partial blobs), or its demo dir.
-
-    Extra sources (a tokenizer repo) are not counted: delete() leaves them, as other models or tools may share them.
-    """
+    """Bytes on disk for the entry's main repo (finished and partial blobs), or its demo dir. Extra sources (a
+    tokenizer repo) are not counted: delete() leaves them, as other models or tools may share them."""
     if entry.demo:
         d = demo_dir(entry)
         return sum(p.stat().st_size for p in d.glob("*") if p.is_file()) if d.is_dir() else 0
     if entry.source is None:
         return 0
     storage = _storage(entry.source.repo)
-    total = 0
-    for p in (storage / "blobs").glob("*"):
-        if p.is_file():
-            total += p.stat().st_size
-    for p in (storage / "snapshots").glob("**/*"):
-        if p.is_file() and not p.is_symlink():
-            total += p.stat().st_size
-    return total
+    return (sum(p.stat().st_size for p in (storage / "blobs").glob("*") if p.is_file()) +
+            sum(p.stat().st_size for p in (storage / "snapshots").glob("**/*") if p.is_file() and not p.is_symlink()))
 
 
 def delete(entry: ModelEntry) -> None:
-    """Remove the entry's main repo from the cache (every cached revision, partial files, its record).
-
-    Only that repo's folder is touched: other repos, including an extra source such as a shared tokenizer repo,
-    are left as they are.
-    """
+    """Remove the entry's main repo from the cache (every cached revision, partial files, its record). Only that
+    repo's folder is touched: other repos, including an extra source such as a shared tokenizer repo, stay."""
     if entry.demo:
         shutil.rmtree(demo_dir(entry), ignore_errors=True)
         return

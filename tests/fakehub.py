@@ -2,7 +2,9 @@
 
 Serves, on 127.0.0.1 in a thread:
 - GET  /api/models/<repo>/revision/<rev>[?blobs=true]   model info with siblings (size, blobId, lfs)
-- GET  /api/models/<repo>/tree/<rev>[/<path>]           tree listing with sizes
+- GET  /api/models/<repo>/tree/<rev>[/<path>]           tree listing with sizes and oid
+  As on the Hub, blobId/oid is the git blob SHA-1 of what git stores: the file itself, or for an LFS file its
+  pointer text (the content hash is then lfs.sha256 / lfs.oid).
 - HEAD /<repo>/resolve/<rev>/<path>   regular file: 200 + ETag (git blob id), X-Repo-Commit, Content-Length;
                                       LFS file (*.safetensors, *.bin): 302 to the "CDN" + X-Linked-Etag (sha256),
                                       X-Linked-Size, like the real Hub
@@ -13,6 +15,10 @@ Unknown repos, revisions and files answer 404 with the Hub's X-Error-Code header
 Knobs for failure cases: `break_after(path, n, times)` sends the full Content-Length but only n body bytes, then
 drops the connection; `serve_instead(path, data)` lists and HEADs the real size but serves other bytes;
 `stall(path, n)` sends n bytes and then hangs until `stop()`; `pace(chunk, delay_s)` slows every body down.
+A hostile endpoint: `etag_instead(path, etag)` sends another ETag (X-Linked-Etag for LFS) for a file;
+`redirect(path, location)` answers the file's resolve URL with a 302 there; `cdn_redirect(location)` makes the "CDN"
+answer 302 there; `answer_any(data)` answers every request it cannot route (a traversal name the client
+normalised away) with `data` as a regular file. A repo's `commit` may be set to any string.
 `requests` records (method, path, Range header, body bytes sent, auth, host) for every request.
 """
 from __future__ import annotations
@@ -31,6 +37,17 @@ LFS_SUFFIXES = (".safetensors", ".bin")
 
 def git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(data: bytes) -> bytes:
+    """The pointer text git stores for an LFS file (git-lfs spec v1)."""
+    return (b"version https://git-lfs.github.com/spec/v1\noid sha256:%s\nsize %d\n"
+            % (hashlib.sha256(data).hexdigest().encode(), len(data)))
+
+
+def git_oid(name: str, data: bytes) -> str:
+    """The oid the Hub lists for a file: its git blob id, of the pointer when the file is in LFS."""
+    return git_blob_id(lfs_pointer(data) if name.endswith(LFS_SUFFIXES) else data)
 
 
 @dataclass
@@ -64,6 +81,10 @@ class FakeHub:
         self.breaks: dict[str, list[int]] = {}
         self.instead: dict[str, bytes] = {}
         self.stalls: dict[str, int] = {}
+        self.etags: dict[str, str] = {}
+        self.redirects: dict[str, str] = {}
+        self.cdn_location: str | None = None
+        self.fallback: bytes | None = None
         self.chunk, self.delay_s = 1 << 16, 0.0
         self.released = threading.Event()
         self.lock = threading.Lock()
@@ -90,6 +111,18 @@ class FakeHub:
 
     def pace(self, chunk: int, delay_s: float) -> None:
         self.chunk, self.delay_s = chunk, delay_s
+
+    def etag_instead(self, path: str, etag: str) -> None:
+        self.etags[path] = etag
+
+    def redirect(self, path: str, location: str) -> None:
+        self.redirects[path] = location
+
+    def cdn_redirect(self, location: str) -> None:
+        self.cdn_location = location
+
+    def answer_any(self, data: bytes) -> None:
+        self.fallback = data
 
     def sent(self, path: str) -> int:
         """Body bytes sent for a file over every GET (resolve and CDN)."""
@@ -176,6 +209,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith("/api/models/"):
             return self._api(path[len("/api/models/"):], query)
         if path.startswith("/cdn/"):
+            if self.fake.cdn_location is not None:
+                return self._send(302, {"Location": self.fake.cdn_location, "Content-Length": "0"})
             found = self.fake.lfs_file(path[len("/cdn/"):])
             if found is None:
                 return self._error(404, "EntryNotFound")
@@ -187,21 +222,38 @@ class _Handler(BaseHTTPRequestHandler):
             rev, _, name = rest.partition("/")
             repo = self.fake.repos.get(repo_id)
             if repo is None:
-                return self._error(404, "RepoNotFound")
+                return self._fallback(head, log) or self._error(404, "RepoNotFound")
             commit = repo.resolve(rev)
             if commit is None:
-                return self._error(404, "RevisionNotFound")
+                return self._fallback(head, log) or self._error(404, "RevisionNotFound")
             if name not in repo.files:
-                return self._error(404, "EntryNotFound")
+                return self._fallback(head, log) or self._error(404, "EntryNotFound")
             log.path = name
             data = repo.files[name]
+            if name in self.fake.redirects:
+                # Headers that make the redirect look like the Hub's own (the listed hash and size).
+                etag = hashlib.sha256(data).hexdigest() if name.endswith(LFS_SUFFIXES) else git_blob_id(data)
+                return self._send(302, {"Location": self.fake.redirects[name], "X-Repo-Commit": commit,
+                                        "X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data)),
+                                        "ETag": f'"{git_oid(name, data)}"', "Content-Length": "0"})
             if name.endswith(LFS_SUFFIXES):
                 sha = hashlib.sha256(data).hexdigest()
                 return self._send(302, {"Location": f"{self.fake.cdn}/cdn/{sha}", "X-Repo-Commit": commit,
-                                        "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data)),
-                                        "ETag": f'"{git_blob_id(data)}"', "Content-Length": "0"})
+                                        "X-Linked-Etag": f'"{self.fake.etags.get(name, sha)}"',
+                                        "X-Linked-Size": str(len(data)), "ETag": f'"{git_oid(name, data)}"',
+                                        "Content-Length": "0"})
             return self._file(repo, name, head, log, commit)
-        return self._error(404, "RepoNotFound")
+        return self._fallback(head, log) or self._error(404, "RepoNotFound")
+
+    def _fallback(self, head: bool, log: Logged) -> bool:
+        """With answer_any(data): serve `data` for a request nothing else answers, as a hostile server would."""
+        data = self.fake.fallback
+        if data is None:
+            return False
+        log.path = "<any>"
+        headers = {"ETag": f'"{git_blob_id(data)}"', "Content-Length": str(len(data))}
+        self._send(200, headers, b"" if head else data)
+        return True
 
     def _api(self, rest: str, query: dict) -> None:
         kind = "/revision/" if "/revision/" in rest else "/tree/"
@@ -216,7 +268,7 @@ class _Handler(BaseHTTPRequestHandler):
         if commit is None:
             return self._error(404, "RevisionNotFound")
         if kind == "/tree/":
-            body = [{"type": "file", "path": n, "size": len(d), "oid": git_blob_id(d),
+            body = [{"type": "file", "path": n, "size": len(d), "oid": git_oid(n, d),
                      **({"lfs": _lfs(d)} if n.endswith(LFS_SUFFIXES) else {})} for n, d in sorted(repo.files.items())]
         else:
             blobs = query.get("blobs", ["false"])[0].lower() == "true"
@@ -224,9 +276,10 @@ class _Handler(BaseHTTPRequestHandler):
             for n, d in sorted(repo.files.items()):
                 s: dict = {"rfilename": n}
                 if blobs:
-                    s.update(size=len(d), blobId=git_blob_id(d))
+                    s.update(size=len(d), blobId=git_oid(n, d))
                     if n.endswith(LFS_SUFFIXES):
-                        s["lfs"] = {"size": len(d), "sha256": hashlib.sha256(d).hexdigest(), "pointerSize": 134}
+                        s["lfs"] = {"size": len(d), "sha256": hashlib.sha256(d).hexdigest(),
+                                    "pointerSize": len(lfs_pointer(d))}
                 siblings.append(s)
             body = {"id": repo_id, "modelId": repo_id, "sha": commit, "private": False, "siblings": siblings}
         payload = json.dumps(body).encode()
@@ -235,8 +288,8 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------ responses
     def _file(self, repo: FakeRepo, name: str, head: bool, log: Logged, commit: str | None = None) -> None:
         data = repo.files[name]
-        headers = {"ETag": f'"{git_blob_id(data)}"' if not name.endswith(LFS_SUFFIXES)
-                   else f'"{hashlib.sha256(data).hexdigest()}"', "Accept-Ranges": "bytes"}
+        etag = git_blob_id(data) if not name.endswith(LFS_SUFFIXES) else hashlib.sha256(data).hexdigest()
+        headers = {"ETag": f'"{self.fake.etags.get(name, etag)}"', "Accept-Ranges": "bytes"}
         if commit:
             headers["X-Repo-Commit"] = commit
         if head:
@@ -301,4 +354,4 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _lfs(data: bytes) -> dict:
-    return {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+    return {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": len(lfs_pointer(data))}

@@ -2,7 +2,9 @@
 checksum checks, cancel, offline, delete/disk usage. (Demo checkpoints: tests/engine/test_demo.py.)"""
 from __future__ import annotations
 
+import ast
 import hashlib
+import os
 import re
 import sys
 import threading
@@ -20,7 +22,7 @@ from chatapp.catalog import Source, load_catalog
 from chatapp import hub
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fakehub import FakeHub, free_port  # noqa: E402
+from fakehub import FakeHub, free_port, git_blob_id  # noqa: E402
 
 WEIGHTS = bytes(range(256)) * 1200          # 307,200 bytes, served as an LFS file through the "CDN"
 CONFIG = b'{"model_type": "axiom", "hidden_size": 8}'
@@ -60,7 +62,9 @@ def test_plan_lists_allowed_files_with_sizes(fake, entry):
     assert [(f.repo, f.path, f.size) for f in files] == [
         ("org/model", "config.json", len(CONFIG)), ("org/model", "model.safetensors", len(WEIGHTS)),
         ("org/tokenizer", "tokenizer.json", len(TOKENIZER))]
-    assert files[1].sha256 == hashlib.sha256(WEIGHTS).hexdigest()
+    assert files[1].sha256 == hashlib.sha256(WEIGHTS).hexdigest() and files[1].git_sha1 is None
+    # A file outside LFS is checked against the git blob SHA-1 the Hub lists for it.
+    assert files[0].git_sha1 == git_blob_id(CONFIG) and files[0].sha256 is None
     assert files[0].commit == fake.repos["org/model"].commit
 
 
@@ -258,3 +262,142 @@ def test_delete_and_disk_usage_touch_only_that_repo(fake, entry):
     # The shared tokenizer repo is another repo: left in place.
     assert (hub.cache_root() / "models--org--tokenizer").is_dir()
     hub.delete(entry)  # deleting twice is harmless
+
+
+def test_hub_module_is_torch_free():
+    # The TUI imports the hub at start-up; building demo checkpoints (torch) lives in engine/demo.py.
+    tree = ast.parse(Path(hub.__file__).read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [("." * n.level) + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [n for n in names if n.split(".")[0] == "torch" or "engine" in n.split(".")]
+
+
+# ---------------------------------------------------------------- a hostile endpoint
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """Call it to get what appeared, since the fixture started, outside the HF cache (in the test's home and
+    tmp_path, where every hostile name below points)."""
+    roots = [Path(os.environ["SMOLLCHAT_HOME"]), tmp_path]
+
+    def listing() -> set[str]:
+        cache = hub.cache_root()
+        seen = set()
+        for root in roots:
+            for folder, dirs, names in os.walk(root):  # links are listed, never followed
+                for n in dirs + names:
+                    p = Path(folder, n)
+                    if not p.is_relative_to(cache) and not cache.is_relative_to(p):
+                        seen.add(str(p))
+        return seen
+
+    start = listing()
+    return lambda: sorted(listing() - start)
+
+
+def refused(entry, outside, *words: str, planted: tuple[Path, ...] = ()) -> None:
+    """The download ends in one clear HubError, and nothing appeared outside the cache but what a test planted."""
+    try:
+        hub.download(entry)
+        error = None
+    except hub.HubError as e:
+        error = e
+    assert outside() == sorted(str(p) for p in planted)
+    assert isinstance(error, hub.HubError) and not isinstance(error, hub.OfflineError), repr(error)
+    assert one_sentence(str(error)) and all(w in str(error) for w in words), str(error)
+    assert not hub.is_downloaded(entry)
+
+
+@pytest.mark.parametrize("path", ["config.json", "model.safetensors"], ids=["regular", "lfs"])
+def test_an_etag_that_climbs_out_is_refused(fake, entry, outside, path):
+    fake.etag_instead(path, "../../../../planted")
+    refused(entry, outside, "unsafe", "planted")
+
+
+@pytest.mark.parametrize("name", ["../../../../../x.json", "ABS", "..\\..\\..\\x.json", "sub/../../../../../../x.json",
+                                  "./config.json", "sub//x.json", "x\x1b[2J.json"],
+                         ids=["traversal", "absolute", "backslashes", "inner-dots", "dot", "empty-part", "control"])
+def test_a_listed_file_name_that_could_leave_the_snapshot_is_refused(fake, entry, outside, tmp_path, name):
+    name = str(tmp_path / "abs" / "x.json") if name == "ABS" else name
+    fake.add_repo("org/model", {**REPO_FILES, name: CONFIG})
+    fake.answer_any(CONFIG)  # whatever URL the name turns into, this server answers it
+    refused(entry, outside, "unsafe file path")
+    assert not fake.fetched_paths()
+
+
+def test_a_commit_that_climbs_out_is_refused(fake, entry, outside):
+    fake.repos["org/model"].commit = "../../../../planted"
+    refused(entry, outside, "unsafe commit")
+
+
+@pytest.mark.parametrize("where", ["resolve", "cdn"])
+@pytest.mark.parametrize("target", ["file:///etc/passwd", "ftp://127.0.0.1/x", "http://user:pw@localhost/x"],
+                         ids=["file", "ftp", "credentials"])
+def test_a_redirect_to_another_scheme_is_refused(fake, entry, outside, where, target):
+    if where == "resolve":
+        fake.redirect("config.json", target)
+    else:
+        fake.cdn_redirect(target)
+    # huggingface_hub 1.x follows a host-less Location (file:///...) itself, on the same server, and gets a 404.
+    words = () if where == "resolve" and target.startswith("file:") else ("unsafe redirect",)
+    refused(entry, outside, *words)
+
+
+@pytest.mark.parametrize("target, ok", [("https://cdn-lfs.hf.co/repos/x?sig=1", True), ("/api/other", True),
+                                        ("http://cdn-lfs.hf.co/repos/x", False), ("javascript:alert(1)", False)])
+def test_an_https_download_is_never_redirected_to_plain_http(target, ok):
+    from urllib.parse import urljoin
+
+    base = "https://huggingface.co/org/model/resolve/main/model.safetensors"
+    if ok:
+        assert hub._checked("redirect", urljoin(base, target), "x", base=base)
+    else:
+        with pytest.raises(hub.HubError, match="unsafe redirect"):
+            hub._checked("redirect", urljoin(base, target), "x", base=base)
+
+
+def _plant(kind: str, fake, home: Path) -> Path:
+    """A link in the model's cache folder leading out of it, as another user or a broken tool could leave."""
+    storage = hub.cache_root() / "models--org--model"
+    commit = fake.repos["org/model"].commit
+    if kind == "snapshot folder":
+        target = home / "elsewhere"
+        target.mkdir()
+        link = storage / "snapshots" / commit
+    elif kind == "partial blob":
+        target = home / "victim.bin"
+        target.write_bytes(b"precious")
+        link = storage / "blobs" / (hashlib.sha256(WEIGHTS).hexdigest() + ".incomplete")
+    else:  # a finished-looking snapshot file, the size the Hub lists
+        target = home / "outside.json"
+        target.write_bytes(b"x" * len(CONFIG))
+        link = storage / "snapshots" / commit / "config.json"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    return target
+
+
+@pytest.mark.parametrize("kind", ["snapshot folder", "partial blob", "snapshot file"])
+def test_a_planted_link_is_never_followed_out_of_the_cache(fake, entry, outside, kind):
+    target = _plant(kind, fake, Path(os.environ["SMOLLCHAT_HOME"]))
+    before = target.read_bytes() if target.is_file() else sorted(target.iterdir())
+    refused(entry, outside, "leads outside", "delete that link", planted=(target,))
+    assert (target.read_bytes() if target.is_file() else sorted(target.iterdir())) == before
+    found = hub.file_path(entry, "config.json")
+    assert hub.local_dir(entry) is None and (found is None or found.resolve().is_relative_to(hub.cache_root()))
+
+
+def test_a_flipped_byte_in_a_small_file_is_refused_and_removed(fake, entry, outside):
+    fake.serve_instead("config.json", CONFIG[:10] + bytes([CONFIG[10] ^ 1]) + CONFIG[11:])
+    refused(entry, outside, "checksum")
+    assert hub.disk_usage(entry) == 0  # neither the blob nor a partial file is kept
+    assert not list((hub.cache_root() / "models--org--model" / "blobs").iterdir())
+    del fake.instead["config.json"]
+    assert (hub.download(entry) / "config.json").read_bytes() == CONFIG
+
+
+def test_an_etag_other_than_the_listed_hash_is_refused(fake, entry, outside):
+    fake.etag_instead("config.json", git_blob_id(b"something else"))
+    refused(entry, outside, "lists one version", "serves another")
+

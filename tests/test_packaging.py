@@ -88,7 +88,9 @@ def test_every_imported_module_is_declared(folder, extra):
             missing.append(f"{module} (distribution {'/'.join(sorted(_distributions(module)))}, imported by "
                            f"{', '.join(sorted(files)[:3])})")
     section = "dependencies" + (f" or the {extra!r} extra" if extra else "")
-    assert not missing, f"imported but not declared in pyproject.toml's {section}: " + "; ".join(missing)
+    hint = "" if extra else (" (a module only an optional feature imports, lazily, goes in an extra and in OPTIONAL "
+                             "in tests/test_packaging.py)")
+    assert not missing, f"imported but not declared in pyproject.toml's {section}{hint}: " + "; ".join(missing)
 
 
 def test_the_package_imports_are_found():
