@@ -140,8 +140,8 @@ class ChatActions(Widget):
         self.post_message(self.Changed(self.conv))
         self.start(msg.id)
 
-    def start(self, parent_id: str, continue_from: str | None = None) -> None:
-        self.live.start(self.app.session, self.conv, parent_id, continue_from)
+    def start(self, parent_id: str, continue_from: str | None = None, select: bool | None = None) -> None:
+        self.live.start(self.app.session, self.conv, parent_id, continue_from, select)
 
     async def fail(self, message_id: str, reason: str, rebuild: bool = False) -> None:
         """Mark the prompt `message_id` as not sent, with the reason, and select it."""
@@ -243,11 +243,9 @@ class ChatActions(Widget):
                                      "every branch"), lambda yes: self._delete_message(message_id) if yes else None)
 
     async def _delete_message(self, message_id: str) -> None:
-        parent = self.conv.get(message_id).parent_id
         self.conv.delete(message_id)
         self.save()
-        leaf = self.conv.current_leaf
-        await self.show(select=leaf if leaf != parent or parent is None else parent)
+        await self.show(select=self.conv.current_leaf)  # the neighbouring branch's end, else the parent
 
     async def regenerate(self, message_id: str) -> None:
         """A new reply beside the selected one (or for the selected prompt); the old one stays."""
@@ -264,7 +262,7 @@ class ChatActions(Widget):
             return
         conv.current_leaf = parent
         await self.show(select=parent)
-        self.start(parent)
+        self.start(parent, select=True)  # the new reply is what the user asked for: it takes the selection
 
     async def continue_reply(self, message_id: str) -> None:
         msg = self.conv.get(message_id)
@@ -276,7 +274,7 @@ class ChatActions(Widget):
             return
         self.conv.current_leaf = msg.id
         await self.show(select=msg.id)
-        self.start(msg.parent_id, continue_from=msg.id)
+        self.start(msg.parent_id, continue_from=msg.id, select=True)
 
     async def fork_chat(self, message_id: str) -> None:
         """A new chat holding the branch from the first message to `message_id`."""

@@ -35,7 +35,7 @@ class ComputePanel(Vertical):
     ComputePanel .row Input, ComputePanel .row Select { width: 1fr; }
     ComputePanel Input.-invalid { border: tall $error; }
     ComputePanel .help { color: $error; height: auto; }
-    ComputePanel .readout { color: $accent; height: auto; }
+    ComputePanel .readout { color: $text-accent; height: auto; }
     """
 
     steps: reactive[tuple] = reactive(tuple, layout=True)

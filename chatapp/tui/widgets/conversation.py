@@ -81,13 +81,15 @@ class ConversationView(VerticalScroll, can_focus=True):
         self.select(keep if keep in self._views else (self._order[-1] if self._order else None))
         self.anchor()
 
-    async def add_message(self, message, live: bool = False) -> MessageView:
+    async def add_message(self, message, live: bool = False, select: bool | None = None) -> MessageView:
         """Append a message view: a sent prompt, or (live) the reply that starts streaming, whose
-        text then arrives only through `MessageView.write`. A selection on the last message follows
-        to the new one (as a cursor at the end of a text does)."""
+        text then arrives only through `MessageView.write`. `select` True selects it; None lets a
+        selection on the last message follow to it while the user is not in the list (as a cursor
+        at the end of a text does), and stay where the user put it while they are."""
         for empty in self.query(".empty"):
             await empty.remove()
-        follow = self._selected is None or (self._order and self._selected == self._order[-1])
+        at_end = self._selected is None or (bool(self._order) and self._selected == self._order[-1])
+        follow = select if select is not None else at_end and not self.has_focus
         view = MessageView(message, self.conv.sibling_index(message.id) if self.conv else (0, 1), live=live)
         await self.mount(view)
         self._order.append(message.id)

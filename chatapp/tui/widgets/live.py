@@ -90,6 +90,7 @@ class LiveReply(Widget):
         self.conv_id: str | None = None
         self._reply_parent: str | None = None
         self._worker: Worker | None = None
+        self._select: bool | None = None
         self._reply_session: Any = None
         self._frame = Frame()
         self._frame_due = False
@@ -103,9 +104,12 @@ class LiveReply(Widget):
     def busy(self) -> bool:
         return self.streaming is not None
 
-    def start(self, session: Any, conv: Any, parent_id: str, continue_from: str | None = None) -> None:
-        """Generate a reply under `parent_id` (or extend `continue_from`) in the generation worker."""
+    def start(self, session: Any, conv: Any, parent_id: str, continue_from: str | None = None,
+              select: bool | None = None) -> None:
+        """Generate a reply under `parent_id` (or extend `continue_from`) in the generation worker;
+        `select`: the new reply takes the selection (True), or the list decides (None)."""
         self.streaming = continue_from or ""
+        self._select = select
         self.conv_id, self._reply_parent, self._reply_session = conv.id, parent_id, session
         self._frame, self._frame_s = Frame(), FRAME_S
         self._load_mark = (time.monotonic(), time.thread_time())
@@ -174,7 +178,7 @@ class LiveReply(Widget):
             return  # another chat is on screen: the reply streams on into its tree, unseen
         view = self.view.view_for(frame.message_id)
         if view is None:
-            view = await self.view.add_message(conv.get(frame.message_id), live=True)
+            view = await self.view.add_message(conv.get(frame.message_id), live=True, select=self._select)
         self.streaming = frame.message_id
         if frame.text:
             await view.write("".join(frame.text))

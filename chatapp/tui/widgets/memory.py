@@ -87,7 +87,7 @@ class MemoryPanel(Widget):
         self.refresh(layout=True)
 
     def _style(self, name: str):
-        return self.get_component_rich_style(f"memory--{name}", partial=True)
+        return self.get_component_rich_style(f"memory--{name}")
 
     def render(self) -> Text:
         text = Text(no_wrap=True, overflow="ellipsis")

@@ -36,7 +36,7 @@ class ModelInfo(Widget):
     """Why the last load failed ("" when it did not)."""
 
     def _style(self, name: str):
-        return self.get_component_rich_style(f"model-info--{name}", partial=True)
+        return self.get_component_rich_style(f"model-info--{name}")
 
     def render(self) -> Text:
         text = Text()
