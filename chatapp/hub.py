@@ -744,7 +744,7 @@ def file_path(entry: ModelEntry, name: str) -> Path | None:
     cache = cache_root()
     for src in _sources(entry):
         snap = _complete_snapshot(src, cache)
-        if snap is not None and (snap / name).is_file():
+        if snap is not None and (snap / name).is_file() and _inside(snap.parent.parent, snap / name):
             return snap / name
     from huggingface_hub import try_to_load_from_cache
 
