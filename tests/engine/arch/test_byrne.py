@@ -72,22 +72,6 @@ def test_verify_passes_on_the_fixture(fx):
     assert report.greedy_ids_match and [c.name for c in report.comparisons] == ["logits"]
 
 
-@pytest.mark.parametrize("chunks", [(24,), (1,) * 24, (2, 1, 21), (7, 1, 16), (12, 12)],
-                         ids=["prefill", "token-by-token", "short-first", "mixed", "split"])
-def test_cached_chunks_match_the_full_forward(model, golden, chunks):
-    ids = golden[0]["input_ids"]
-    state = model.make_state(40, "cpu", torch.float32)
-    outs, pos = [], 0
-    with torch.inference_mode():
-        full = model(ids)
-        for n in chunks:
-            outs.append(model(ids[:, pos:pos + n], state))
-            pos += n
-    assert state.length == 24 and all(s.length == 24 for s in state)
-    close(torch.cat(outs, 1), full, atol=2e-5)
-    close(full, golden[0]["logits"])
-
-
 def test_the_engram_look_back_is_part_of_the_state(model, golden):
     ids = golden[0]["input_ids"]
     state = model.make_state(40, "cpu", torch.float32)
@@ -243,20 +227,6 @@ def test_the_context_limit_is_max_position_embeddings():
         model(torch.zeros(1, 64, dtype=torch.long), state)
         with pytest.raises(ContextFull):
             model(torch.zeros(1, 1, dtype=torch.long), state)
-
-
-@pytest.mark.parametrize("hc_form", ["static", "dynamic"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_tiny_random_model_decodes_like_its_full_forward(dtype, hc_form):
-    model = tiny_model(dtype, hc_form=hc_form)
-    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(2))
-    state = model.make_state(64, "cpu", dtype)
-    with torch.inference_mode():
-        full = model(ids)
-        steps = torch.cat([model(ids[:, :9], state)] + [model(ids[:, i:i + 1], state) for i in range(9, 30)], 1)
-    assert full.dtype == torch.float32 and torch.isfinite(full).all()
-    tol = 1e-5 if dtype == torch.float32 else 0.05
-    close(steps, full, atol=tol * full.abs().max().item(), rtol=0)
 
 
 def test_every_reading_option_changes_the_logits_and_only_the_default_fits_the_fixture(model, golden):

@@ -120,22 +120,6 @@ def test_adaptive_exit_ids_and_steps_per_token(model, golden, criterion, key):
     assert min(steps) < 16
 
 
-@pytest.mark.parametrize("init", ["zero", "like-init"])
-@pytest.mark.parametrize("strategy", ["full", "latest-m4", "always-last-m4", "skip-compress-s32"])
-def test_prefill_equals_step_by_step_decode(model, golden, init, strategy):
-    # Not for a remap that folds slots within a token's own steps (compress-s8 at 5 steps = 20 logical
-    # slots): there a prompt token reads its neighbours' same-step entries, a decoded one their last
-    # overwrite. That is the reference's behaviour (greedy_ids_compress_s8 depends on it).
-    ids = golden[0]["input_ids"]
-    c = {**ZERO, "state_init": init, "cache_strategy": strategy, "num_steps": 5}
-    with torch.inference_mode():
-        whole = model(ids, controls=c)
-        state = model.make_state(ids.shape[1], "cpu", torch.float32)
-        steps = torch.cat([model(ids[:, :7], state, controls=c),
-                           *(model(ids[:, i:i + 1], state, controls=c) for i in range(7, 24))], 1)
-    close(steps, whole, atol=2e-5, rtol=0)
-
-
 @torch.inference_mode()
 def test_like_init_is_random_noise_that_reproduces_by_seed(model, golden):
     ids = golden[0]["input_ids"]
