@@ -18,7 +18,8 @@ drops the connection; `serve_instead(path, data)` lists and HEADs the real size 
 A hostile endpoint: `etag_instead(path, etag)` sends another ETag (X-Linked-Etag for LFS) for a file;
 `redirect(path, location)` answers the file's resolve URL with a 302 there; `cdn_redirect(location)` makes the "CDN"
 answer 302 there; `answer_any(data)` answers every request it cannot route (a traversal name the client
-normalised away) with `data` as a regular file. A repo's `commit` may be set to any string.
+normalised away) with `data` as a regular file; `content_range_instead(path, value)` garbles a 206's Content-Range.
+A repo's `commit` may be set to any string.
 `requests` records (method, path, Range header, body bytes sent, auth, host) for every request.
 """
 from __future__ import annotations
@@ -85,6 +86,7 @@ class FakeHub:
         self.redirects: dict[str, str] = {}
         self.cdn_location: str | None = None
         self.fallback: bytes | None = None
+        self.ranges: dict[str, str] = {}
         self.chunk, self.delay_s = 1 << 16, 0.0
         self.released = threading.Event()
         self.lock = threading.Lock()
@@ -123,6 +125,9 @@ class FakeHub:
 
     def answer_any(self, data: bytes) -> None:
         self.fallback = data
+
+    def content_range_instead(self, path: str, value: str) -> None:
+        self.ranges[path] = value
 
     def sent(self, path: str) -> int:
         """Body bytes sent for a file over every GET (resolve and CDN)."""
@@ -302,7 +307,7 @@ class _Handler(BaseHTTPRequestHandler):
             if start >= len(body):
                 return self._send(416, {"Content-Range": f"bytes */{len(body)}", "Content-Length": "0"})
             status = 206
-            headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
+            headers["Content-Range"] = self.fake.ranges.get(name, f"bytes {start}-{len(body) - 1}/{len(body)}")
         piece = body[start:]
         headers["Content-Length"] = str(len(piece))
         self.send_response(status)

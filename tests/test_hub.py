@@ -401,3 +401,10 @@ def test_an_etag_other_than_the_listed_hash_is_refused(fake, entry, outside):
     fake.etag_instead("config.json", git_blob_id(b"something else"))
     refused(entry, outside, "lists one version", "serves another")
 
+
+@pytest.mark.parametrize("value", ["bytes abc-def/ghi", "bytes -5-9/10"])
+def test_a_garbled_content_range_on_resume_is_a_hub_error(fake, entry, outside, value):
+    fake.break_after("model.safetensors", 100_000)
+    fake.content_range_instead("model.safetensors", value)
+    refused(entry, outside, "size")
+
