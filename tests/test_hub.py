@@ -357,6 +357,16 @@ def test_an_https_download_is_never_redirected_to_plain_http(target, ok):
             hub._checked("redirect", urljoin(base, target), "x", base=base)
 
 
+def test_a_cache_folder_reached_through_a_link_still_works(fake, entry, monkeypatch, tmp_path):
+    # Containment is judged on resolved paths: a cache moved to another disk and linked back is not "outside".
+    (tmp_path / "big-disk").mkdir()
+    (tmp_path / "cache").symlink_to(tmp_path / "big-disk")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    d = hub.download(entry)
+    assert (d / "config.json").read_bytes() == CONFIG and hub.is_downloaded(entry)
+    assert (tmp_path / "big-disk" / "models--org--model" / "blobs").is_dir()
+
+
 def _plant(kind: str, fake, home: Path) -> Path:
     """A link in the model's cache folder leading out of it, as another user or a broken tool could leave."""
     storage = hub.cache_root() / "models--org--model"
