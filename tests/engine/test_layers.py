@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from chatapp.engine.layers import causal_attention
+from chatapp.engine.layers import PartialRope, RopeTable, apply_rope_half, apply_rope_interleaved, causal_attention
 
 from .closeness import assert_close
 
@@ -52,3 +52,57 @@ def test_causal_attention_leaves_out_the_keys_keep_drops(t, cached):
     v2 = v.clone()
     v2[:, :, 4] = 1e6
     assert_close(causal_attention(q, k, v2, keep=keep), got)
+
+
+def naive_angles(positions, dim, theta):
+    """position * theta^(-2j/dim), j < dim/2, in fp64."""
+    j = torch.arange(dim // 2, dtype=torch.float64)
+    return positions.double()[:, None] * theta ** (-2 * j / dim)
+
+
+def test_rope_table_is_the_fp64_formula_rounded_once():
+    # Positions near 4,096 are where fp32 angles drift (2.4e-4 rad); the table may only round cos/sin to fp32.
+    table = RopeTable(64, 50000.0, n_pos=1024)
+    cos, sin = table(4090, 6, "cpu")  # past n_pos: the table grows
+    ang = naive_angles(torch.arange(4090, 4096), 64, 50000.0)
+    assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (6, 32)
+    assert (cos.double() - ang.cos()).abs().max() <= 2 ** -24 and (sin.double() - ang.sin()).abs().max() <= 2 ** -24
+    # Slices of one table agree with each other wherever they are cut.
+    assert torch.equal(table(4093, 1, "cpu")[0], cos[3:4]) and torch.equal(table(0, 1, "cpu")[0], torch.ones(1, 32))
+
+
+def rotate_naive(x, ang, pairs):
+    """Rotate each pair (i, j) of x's last dim by its angle, as complex numbers, in fp64."""
+    out = x.double().clone()
+    for n, (i, j) in enumerate(pairs):
+        z = torch.complex(x[..., i].double(), x[..., j].double()) * torch.polar(torch.ones_like(ang[:, n]), ang[:, n])[:, None]
+        out[..., i], out[..., j] = z.real, z.imag
+    return out
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "half_split"])
+def test_full_width_rope_rotates_the_layouts_pairs(layout):
+    d, start, t = 8, 37, 5
+    x = torch.randn(2, t, 3, d, generator=torch.Generator().manual_seed(1))
+    cos, sin = RopeTable(d, 10000.0)(start, t, "cpu")
+    ang = naive_angles(torch.arange(start, start + t), d, 10000.0)
+    pairs = [(2 * j, 2 * j + 1) for j in range(d // 2)] if layout == "interleaved" else [(j, j + d // 2) for j in range(d // 2)]
+    apply = apply_rope_interleaved if layout == "interleaved" else apply_rope_half
+    assert_close(apply(x, cos, sin), rotate_naive(x, ang, pairs).float())
+    assert apply(x.bfloat16(), cos, sin).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "half_split"])
+@pytest.mark.parametrize("offset, rotated", [(0, 4), (12, 4), (2, 6)])
+def test_partial_rope_rotates_only_its_dims(layout, offset, rotated):
+    d, start, t = 16, 30, 7
+    x = torch.randn(1, t, 3, d, generator=torch.Generator().manual_seed(2))
+    got = PartialRope(*RopeTable(rotated, 10000.0)(start, t, "cpu"), d, offset, layout)(x)
+    ang = naive_angles(torch.arange(start, start + t), rotated, 10000.0)
+    half = rotated // 2
+    pairs = ([(offset + 2 * j, offset + 2 * j + 1) for j in range(half)] if layout == "interleaved"
+             else [(offset + j, offset + j + half) for j in range(half)])
+    assert_close(got, rotate_naive(x, ang, pairs).float())
+    passed = [i for i in range(d) if not offset <= i < offset + rotated]
+    assert torch.equal(got[..., passed], x[..., passed])  # x * 1 + 0: exact by construction
+    assert PartialRope(*RopeTable(rotated, 10000.0)(start, t, "cpu"), d, offset, layout)(x.bfloat16()).dtype == torch.bfloat16

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import (RMSNorm, apply_rope_interleaved, causal_attention, rope_angles, rope_frequencies,
-                      store_column_major)
+from ..layers import RMSNorm, RopeTable, apply_rope_interleaved, causal_attention, store_column_major
 from ..state import KVState, StateList
 from .base import ArchArgs, ArchModel
 
@@ -90,7 +89,7 @@ class Model(ArchModel):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # Tied to embed unless the checkpoint carries a different head (sanitize decides).
         self.lm_head: nn.Linear | None = None
-        self._inv_freq: torch.Tensor | None = None
+        self._rope = RopeTable(args.head_dim, args.rope_theta, args.max_seq_len)
 
     @property
     def max_context(self) -> int:
@@ -103,9 +102,7 @@ class Model(ArchModel):
         if state is not None:
             state.check_room(t)
             start = state.length
-        if self._inv_freq is None or self._inv_freq.device != ids.device:
-            self._inv_freq = rope_frequencies(self.args.head_dim, self.args.rope_theta, ids.device)
-        cos, sin = rope_angles(torch.arange(start, start + t, device=ids.device), self._inv_freq)
+        cos, sin = self._rope(start, t, ids.device)
         x = self.embed(ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, state[i] if state is not None else None)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import RMSNorm, rms_norm, rope_angles, rope_frequencies, store_column_major
+from ..layers import PartialRope, RMSNorm, RopeTable, rms_norm, store_column_major
 from ..ops.forgetting_attn import forgetting_attn_chunk, forgetting_attn_step
 from ..ops.forgetting_attn.cache import ForgettingKVCache
 from ..ops.gla import gla_chunk, gla_step
@@ -113,19 +113,6 @@ def short_conv(x: torch.Tensor, w: torch.Tensor, tail: torch.Tensor | None) -> t
     return F.silu(y.transpose(1, 2))
 
 
-def rope_matrix(cos: torch.Tensor, sin: torch.Tensor, dim: int) -> torch.Tensor:
-    """Partial half-split RoPE as one right-multiplication, [T, dim, dim]: pairs (i, i + r/2) of the first
-    r = 2 * cos.shape[-1] dims rotate, the rest pass through. Built once per forward for every GDN layer,
-    it replaces a dozen small ops per layer with one batched matmul."""
-    t, half = cos.shape
-    m = torch.eye(dim, device=cos.device).repeat(t, 1, 1)
-    i = torch.arange(half, device=cos.device)
-    # Row vector times m: out_i = a cos - b sin, out_{i+half} = a sin + b cos (a = x_i, b = x_{i+half}).
-    m[:, i, i], m[:, i + half, i] = cos, -sin
-    m[:, i, i + half], m[:, i + half, i + half] = sin, cos
-    return m
-
-
 class GatedDeltaNet(nn.Module):
     """GDN mixer as inference runs it: S_t = e^{g_t} S_{t-1} + k_t v_tᵀ, o_t = q_tᵀ S_t / sqrt(dk)."""
 
@@ -144,7 +131,7 @@ class GatedDeltaNet(nn.Module):
         self.g_norm_swish_gate = RMSNorm(a.dv, eps=1e-5)
         self.o_proj = nn.Linear(h * a.dv, a.n_embd, bias=False)
 
-    def forward(self, x, rot, st: CompositeState | None) -> torch.Tensor:
+    def forward(self, x, rope: PartialRope, st: CompositeState | None) -> torch.Tensor:
         a = self.a
         b, t, _ = x.shape
         qkv, gate, gk = self.in_proj(x).split([sum(self.splits[:3]), *self.splits[3:]], dim=-1)
@@ -153,7 +140,7 @@ class GatedDeltaNet(nn.Module):
         # L2 norm and partial half-split RoPE are per head: apply them to q and the kv heads in one go.
         qk = torch.cat([q.view(b, t, a.n_head, a.dk), k.view(b, t, a.n_kv_head, a.dk)], dim=2).float()
         qk = qk / (qk.norm(dim=-1, keepdim=True) + 1e-6)
-        q, k = torch.matmul(qk, rot).split([a.n_head, a.n_kv_head], dim=2)  # rot [T, dk, dk]
+        q, k = rope(qk).split([a.n_head, a.n_kv_head], dim=2)
         # Query head h reads kv head h % n_kv_head (the reference tiles; FoX layers interleave).
         k = k.unsqueeze(2).expand(b, t, a.groups, a.n_kv_head, a.dk).reshape(b, t, a.n_head, a.dk)
         v = v.reshape(b, t, 1, a.n_kv_head, a.dv).expand(b, t, a.groups, a.n_kv_head, a.dv)
@@ -237,9 +224,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(a.n_embd, a.norm_eps)
         self.ffn = FeedForward(a)
 
-    def forward(self, x, rot, st):
+    def forward(self, x, rope, st):
         h = self.attn_norm(x)
-        x = x + (self.attn(h, st) if self.fox else self.attn(h, rot, st))
+        x = x + (self.attn(h, st) if self.fox else self.attn(h, rope, st))
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -305,7 +292,8 @@ class Model(ArchModel):
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.n_embd, args.vocab_size, bias=False)
         # µP readout: the final hidden state is scaled by output_mult / (width / base_width) before the head.
         self.readout_scale = args.mup_output_mult * args.mup_base_width / args.n_embd if args.use_mup else 1.0
-        self._inv_freq: torch.Tensor | None = None
+        # Partial RoPE on the first rotary_dim dims of each GDN head, base 10000 (the reference's constant).
+        self._rope = RopeTable(args.rotary_dim, 10000.0, args.block_size)
         # Gate parameters stay fp32 (the reference computes every gate in fp32); names as stored.
         self.FP32_TENSORS = {f"blocks.{i}.attn.{n}" for i in range(args.n_layer)
                              for n in ("A_log", "dt_bias", "fgate_proj.bias", "fgate_bias")}
@@ -336,12 +324,11 @@ class Model(ArchModel):
         if state is not None:
             state.check_room(t)
             start = state.length
-        if self._inv_freq is None or self._inv_freq.device != ids.device:
-            self._inv_freq = rope_frequencies(self.args.rotary_dim, 10000.0, ids.device)
-        rot = rope_matrix(*rope_angles(torch.arange(start, start + t, device=ids.device), self._inv_freq), self.args.dk)
+        # Built once per forward for every GDN layer.
+        rope = PartialRope(*self._rope(start, t, ids.device), self.args.dk, 0, "half_split")
         x = self.tok_emb(ids)
         for i, block in enumerate(self.blocks):
-            x = block(x, rot, state[i] if state is not None else None)
+            x = block(x, rope, state[i] if state is not None else None)
         if state is not None:
             state.advance(t)
         if ttt and self.metacognition is not None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import RMSNorm, apply_rope_interleaved, causal_attention, rope_angles, rope_frequencies
+from ..layers import RMSNorm, RopeTable, apply_rope_interleaved, causal_attention
 from ...contract import resolve_controls
 from .base import ArchArgs, ArchModel, ControlSpec, Forward, Interrupted, check_cancel
 from .huginn_cache import LOOKUPS, CacheStrategy, HuginnState, like_init
@@ -177,7 +177,7 @@ class Model(ArchModel):
             ln_f=RMSNorm(a.n_embd, a.norm_eps),
         ))
         self.lm_head = None if a.tie_embeddings else nn.Linear(a.n_embd, a.padded_vocab_size, bias=False)
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope = RopeTable(a.head_dim, a.rope_base, a.block_size)
         self._cpu_rows = False
         # The config's mean_recurrence is this checkpoint's default depth.
         self._specs = tuple(replace(c, default=a.mean_recurrence) if c.name == "num_steps" else c
@@ -331,11 +331,7 @@ class Model(ArchModel):
     def _angles(self, start: int, t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if start + t > self.args.block_size:
             raise ValueError(f"position {start + t} is beyond the RoPE table of {self.args.block_size}")
-        if self._rope is None or self._rope[0].device != torch.device(device):
-            inv = rope_frequencies(self.args.head_dim, self.args.rope_base, device)
-            self._rope = rope_angles(torch.arange(self.args.block_size, device=device), inv)
-        cos, sin = self._rope
-        return cos[start:start + t], sin[start:start + t]
+        return self._rope(start, t, device)
 
     def make_state(self, max_len: int, device, dtype) -> HuginnState:
         a = self.args

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import apply_rope_half, apply_rope_interleaved, rms_norm
+from ..layers import RopeTable, apply_rope_half, apply_rope_interleaved, rms_norm
 from ..ops.gla import gla_chunk, gla_step
 from ..state import ContextFull, RecurrentState, StateList
 from .base import ArchArgs, ArchModel
@@ -218,7 +218,7 @@ class Model(ArchModel):
         self.model = Backbone(args)
         # Tied to the embedding unless the checkpoint carries a different head (sanitize decides).
         self.lm_head: nn.Linear | None = None
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope = RopeTable(args.head_f_dim, args.rope_theta, args.max_position_embeddings)
 
     @property
     def max_context(self) -> int:
@@ -237,9 +237,6 @@ class Model(ArchModel):
         for k, v in values.items():
             setattr(self.args, k, v)
 
-    def post_load(self, device: torch.device) -> None:
-        self._rope = None
-
     @torch.no_grad()
     def init_demo_weights(self) -> None:
         """Small normal weights for the random demo checkpoint. With nn's N(0, 1) embedding the tied head
@@ -247,15 +244,6 @@ class Model(ArchModel):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 m.weight.normal_(0.0, 0.02)
-
-    def _rope_table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._rope is None or self._rope[0].device != device:
-            a = self.args
-            # Built in fp64 so angles at position 2,047 keep full fp32 accuracy (spec §4 step 5).
-            inv = 1.0 / a.rope_theta ** (torch.arange(0, a.head_f_dim, 2, dtype=torch.float64) / a.head_f_dim)
-            ang = torch.outer(torch.arange(a.max_position_embeddings, dtype=torch.float64), inv)
-            self._rope = (ang.cos().float().to(device), ang.sin().float().to(device))
-        return self._rope
 
     def forward(self, ids: torch.Tensor, state: StateList | None = None, last_only: bool = False) -> torch.Tensor:
         t = ids.shape[1]
@@ -266,8 +254,7 @@ class Model(ArchModel):
         if start + t > self.args.max_position_embeddings:
             raise ContextFull(f"OdinNext's RoPE table covers {self.args.max_position_embeddings} positions; "
                               f"{start} + {t} tokens go past it (start a new chat or shorten the prompt)")
-        cos, sin = self._rope_table(ids.device)
-        cos, sin = cos[start:start + t], sin[start:start + t]
+        cos, sin = self._rope(start, t, ids.device)
         x = self.model.embeddings(ids)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, state[i] if state is not None else None)

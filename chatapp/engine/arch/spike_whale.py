@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import RMSNorm, causal_attention, store_column_major
+from ..layers import PartialRope, RMSNorm, RopeTable, causal_attention, store_column_major
 from ..state import KVState, StateList
 from .base import ArchArgs, ArchModel
 from .spike_whale_parts import EngramMemory, EngramWindow, HCOutputMix, HyperConnection
@@ -123,41 +123,6 @@ def _norm(dim: int, a: ModelArgs) -> Norm:
     return Norm(dim, a.rms_norm_eps, zero_centered=a.rms_norm == "zero_centered")
 
 
-class Rotary:
-    """Partial RoPE as one full-width rotation: rope(x) = x * cos + (x @ R) * sin, where cos is 1 and sin 0 on
-    the NoPE dims (the first nope_head_dim) and R is the signed pair permutation of the layout. One matmul
-    and two elementwise ops per tensor instead of slicing, rotating halves and concatenating."""
-
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> None:
-        self.cos, self.sin, self.rot = cos, sin, rot  # [T, 1, D], [T, 1, D], [D, D]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(x * self.cos, x @ self.rot, self.sin)
-
-
-def rotary_tables(a: ModelArgs, n_pos: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Full-width cos/sin [n_pos, D] and the rotation R [D, D] for the layout option."""
-    d, r, nope = a.head_dim, a.qk_rope_head_dim, a.nope_head_dim
-    # fp64 angles keep positions near 4,096 exact in fp32.
-    inv = 1.0 / a.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float64) / r)
-    ang = torch.outer(torch.arange(n_pos, dtype=torch.float64), inv)  # [P, r/2]
-    half = r // 2
-    if a.rope_layout == "half_split":
-        pairs = [(j, j + half) for j in range(half)]
-        ang = torch.cat([ang, ang], dim=-1)
-    else:
-        pairs = [(2 * j, 2 * j + 1) for j in range(half)]
-        ang = ang.repeat_interleave(2, dim=-1)
-    cos = torch.ones(n_pos, d, dtype=torch.float64)
-    sin = torch.zeros(n_pos, d, dtype=torch.float64)
-    cos[:, nope:], sin[:, nope:] = ang.cos(), ang.sin()
-    rot = torch.zeros(d, d, dtype=torch.float64)
-    for i, j in pairs:
-        # rotated[i] = -x[j], rotated[j] = x[i]
-        rot[nope + j, nope + i], rot[nope + i, nope + j] = -1.0, 1.0
-    return tuple(t.to(device=device, dtype=dtype) for t in (cos, sin, rot))
-
-
 class Attention(nn.Module):
     """MLADerfXSAAttention without DERF (spec §4.3): low-rank Q, direct MQA K/V, QK-norm on the whole head
     before RoPE on its last qk_rope_head_dim dims, causal SDPA, XSA, low-rank output."""
@@ -176,7 +141,7 @@ class Attention(nn.Module):
         self.o_a_proj = nn.Linear(self.h * self.d, a.o_lora_rank, bias=False)
         self.o_b_proj = nn.Linear(a.o_lora_rank, a.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: Rotary, kv: KVState | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: PartialRope, kv: KVState | None) -> torch.Tensor:
         b, t, _ = x.shape
         h, hkv, d = self.h, self.hkv, self.d
         qa, k, v = self.qkv_a_proj(x).split(self.split, dim=-1)
@@ -225,7 +190,7 @@ class Block(nn.Module):
             self.hc_attn = HyperConnection(a)
             self.hc_ffn = HyperConnection(a)
 
-    def forward(self, x: torch.Tensor, rope: Rotary, kv: KVState | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: PartialRope, kv: KVState | None) -> torch.Tensor:
         if not hasattr(self, "hc_attn"):
             x = x + self.attn(self.attn_norm(x), rope, kv)
             return x + self.ffn(self.ffn_norm(x))
@@ -275,7 +240,7 @@ class Model(ArchModel):
         # Tied to the embedding unless the checkpoint carries a different head (sanitize decides).
         self.lm_head: nn.Linear | None = None
         self._head: torch.Tensor | None = None
-        self._rope: tuple | None = None
+        self._rope = RopeTable(args.qk_rope_head_dim, args.rope_theta, args.max_position_embeddings)
 
     @property
     def FP32_TENSORS(self) -> set[str]:  # noqa: N802 (the loader's attribute name)
@@ -299,10 +264,8 @@ class Model(ArchModel):
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.zero_centered = self.args.rms_norm == "zero_centered"
-        self._rope = None
 
     def post_load(self, device: torch.device) -> None:
-        self._rope = None
         # A bf16 model keeps fp32 embeddings for the engram; the tied head reads a copy in the model dtype.
         dtype = self.model.norm.weight.dtype
         emb = self.model.embed_tokens.weight
@@ -332,14 +295,6 @@ class Model(ArchModel):
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 m.weight.normal_(0.0, 0.02)
 
-    def _rotary(self, start: int, t: int, device, dtype) -> Rotary:
-        n = max(self.args.max_position_embeddings, start + t)
-        if self._rope is None or self._rope[0].shape[0] < n or self._rope[0].device != device or self._rope[0].dtype != dtype:
-            cos, sin, rot = rotary_tables(self.args, n, device, dtype)
-            self._rope = (cos[:, None, :], sin[:, None, :], rot)
-        cos, sin, rot = self._rope
-        return Rotary(cos[start:start + t], sin[start:start + t], rot)
-
     def forward(self, ids: torch.Tensor, state: StateList | None = None, last_only: bool = False) -> torch.Tensor:
         a, m = self.args, self.model
         b, t = ids.shape
@@ -353,7 +308,8 @@ class Model(ArchModel):
             window = state[a.num_hidden_layers] if state is not None else None
             x = x.float() + m.engram(x, window, start)
         x = x.to(dtype)
-        rope = self._rotary(start, t, ids.device, dtype)
+        # RoPE on the last qk_rope_head_dim dims of each head, the NoPE dims first (spec §4.3).
+        rope = PartialRope(*self._rope(start, t, ids.device), a.head_dim, a.nope_head_dim, a.rope_layout)
         if m.hc_out_mix is not None:
             # n identical copies of the embedding (spec §4.1 step 4), stream-major [n, B, T, H].
             x = x.expand(a.hc_mult, b, t, a.hidden_size)

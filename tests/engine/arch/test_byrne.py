@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 
 from chatapp.engine.arch import spike_whale
 from chatapp.engine.arch.spike_whale_parts import HyperConnection
-from chatapp.engine.layers import apply_rope_half, apply_rope_interleaved, rope_angles, rope_frequencies
 from chatapp.engine.generate import prefill
 from chatapp.engine.loader import LoadError, build_model, check_inventory, load_model
 from chatapp.engine.state import ContextFull
@@ -330,19 +329,6 @@ def test_the_dynamic_form_names_its_own_tensors():
     names = set(build_model({**TINY, "num_hidden_layers": 1}, {"hc_form": "dynamic"}).state_dict())
     assert {"model.layers.0.hc_attn.fn", "model.layers.0.hc_attn.base", "model.layers.0.hc_ffn.scale"} <= names
     assert not any("logits" in k for k in names)
-
-
-@pytest.mark.parametrize("layout", ["half_split", "interleaved"])
-def test_full_width_rotation_rotates_only_the_last_dims(layout):
-    a = spike_whale.ModelArgs.from_config(TINY, rope_layout=layout)
-    cos, sin, rot = spike_whale.rotary_tables(a, 40, "cpu", torch.float32)
-    pos = torch.arange(30, 37)
-    x = torch.randn(1, 7, 3, 16)
-    got = spike_whale.Rotary(cos[pos][:, None], sin[pos][:, None], rot)(x)
-    c, s = rope_angles(pos, rope_frequencies(4, a.rope_theta))
-    rope = apply_rope_half if layout == "half_split" else apply_rope_interleaved
-    assert torch.equal(got[..., :12], x[..., :12])
-    close(got[..., 12:], rope(x[..., 12:], c, s), atol=1e-6)
 
 
 def test_cpu_fp32_load_stores_widening_matrices_column_major(fx, model):
