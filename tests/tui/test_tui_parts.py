@@ -166,3 +166,18 @@ def test_pump_reports_an_error_with_the_message_it_was_writing():
     end = posted[-1]
     assert isinstance(end, ReplyFinished) and end.message_id == conv.current_leaf
     assert "RuntimeError: scripted engine failure" in end.error
+
+
+def test_readme_key_table_matches_the_app():
+    """The README's key table lists every binding with the app's keys and descriptions, nothing else."""
+    import re
+    from pathlib import Path
+
+    from chatapp.tui.keys import SCOPES
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| ([^|]+) \| ([^|]+) \| ([^|]+) \| `([a-z_]+\.[a-z_]+)` \|$", readme, flags=re.M)
+    table = {binding_id: (scope.strip(), keys.replace("`", "").replace(" ", ""), action.strip())
+             for scope, keys, action, binding_id in rows}
+    expected = {k.id: (SCOPES[k.scope].split(" (")[0], k.keys, k.description) for k in KEYS}
+    assert table == expected

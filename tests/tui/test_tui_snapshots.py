@@ -1,6 +1,7 @@
-"""Snapshot tests (pytest-textual-snapshot) of every screen and of the compute and memory panels.
+"""Snapshot tests (pytest-textual-snapshot) of every screen and of the compute and memory panels,
+the chat screen at 80x24 and 200x50 and in every shipped theme, a selected message and a failed send.
 
-All run at 120x36 on the FakeEngine with fixed timings (instant mode), a fixed clock for the chat
+Unless they say otherwise they run at 120x36 on the FakeEngine with fixed timings (instant mode), a fixed clock for the chat
 list, no cursor blink, and conversations built from fixed data, so the pictures only change when
 the UI does. Update with `pytest tests/tui --snapshot-update` only after reading the diff report.
 """
@@ -11,6 +12,7 @@ import pytest
 from chatapp.chat.conversation import Conversation
 from chatapp.chat.fake import HUGINN_LIKE_CONTROLS, FakeDownloader, FakeEngine
 from chatapp.tui import streaming
+from chatapp.tui.themes import load_themes, shipped_theme_dir
 
 from .conftest import SIZE, ghost_fake, send, still, wait_until
 from .test_tui_models import Gate, open_models
@@ -208,6 +210,57 @@ def test_rename_prompt(build, store, snap_compare):
         await open_saved(pilot, "snap")
         await pilot.press("f2")
         await wait_until(pilot, lambda: pilot.app.screen.__class__.__name__ == "TextPrompt")
+        still(pilot.app)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+THEMES = sorted(t.name for t in load_themes([shipped_theme_dir()])[0])
+
+
+async def branched_with_selection(pilot) -> None:
+    """The branched chat open, the message list focused and the first reply (◀ 2/2 ▶) selected."""
+    pilot.app.chat_screen.query_one("ChatList").reload()
+    await open_saved(pilot, "snap")
+    await pilot.press("alt+up", "up", "up")
+    await pilot.pause()
+
+
+@pytest.mark.parametrize("size", [(80, 24), (200, 50)])
+def test_chat_screen_narrow_and_wide(build, store, snap_compare, size):
+    """80x24: the side panels collapse, the chat list and a readable conversation remain; 200x50: all
+    three columns, the conversation widest. Both show the selected reply (▶ mark, tinted) and the
+    branch line under the conversation ('reply 2 of 2 here')."""
+    store.save(branched_chat())
+    app = build(FakeEngine())
+    assert snap_compare(app, terminal_size=size, run_before=branched_with_selection)
+
+
+@pytest.mark.parametrize("theme", THEMES)
+def test_chat_screen_in_every_theme(build, store, snap_compare, theme):
+    """Each shipped theme on the branched chat with a selected reply: readable labels in the memory
+    panel (smoll-light drew them white on near-white), the ▶ mark and tint on the selection."""
+    store.save(branched_chat())
+    app = build(ghost_fake())
+
+    async def run_before(pilot):
+        pilot.app.theme = theme
+        await branched_with_selection(pilot)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_failed_send_is_marked_with_its_reason_and_retry(build, snap_compare):
+    """A prompt longer than the context: it stays in the chat marked '✕ not sent', with the reason
+    (tokens needed vs held) and 'r retries this message (in place)'; the composer is empty."""
+    app = build(FakeEngine(context_limit=40))
+
+    async def run_before(pilot):
+        pilot.app.chat_screen.composer.insert(" ".join(f"word{i}" for i in range(40)))
+        await pilot.press("enter")
+        conv = pilot.app.chat_screen.conv
+        await wait_until(pilot, lambda: conv.messages and conv.path()[-1].status == "error")
+        pilot.app.clear_notifications()
         still(pilot.app)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)

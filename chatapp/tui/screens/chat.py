@@ -92,7 +92,8 @@ class ChatScreen(Screen):
             await self.actions.open_chat(chat_id)
 
     async def on_mount(self) -> None:
-        await self.actions.new_chat(self.app.initial_system)
+        if self.conv is None:  # a chat opened before the screen finished mounting stays
+            await self.actions.new_chat(self.app.initial_system)
         self.model_changed()
         self.composer.focus()
 

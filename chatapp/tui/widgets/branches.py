@@ -56,7 +56,7 @@ class BranchNavigator(Horizontal):
             role = ROLE_LABELS.get(conv.get(message_id).role, "")
             what = "reply" if role == "Model" else "message"
             self.query_one(".where", Static).update(
-                plain(f"{what} {i + 1} of {n} here · ← → (Alt+← → from the composer) switch"))
+                plain(f"{what} {i + 1} of {n} · ← → or Alt+← → switch"))
 
     def switch(self, delta: int) -> bool:
         """Show the sibling `delta` places away; False when there is none to switch to."""

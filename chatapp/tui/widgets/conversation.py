@@ -9,6 +9,7 @@ select afterwards (`show(..., select=)`), so the highlight and the next key neve
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from textual.containers import VerticalScroll
@@ -56,6 +57,9 @@ class ConversationView(VerticalScroll, can_focus=True):
         # streamed batch.
         self._views: dict[str, MessageView] = {}
         self._selected: str | None = None
+        # One rebuild at a time: two interleaved (a chat opened while the screen still mounts) would
+        # leave views of one with the ids of the other.
+        self._building = asyncio.Lock()
 
     def on_mount(self) -> None:
         self.anchor()
@@ -64,6 +68,10 @@ class ConversationView(VerticalScroll, can_focus=True):
     async def show(self, conv, empty_text: str = "", system: str = "", select: str | None = None) -> None:
         """Render the current branch of `conv` from scratch, the `system` line above it, and select
         `select` (else the message selected before, if still shown, else the last)."""
+        async with self._building:
+            await self._show(conv, empty_text, system, select)
+
+    async def _show(self, conv, empty_text: str, system: str, select: str | None) -> None:
         self.conv = conv
         keep = select or self._selected
         await self.remove_children()
@@ -86,8 +94,9 @@ class ConversationView(VerticalScroll, can_focus=True):
         text then arrives only through `MessageView.write`. `select` True selects it; None lets a
         selection on the last message follow to it while the user is not in the list (as a cursor
         at the end of a text does), and stay where the user put it while they are."""
-        for empty in self.query(".empty"):
-            await empty.remove()
+        async with self._building:
+            for empty in self.query(".empty"):
+                await empty.remove()
         at_end = self._selected is None or (bool(self._order) and self._selected == self._order[-1])
         follow = select if select is not None else at_end and not self.has_focus
         view = MessageView(message, self.conv.sibling_index(message.id) if self.conv else (0, 1), live=live)
