@@ -260,12 +260,6 @@ class FakeEngine:
         return MemoryReport(weights=self.weights_bytes, allocated=allocated, used=used, context_used=n,
                             context_limit=self.context_limit, device=self.device, allocator={"rss": 0})
 
-    def snapshot(self) -> object:
-        return list(self._fed)
-
-    def restore(self, snap: object) -> None:
-        self._fed = list(snap)  # type: ignore[call-overload]
-
     def reset(self) -> None:
         self._fed = []
 

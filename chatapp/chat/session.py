@@ -1,14 +1,14 @@
 """A loaded engine bound to conversations: prompt building, streaming into the tree, run cards.
 
-Prompts are rendered with the model's own chat format (`tokenizer.render`), with one refinement:
-the ids an assistant reply was generated as are spliced back in verbatim instead of re-encoding its
-text. The engine then sees every new prompt as an extension of what its state already holds, so a
-KV cache is reused and a recurrent state simply continues (re-encoding could pick different BPE
-merges and force a full re-prefill). For states that cannot drop tokens (recurrent, conv), the
-session also keeps engine snapshots at reply ends, so an edit or a branch switch resumes from the
-last shared reply. When the context would overflow, the oldest whole turns are left out (templates
-are rendered whole, so a header is never cut), with headroom and a start that stays put over the
-next turns, and the prompt says what was dropped.
+The session renders a conversation to ids and records results; what the engine reuses of earlier
+prompts is the engine's prompt cache alone. Prompts are rendered with the model's own chat format
+(`tokenizer.render`), with one refinement: the ids an assistant reply was generated as are spliced
+back in verbatim instead of re-encoding its text (when they still spell it and fit the vocabulary),
+so the engine sees every new prompt as an extension of a state it passed through (re-encoding could
+pick different BPE merges and force a full re-prefill). When the context would overflow, the oldest
+whole turns are left out (templates are rendered whole, so a header is never cut), with headroom and a
+start that stays put over the next turns, and the prompt says what was dropped. `complete` streams a
+reply to raw text (no chat template), for callers such as an OpenAI-style completions endpoint.
 """
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from ..catalog import ModelEntry
 from ..contract import (RUN_CARD_DETAIL, Controls, Done, EngineProtocol, MemoryReport, SamplingSettings, StepEvent,
-                        resolve_controls)
+                        TokenDetail, resolve_controls)
 from .conversation import Conversation, Message
 
 _SETTING_NAMES = frozenset(f.name for f in fields(SamplingSettings))
@@ -31,9 +31,6 @@ SAVE_EVERY_S = 0.5
 MEMO_SIZE = 8
 #: Share of the context left free when turns must be dropped, so the next turns keep the same start.
 TRIM_HEADROOM = 0.25
-#: Engine-state snapshots kept at reply ends, and the bytes they may hold together.
-SNAPSHOTS = 8
-SNAPSHOT_BUDGET = 256 * 2**20
 
 
 class ContextOverflow(ValueError):
@@ -70,13 +67,10 @@ class Session:
         entry: the catalog entry (defaults, chat format, revision); `engine.entry` when omitted.
         store: when given, the chat is saved as the reply streams (every SAVE_EVERY_S) and at the end,
             and presets named in a chat's settings are read from it.
-        snapshot_budget: bytes of engine-state snapshots kept at reply ends (0 = none). Only states
-            that cannot drop tokens (recurrent, conv) are snapshotted: switching branches or editing
-            then resumes from the last shared reply instead of prefilling the whole history again.
     """
 
     def __init__(self, engine: EngineProtocol, tokenizer: Any = None, entry: ModelEntry | None = None, *,
-                 store: Any = None, snapshot_budget: int = SNAPSHOT_BUDGET) -> None:
+                 store: Any = None) -> None:
         self.engine = engine
         self.tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
         self.entry: ModelEntry = entry if entry is not None else engine.entry
@@ -84,10 +78,6 @@ class Session:
         self.last_prompt: Prompt | None = None
         self._cancel = threading.Event()
         self._memo: OrderedDict[int, tuple[list[int], list[str], list | None]] = OrderedDict()
-        self.snapshot_budget = snapshot_budget
-        self._snaps: OrderedDict[tuple[int, ...], tuple[object, int]] = OrderedDict()
-        self._held: tuple[int, ...] = ()  # ids the engine's state absorbed in this session's last run
-        self._snapshot_state: bool | None = None  # decided from the first memory report
         self._trim_starts: dict[str, str] = {}  # chat id -> first message kept by the last trimmed prompt
 
     # Settings.
@@ -197,8 +187,6 @@ class Session:
         def plain() -> tuple[list[int], list[str]]:
             return tok.render(dicts, add_generation_prompt=gen, system=system, open_last=open_last), []
 
-        if not hasattr(tok, "render_parts"):
-            return plain()
         # keys[k] names the prefix msgs[:k + 1]; the ids up to a splice point depend on nothing else.
         keys, key = [], hash(("system", system))
         for m in msgs:
@@ -237,10 +225,14 @@ class Session:
         return ids + self._encode(rest), reused
 
     def _reusable(self, m: Message) -> list[int] | None:
-        """A reply's generated ids without the trailing stop token, if they still spell its text."""
+        """A reply's generated ids without the trailing stop token, if they fit this model's vocabulary
+        (an imported chat or another model's reply may hold any ids) and still spell its text."""
         if m.role != "assistant" or not m.token_ids:
             return None
         ids = list(m.token_ids)
+        vocab, specials = self.tokenizer.vocab_size, self.tokenizer.special_ids
+        if not all(isinstance(i, int) and (0 <= i < vocab or i in specials) for i in ids):
+            return None
         try:
             stops = set(self.tokenizer.stop_ids)
         except Exception:
@@ -248,7 +240,6 @@ class Session:
         while ids and ids[-1] in stops:
             ids.pop()
         # Specials the model emitted mid-reply are not shown (the stream skips them) but stay in the ids.
-        specials = getattr(self.tokenizer, "special_ids", {})
         return ids if self.tokenizer.decode([i for i in ids if i not in specials]) == m.content else None
 
     def _encode(self, parts: Sequence[str | int]) -> list[int]:
@@ -294,7 +285,7 @@ class Session:
             prompt = self.prompt(conv, continue_from=msg.id, settings=settings)
         else:
             prompt = self._build(conv, conv.path(parent_id) if parent_id else [], True, False, settings)
-        segment = self._run_card(conv, settings, controls, prompt, self._resume(prompt.ids))
+        segment = self._run_card(conv, settings, controls, prompt)
         if continue_from is not None:
             msg.status = "streaming"
             msg.run.setdefault("continued", []).append(segment)
@@ -307,16 +298,13 @@ class Session:
         if self.store is not None:
             self.store.save(conv)
         last_save = time.monotonic()
-        new_ids: list[int] = []
         events = self.engine.generate(prompt.ids, settings, controls, cancel=cancel, detail=RUN_CARD_DETAIL)
         try:
             for ev in events:
                 if isinstance(ev, Done):
-                    self._remember(prompt.ids, new_ids, ev)
                     self._finish(conv, msg, ev, segment)
                     yield ev
                     return
-                new_ids.append(ev.token_id)
                 msg.content += ev.text
                 if msg.token_ids is not None:
                     msg.token_ids.append(ev.token_id)
@@ -329,7 +317,6 @@ class Session:
                     last_save = time.monotonic()
                 yield ev
         except Exception as e:
-            self._held = ()
             msg.status = "error"
             msg.run["stop_reason"] = "error"
             msg.run["error"] = f"{type(e).__name__}: {e}"
@@ -339,11 +326,26 @@ class Session:
             events.close()
             if msg.status == "streaming":
                 # The consumer stopped iterating before Done: keep what arrived, marked stopped.
-                self._held = ()
                 cancel.set()
                 msg.status = "stopped"
                 msg.run["stop_reason"] = "cancelled"
                 self._save_end(conv, msg)
+
+    def complete(self, text: str, settings: SamplingSettings | None = None, controls: Mapping[str, Any] | None = None,
+                 *, cancel: threading.Event | None = None, detail: TokenDetail = TokenDetail()
+                 ) -> Iterator[StepEvent | Done]:
+        """Continue raw `text` (no chat template; the format's BOS, if any, leads): the path of a
+        completions endpoint. Settings and controls are merged over the catalog's; nothing is stored."""
+        settings = self.entry.sampling() if settings is None else settings
+        settings.validate()
+        ids = self._encode([*self.tokenizer.split_specials(self.entry.chat.bos), text])
+        if not text or not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.engine.context_limit:
+            raise ContextOverflow(f"The prompt needs {len(ids)} tokens but {self.entry.name} holds "
+                                  f"{self.engine.context_limit}; shorten it.")
+        resolved = resolve_controls(self.engine.controls, self.entry.controls, call=controls)
+        return self.engine.generate(ids, settings, resolved, cancel=cancel, detail=detail)
 
     def regenerate(self, conv: Conversation, message_id: str) -> Iterator[StepEvent | Done]:
         """A new sibling reply for the assistant message `message_id` (the old one stays)."""
@@ -359,54 +361,9 @@ class Session:
     def memory(self) -> MemoryReport:
         return self.engine.memory()
 
-    @property
-    def snapshot_bytes(self) -> int:
-        """Bytes held by this session's state snapshots (on the engine's device)."""
-        return sum(size for _, size in self._snaps.values())
-
-    # State snapshots at reply ends.
-    def _resume(self, ids: list[int]) -> int:
-        """Restore the longest snapshot that starts the prompt, unless the engine's state already does;
-        returns the tokens it covers (0: none restored)."""
-        key = tuple(ids)
-        if not self._snaps or _extends(key, self._held):
-            return 0
-        best = max((k for k in self._snaps if _extends(key, k)), key=len, default=None)
-        if best is None:
-            return 0
-        self.engine.restore(self._snaps[best][0])
-        self._snaps.move_to_end(best)
-        self._held = best
-        return len(best)
-
-    def _remember(self, prompt: list[int], new_ids: list[int], done: Done) -> None:
-        """Snapshot the state at the end of a reply, keyed by the ids it absorbed."""
-        # The engine feeds back every token but the last one sampled, unless it stopped on a cancel
-        # check between tokens (then all were fed; a stop inside Huginn's recurrence leaves the last one
-        # out). Correctness never depends on this key: a restored snapshot carries the engine's own
-        # record of what it holds, and the engine prefills from that.
-        if not new_ids and done.stop_reason != "cancelled":
-            self._held = ()  # refused before prefill: the state is whatever it was
-            return
-        fed = new_ids if done.stop_reason == "cancelled" else new_ids[:-1]
-        self._held = tuple(prompt) + tuple(fed)
-        if self.snapshot_budget <= 0:
-            return
-        report = self.engine.memory()
-        if self._snapshot_state is None:
-            # A pure KV cache trims back to any prefix by itself; only other state kinds need snapshots.
-            self._snapshot_state = any(n > 0 for kind, n in report.allocated.items() if kind != "kv")
-        size = sum(report.used.values())
-        if not self._snapshot_state or size > self.snapshot_budget:
-            return
-        self._snaps[self._held] = (self.engine.snapshot(), size)
-        self._snaps.move_to_end(self._held)
-        while len(self._snaps) > SNAPSHOTS or self.snapshot_bytes > self.snapshot_budget:
-            self._snaps.popitem(last=False)
-
     # Run cards.
-    def _run_card(self, conv: Conversation, settings: SamplingSettings, controls: dict[str, Any],
-                  prompt: Prompt, resumed: int) -> dict[str, Any]:
+    def _run_card(self, conv: Conversation, settings: SamplingSettings, controls: Controls,
+                  prompt: Prompt) -> dict[str, Any]:
         e = self.entry
         eng = self.engine
         info = eng.info()
@@ -424,7 +381,7 @@ class Session:
             "system_prompt": conv.system_prompt if conv.system_prompt is not None else e.chat.default_system,
             "prompt_tokens": len(prompt.ids),
             "context": {"dropped_messages": list(prompt.dropped), "dropped_turns": prompt.dropped_turns,
-                        "reused_replies": len(prompt.reused), "resumed_from_snapshot": resumed},
+                        "reused_replies": len(prompt.reused)},
             "started_at": time.time(),
         }
 
@@ -482,11 +439,6 @@ def _fewest(size: Any, guesses: list[int], total: int, target: int) -> int | Non
     while k > 1 and size(k - 1) <= target:
         k -= 1
     return k if size(k) <= target else None
-
-
-def _extends(ids: tuple[int, ...], prefix: tuple[int, ...]) -> bool:
-    """ids starts with prefix and has at least one token more (the engine must run one)."""
-    return 0 < len(prefix) < len(ids) and ids[:len(prefix)] == prefix
 
 
 def _app_version() -> str:

@@ -2,10 +2,8 @@
 
 `load_engine(entry)` resolves the entry's files (a downloaded snapshot, or the demo checkpoint made
 on first use), loads the model strictly and allocates the state for the whole context once.
-`Engine.generate` reuses whatever the state already holds: a KV cache is trimmed back to the common
-prefix with the new prompt; a recurrent state (which cannot drop tokens) continues when the new
-prompt extends what it absorbed, or restores the snapshot taken at the end of the last prompt
-(regenerate), else starts over.
+`Engine.generate` reuses what its prompt cache holds (the live state, or a snapshot of an earlier
+one) for the longest prefix of the new prompt, computed under the same state-changing controls.
 """
 from __future__ import annotations
 
@@ -23,15 +21,20 @@ from ..contract import (ControlSpec, Controls, Done, MemoryReport, SamplingSetti
                         resolve_controls)
 from .arch.base import Forward, Interrupted
 from .generate import DecodeRequest, decode_loop, feed
+from .prompt_cache import DEFAULT_BUDGET, PromptCache
 from .loader import LoadError, load_model, read_config, resolve_device, resolve_dtype
 from .tokenizer import Tokenizer, load_tokenizer
+
+
+class NonFiniteOutput(RuntimeError):
+    """The model computed NaN/Inf logits (checked once per call, at the first step)."""
 
 
 class Engine:
     """A loaded model ready to generate. Fits `api.EngineProtocol`."""
 
     def __init__(self, model, tokenizer: Tokenizer, entry: ModelEntry, device: torch.device, dtype: torch.dtype,
-                 context_limit: int) -> None:
+                 context_limit: int, prompt_cache_bytes: int = DEFAULT_BUDGET) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.entry = entry
@@ -46,10 +49,8 @@ class Engine:
                             f"model does not have ({', '.join(c.name for c in self.controls) or 'none'})")
         resolve_controls(self.controls, entry.controls)  # a catalog value this model refuses fails the load
         self.state = model.make_state(context_limit, device, dtype)
-        self._fed: list[int] = []  # ids absorbed by self.state, in order
-        self._prompt_snap: tuple[tuple[int, ...], object, torch.Tensor] | None = None
+        self.cache = PromptCache(self.state, prompt_cache_bytes)
         self._running: threading.Event | None = None  # the cancel flag of the call holding the lock
-        self._state_key: tuple = ()  # the state-changing controls the state was built under
         self._lock = threading.Lock()
 
     # Contract.
@@ -109,63 +110,43 @@ class Engine:
             yield Done("cancelled", len(ids), 0, 0.0, 0.0, 0.0,
                        detail=f"stopped during the prompt ({self.state.length} of {len(ids)} tokens absorbed)")
             return
+        if not bool(torch.isfinite(first.logits).all()):  # one check of one row: sampling NaN streams garbage
+            raise NonFiniteOutput("the model's first logits are NaN/Inf: its weights or config values are broken "
+                                  "(finite but out of range); this checkpoint cannot produce text as it is")
         req = DecodeRequest(self.model, self.state, self.tokenizer, first, list(ids), settings, stop_ids,
                             self.context_limit, controls, cancel, detail, reused, start, time.perf_counter() - start)
-        result = yield from decode_loop(req)
-        self._fed.extend(result.absorbed)
+        try:
+            result = yield from decode_loop(req)
+        except BaseException:
+            # An error, or the consumer stopped listening before Done: what the state holds is not known.
+            self.cache.lost()
+            raise
+        self.cache.absorbed(result.absorbed)
         yield result.done
 
+    def state_key(self, controls: Controls) -> tuple:
+        """Everything besides the tokens that decides what the state holds (the prompt cache's key)."""
+        return (str(self.dtype), controls.state_key)
+
     def _prefill(self, ids: list[int], controls: Controls, cancel: threading.Event) -> tuple[Forward, int]:
-        """Bring the state to `ids` minus what it already holds; return the next-token logits."""
-        if controls.state_key != self._state_key:
-            # What the state holds was computed under other controls: it does not continue under these.
-            self.reset()
-            self._state_key = controls.state_key
-        snap = self._prompt_snap
-        if snap is not None and snap[0] == tuple(ids):
-            # Same prompt again (regenerate): restore the state and logits it ended with.
-            self.state.restore(snap[1])
-            self._fed = list(ids)
-            return Forward(snap[2].logits.clone(), snap[2].steps), len(ids)
-        common = 0
-        for a, b in zip(self._fed, ids):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1)  # at least one token must run to produce logits
-        if common < len(self._fed):
-            if self.state.can_trim:
-                self.state.trim(common)
-                self._fed = self._fed[:common]
-            elif snap is not None and len(snap[0]) < len(ids) and tuple(ids[:len(snap[0])]) == snap[0]:
-                self.state.restore(snap[1])
-                self._fed, common = list(snap[0]), len(snap[0])
-            else:
-                self.state.reset()
-                self._fed, common = [], 0
+        """Bring the state to `ids` from what the prompt cache holds; return the prompt's last forward."""
+        reused, first = self.cache.begin(self.state_key(controls), ids)
+        if first is not None:
+            return first, reused
         try:
-            first = feed(self.model, self.state, ids[common:], self.device, controls, cancel)
+            first = feed(self.model, self.state, ids[reused:], self.device, controls, cancel)
         except Interrupted:
-            self._fed = list(ids[:self.state.length])  # the state holds a prefix of the prompt
+            self.cache.interrupted(ids)
             raise
-        self._fed = list(ids)
-        if not self.state.can_trim:
-            self._prompt_snap = (tuple(ids), self.state.snapshot(), Forward(first.logits.clone(), first.steps))
-        return first, common
+        except BaseException:
+            self.cache.lost()
+            raise
+        self.cache.prompt_done(ids, first)
+        return first, reused
 
     def reset(self) -> None:
-        """Forget everything the state holds."""
-        self.state.reset()
-        self._fed = []
-        self._prompt_snap = None
-
-    def snapshot(self) -> object:
-        return (list(self._fed), self.state.snapshot())
-
-    def restore(self, snap: object) -> None:
-        fed, state_snap = snap  # type: ignore[misc]
-        self.state.restore(state_snap)
-        self._fed = list(fed)
+        """Forget everything the state and the prompt cache hold."""
+        self.cache.clear()
 
     def memory(self) -> MemoryReport:
         b = self.state.bytes()
@@ -178,7 +159,7 @@ class Engine:
             alloc = {"rss": _rss_bytes()}
         return MemoryReport(weights=self.model.weight_bytes(), allocated=b.allocated, used=b.used,
                             context_used=self.state.length, context_limit=self.context_limit,
-                            device=str(self.device), allocator=alloc)
+                            device=str(self.device), allocator=alloc, prompt_cache=self.cache.nbytes)
 
     def info(self) -> dict[str, Any]:
         """Figures the UI shows beside the model (and needs for the KV "ghost" line)."""
@@ -242,7 +223,7 @@ def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", mo
         tok_file = hub.file_path(entry, entry.tokenizer.file)
     tokenizer = load_tokenizer(entry, directory, tok_file)
     say("loading weights")
-    model = load_model(directory, dev, dt, options=entry.options)
+    model = load_model(directory, dev, dt, options=entry.options, state_tokens=entry.context)
     vocab = model.vocab_size
     too_big = [s for s, i in tokenizer.specials.items() if i >= vocab]
     if too_big:

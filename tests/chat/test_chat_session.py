@@ -401,11 +401,11 @@ for model_id in sys.argv[1:]:
         second = list(s.stream(c, u2.id))[-1]
         saved = store.load(c.id).get(c.current_leaf)
         saved_ids = saved.token_ids == c.get(c.current_leaf).token_ids
-        # Editing the second question: a recurrent state resumes from the snapshot after reply 1.
+        # Editing the second question: the engine's prompt cache resumes after reply 1 (trimmed, or restored).
         edited = c.edit(u2.id, "Tell me less.")
         third = list(s.stream(c, edited.id))[-1]
         out[model_id] = {"held": first.prompt_tokens + first.new_tokens - 1, "reused": second.reused_tokens,
-                         "edit_reused": third.reused_tokens, "snapshot_bytes": s.snapshot_bytes,
+                         "edit_reused": third.reused_tokens, "cache_bytes": s.memory().prompt_cache,
                          "stop": second.stop_reason, "saved_ids": saved_ids,
                          "revision": saved.run["revision"], "demo": saved.run["demo"]}
 print(json.dumps(out))
@@ -432,9 +432,8 @@ def test_real_engine_continues_its_state_across_turns():
     for model_id, r in result.items():
         assert r["reused"] == r["held"], model_id
         assert r["stop"] in ("max_tokens", "eos") and r["saved_ids"] and r["demo"] is True, model_id
-        # The KV model trims back by itself (no snapshots); the recurrent and hybrid ones restore one.
         assert r["edit_reused"] >= r["held"], model_id
-        assert (r["snapshot_bytes"] > 0) == (model_id != "axiom-tiny"), model_id
+        assert r["cache_bytes"] > 0, model_id
 
 
 def test_a_warm_session_builds_the_same_prompts_as_a_fresh_one():
@@ -494,52 +493,3 @@ def test_every_catalog_chat_format_keeps_the_state_across_turns(model_id):
     assert tok.decode(eng.calls[1].ids) == tok.render_text(dicts(c.path(u2.id)), system="Be brief.")
 
 
-def test_an_edit_resumes_a_recurrent_state_from_the_snapshot_after_the_shared_reply():
-    eng, s = make(replies=["first reply", "second reply", "third reply"], recurrent_bytes=1000,
-                  kv_bytes_per_token=0)
-    assert not eng.can_trim
-    c = Conversation()
-    u = c.add(None, "user", "one")
-    first = run(s.stream(c, u.id))
-    held = first.prompt_tokens + first.new_tokens - 1
-    u2 = c.add(c.current_leaf, "user", "two")
-    second = run(s.stream(c, u2.id))
-    assert second.reused_tokens == held
-    assert s.snapshot_bytes == 2 * 1000
-    third = run(s.stream(c, c.edit(u2.id, "two, edited").id))
-    assert third.reused_tokens == held
-    assert c.get(c.current_leaf).run["context"]["resumed_from_snapshot"] == held
-    # Back on the first branch, a continuation starts from the snapshot of its own end.
-    c.switch_sibling(u2.id, 0)
-    u3 = c.add(c.current_leaf, "user", "three")
-    fourth = run(s.stream(c, u3.id))
-    assert fourth.reused_tokens == second.prompt_tokens + second.new_tokens - 1
-
-
-def test_without_snapshots_a_recurrent_state_starts_over():
-    eng = FakeEngine(["first reply", "second reply", "third reply"], recurrent_bytes=1000, kv_bytes_per_token=0)
-    s = Session(eng, eng.tokenizer, fake_entry(), snapshot_budget=0)
-    c = Conversation()
-    u = c.add(None, "user", "one")
-    run(s.stream(c, u.id))
-    u2 = c.add(c.current_leaf, "user", "two")
-    run(s.stream(c, u2.id))
-    assert run(s.stream(c, c.edit(u2.id, "edited").id)).reused_tokens == 0
-    assert s.snapshot_bytes == 0
-
-
-def test_snapshots_stay_within_their_budget_and_skip_trimmable_caches():
-    eng, s = make(replies=["a reply"], recurrent_bytes=1000, kv_bytes_per_token=10)
-    s.snapshot_budget = 2500
-    c = Conversation()
-    parent = None
-    for i in range(6):
-        parent = c.add(parent, "user", f"q{i}").id
-        run(s.stream(c, parent))
-        parent = c.current_leaf
-        assert s.snapshot_bytes <= 2500
-    assert 0 < len(s._snaps) < 6
-    kv_only, s2 = make(replies=["a reply"])
-    c2 = Conversation()
-    run(s2.stream(c2, c2.add(None, "user", "hi").id))
-    assert s2.snapshot_bytes == 0

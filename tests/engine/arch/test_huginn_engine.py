@@ -200,12 +200,12 @@ def test_stop_inside_the_recurrence_keeps_the_state_consistent(engine, demo_dir,
     at = {"first prompt chunk": 3, "later prompt chunk": prompt_steps // 2 + 1,
           "first decode": prompt_steps + 2, "second forward": prompt_steps + 14, "later decode": prompt_steps + 40}[where]
     if mode == "speculative" and where == "second forward":
-        at = prompt_steps + 4  # inside the second draft: the first draft token is in the cache, not in _fed
+        at = prompt_steps + 4  # inside the second draft: the first draft token is in the cache, not yet in held
     calls = _cancel_at_step(engine, monkeypatch, at)
     events, done = run(engine, ids, controls, max_new_tokens=40)
     assert done.stop_reason == "cancelled" and len(calls) == at  # the step that saw the request never ran
-    held = len(engine._fed)
-    assert engine.state.length == held and engine._fed == (ids + [e.token_id for e in events])[:held]
+    held = len(engine.cache.held)
+    assert engine.state.length == held and engine.cache.held == (ids + [e.token_id for e in events])[:held]
     assert all(buf.length <= held for buf in engine.state.slots.values())
     if "prompt" in where:
         assert not events and "stopped during the prompt" in done.detail
@@ -217,8 +217,8 @@ def test_stop_inside_the_recurrence_keeps_the_state_consistent(engine, demo_dir,
     fresh.reset()
     for n in sorted({min(held, len(ids))} | set(range(len(ids) + 1, held + 1))):
         if n:
-            run(fresh, engine._fed[:n], controls, max_new_tokens=1)
-    assert fresh._fed == engine._fed
+            run(fresh, engine.cache.held[:n], controls, max_new_tokens=1)
+    assert fresh.cache.held == engine.cache.held
     monkeypatch.undo()
     follow = ids + [e.token_id for e in events] + engine.tokenizer.encode("go on")
     got, again = run(engine, follow, controls)
