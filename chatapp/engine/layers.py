@@ -78,36 +78,50 @@ def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 
 class PartialRope:
-    """RoPE on `2 * cos.shape[-1]` of a head's `dim` dims, starting at `offset`, as one full-width map:
-    rope(x) = x * cos + (x @ R) * sin, with cos 1 and sin 0 on the dims that pass through and R the signed
-    pair permutation of the layout ("half_split": pairs (i, i + r/2); "interleaved": (2i, 2i + 1)). One small
-    matmul and an addcmul per tensor instead of slicing, rotating and concatenating (Genesis, Byrne).
-    Built once per forward from a RopeTable slice; runs in fp32 like apply_rope_*.
+    """RoPE on `rotated` of a head's `dim` dims, starting at `offset`, as one right-multiplication per position:
+    rope(x) = x @ M_p with M_p = diag(cos_p) + R diag(sin_p), where cos is 1 and sin 0 on the dims that pass
+    through and R is the signed pair permutation of the layout ("half_split": pairs (i, i + r/2);
+    "interleaved": (2i, 2i + 1)). One batched matmul per tensor instead of slicing, rotating and concatenating
+    (Genesis and Byrne rotate part of each head). Angles from a RopeTable; the product runs in fp32.
     """
 
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, dim: int, offset: int = 0,
+    def __init__(self, dim: int, rotated: int, theta: float, n_pos: int = 0, offset: int = 0,
                  layout: str = "half_split") -> None:
-        half = cos.shape[-1]
+        if layout not in ("half_split", "interleaved"):
+            raise ValueError(f"unknown RoPE layout {layout!r}; use half_split or interleaved")
+        self.table = RopeTable(rotated, theta, n_pos)
+        self.dim, self.offset, self.layout = dim, offset, layout
+        self._full: tuple[torch.Tensor, ...] | None = None  # (table.cos it came from, cos, sin [P, dim], R)
+
+    def matrices(self, start: int, t: int, device) -> torch.Tensor:
+        """M [t, dim, dim] (fp32) for positions start .. start + t - 1."""
+        self.table(start, t, device)
+        if self._full is None or self._full[0] is not self.table.cos:
+            self._full = (self.table.cos, *self._widen(self.table.cos, self.table.sin))
+        _, cos, sin, rot = self._full
+        cos, sin = cos[start:start + t], sin[start:start + t]
+        return torch.diag_embed(cos) + rot * sin[:, None, :]
+
+    def _widen(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Full-width cos/sin tables [P, dim] in the layout, and R [dim, dim]."""
+        half, off = cos.shape[-1], self.offset
         idx = torch.arange(half, device=cos.device)
-        if layout == "half_split":
+        if self.layout == "half_split":
             cos, sin, first, second = cos.repeat(1, 2), sin.repeat(1, 2), idx, idx + half
-        elif layout == "interleaved":
+        else:
             cos, sin = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
             first, second = 2 * idx, 2 * idx + 1
-        else:
-            raise ValueError(f"unknown RoPE layout {layout!r}; use half_split or interleaved")
-        after = dim - offset - 2 * half
-        self.cos = F.pad(cos, (offset, after), value=1.0)[:, None]  # [T, 1, dim]
-        self.sin = F.pad(sin, (offset, after))[:, None]
-        self.rot = torch.zeros(dim, dim, device=cos.device)
+        after = self.dim - off - 2 * half
+        rot = torch.zeros(self.dim, self.dim, device=cos.device)
         # (x @ R)[first] = -x[second], (x @ R)[second] = x[first]
-        self.rot[offset + second, offset + first] = -1.0
-        self.rot[offset + first, offset + second] = 1.0
+        rot[off + second, off + first] = -1.0
+        rot[off + first, off + second] = 1.0
+        return F.pad(cos, (off, after), value=1.0), F.pad(sin, (off, after)), rot
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, H, dim] -> rotated, same dtype."""
-        xf = x.float()
-        return torch.addcmul(xf * self.cos, xf @ self.rot, self.sin).to(x.dtype)
+
+def apply_rope_matrices(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D] times its position's M [T, D, D] (PartialRope.matrices), in fp32, back in x's dtype."""
+    return torch.matmul(x.float(), m).to(x.dtype)
 
 
 def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from chatapp.engine.layers import PartialRope, RopeTable, apply_rope_half, apply_rope_interleaved, causal_attention
+from chatapp.engine.layers import (PartialRope, RopeTable, apply_rope_half, apply_rope_interleaved, apply_rope_matrices,
+                                   causal_attention)
 
 from .closeness import assert_close
 
@@ -97,12 +98,15 @@ def test_full_width_rope_rotates_the_layouts_pairs(layout):
 def test_partial_rope_rotates_only_its_dims(layout, offset, rotated):
     d, start, t = 16, 30, 7
     x = torch.randn(1, t, 3, d, generator=torch.Generator().manual_seed(2))
-    got = PartialRope(*RopeTable(rotated, 10000.0)(start, t, "cpu"), d, offset, layout)(x)
+    rope = PartialRope(d, rotated, 10000.0, n_pos=32, offset=offset, layout=layout)
+    got = apply_rope_matrices(x, rope.matrices(start, t, "cpu"))  # 30 + 7 > 32: the table grows
     ang = naive_angles(torch.arange(start, start + t), rotated, 10000.0)
     half = rotated // 2
     pairs = ([(offset + 2 * j, offset + 2 * j + 1) for j in range(half)] if layout == "interleaved"
              else [(offset + j, offset + j + half) for j in range(half)])
     assert_close(got, rotate_naive(x, ang, pairs).float())
     passed = [i for i in range(d) if not offset <= i < offset + rotated]
-    assert torch.equal(got[..., passed], x[..., passed])  # x * 1 + 0: exact by construction
-    assert PartialRope(*RopeTable(rotated, 10000.0)(start, t, "cpu"), d, offset, layout)(x.bfloat16()).dtype == torch.bfloat16
+    assert torch.equal(got[..., passed], x[..., passed])  # one term times 1, the rest exact zeros
+    # One decode position cut from the same tables gives the same rotation.
+    assert_close(apply_rope_matrices(x[:, 3:4], rope.matrices(start + 3, 1, "cpu")), got[:, 3:4])
+    assert apply_rope_matrices(x.bfloat16(), rope.matrices(start, t, "cpu")).dtype == torch.bfloat16

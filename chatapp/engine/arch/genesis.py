@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import PartialRope, RMSNorm, RopeTable, rms_norm, store_column_major
+from ..layers import PartialRope, RMSNorm, apply_rope_matrices, rms_norm, store_column_major
+from ..quant import project_head
 from ..ops.forgetting_attn import forgetting_attn_chunk, forgetting_attn_step
 from ..ops.forgetting_attn.cache import ForgettingKVCache
 from ..ops.gla import gla_chunk, gla_step
@@ -131,7 +132,7 @@ class GatedDeltaNet(nn.Module):
         self.g_norm_swish_gate = RMSNorm(a.dv, eps=1e-5)
         self.o_proj = nn.Linear(h * a.dv, a.n_embd, bias=False)
 
-    def forward(self, x, rope: PartialRope, st: CompositeState | None) -> torch.Tensor:
+    def forward(self, x, rope: torch.Tensor, st: CompositeState | None) -> torch.Tensor:
         a = self.a
         b, t, _ = x.shape
         qkv, gate, gk = self.in_proj(x).split([sum(self.splits[:3]), *self.splits[3:]], dim=-1)
@@ -140,7 +141,7 @@ class GatedDeltaNet(nn.Module):
         # L2 norm and partial half-split RoPE are per head: apply them to q and the kv heads in one go.
         qk = torch.cat([q.view(b, t, a.n_head, a.dk), k.view(b, t, a.n_kv_head, a.dk)], dim=2).float()
         qk = qk / (qk.norm(dim=-1, keepdim=True) + 1e-6)
-        q, k = rope(qk).split([a.n_head, a.n_kv_head], dim=2)
+        q, k = apply_rope_matrices(qk, rope).split([a.n_head, a.n_kv_head], dim=2)  # rope [T, dk, dk]
         # Query head h reads kv head h % n_kv_head (the reference tiles; FoX layers interleave).
         k = k.unsqueeze(2).expand(b, t, a.groups, a.n_kv_head, a.dk).reshape(b, t, a.n_head, a.dk)
         v = v.reshape(b, t, 1, a.n_kv_head, a.dv).expand(b, t, a.groups, a.n_kv_head, a.dv)
@@ -293,7 +294,7 @@ class Model(ArchModel):
         # µP readout: the final hidden state is scaled by output_mult / (width / base_width) before the head.
         self.readout_scale = args.mup_output_mult * args.mup_base_width / args.n_embd if args.use_mup else 1.0
         # Partial RoPE on the first rotary_dim dims of each GDN head, base 10000 (the reference's constant).
-        self._rope = RopeTable(args.rotary_dim, 10000.0, args.block_size)
+        self._rope = PartialRope(args.dk, args.rotary_dim, 10000.0, args.block_size)
         # Gate parameters stay fp32 (the reference computes every gate in fp32); names as stored.
         self.FP32_TENSORS = {f"blocks.{i}.attn.{n}" for i in range(args.n_layer)
                              for n in ("A_log", "dt_bias", "fgate_proj.bias", "fgate_bias")}
@@ -324,8 +325,7 @@ class Model(ArchModel):
         if state is not None:
             state.check_room(t)
             start = state.length
-        # Built once per forward for every GDN layer.
-        rope = PartialRope(*self._rope(start, t, ids.device), self.args.dk, 0, "half_split")
+        rope = self._rope.matrices(start, t, ids.device)  # once per forward for every GDN layer
         x = self.tok_emb(ids)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, state[i] if state is not None else None)
@@ -337,7 +337,7 @@ class Model(ArchModel):
             x = x[:, -1:]
         x = self.ln_f(x) * self.readout_scale
         head = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
-        return F.linear(x, head).float()
+        return project_head(self, x, head)
 
     def make_state(self, max_len: int, device, dtype) -> StateList:
         """GDN layers: fp32 S [1, H, dk, dv] + conv tails of raw q|k|v; FoX layers: compact KV cache + k|v tails."""

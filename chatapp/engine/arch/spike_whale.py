@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import PartialRope, RMSNorm, RopeTable, causal_attention, store_column_major
+from ..layers import PartialRope, RMSNorm, apply_rope_matrices, causal_attention, store_column_major
+from ..quant import project_head
 from ..state import KVState, StateList
 from .base import ArchArgs, ArchModel
 from .spike_whale_parts import EngramMemory, EngramWindow, HCOutputMix, HyperConnection
@@ -141,7 +142,7 @@ class Attention(nn.Module):
         self.o_a_proj = nn.Linear(self.h * self.d, a.o_lora_rank, bias=False)
         self.o_b_proj = nn.Linear(a.o_lora_rank, a.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: PartialRope, kv: KVState | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, kv: KVState | None) -> torch.Tensor:
         b, t, _ = x.shape
         h, hkv, d = self.h, self.hkv, self.d
         qa, k, v = self.qkv_a_proj(x).split(self.split, dim=-1)
@@ -149,7 +150,7 @@ class Attention(nn.Module):
         k, v = k.view(b, t, hkv, d), v.view(b, t, hkv, d)
         if self.a.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(q), rope(k)
+        q, k = apply_rope_matrices(q, rope), apply_rope_matrices(k, rope)  # rope [T, D, D]
         if kv is not None:
             k_all, v_all = kv.update(k, v)  # [B, Hkv, L, D]: normalised, rotated k; raw v
         else:
@@ -190,7 +191,7 @@ class Block(nn.Module):
             self.hc_attn = HyperConnection(a)
             self.hc_ffn = HyperConnection(a)
 
-    def forward(self, x: torch.Tensor, rope: PartialRope, kv: KVState | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, kv: KVState | None) -> torch.Tensor:
         if not hasattr(self, "hc_attn"):
             x = x + self.attn(self.attn_norm(x), rope, kv)
             return x + self.ffn(self.ffn_norm(x))
@@ -232,6 +233,8 @@ class SpikeWhaleModel(nn.Module):
 
 class Model(ArchModel):
     OPTIONS = OPTIONS
+    #: EngramMemory reads these linears' weights directly: weight-only quantization leaves them float.
+    QUANT_SKIP = ("model.engram.",)
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -240,7 +243,7 @@ class Model(ArchModel):
         # Tied to the embedding unless the checkpoint carries a different head (sanitize decides).
         self.lm_head: nn.Linear | None = None
         self._head: torch.Tensor | None = None
-        self._rope = RopeTable(args.qk_rope_head_dim, args.rope_theta, args.max_position_embeddings)
+        self._rope = self._partial_rope()
 
     @property
     def FP32_TENSORS(self) -> set[str]:  # noqa: N802 (the loader's attribute name)
@@ -264,6 +267,13 @@ class Model(ArchModel):
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.zero_centered = self.args.rms_norm == "zero_centered"
+        self._rope = self._partial_rope()
+
+    def _partial_rope(self) -> PartialRope:
+        # RoPE on the last qk_rope_head_dim dims of each head, the NoPE dims first, in the layout option (spec §4.3).
+        a = self.args
+        return PartialRope(a.head_dim, a.qk_rope_head_dim, a.rope_theta, a.max_position_embeddings,
+                           a.nope_head_dim, a.rope_layout)
 
     def post_load(self, device: torch.device) -> None:
         # A bf16 model keeps fp32 embeddings for the engram; the tied head reads a copy in the model dtype.
@@ -308,8 +318,7 @@ class Model(ArchModel):
             window = state[a.num_hidden_layers] if state is not None else None
             x = x.float() + m.engram(x, window, start)
         x = x.to(dtype)
-        # RoPE on the last qk_rope_head_dim dims of each head, the NoPE dims first (spec §4.3).
-        rope = PartialRope(*self._rope(start, t, ids.device), a.head_dim, a.nope_head_dim, a.rope_layout)
+        rope = self._rope.matrices(start, t, ids.device)
         if m.hc_out_mix is not None:
             # n identical copies of the embedding (spec §4.1 step 4), stream-major [n, B, T, H].
             x = x.expand(a.hc_mult, b, t, a.hidden_size)
@@ -325,7 +334,7 @@ class Model(ArchModel):
             x = m.hrm_refine(x)
         x = m.norm(x)
         head = self.lm_head.weight if self.lm_head is not None else self._head
-        return F.linear(x, head if head is not None else m.embed_tokens.weight.to(dtype)).float()
+        return project_head(self, x, head if head is not None else m.embed_tokens.weight.to(dtype))
 
     def make_state(self, max_len: int, device, dtype) -> StateList:
         a = self.args
