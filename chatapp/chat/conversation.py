@@ -504,7 +504,7 @@ def _opt(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 def _list(item: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def check(v: Any) -> Any:
-        if not isinstance(v, list):
+        if not isinstance(v, (list, tuple)):  # a tuple only from memory (a clone); JSON gives lists
             return "", f"must be a list, got {_show(v)}"
         for i, x in enumerate(v):
             if problem := item(x):
