@@ -19,19 +19,26 @@ VERSION = 1
 _ROLE_TITLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
-def to_markdown(conv: Conversation, leaf: str | None = None) -> str:
+def to_markdown(conv: Conversation, leaf: str | None = None, default_system: str | None = None) -> str:
     """The branch root..leaf (default: the one on screen) as Markdown with a YAML front-matter.
 
     The front-matter holds the model, system prompt, sampling settings and controls; each reply is
-    followed by a one-line summary of its run card.
+    followed by a one-line summary of its run card. A chat on its model's default system prompt
+    exports the text the model received (the last reply's run card, else `default_system`).
     """
     path = conv.path(leaf)
+    system = conv.system_prompt
+    if system is None:
+        system = next((m.run["system_prompt"] for m in reversed(path)
+                       if m.role == "assistant" and isinstance(m.run.get("system_prompt"), str)), default_system)
     meta: list[tuple[str, Any]] = [
         ("title", conv.title), ("chat_id", conv.id), ("model", conv.model_id),
-        ("system_prompt", conv.system_prompt), ("settings", conv.settings), ("controls", conv.controls),
+        ("system_prompt", system), ("settings", conv.settings), ("controls", conv.controls),
         ("created", _iso(conv.created_at)), ("exported", _iso(time.time())),
         ("messages", len(path)),
     ]
+    if conv.system_prompt is None and system is not None:
+        meta.insert(4, ("system_prompt_source", "the model's default"))
     if any(len(conv.siblings(m.id)) > 1 for m in path):
         meta.append(("branch", "one branch of a chat with alternatives; the JSON export holds them all"))
     # JSON scalars and flow mappings are valid YAML, and keep every string exactly (quotes, newlines).

@@ -202,6 +202,26 @@ async def test_a_new_chat_shows_the_default_system_prompt(build):
         assert "You are a helpful assistant." in str(system.render())
 
 
+async def test_the_markdown_export_names_the_default_system_prompt(build, tmp_path):
+    app = build(FakeEngine(["ok"]))
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "hi")
+        app.chat_screen.action_export_chat()
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "TextPrompt")
+        app.screen.query_one("Input").value = str(tmp_path / "chat.md")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: (tmp_path / "chat.md").exists(), what="the export")
+        text = (tmp_path / "chat.md").read_text(encoding="utf-8")
+        assert 'system_prompt: "You are a helpful assistant."' in text
+        assert "system_prompt_source: \"the model's default\"" in text
+        app.chat_screen.action_export_chat()  # a mistyped folder is an error, not a new directory tree
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "TextPrompt")
+        app.screen.query_one("Input").value = str(tmp_path / "typo" / "chat.md")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: any("does not exist" in n.message for n in app._notifications))
+        assert not (tmp_path / "typo").exists()
+
+
 # 7. The chat list shows its cursor, the open chat, and an empty search.
 async def test_chat_list_cursor_open_mark_and_empty_search(build):
     app = build(FakeEngine(["r"]))

@@ -101,7 +101,9 @@ class ChatLibrary(Widget):
             if not path:
                 return
             target = Path(path).expanduser()
-            text = to_json(self.conv) if target.suffix.lower() == ".json" else to_markdown(self.conv)
+            default_system = self.app.entry.chat.default_system if self.app.entry is not None else None
+            text = (to_json(self.conv) if target.suffix.lower() == ".json"
+                    else to_markdown(self.conv, default_system=default_system))
             try:
                 write_atomic(target, text)
             except OSError as e:
@@ -129,13 +131,13 @@ class ChatLibrary(Widget):
             except (ValueError, RecursionError) as e:
                 self.notify(f"Could not import {source.name}: {e}", severity="error")
                 return
-            if self.app.store.exists(conv.id):
-                # The same chat again: a copy under fresh ids, titled so the two can be told apart.
-                conv = conv.clone()
-                conv.title = f"{conv.title} (imported)"
-            if self._store("store the imported chat", self.app.store.save, conv):
-                await self.actions.open_chat(conv.id)
-                self.notify(f"Imported “{conv.title}”.")
+            try:  # fresh ids and a distinct title when the chat was imported before
+                conv = self.app.store.import_chat(conv)
+            except (StoreError, OSError) as e:
+                self.notify(f"Could not store the imported chat: {e}", severity="error")
+                return
+            await self.actions.open_chat(conv.id)
+            self.notify(f"Imported “{conv.title}”.")
 
         self.app.push_screen(TextPrompt("Import a chat from a .json export", placeholder="~/chat.json"), chosen)
 
