@@ -98,6 +98,10 @@ class ModelEntry:
     demo_config: dict[str, Any] = field(default_factory=dict)
     demo_seed: int = 0
     path: Path | None = None
+    #: CPU weight-only quantization when nothing else asks ("none" | "int8" | "int4"; engine/quant.py).
+    quantize: str = "none"
+    #: The real-size config `smollchat bench` builds random weights from (demo entries bench their demo_config).
+    bench_config: dict[str, Any] = field(default_factory=dict)
 
     def sampling(self) -> SamplingSettings:
         """The card's generation defaults as SamplingSettings (stop ids are added by the tokenizer)."""
@@ -105,10 +109,13 @@ class ModelEntry:
 
 
 _TOP = {"id", "name", "architecture", "summary", "params", "context", "license", "cpu_dtype", "demo", "extends",
-        "source", "extra_sources", "tokenizer", "chat", "generation", "controls", "options", "demo_config", "demo_seed"}
+        "source", "extra_sources", "tokenizer", "chat", "generation", "controls", "options", "demo_config", "demo_seed",
+        "quantize", "bench_config"}
 _REQUIRED = ("id", "name", "architecture", "summary", "params", "context", "license", "tokenizer", "chat")
 _TOKENIZER_KINDS = ("tiktoken", "hf-json", "spike", "bytes")
 _SYSTEM_MODES = ("role", "prefix_user", "drop")
+#: Weight-only quantizations the engine offers (torch-free here; engine/quant.py implements them).
+QUANTIZE = ("none", "int8", "int4")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -160,6 +167,11 @@ def _entry(raw: dict, path: Path) -> ModelEntry:
     source = None if demo else _source(raw.get("source", {}), where)
     if demo and not raw.get("demo_config"):
         raise CatalogError(f"{where}: a demo entry needs a [demo_config] table (the tiny model config)")
+    if raw.get("quantize", "none") not in QUANTIZE:
+        raise CatalogError(f"{where}: quantize must be one of {', '.join(QUANTIZE)}; got {raw.get('quantize')!r}")
+    bench = raw.get("bench_config", {})
+    if not isinstance(bench, dict) or (bench and not isinstance(bench.get("model_type"), str)):
+        raise CatalogError(f"{where}: [bench_config] must be a table with the real config, model_type included")
     entry = ModelEntry(
         id=raw["id"], name=raw["name"], architecture=raw["architecture"], summary=raw["summary"].strip(),
         params=int(raw["params"]), context=int(raw["context"]), license=raw["license"],
@@ -167,7 +179,8 @@ def _entry(raw: dict, path: Path) -> ModelEntry:
         extra_sources=() if demo else tuple(_source(s, where) for s in raw.get("extra_sources", [])),
         cpu_dtype=raw.get("cpu_dtype", "float32"), generation=dict(raw.get("generation", {})),
         controls=dict(raw.get("controls", {})), options=dict(raw.get("options", {})), demo=demo,
-        demo_config=dict(raw.get("demo_config", {})), demo_seed=int(raw.get("demo_seed", 0)), path=path)
+        demo_config=dict(raw.get("demo_config", {})), demo_seed=int(raw.get("demo_seed", 0)), path=path,
+        quantize=raw.get("quantize", "none"), bench_config=dict(bench))
     try:
         entry.sampling().validate()
     except (TypeError, ValueError) as e:

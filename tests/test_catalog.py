@@ -62,6 +62,8 @@ def test_good_entry_loads(tmp_path):
     (lambda s: s.replace("[chat]", "[generation]\ntop_p = 2.0\n[chat]"), "top_p"),
     (lambda s: s.replace('id = "m"', 'id = "other"'), "file name"),
     (lambda s: s + "[[[", "m.toml"),
+    (lambda s: 'quantize = "int3"\n' + s, "quantize must be one of"),
+    (lambda s: s + "[bench_config]\ndim = 8\n", "model_type included"),
 ])
 def test_bad_entries_are_rejected(tmp_path, edit, match):
     with pytest.raises(CatalogError, match=match):

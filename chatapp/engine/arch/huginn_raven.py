@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import RMSNorm, RopeTable, apply_rope_interleaved, causal_attention
+from ..quant import project_head
 from ...contract import resolve_controls
 from .base import ArchArgs, ArchModel, ControlSpec, Forward, Interrupted, check_cancel
 from .huginn_cache import LOOKUPS, CacheStrategy, HuginnState, like_init
@@ -292,7 +293,7 @@ class Model(ArchModel):
             h = block(h, cos, sin, state, -(i + 1))
         h = self.transformer.ln_f(h[:, -1:] if last_only else h)
         head = self.lm_head.weight if self.lm_head is not None else self.transformer.wte.weight
-        return cpu_rows_linear(h, head).float() if self._cpu_rows else F.linear(h, head).float(), z
+        return project_head(self, h, head, cpu_rows_linear if self._cpu_rows else F.linear), z
 
     def _adaptive(self, x, e, max_steps: int, rule: ExitRule, c, rope, state, last_only: bool, cancel, values):
         """Iterate until the exit rule fires (checked between steps, on the host), at most max_steps;

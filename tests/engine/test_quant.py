@@ -1,0 +1,171 @@
+"""Weight-only int8/int4: the packed kernels apply the rounded weights, quality on every golden fixture,
+the on-disk cache, the bytes it saves, and clear errors."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from chatapp.engine import quant
+from chatapp.engine.loader import load_model, safetensors_files
+from chatapp.engine.quant import QuantError, QuantLinear, dequantize, quantize_model
+
+FIXTURES = ("axiom", "byrne", "genesis", "huginn", "odinnext")
+# Relative logit error |q - fp32| / |fp32| over the fixture's prompt, measured when this was written
+# (bf16 activations, int4 groups of 64 on these 64-wide models) and given 1.5x room. The fixtures are
+# random-weight models whose logits amplify weight noise: int4's per-layer weight error is ~9 % here
+# (int8 0.6 %), and a wrong packing or zero point gives 1.0 or more.
+REL_BOUND = {("axiom", "int8"): 0.12, ("axiom", "int4"): 0.98, ("byrne", "int8"): 0.04, ("byrne", "int4"): 0.46,
+             ("genesis", "int8"): 0.09, ("genesis", "int4"): 0.79, ("huginn", "int8"): 0.09, ("huginn", "int4"): 0.54,
+             ("odinnext", "int8"): 0.025, ("odinnext", "int4"): 0.32}
+# Top-1 agreement over the prompt's 24 positions, measured the same way, less one position of room.
+TOP1_FLOOR = {("axiom", "int8"): 0.83, ("axiom", "int4"): 0.25, ("byrne", "int8"): 0.91, ("byrne", "int4"): 0.66,
+              ("genesis", "int8"): 0.91, ("genesis", "int4"): 0.66, ("huginn", "int8"): 0.91, ("huginn", "int4"): 0.95,
+              ("odinnext", "int8"): 0.91, ("odinnext", "int4"): 0.87}
+
+
+def _logits(model, ids):
+    out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.fixture(scope="module")
+def fixture_models(fixtures_root):
+    def get(name):
+        d = fixtures_root / name
+        if not d.is_dir():
+            pytest.skip(f"the {name} fixture is absent from {fixtures_root}")
+        return d, load_file(str(d / "golden.safetensors"))["input_ids"]
+    return get
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("name", FIXTURES)
+@torch.inference_mode()
+def test_quality_on_the_golden_fixture(fixture_models, name, mode):
+    d, ids = fixture_models(name)
+    ref = _logits(load_model(d), ids)
+    model = load_model(d)
+    report = quantize_model(model, mode)
+    assert report.layers and all(k.startswith(mode) for n, k in report.layers.items() if n not in report.kept)
+    out = _logits(model, ids)
+    err = (out - ref).abs()
+    assert float((out - ref).norm() / ref.norm()) <= REL_BOUND[name, mode]
+    agree = out.argmax(-1) == ref.argmax(-1)
+    assert float(agree.float().mean()) >= TOP1_FLOOR[name, mode]
+    # Where fp32's winner leads by more than twice the largest logit error, no error can change it.
+    top2 = ref.topk(2, -1).values
+    sure = (top2[..., 0] - top2[..., 1]) > 2 * err.amax(-1)
+    assert agree[sure].all()
+
+
+def _layers(name, fixtures_root):
+    model = load_model(fixtures_root / name)
+    floats = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return model, floats
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@torch.inference_mode()
+def test_kernels_apply_the_rounded_weights_within_the_grid(fixtures_root, mode):
+    model, floats = _layers("odinnext", fixtures_root)
+    quantize_model(model, mode)
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantLinear) or name not in floats:
+            continue
+        w, deq = floats[name], dequantize(layer)
+        if layer.mode == "int8":
+            step = w.abs().amax(1, keepdim=True) / 127
+        else:
+            grp = w.reshape(w.shape[0], -1, layer.group_size)
+            step = ((grp.amax(-1) - grp.amin(-1)) / 15).repeat_interleave(layer.group_size, 1)
+        # Half a grid step, plus the bf16 rounding of the scale (2^-8 relative) and of the kernel's output.
+        assert ((deq - w).abs() <= step * (0.5 + 2 ** -7) + 2 ** -8 * w.abs() + 1e-6).all(), name
+        x = torch.randn(3, 5, layer.in_features, generator=g)
+        want = x.to(torch.bfloat16).float() @ deq.t()
+        got = layer(x)
+        assert got.shape == (3, 5, layer.out_features) and got.dtype == torch.float32
+        assert torch.allclose(got, want, rtol=2 ** -7, atol=2 ** -7 * float(want.abs().max()))
+        checked += 1
+    assert checked >= 8
+
+
+def test_int4_falls_back_to_int8_where_groups_do_not_divide():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(80, 200), nn.Linear(200, 48, bias=False), nn.Linear(48, 8))
+    ref = model(torch.randn(2, 80))
+    report = quantize_model(model, "int4")
+    assert report.layers == {"0": "int8", "1": "int8"}
+    assert "input width 80 is not a multiple of 128 or 64 or 32" in report.kept["0"]
+    assert "input width 200" in report.kept["1"]
+    assert "too small" in report.kept["2"] and isinstance(model[2], nn.Linear)
+    out = model(torch.randn(2, 80))
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+
+
+def test_int4_pads_rows_to_sixteen():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 100)  # 100 rows: the packer needs a multiple of 16
+    model = nn.Sequential(lin)
+    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    quantize_model(model, "int4")
+    x = torch.randn(4, 64)
+    want = x @ w.t() + b
+    got = model(x)
+    assert got.shape == (4, 100)
+    assert float((got - want).norm() / want.norm()) < 0.1  # int4's grid on N(0, 1/8) weights
+
+
+@torch.inference_mode()
+def test_cache_round_trip_is_keyed_and_never_beside_the_checkpoint(fixtures_root):
+    d = fixtures_root / "axiom"
+    before = sorted(p.name for p in d.iterdir())
+    files = safetensors_files(d)
+    ids = load_file(str(d / "golden.safetensors"))["input_ids"]
+    first = load_model(d)
+    r1 = quantize_model(first, "int4", files)
+    assert r1.cache == "written" and r1.cache_path
+    cache = quant._cache_root()
+    assert str(r1.cache_path).startswith(str(cache)) and cache.is_relative_to(os.environ["SMOLLCHAT_HOME"])
+    second = load_model(d)
+    r2 = quantize_model(second, "int4", files)
+    assert r2.cache == "hit" and r2.cache_path == r1.cache_path and r2.layers == r1.layers
+    assert torch.equal(_logits(first, ids), _logits(second, ids))  # the same packed tensors
+    assert quantize_model(load_model(d), "int8", files).cache_path != r1.cache_path
+    # A damaged entry is rebuilt, never trusted.
+    with open(r1.cache_path, "r+b") as f:
+        f.write(b"\xff" * 64)
+    third = load_model(d)
+    assert quantize_model(third, "int4", files).cache == "written"
+    assert torch.equal(_logits(third, ids), _logits(first, ids))
+    assert sorted(p.name for p in d.iterdir()) == before
+    memo = json.loads((cache / "sha256.json").read_text())
+    assert any(k.startswith(str(files[0].resolve())) for k in memo)
+
+
+@pytest.mark.parametrize("mode,most", [("int8", 0.27), ("int4", 0.16)])
+def test_weight_bytes_show_the_quantized_size(fixtures_root, mode, most):
+    model = load_model(fixtures_root / "odinnext")
+    fp32 = {n: m.weight.numel() * 4 for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    before = model.weight_bytes()
+    report = quantize_model(model, mode)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    held = {n: m.packed.nbytes + m.scales.nbytes for n, m in layers.items()}
+    # Each linear holds a quarter (int8 + a bf16 scale a row) or an eighth (int4 + scale/zero a group) of fp32.
+    for n in fp32:
+        if n in held:
+            assert held[n] <= most * fp32[n], n
+    # The memory report's figure: the float linears are gone, the packed bytes (tied head copy included) counted.
+    assert report.layers[quant.HEAD].startswith(mode) and "quant_head" in layers
+    assert model.weight_bytes() == before - sum(fp32[n] for n in held if n in fp32) + sum(held.values())
+
+
+@pytest.mark.parametrize("bad,match", [(dict(mode="int3"), "unknown quantization"),
+                                       (dict(mode="int4", group_size=48), "group size")])
+def test_bad_requests_say_what_to_do(bad, match):
+    with pytest.raises(QuantError, match=match):
+        quantize_model(nn.Sequential(nn.Linear(64, 64)), **bad)
