@@ -158,6 +158,23 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return o.transpose(1, 2)
 
 
+def fuse(weights: dict[str, torch.Tensor], dst: str, srcs: list[str], squeeze: bool = False) -> None:
+    """sanitize: concatenate the checkpoint tensors `srcs` along dim 0 into `dst` (the rows of a fused matmul,
+    or the channels of fused depthwise convs, whose [C, 1, W] weights `squeeze` makes [C, W]). Idempotent:
+    a dict without srcs[0] (our own state_dict) is left alone; one that has it but lacks another source
+    raises KeyError naming it (the loader reports the missing tensor)."""
+    if srcs[0] not in weights:
+        return
+    parts = [weights.pop(name) for name in srcs]
+    weights[dst] = torch.cat([w.squeeze(1) if squeeze else w for w in parts])
+
+
+def rename(weights: dict[str, torch.Tensor], src: str, dst: str) -> None:
+    """sanitize: store the tensor `src` under `dst` when the checkpoint has it (idempotent)."""
+    if src in weights and dst not in weights:
+        weights[dst] = weights.pop(src)
+
+
 def store_column_major(weights, widening_only: bool = True) -> None:
     """CPU fp32 decode: give matrices [in, out] storage under their [out, in] shape (a transposed copy, same
     shape, transposed strides), so a single-token F.linear takes MKL's x @ W GEMV, which reads fp32 about

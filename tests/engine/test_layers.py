@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chatapp.engine.layers import (PartialRope, RopeTable, apply_rope_half, apply_rope_interleaved, apply_rope_matrices,
-                                   causal_attention)
+                                   causal_attention, fuse, rename)
 
 from .closeness import assert_close
 
@@ -110,3 +110,28 @@ def test_partial_rope_rotates_only_its_dims(layout, offset, rotated):
     # One decode position cut from the same tables gives the same rotation.
     assert_close(apply_rope_matrices(x[:, 3:4], rope.matrices(start + 3, 1, "cpu")), got[:, 3:4])
     assert apply_rope_matrices(x.bfloat16(), rope.matrices(start, t, "cpu")).dtype == torch.bfloat16
+
+
+def test_fuse_stacks_rows_in_order_and_is_idempotent():
+    q, k, v = torch.randn(6, 4), torch.randn(2, 4), torch.randn(3, 4)
+    w = {"a.q": q, "a.k": k, "a.v": v, "other": torch.ones(1)}
+    fuse(w, "a.qkv", ["a.q", "a.k", "a.v"])
+    assert set(w) == {"a.qkv", "other"} and torch.equal(w["a.qkv"], torch.cat([q, k, v]))
+    again = dict(w)
+    fuse(again, "a.qkv", ["a.q", "a.k", "a.v"])  # our own state_dict: nothing to fuse
+    assert again.keys() == w.keys() and again["a.qkv"] is w["a.qkv"]
+    # Depthwise conv weights [C, 1, W] fuse along channels into [C, W].
+    convs = {"k": torch.randn(2, 1, 4), "v": torch.randn(3, 1, 4)}
+    fuse(convs, "kv", ["k", "v"], squeeze=True)
+    assert convs["kv"].shape == (5, 4)
+    # A partial set is a missing tensor, named (the loader reports it), not a silent half-fusion.
+    with pytest.raises(KeyError, match="a.v"):
+        fuse({"a.q": q, "a.k": k}, "a.qkv", ["a.q", "a.k", "a.v"])
+
+
+def test_rename_moves_a_present_tensor_only():
+    t = torch.ones(2)
+    w = {"old": t}
+    rename(w, "old", "new")
+    rename(w, "missing", "other")
+    assert w == {"new": t}

@@ -145,11 +145,7 @@ class Model(ArchModel):
         for i in range(self.args.n_layers):
             p = f"layers.{i}."
             # q | k | v fused into one matmul.
-            if p + "attn.wq.weight" in weights:
-                weights[p + "attn.wqkv.weight"] = torch.cat(
-                    [weights.pop(p + f"attn.{n}.weight") for n in ("wq", "wk", "wv")])
+            fuse(weights, p + "attn.wqkv.weight", [p + f"attn.{n}.weight" for n in ("wq", "wk", "wv")])
             # gate (w1) | up (w3) fused into one matmul.
-            if p + "ffn.w1.weight" in weights:
-                weights[p + "ffn.w13.weight"] = torch.cat(
-                    [weights.pop(p + "ffn.w1.weight"), weights.pop(p + "ffn.w3.weight")])
+            fuse(weights, p + "ffn.w13.weight", [p + "ffn.w1.weight", p + "ffn.w3.weight"])
         return weights

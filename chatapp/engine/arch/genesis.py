@@ -377,22 +377,22 @@ class Model(ArchModel):
             p = f"blocks.{i}.attn."
             if i in a.fox_layers:
                 # q | k | v | output gate | forget-gate logits fused into one matmul.
-                _fuse(weights, p + "in_proj.weight", [p + f"{n}_proj.weight" for n in ("q", "k", "v", "ogate", "fgate")])
+                fuse(weights, p + "in_proj.weight", [p + f"{n}_proj.weight" for n in ("q", "k", "v", "ogate", "fgate")])
                 # The forget gate's bias stays separate (no other projection has one).
-                _rename(weights, p + "fgate_proj.bias", p + "fgate_bias")
+                rename(weights, p + "fgate_proj.bias", p + "fgate_bias")
                 # The k and v depthwise convs fused along channels, [C, 1, W] -> [C, W].
-                _fuse(weights, p + "conv_weight", [p + "k_conv.conv.weight", p + "v_conv.conv.weight"], squeeze=True)
+                fuse(weights, p + "conv_weight", [p + "k_conv.conv.weight", p + "v_conv.conv.weight"], squeeze=True)
             else:
                 # q | k | v | output gate | decay logits fused into one matmul.
-                _fuse(weights, p + "in_proj.weight", [p + n + "_proj.weight" for n in ("q", "k", "v", "g", "gk")])
+                fuse(weights, p + "in_proj.weight", [p + n + "_proj.weight" for n in ("q", "k", "v", "g", "gk")])
                 # beta (b_proj) feeds only the training-time delta rule (spec §3.2).
                 weights.pop(p + "b_proj.weight", None)
                 weights.pop(p + "b_proj.bias", None)
                 # The q, k and v depthwise convs fused along channels, [C, 1, W] -> [C, W].
-                _fuse(weights, p + "conv_weight", [p + f"conv_{n}.conv.weight" for n in "qkv"], squeeze=True)
+                fuse(weights, p + "conv_weight", [p + f"conv_{n}.conv.weight" for n in "qkv"], squeeze=True)
             # SwiGLU gate | up fused into one matmul.
             f = f"blocks.{i}.ffn."
-            _fuse(weights, f + "gate_up_proj.weight", [f + "gate_proj.weight", f + "up_proj.weight"])
+            fuse(weights, f + "gate_up_proj.weight", [f + "gate_proj.weight", f + "up_proj.weight"])
         # The TTT fast path never uses its q/k/v projections; the reflection head never reaches the logits.
         for name in ("ttt.q_proj", "ttt.k_proj", "ttt.v_proj", "reflection"):
             weights.pop(f"metacognition.{name}.weight", None)
@@ -421,14 +421,3 @@ class Model(ArchModel):
         self.tok_emb = nn.Embedding(rows, self.args.n_embd, device=dev)
         if self.lm_head is not None:
             self.lm_head = nn.Linear(self.args.n_embd, rows, bias=False, device=dev)
-
-
-def _fuse(weights: dict[str, torch.Tensor], dst: str, srcs: list[str], squeeze: bool = False) -> None:
-    if srcs[0] in weights:
-        parts = [weights.pop(s) for s in srcs]
-        weights[dst] = torch.cat([w[:, 0] if squeeze else w for w in parts])
-
-
-def _rename(weights: dict[str, torch.Tensor], src: str, dst: str) -> None:
-    if src in weights:
-        weights[dst] = weights.pop(src)

@@ -283,8 +283,7 @@ class Model(ArchModel):
             weights = {(k if k.startswith("lm_head.") else "model." + k): v for k, v in weights.items()}
         # Other plausible names of the embedding (spec §3.2).
         for alt in ("model.embed_tokens.weight", "model.tok_embeddings.weight", "model.wte.weight"):
-            if alt in weights and "model.embeddings.weight" not in weights:
-                weights["model.embeddings.weight"] = weights.pop(alt)
+            rename(weights, alt, "model.embeddings.weight")
         # Stored RoPE tables are recomputed, never trusted.
         for name in [k for k in weights if _ROPE_TABLE.search(k.rsplit(".", 1)[-1])]:
             weights.pop(name)
@@ -293,16 +292,11 @@ class Model(ArchModel):
         for i, layer in enumerate(self.model.layers):
             p = f"model.layers.{i}."
             # q | f | i fused into one matmul.
-            if p + "attn.q_proj.weight" in weights:
-                weights[p + "attn.qfi_proj.weight"] = torch.cat(
-                    [weights.pop(p + f"attn.{n}_proj.weight") for n in ("q", "f", "i")])
+            fuse(weights, p + "attn.qfi_proj.weight", [p + f"attn.{n}_proj.weight" for n in ("q", "f", "i")])
             # gate | up fused into one matmul.
-            if p + "mlp.gate_proj.weight" in weights:
-                weights[p + "mlp.gate_up_proj.weight"] = torch.cat(
-                    [weights.pop(p + "mlp.gate_proj.weight"), weights.pop(p + "mlp.up_proj.weight")])
+            fuse(weights, p + "mlp.gate_up_proj.weight", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
             # The author's own fused name (gate = first half, spec §3.2).
-            if p + "mlp.w_gate_up.weight" in weights:
-                weights[p + "mlp.gate_up_proj.weight"] = weights.pop(p + "mlp.w_gate_up.weight")
+            rename(weights, p + "mlp.w_gate_up.weight", p + "mlp.gate_up_proj.weight")
             for gate in ("gate_attn", "gate_ffn"):
                 w = weights.get(p + gate)
                 # Scalar gates stored 0-dim become [1]; a per-channel [hidden] gate resizes the parameter.

@@ -354,13 +354,10 @@ class Model(ArchModel):
         for i in range(a.num_hidden_layers):
             p = f"model.layers.{i}."
             # q_a | k | v read the same input: one matmul.
-            if p + "attn.q_a_proj.weight" in weights:
-                weights[p + "attn.qkv_a_proj.weight"] = torch.cat(
-                    [weights.pop(p + f"attn.{n}.weight") for n in ("q_a_proj", "k_proj", "v_proj")])
+            fuse(weights, p + "attn.qkv_a_proj.weight",
+                 [p + f"attn.{n}.weight" for n in ("q_a_proj", "k_proj", "v_proj")])
             # gate | up read the same input: one matmul.
-            if p + "ffn.gate_proj.weight" in weights:
-                weights[p + "ffn.gate_up_proj.weight"] = torch.cat(
-                    [weights.pop(p + "ffn.gate_proj.weight"), weights.pop(p + "ffn.up_proj.weight")])
+            fuse(weights, p + "ffn.gate_up_proj.weight", [p + "ffn.gate_proj.weight", p + "ffn.up_proj.weight"])
         # The FFN width is not in config.json (spec §2.1): the checkpoint's tensors say it.
         fused = weights.get("model.layers.0.ffn.gate_up_proj.weight")
         if fused is not None and fused.shape[0] // 2 != a.ffn_width:
