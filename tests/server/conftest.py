@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+REPO_BENCH = Path(__file__).resolve().parents[2] / "bench"
+
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
