@@ -502,10 +502,16 @@ def _opt(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda v: None if v is None else check(v)
 
 
-def _list(item: Callable[[Any], Any]) -> Callable[[Any], Any]:
+def _list(item: Callable[[Any], Any], types: frozenset[type] | None = None,
+          bounds: tuple[int, int] | None = None) -> Callable[[Any], Any]:
+    """A list of items passing `item`. With `types` (and `bounds`), a list whose items are all of those exact
+    types (within bounds) passes without a call per item: per-token lists are long and many."""
     def check(v: Any) -> Any:
         if not isinstance(v, (list, tuple)):  # a tuple only from memory (a clone); JSON gives lists
             return "", f"must be a list, got {_show(v)}"
+        if types is not None and set(map(type, v)) <= types and (
+                bounds is None or not v or bounds[0] <= min(v) and max(v) <= bounds[1]):
+            return None
         for i, x in enumerate(v):
             if problem := item(x):
                 return f"[{i}]{problem[0]}", problem[1]
@@ -567,7 +573,9 @@ _TIME = _kind(lambda v: _is_num(v) and math.isfinite(v) and 0 <= v <= MAX_TIME,
               "a time in seconds since 1970 (a finite number, not beyond the year 9999)")
 _RATE = _opt(_kind(lambda v: _is_num(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"))
 _NUMBER = _opt(_kind(_is_num, "a number"))
-_TOKEN_IDS = _list(_kind(lambda v: _is_int(v) and 0 <= v <= MAX_TOKEN_ID, f"an integer in [0, {MAX_TOKEN_ID}]"))
+_TOKEN_IDS = _list(_kind(lambda v: _is_int(v) and 0 <= v <= MAX_TOKEN_ID, f"an integer in [0, {MAX_TOKEN_ID}]"),
+                   frozenset({int}), (0, MAX_TOKEN_ID))
+_NUMBERS = _list(_NUMBER, frozenset({int, float, type(None)}))
 _OBJECT = (lambda is_dict: lambda v: is_dict(v) or _json(v))(_kind(lambda v: isinstance(v, dict), "an object"))
 _SCALAR = _kind(lambda v: v is None or isinstance(v, (bool, str)) and _unicode_ok(str(v))
                 or _is_num(v) and math.isfinite(v), "a string, a finite number, true/false or null")
@@ -584,8 +592,8 @@ _SEGMENT = {
     "new_tokens": _COUNT, "reused_tokens": _COUNT,
     "timings": _record({"ttft_s": _RATE, "prefill_tok_s": _RATE, "decode_tok_s": _RATE}),
 }
-_RUN = {**_SEGMENT, "tokens": _record({"logprob": _list(_NUMBER), "entropy": _list(_NUMBER)}),
-        "steps": _list(_opt(_COUNT)), "continued": _list(_record(_SEGMENT)), "edited_from": _TEXT, "error": _TEXT,
+_RUN = {**_SEGMENT, "tokens": _record({"logprob": _NUMBERS, "entropy": _NUMBERS}),
+        "steps": _list(_opt(_COUNT), frozenset({int}), (0, 2**63)), "continued": _list(_record(_SEGMENT)), "edited_from": _TEXT, "error": _TEXT,
         "interrupted": _BOOL}
 _CONTROLS: dict[str, Callable[[Any], Any]] = {}
 _SETTING_TYPES = {"stop_strings": _list(_TEXT), "stop_ids": _TOKEN_IDS, "preset": _TEXT}

@@ -177,6 +177,9 @@ class Store:
         self._timeout = timeout
         self._lock = threading.RLock()
         self._pending: dict[str, _Pending] = {}
+        # Message rows as this store last committed them, by chat: a whole-chat save rewrites only the rows
+        # that changed (the session saves the chat at every turn; rewriting thousands of rows took seconds).
+        self._written: dict[str, dict[str, tuple]] = {}
         self._streaming: set[str] = set()  # replies this store last saved as streaming
         self._broken: str | None = None  # why the last write failed: reconnect before the next one
         try:
@@ -440,7 +443,7 @@ class Store:
             if self._pending:
                 with self._tx() as conn:
                     self._flush(conn)
-                self._pending.clear()
+                self._flushed()
 
     def _commit(self, chat_id: str, change: Callable[[_Pending], None]) -> None:
         """Add `change` to the chat's pending rows and write everything pending in one transaction.
@@ -455,7 +458,7 @@ class Store:
             try:
                 with self._tx() as conn:
                     self._flush(conn)
-                self._pending.clear()
+                self._flushed()
             except StoreUnavailable:
                 raise
             except BaseException:
@@ -479,7 +482,10 @@ class Store:
                 stored = {r[0] for r in conn.execute("SELECT id FROM messages WHERE chat_id = ?", (chat_id,))}
                 for mid in stored - p.keep:
                     conn.execute("DELETE FROM messages WHERE id = ?", (mid,))
+            written = self._written.get(chat_id, {})
             for row in p.messages.values():
+                if written.get(row[0]) == row:
+                    continue
                 owner = conn.execute("SELECT chat_id FROM messages WHERE id = ?", (row[0],)).fetchone()
                 if owner is not None and owner[0] != chat_id:
                     raise StoreError(f"message {row[0]} already belongs to chat {owner[0]}; save a copy with fresh "
@@ -492,6 +498,16 @@ class Store:
                 conn.execute("UPDATE chats SET updated_at = max(updated_at, ?) WHERE id = ?", (p.touched, chat_id))
             if p.leaf is not None:
                 conn.execute("UPDATE chats SET current_leaf = ? WHERE id = ?", (p.leaf, chat_id))
+
+    def _flushed(self) -> None:
+        """The pending rows are committed: remember them as written."""
+        for chat_id, p in self._pending.items():
+            written = self._written.setdefault(chat_id, {})
+            if p.keep is not None:
+                for mid in set(written) - p.keep:
+                    del written[mid]
+            written.update(p.messages)
+        self._pending.clear()
 
     def _track(self, m: Message) -> None:
         (self._streaming.add if m.status == "streaming" else self._streaming.discard)(m.id)
@@ -555,6 +571,9 @@ class Store:
         data["messages"] = [_message_dict(m, streaming, fixes) for m in msgs.values()]
         conv = Conversation.from_dict(data, repair=True)
         conv.repairs[:0] = fixes
+        if conv.repairs:
+            with self._lock:  # the file holds rows other than those written here: rewrite them all next time
+                self._written.pop(chat_id, None)
         return conv
 
     def save(self, conv: Conversation) -> None:
@@ -622,6 +641,7 @@ class Store:
         """Delete a chat and (by cascade) all its messages (and whatever of it was still pending)."""
         with self._lock:
             self._pending.pop(chat_id, None)
+            self._written.pop(chat_id, None)
             with self._tx() as conn:
                 conn.execute("DELETE FROM chats WHERE id = ?", (chat_id,))
 

@@ -616,3 +616,15 @@ def test_the_tiny_disk_of_a_tmpfs_fills_and_frees(tmp_path):
             assert store._conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_saving_a_long_chat_again_rewrites_only_what_changed(store):
+    c = sample()
+    for i in range(200):
+        c.add(c.current_leaf, "user" if i % 2 else "assistant", f"turn {i}", run={"tokens": {"logprob": [-0.1] * 64}})
+    store.save(c)
+    before = store._conn.total_changes
+    c.get(c.current_leaf).content += " (edited)"
+    store.save(c)
+    assert store._conn.total_changes - before == 2  # the chat row and the one message
+    assert store.load(c.id).get(c.current_leaf).content.endswith("(edited)")
