@@ -1,8 +1,8 @@
 """One request's generation: checked against the model, rendered, streamed, and turned into OpenAI objects.
 
 Chat requests go through the chat `Session` (the same prompt rendering, context trimming and run
-cards as the TUI) on a conversation built from the request's messages; raw completions encode the
-prompt with the model's tokenizer and call the engine's `generate` (the contract) with no template.
+cards as the TUI) on a conversation built from the request's messages; raw completions through the
+session's raw-text path (`Session.complete`: no template, the format's BOS first).
 Everything here reaches an engine through `contract.EngineProtocol` only.
 
 Logprobs: a token's `logprob` is its log-probability under the distribution it was drawn from (after
@@ -11,6 +11,7 @@ model's raw next-token distribution (the engine's per-token `alternatives`).
 """
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -168,8 +169,8 @@ def _controls(engine: Any, wanted: dict[str, Any]) -> dict[str, Any]:
         raise ApiError(400, str(e), param="smollchat.controls", code="invalid_value") from None
 
 
-def _too_long(used: int, limit: int, reserve: int, what: str) -> ApiError:
-    return ApiError(400, f"This model's maximum context length is {limit} tokens. However, your {what} resulted in "
+def _too_long(used: int, limit: int, reserve: int) -> ApiError:
+    return ApiError(400, f"This model's maximum context length is {limit} tokens. However, your messages resulted in "
                          f"{used} tokens, and {reserve} are kept for the reply (max_tokens, at most half the "
                          "context). Shorten the input or lower max_tokens.", param="messages",
                     code="context_length_exceeded")
@@ -196,7 +197,7 @@ def prepare_chat(engine: Any, req: ChatRequest, recorder: Any = None) -> Prepare
         full = engine.tokenizer.render([{"role": m.role, "content": m.content} for m in conv.path()],
                                        add_generation_prompt=True, system=conv.system_prompt)
         reserve = min(settings.max_new_tokens, engine.context_limit // 2)
-        raise _too_long(len(full), engine.context_limit, reserve, "messages")
+        raise _too_long(len(full), engine.context_limit, reserve)
 
     def start(_engine: Any, _cancel: Any) -> Iterator[StepEvent | Done]:
         if recorder is None:
@@ -223,22 +224,16 @@ def conversation_of(messages: list[tuple[str, str]]) -> Conversation:
 
 
 def prepare_completion(engine: Any, req: CompletionRequest) -> Prepared:
-    """Check a raw-text request and encode its prompt (no chat template)."""
+    """Check a raw-text request and ready the session's raw path (no chat template)."""
     settings = _settings(engine.entry.sampling(), req.settings)
     controls = _controls(engine, req.controls)
-    ids = engine.tokenizer.encode(req.prompt, allow_special=False)
-    if len(ids) >= engine.context_limit:
-        raise _too_long(len(ids), engine.context_limit, 0, "prompt")
     detail = TokenDetail(logprob=req.logprobs is not None, alternatives=req.logprobs or 0)
-    cancel_of: list[Any] = []
-
-    def start(engine_: Any, cancel: Any) -> Iterator[StepEvent | Done]:
-        cancel_of.append(cancel)
-        return engine_.generate(ids, settings, controls, cancel=cancel, detail=detail)
-
-    def stop() -> None:
-        for c in cancel_of:
-            c.set()
-
-    return Prepared(False, req.model, engine.tokenizer, controls, start, stop, req.logprobs, len(ids))
-
+    cancel = threading.Event()
+    try:
+        events = Session(engine).complete(req.prompt, settings, req.controls, cancel=cancel, detail=detail)
+    except ContextOverflow as e:
+        raise ApiError(400, str(e), param="prompt", code="context_length_exceeded") from None
+    except ValueError as e:
+        raise ApiError(400, str(e), param="prompt", code="invalid_value") from None
+    return Prepared(False, req.model, engine.tokenizer, controls, lambda _engine, _cancel: events, cancel.set,
+                    req.logprobs, 0)
