@@ -169,3 +169,34 @@ def test_weight_bytes_show_the_quantized_size(fixtures_root, mode, most):
 def test_bad_requests_say_what_to_do(bad, match):
     with pytest.raises(QuantError, match=match):
         quantize_model(nn.Sequential(nn.Linear(64, 64)), **bad)
+
+
+def test_load_engine_quantizes_from_the_argument_or_the_catalog_default():
+    from dataclasses import replace
+
+    from chatapp.catalog import get_entry
+    from chatapp.contract import SamplingSettings
+    from chatapp.engine.runtime import load_engine
+
+    entry = get_entry("axiom-tiny")
+    plain = load_engine(entry, device="cpu", dtype="float32")
+    engine = load_engine(replace(entry, quantize="int8"), device="cpu", dtype="float32")  # the catalog's default
+    assert engine.info()["quantize"] == "int8" and plain.info()["quantize"] == "none"
+    assert engine.model.quant_report.layers[quant.HEAD].startswith("int8")
+    assert engine.memory().weights == engine.model.weight_bytes() != plain.memory().weights
+    events = list(engine.generate([1, 2, 3], SamplingSettings(temperature=0, max_new_tokens=4)))
+    assert sum(1 for e in events if hasattr(e, "token_id")) == 4
+    assert load_engine(replace(entry, quantize="int8"), device="cpu", quantize="none").info()["quantize"] == "none"
+
+
+def test_quantize_choice_errors_say_what_to_do():
+    from chatapp.catalog import get_entry
+    from chatapp.engine.loader import LoadError
+    from chatapp.engine.runtime import _quantization
+
+    entry = get_entry("axiom-tiny")
+    with pytest.raises(LoadError, match="one of none, int8, int4"):
+        _quantization(entry, "int2", torch.device("cpu"))
+    with pytest.raises(LoadError, match="--device cpu"):
+        _quantization(entry, "int4", torch.device("cuda"))
+    assert _quantization(entry, None, torch.device("cuda")) == "none"
