@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import RMSNorm, RopeTable, apply_rope_interleaved, causal_attention, store_column_major
+from ..layers import RMSNorm, RopeTable, apply_rope_interleaved, causal_attention, fuse, store_column_major
+from ..quant import project_head
 from ..state import KVState, StateList
 from .base import ArchArgs, ArchModel
 
@@ -112,7 +113,7 @@ class Model(ArchModel):
             x = x[:, -1:]
         x = self.norm(x)
         head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
-        return F.linear(x, head).float()
+        return project_head(self, x, head)
 
     def post_load(self, device) -> None:
         """CPU fp32: store the matrices that widen (out > in: q|k|v, gate|up, the head) column-major.

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import RopeTable, apply_rope_half, apply_rope_interleaved, rms_norm
+from ..layers import RopeTable, apply_rope_half, apply_rope_interleaved, fuse, init_demo_normal, rename, rms_norm
+from ..quant import project_head
 from ..ops.gla import gla_chunk, gla_step
 from ..state import ContextFull, RecurrentState, StateList
-from .base import ArchArgs, ArchModel
+from .base import ArchArgs, ArchModel, check_options
 
 #: Reading options: name -> choices, the spec's primary reading first (spec §9.1; golden.json hypothesis_space).
 OPTIONS: dict[str, tuple[Any, ...]] = {
@@ -82,18 +83,10 @@ class ModelArgs(ArchArgs):
         return super().from_config(config, **options)
 
     def __post_init__(self) -> None:
-        check_options({k: getattr(self, k) for k in OPTIONS})
+        check_options("odinnext", OPTIONS, {k: getattr(self, k) for k in OPTIONS})
         # FLA's HGRN2: head_f_dim = expand_ratio, head_i_dim = hidden / heads; the forget width is heads x K.
         self.head_f_dim = self.expand_ratio or self.hidden_size // self.num_heads
         self.head_i_dim = self.hidden_size // self.num_heads
-
-
-def check_options(values: dict[str, Any]) -> None:
-    for name, value in values.items():
-        if name not in OPTIONS:
-            raise ValueError(f"unknown odinnext reading option {name!r}; options: {', '.join(OPTIONS)}")
-        if value not in OPTIONS[name]:
-            raise ValueError(f"odinnext option {name} must be one of {OPTIONS[name]}; got {value!r}")
 
 
 class HGRN2Attention(nn.Module):
@@ -231,19 +224,13 @@ class Model(ArchModel):
 
     def set_options(self, **values: Any) -> None:
         """Switch reading options on the loaded model (the selftest scores each one this way)."""
-        check_options(values)
+        check_options("odinnext", OPTIONS, values)
         if "g_norm" in values and (values["g_norm"] == "absent") != (self.args.g_norm == "absent"):
             raise ValueError("g_norm 'absent' changes the tensor inventory; reload the model to switch it")
         for k, v in values.items():
             setattr(self.args, k, v)
 
-    @torch.no_grad()
-    def init_demo_weights(self) -> None:
-        """Small normal weights for the random demo checkpoint. With nn's N(0, 1) embedding the tied head
-        would just echo the last token (the residual stream is the embedding itself)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                m.weight.normal_(0.0, 0.02)
+    init_demo_weights = init_demo_normal  # no reference init was published
 
     def forward(self, ids: torch.Tensor, state: StateList | None = None, last_only: bool = False) -> torch.Tensor:
         t = ids.shape[1]
@@ -264,7 +251,7 @@ class Model(ArchModel):
             x = x[:, -1:]
         x = self.model.norm(x)
         head = self.lm_head.weight if self.lm_head is not None else self.model.embeddings.weight
-        logits = F.linear(x, head).float()
+        logits = project_head(self, x, head)
         if self.args.logit_softcap:
             logits = self.args.logit_softcap * torch.tanh(logits / self.args.logit_softcap)
         return logits
