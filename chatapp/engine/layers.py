@@ -158,6 +158,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return o.transpose(1, 2)
 
 
+@torch.no_grad()
+def init_demo_normal(model: nn.Module, std: float = 0.02) -> None:
+    """N(0, std) for every Linear and Embedding weight: the random demo checkpoint of an architecture without a
+    reference init (OdinNext, Byrne). With nn's N(0, 1) embedding a tied head would mostly echo the last token
+    (the residual stream is then the embedding itself)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            m.weight.normal_(0.0, std)
+
+
 def fuse(weights: dict[str, torch.Tensor], dst: str, srcs: list[str], squeeze: bool = False) -> None:
     """sanitize: concatenate the checkpoint tensors `srcs` along dim 0 into `dst` (the rows of a fused matmul,
     or the channels of fused depthwise convs, whose [C, 1, W] weights `squeeze` makes [C, W]). Idempotent:

@@ -171,3 +171,13 @@ def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape != b.shape:
         return False
     return a.is_meta or b.is_meta or torch.equal(a, b.to(a.dtype))
+
+
+def check_options(arch: str, table: Mapping[str, tuple[Any, ...]], values: Mapping[str, Any]) -> None:
+    """Reading options (OdinNext, Byrne): raise ValueError unless every name in `values` is one the
+    architecture's `table` declares, set to one of its choices."""
+    for name, value in values.items():
+        if name not in table:
+            raise ValueError(f"unknown {arch} reading option {name!r}; options: {', '.join(table)}")
+        if value not in table[name]:
+            raise ValueError(f"{arch} option {name} must be one of {table[name]}; got {value!r}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import PartialRope, RMSNorm, apply_rope_matrices, rms_norm, store_column_major
+from ..layers import PartialRope, RMSNorm, apply_rope_matrices, fuse, rename, rms_norm, store_column_major
 from ..quant import project_head
 from ..ops.forgetting_attn import forgetting_attn_chunk, forgetting_attn_step
 from ..ops.forgetting_attn.cache import ForgettingKVCache

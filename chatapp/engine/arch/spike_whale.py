@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import PartialRope, RMSNorm, apply_rope_matrices, causal_attention, store_column_major
+from ..layers import (PartialRope, RMSNorm, apply_rope_matrices, causal_attention, fuse, init_demo_normal,
+                      store_column_major)
 from ..quant import project_head
 from ..state import KVState, StateList
-from .base import ArchArgs, ArchModel
+from .base import ArchArgs, ArchModel, check_options
 from .spike_whale_parts import EngramMemory, EngramWindow, HCOutputMix, HyperConnection
 
 #: Reading options: name -> choices, the stand-in fixture's reading first (spec §4.3, §4.6-4.9).
@@ -90,7 +91,7 @@ class ModelArgs(ArchArgs):
     ffn_act: str = "silu"
 
     def __post_init__(self) -> None:
-        check_options({k: getattr(self, k) for k in OPTIONS})
+        check_options("spike_whale", OPTIONS, {k: getattr(self, k) for k in OPTIONS})
         unsupported = [k for k in ("use_derf", "use_moe", "use_value_embed") if getattr(self, k)]
         if unsupported:
             # Their tensors were never seen (spec §1): refuse rather than guess a second time.
@@ -101,14 +102,6 @@ class ModelArgs(ArchArgs):
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         self.ffn_width = self.intermediate_size or self.moe_intermediate_size
-
-
-def check_options(values: dict[str, Any]) -> None:
-    for name, value in values.items():
-        if name not in OPTIONS:
-            raise ValueError(f"unknown spike_whale reading option {name!r}; options: {', '.join(OPTIONS)}")
-        if value not in OPTIONS[name]:
-            raise ValueError(f"spike_whale option {name} must be one of {OPTIONS[name]}; got {value!r}")
 
 
 class Norm(RMSNorm):
@@ -259,7 +252,7 @@ class Model(ArchModel):
 
     def set_options(self, **values: Any) -> None:
         """Switch reading options on the loaded model (the selftest scores each one this way)."""
-        check_options(values)
+        check_options("spike_whale", OPTIONS, values)
         if values.get("hc_form", self.args.hc_form) != self.args.hc_form:
             raise ValueError("hc_form changes the tensor inventory; reload the model to switch it")
         for k, v in values.items():
@@ -297,13 +290,7 @@ class Model(ArchModel):
             mats.append(self.model.embed_tokens.weight)
         store_column_major(mats)
 
-    @torch.no_grad()
-    def init_demo_weights(self) -> None:
-        """Small normal weights for the random demo checkpoint: with nn's N(0, 1) embedding the tied head
-        would mostly echo the last token."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                m.weight.normal_(0.0, 0.02)
+    init_demo_weights = init_demo_normal  # the reference's init was never seen
 
     def forward(self, ids: torch.Tensor, state: StateList | None = None, last_only: bool = False) -> torch.Tensor:
         a, m = self.args, self.model
