@@ -491,7 +491,6 @@ def _show(value: Any) -> str:
 
 
 # Checkers: value -> None when it fits, else (where inside the value, what is wrong).
-Problem = "tuple[str, str] | None"
 
 
 def _kind(ok: Callable[[Any], bool], what: str) -> Callable[[Any], Any]:
@@ -576,7 +575,12 @@ _NUMBER = _opt(_kind(_is_num, "a number"))
 _TOKEN_IDS = _list(_kind(lambda v: _is_int(v) and 0 <= v <= MAX_TOKEN_ID, f"an integer in [0, {MAX_TOKEN_ID}]"),
                    frozenset({int}), (0, MAX_TOKEN_ID))
 _NUMBERS = _list(_NUMBER, frozenset({int, float, type(None)}))
-_OBJECT = (lambda is_dict: lambda v: is_dict(v) or _json(v))(_kind(lambda v: isinstance(v, dict), "an object"))
+
+
+def _OBJECT(v: Any) -> Any:  # noqa: N802 - named like the other checkers
+    return _json(v) if isinstance(v, dict) else ("", f"must be an object, got {_show(v)}")
+
+
 _SCALAR = _kind(lambda v: v is None or isinstance(v, (bool, str)) and _unicode_ok(str(v))
                 or _is_num(v) and math.isfinite(v), "a string, a finite number, true/false or null")
 
@@ -593,8 +597,8 @@ _SEGMENT = {
     "timings": _record({"ttft_s": _RATE, "prefill_tok_s": _RATE, "decode_tok_s": _RATE}),
 }
 _RUN = {**_SEGMENT, "tokens": _record({"logprob": _NUMBERS, "entropy": _NUMBERS}),
-        "steps": _list(_opt(_COUNT), frozenset({int}), (0, 2**63)), "continued": _list(_record(_SEGMENT)), "edited_from": _TEXT, "error": _TEXT,
-        "interrupted": _BOOL}
+        "steps": _list(_opt(_COUNT), frozenset({int}), (0, 2**63)), "continued": _list(_record(_SEGMENT)),
+        "edited_from": _TEXT, "error": _TEXT, "interrupted": _BOOL}
 _CONTROLS: dict[str, Callable[[Any], Any]] = {}
 _SETTING_TYPES = {"stop_strings": _list(_TEXT), "stop_ids": _TOKEN_IDS, "preset": _TEXT}
 

@@ -534,7 +534,7 @@ def test_damaged_rows_are_repaired_or_skipped_with_reasons(tmp_path):
     u = c.add(None, "user", "hi", id="u")
     a = c.add(u.id, "assistant", "hello", id="a", run={"timings": {"decode_tok_s": 30.0}}, token_ids=[1, 2])
     gone = c.add(a.id, "user", "lost", id="gone")
-    child = c.add(gone.id, "assistant", "orphan", id="child")
+    c.add(gone.id, "assistant", "orphan", id="child")
     with Store(path) as s:
         s.save(c)
     deep = "[" * 100_000 + "]" * 100_000

@@ -15,7 +15,8 @@ from props import PROPS
 TEXT = st.text(max_size=40)
 TIME = st.floats(0, MAX_TIME, allow_nan=False)
 RATE = st.none() | st.floats(0, 1e6, allow_nan=False)
-SCALAR = st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floats(allow_nan=False, allow_infinity=False) | TEXT
+SCALAR = (st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floats(allow_nan=False, allow_infinity=False)
+          | TEXT)
 RUN = st.fixed_dictionaries({}, optional={
     "model_id": TEXT, "revision": st.none() | TEXT, "seed": st.none() | st.integers(0, 2**64 - 1),
     "stop_reason": st.sampled_from(["eos", "max_tokens", "cancelled", "context_full", "interrupted", "error"]),
@@ -31,7 +32,8 @@ RUN = st.fixed_dictionaries({}, optional={
 })
 SETTINGS = st.fixed_dictionaries({}, optional={
     "temperature": st.floats(0, 2), "top_k": st.integers(0, 100), "top_p": st.floats(0.01, 1),
-    "max_new_tokens": st.integers(1, 4096), "seed": st.integers(0, 2**64 - 1), "stop_strings": st.lists(TEXT, max_size=3),
+    "max_new_tokens": st.integers(1, 4096), "seed": st.integers(0, 2**64 - 1),
+    "stop_strings": st.lists(TEXT, max_size=3),
     "stop_ids": st.lists(st.integers(0, 2**31 - 1), max_size=3), "preset": TEXT,
 })
 
