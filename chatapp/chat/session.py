@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Mapping, Sequence
 
 from ..catalog import ModelEntry
-from ..contract import (RUN_CARD_DETAIL, Controls, Done, EngineProtocol, MemoryReport, SamplingSettings, StepEvent,
+from ..contract import (RUN_CARD_DETAIL, ControlSpec, Controls, Done, EngineProtocol, MemoryReport, SamplingSettings, StepEvent,
                         TokenDetail, resolve_controls)
 from .conversation import Conversation, Message
 
@@ -360,6 +360,19 @@ class Session:
 
     def memory(self) -> MemoryReport:
         return self.engine.memory()
+
+    def info(self) -> dict[str, Any]:
+        """The engine's figures for the UI (see contract.EngineProtocol.info)."""
+        return dict(self.engine.info())
+
+    @property
+    def controls(self) -> tuple[ControlSpec, ...]:
+        """The compute controls this model declares (the TUI renders its panel from these)."""
+        return tuple(self.engine.controls)
+
+    @property
+    def context_limit(self) -> int:
+        return self.engine.context_limit
 
     # Run cards.
     def _run_card(self, conv: Conversation, settings: SamplingSettings, controls: Controls,

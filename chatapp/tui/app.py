@@ -20,7 +20,7 @@ from ..textsafe import displayable
 from ..catalog import CatalogError, ModelEntry, load_catalog
 from ..chat.session import Session
 from ..chat.store import Store, StoreError
-from .backend import Loader, default_downloader, default_loader, engine_info, error_text
+from .backend import Loader, default_downloader, default_loader, error_text
 from .keys import KEYS, KeymapError, bindings, keys_for, load_keymap
 from .messages import ModelLoaded, ModelLoadFailed, ModelLoading
 from .screens.chat import ChatScreen
@@ -50,7 +50,6 @@ class SmollChat(App):
         """Wall clock for ages in the chat list (fixed in snapshot tests)."""
         self.keymap = dict(keymap or {})
         self.initial_system = system_prompt
-        self.engine: Any = None
         self.entry: ModelEntry | None = None
         self.session: Session | None = None
         self.info: dict[str, Any] = {}
@@ -143,15 +142,12 @@ class SmollChat(App):
         self.notify(event.error, title="The model did not load", severity="error", timeout=10)
 
     def use_engine(self, engine: Any, entry: ModelEntry | None = None) -> None:
-        """Make `engine` the model the chats talk to."""
-        entry = entry or getattr(engine, "entry", None) or self.catalog.get(getattr(engine, "entry_id", ""))
-        if entry is None:
-            from ..chat.fake import fake_entry
-            entry = fake_entry(engine.entry_id, context=engine.context_limit)
-        self.engine, self.entry = engine, entry
-        self.session = Session(engine, getattr(engine, "tokenizer", None), entry, store=self.store)
+        """Make `engine` the model the chats talk to; the app reaches it only through the session."""
+        self.entry = entry or engine.entry
+        self.session = Session(engine, entry=self.entry, store=self.store)
         # The entry names the model; the engine knows how it runs (device, dtype, depth, width).
-        self.info = {"params": entry.params, **engine_info(engine), "name": entry.name,
+        entry = self.entry
+        self.info = {"params": entry.params, **self.session.info(), "name": entry.name,
                      "architecture": entry.architecture, "demo": entry.demo}
         self.chat_screen.model_changed()
 

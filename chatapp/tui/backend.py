@@ -53,14 +53,6 @@ def default_loader(entry, progress: Callable[[str], None]) -> Any:
     return load_engine(entry, progress=progress)
 
 
-def engine_info(engine) -> dict[str, Any]:
-    """`engine.info()` where the engine offers it, else what the protocol itself tells."""
-    info = getattr(engine, "info", None)
-    if callable(info):
-        return dict(info())
-    return {"model_id": getattr(engine, "entry_id", "?"), "context_limit": getattr(engine, "context_limit", 0)}
-
-
 def error_text(e: BaseException) -> str:
     """One clear sentence for a failure: offline and hub errors carry their own message."""
     name = type(e).__name__

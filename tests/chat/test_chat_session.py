@@ -493,3 +493,35 @@ def test_every_catalog_chat_format_keeps_the_state_across_turns(model_id):
     assert tok.decode(eng.calls[1].ids) == tok.render_text(dicts(c.path(u2.id)), system="Be brief.")
 
 
+
+
+def test_reply_ids_outside_the_vocabulary_are_dropped_and_the_text_re_encoded():
+    """An imported chat (or another model's) may carry any ids: the prompt never sends them."""
+    tok = FakeTokenizer("bytes")
+    eng, s = make(tokenizer=tok)
+    c = Conversation()
+    u = c.add(None, "user", "hi")
+    reply = c.add(u.id, "assistant", "ok", token_ids=[ord("o"), ord("k"), 10**9])
+    u2 = c.add(reply.id, "user", "more")
+    prompt = s.prompt(c, u2.id)
+    assert prompt.ids == tok.render(dicts(c.path(u2.id))) and reply.id not in prompt.reused
+    assert max(prompt.ids) < tok.vocab_size
+    # Ids that fit and still spell the text are spliced in as generated.
+    reply.token_ids = [ord("o"), ord("k"), tok.stop_ids[0]]
+    assert reply.id in s.prompt(c, u2.id).reused
+
+
+def test_raw_completion_skips_the_chat_template_and_stores_nothing():
+    tok = FakeTokenizer("word")
+    entry = fake_entry(controls={"num_steps": 16}, generation={"temperature": 0.0, "max_new_tokens": 3})
+    with Store() as store:
+        eng, s = make(replies=["and then"], tokenizer=tok, entry=entry, controls=HUGINN_LIKE_CONTROLS, store=store)
+        done = run(s.complete("Once upon a time", controls={"min_steps": 2}))
+        assert store.list_chats() == []
+    call = eng.calls[-1]
+    assert call.ids == tok.encode("Once upon a time", allow_special=False) and done.new_tokens == 3
+    assert call.controls["num_steps"] == 16 and call.controls["min_steps"] == 2 and call.settings.temperature == 0.0
+    with pytest.raises(ValueError, match="unknown control"):
+        s.complete("x", controls={"nonsense": 1})
+    with pytest.raises(ValueError, match="empty"):
+        s.complete("")

@@ -170,7 +170,7 @@ async def test_load_failure_and_not_downloaded_are_explained(build):
         table.move_cursor(row=table.get_row_index("genesis-tiny"))
         await pilot.press("enter")
         await wait_until(pilot, lambda: "damaged" in str(app.chat_screen.query_one(ModelInfo).render()))
-        assert app.engine is None
+        assert app.session is None
         assert any("damaged" in n.message for n in app._notifications)
 
 

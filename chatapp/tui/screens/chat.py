@@ -149,7 +149,7 @@ class ChatScreen(Screen):
         info.stage, info.error = stage, error
 
     async def _refresh_controls(self) -> None:
-        specs = tuple(getattr(self.app.engine, "controls", ()) or ())
+        specs = self.app.session.controls if self.app.session is not None else ()
         values = {**getattr(self.app.entry, "controls", {}), **(self.conv.controls if self.conv else {})}
         await self.query_one(ComputePanel).set_controls(specs, values)
 
@@ -192,7 +192,7 @@ class ChatScreen(Screen):
             try:
                 memory.show_context(len(self.app.session.prompt(conv).ids) if conv and conv.current_leaf else 0)
             except ValueError:
-                memory.show_context(self.app.session.engine.context_limit)
+                memory.show_context(self.app.session.context_limit)
 
     def on_conversation_view_selection_changed(self, event: ConversationView.SelectionChanged) -> None:
         self.query_one(BranchNavigator).follow(self.conv, event.message_id)

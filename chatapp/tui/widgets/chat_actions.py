@@ -82,7 +82,7 @@ class ChatActions(Widget):
             prompt = session.prompt(conv)
         except ValueError as e:  # ContextOverflow, or settings that no longer apply
             return str(e)
-        limit = session.engine.context_limit
+        limit = session.context_limit
         if prompt.dropped_turns:
             return f"context full: the {prompt.dropped_turns} oldest turn(s) are left out; Ctrl+N starts a new chat"
         if len(prompt.ids) + prompt.reserve >= CONTEXT_WARN * limit:

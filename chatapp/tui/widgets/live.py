@@ -22,7 +22,7 @@ from textual.message import Message
 from textual.widget import Widget
 from textual.worker import Worker, get_current_worker
 
-from ...engine.api import Done, MemoryReport
+from ...contract import Done, MemoryReport
 from ..messages import MemorySample, ReplyChunk, ReplyFinished, ReplyStats
 from ..streaming import pump
 from .conversation import ConversationView
