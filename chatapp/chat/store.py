@@ -377,6 +377,7 @@ class Store:
         self._conn.close()
         if not _remove_unused_log(self.path):
             self._conn = sqlite3.connect(tmp, isolation_level=None, check_same_thread=False, timeout=self._timeout)
+            self._conn.execute("PRAGMA journal_mode = DELETE")  # no log names of its own to leave behind
             raise self._unavailable("vanished", "written", f"another program still has the deleted file open; the "
                                     f"chats are kept in {tmp} until it closes")
         os.replace(tmp, self.path)

@@ -457,6 +457,7 @@ def test_a_second_program_on_the_deleted_file_is_not_overwritten(tmp_path):
         store.retry()  # the other program is gone: now the file is written back
     with Store(path) as store:
         assert store.load(c.id).get(reply.id).content == "a reply"
+    assert not list(tmp_path.glob("*.restoring*"))  # the temporary home left nothing behind
 
 
 def test_two_programs_write_the_same_database_at_once(tmp_path):
