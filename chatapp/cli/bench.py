@@ -1,0 +1,69 @@
+"""`smollchat bench MODEL`: the model at its real size (random weights) on this CPU; figures and a JSON record."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .common import EXIT_OK, EXIT_USAGE, CliError, human, resolve_entry
+
+ORDER = 60
+
+
+def register(sub) -> None:
+    b = sub.add_parser("bench", help="benchmark a model at its real size on this CPU (random weights)")
+    b.add_argument("model", help="catalog id (a -tiny demo benches its tiny config)")
+    b.add_argument("--quantize", choices=("none", "int8", "int4"), default="none")
+    b.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="weights and activations (auto: the catalog's CPU dtype)")
+    b.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
+    b.add_argument("--eager", action="store_true", help="no compiled decode step")
+    b.add_argument("--quick", action="store_true", help="short prompts and runs: a smoke test, not figures")
+    b.add_argument("--json", metavar="FILE", help="write the record here too")
+    b.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..engine.bench import BenchOptions, run as bench
+
+    entry = resolve_entry(args.model)
+    if args.threads is not None and args.threads < 1:
+        raise CliError("--threads must be at least 1", EXIT_USAGE)
+    opts = BenchOptions(args.quantize, args.dtype, args.threads, args.eager, args.quick)
+    try:
+        rec = bench(entry, opts, progress=lambda m: print(f"[bench {entry.id}] {m}", file=sys.stderr))
+    except ValueError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    if args.json:
+        _write_json(Path(args.json), rec)
+    pre = ", ".join(f"{p['tokens']} tok {p['tok_s']:.0f} tok/s (TTFT {p['ttft_s']:.2f} s)" for p in rec["prefill"])
+    st = rec["state"]["used_bytes"]
+    print(f"{entry.id} {rec['dtype']} quantize={rec['quantize']} threads={rec['threads']} compile: {rec['compile']}")
+    print(f"  cpu        {rec['cpu']['model']} [{' '.join(rec['cpu']['flags'])}] {rec['cpu']['aten_cpu_capability']}, "
+          f"load {rec['cpu']['loadavg'][0] if rec['cpu']['loadavg'] else '?'}")
+    print(f"  load       {rec['load_s']:.2f} s, peak RSS {human(rec['peak_rss_bytes'], 'B')}, "
+          f"weights {human(rec['weight_bytes'], 'B')} ({human(rec['weight_bytes_per_token'], 'B')} read a token)")
+    print(f"  prefill    {pre}")
+    print(f"  decode     {rec['decode_tok_s']:.2f} tok/s (runs {rec['decode_tok_s_all']}), "
+          f"{rec['outside_model_ms']:.2f} ms a token outside the model ({rec['outside_model_cpu_ms']:.2f} ms CPU)")
+    print(f"  state      {human(st['0'], 'B')} / {human(st['quarter'], 'B')} / {human(st['full'], 'B')} "
+          f"at 0 / 1/4 / full context ({rec['state']['context']})")
+    print(f"  bandwidth  DRAM read {rec['dram_read_gbs']:.1f} GB/s, GEMV {rec['gemv_gbs']:.1f} GB/s, "
+          f"roofline fraction {rec['roofline_fraction']:.2f}")
+    for name, why in rec.get("peers", {}).items():
+        print(f"  peer       {name}: {why}")
+    return EXIT_OK
+
+
+def _write_json(path: Path, rec: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(rec, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,309 @@
+"""The benchmark behind `smollchat bench MODEL`: real-size random weights, one JSON record.
+
+A catalog entry's `[bench_config]` is its real config (a demo entry benches its `demo_config`): the model is
+built from it with random weights in the chosen dtype, prepared as a loaded checkpoint is (layouts,
+quantization), and driven the way the engine drives it: prompt chunks through generate.feed, one decode
+step at a time through graphs.decode_step (eager under --eager), sampling with the entry's own settings.
+Figures: load time and peak RSS (before and after quantizing), prefill tok/s and time to first token at
+128 tokens and at half the context (at most 1,024), decode tok/s over 128 tokens (median of 3 after a
+warm-up), the time each token spends outside the model, state bytes at 0 / a quarter / the full context
+(a line through two measured points), the machine's DRAM read and GEMV bandwidth measured in the same run,
+the roofline fraction (decode tok/s x weight bytes read per token / DRAM bandwidth), and the CPU.
+Timings are medians; on a shared machine the record's `loadavg` says how busy it was.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..catalog import ModelEntry
+from .generate import feed
+from .graphs import decode_step
+from .loader import build_model, prepare_for_inference, resolve_dtype
+from .quant import head_weight
+from .sample import Sampler
+
+#: ISA flags worth recording (from /proc/cpuinfo), the ones that pick PyTorch's kernels.
+FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile",
+         "amx_bf16", "amx_int8", "asimd", "sve")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    quantize: str = "none"
+    dtype: str = "auto"
+    threads: int | None = None
+    eager: bool = False
+    quick: bool = False
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, the ISA flags above that it has, PyTorch's kernel family, cores and load."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    model = value.strip()
+                elif key in ("flags", "Features"):
+                    flags = set(value.split())
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    return {"model": model, "flags": [f for f in FLAGS if f in flags], "aten_cpu_capability":
+            torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else []}
+
+
+def _peak_rss() -> int:
+    """The process's peak resident set so far, bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def random_model(entry: ModelEntry, dtype: torch.dtype, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    """The entry's bench (or demo) config with random weights, built directly in `dtype` (no fp32 copy of a
+    large model); the tensors the loader keeps fp32 stay fp32, as in a loaded checkpoint."""
+    config = dict(entry.demo_config if entry.demo else entry.bench_config)
+    if not config:
+        raise ValueError(f"{entry.id} has no [bench_config] in its catalog file: add the real config there")
+    with torch.random.fork_rng(devices=[]), _default_dtype(dtype if dtype.is_floating_point else torch.float32):
+        torch.manual_seed(seed)
+        model = build_model(config, entry.options, device="cpu")
+        init = getattr(model, "init_demo_weights", None)
+        if callable(init):
+            init()
+    keep = set(getattr(model, "FP32_TENSORS", ()))
+    for name, p in model.named_parameters():
+        if name in keep:
+            p.data = p.data.float()
+    return model, config
+
+
+def dram_read_gbs(mib: int = 256, repeats: int = 5) -> float:
+    """Read bandwidth of a buffer far larger than the caches: sum() over it, median of `repeats`."""
+    buf = torch.ones(mib * 2 ** 18)  # fp32: 4 bytes each
+    buf.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t)
+    return buf.nbytes / statistics.median(times) / 1e9
+
+
+def gemv_gbs(dtype: torch.dtype, mib: int = 64, repeats: int = 7) -> float:
+    """Weight bytes per second of one-token F.linear on a [N, 4096] matrix of `dtype` (a decode step's kernel)."""
+    k = 4096
+    n = mib * 2 ** 20 // (k * torch.empty((), dtype=dtype).element_size())
+    w = torch.randn(n, k).to(dtype)
+    x = torch.randn(1, k).to(dtype)
+    F.linear(x, w)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        F.linear(x, w)
+        times.append(time.perf_counter() - t)
+    return w.nbytes / statistics.median(times) / 1e9
+
+
+def bytes_per_token(model: nn.Module) -> int:
+    """Weight bytes one decode step reads: every parameter but the embedding tables (one row each is
+    gathered), except an embedding that is also the float output head."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    head = None if getattr(model, "quant_head", None) is not None else head_weight(model)
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) and (head is None or m.weight is not head[1]):
+            total -= m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def _used(state) -> int:
+    return sum(state.bytes().used.values())
+
+
+def _random_ids(n: int, vocab: int, seed: int) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run(entry: ModelEntry, opts: BenchOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Benchmark one catalog entry on the CPU; returns the record (see the module docstring)."""
+    say = progress or (lambda _m: None)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    dev = torch.device("cpu")
+    dtype = resolve_dtype(opts.dtype, dev, entry.cpu_dtype)
+    quant = None if opts.quantize == "none" else opts.quantize
+    rec: dict[str, Any] = {"model": entry.id, "demo": entry.demo, "dtype": str(dtype).removeprefix("torch."),
+                           "quantize": opts.quantize, "threads": torch.get_num_threads(), "quick": opts.quick,
+                           "cpu": cpu_info()}
+    say("building random weights")
+    t0 = time.perf_counter()
+    model, config = random_model(entry, dtype)
+    rec["peak_rss_before_quantize_bytes"] = _peak_rss()
+    say("preparing" + (f" ({quant})" if quant else ""))
+    prepare_for_inference(model, dev, dtype, quant)
+    rec["load_s"] = round(time.perf_counter() - t0, 3)
+    rec["peak_rss_bytes"] = _peak_rss()
+    rec["config"] = config
+    rec["params"] = sum(p.numel() for p in model.parameters())
+    rec["weight_bytes"] = model.weight_bytes()
+    rec["weight_bytes_per_token"] = bytes_per_token(model)
+    if quant:
+        rec["quant_report"] = model.quant_report.summary()
+    context = min(entry.context, model.max_context)
+    state = model.make_state(context, dev, dtype)
+    step, report = decode_step(model, entry.architecture, state, dev, dtype, "off" if opts.eager else "auto")
+    rec["compile"] = report.label
+    vocab = model.vocab_size
+    settings = entry.sampling().with_overrides(seed=0)
+    short, half = (16, 32) if opts.quick else (128, min(context // 2, 1024))
+    n_new, runs = (16, 1) if opts.quick else (128, 3)
+    with torch.inference_mode():
+        say("prefill")
+        rec["prefill"], used = [], {}
+        for n in sorted({min(short, context - 1), min(half, context - 1)}):
+            state.reset()
+            ids = _random_ids(n, vocab, n)
+            t = time.perf_counter()
+            logits = feed(model, state, ids, dev).logits
+            t_pre = time.perf_counter() - t
+            Sampler(settings, vocab, dev, ids).draw(logits, logprob=False, entropy=False)
+            ttft = time.perf_counter() - t
+            used[n] = _used(state)
+            rec["prefill"].append({"tokens": n, "tok_s": round(n / t_pre, 2), "ttft_s": round(ttft, 4)})
+        say("decode")
+        prompt = _random_ids(min(short, context - n_new - 1), vocab, 7)
+        _decode(model, step, state, prompt, 8, settings, vocab, dev)  # warm-up
+        done = [_decode(model, step, state, prompt, n_new, settings, vocab, dev) for _ in range(runs)]
+    rec["decode_tok_s"] = round(statistics.median(d["tok_s"] for d in done), 3)
+    rec["decode_tok_s_all"] = [round(d["tok_s"], 3) for d in done]
+    rec["decode_new_tokens"] = n_new
+    rec["step_ms"] = round(statistics.median(d["step_ms"] for d in done), 3)
+    rec["model_ms"] = round(statistics.median(d["model_ms"] for d in done), 3)
+    rec["outside_model_ms"] = round(statistics.median(d["outside_ms"] for d in done), 3)
+    # The calling thread's CPU time for the same work: what a busy machine's wall clock hides (other
+    # intra-op threads are not counted, so with --threads 1 it is the whole cost).
+    rec["outside_model_cpu_ms"] = round(statistics.median(d["outside_cpu_ms"] for d in done), 3)
+    rec["state"] = _state_bytes(state, used, context)
+    say("bandwidth")
+    rec["dram_read_gbs"] = round(dram_read_gbs(64 if opts.quick else 256), 2)
+    rec["gemv_gbs"] = round(gemv_gbs(dtype, 16 if opts.quick else 64), 2)
+    rec["roofline_fraction"] = round(rec["decode_tok_s"] * rec["weight_bytes_per_token"] / (rec["dram_read_gbs"] * 1e9), 3)
+    rec["peers"] = {} if opts.quick else peers(entry, model, dtype, prompt, n_new, runs, say)
+    rec["cpu"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else []
+    return rec
+
+
+def peers(entry: ModelEntry, model, dtype: torch.dtype, prompt: list[int], n_new: int, runs: int,
+          say: Callable[[str], None]) -> dict[str, Any]:
+    """Other implementations at the same shape, in the same run, where the `bench` extra provides them; for each
+    missing one, what it would take."""
+    out: dict[str, Any] = {}
+    if entry.architecture == "axiom":
+        try:
+            import transformers  # noqa: F401  (the optional `bench` extra)
+        except ImportError:
+            out["hf-transformers-llama"] = "not installed: pip install 'smollchat[bench]'"
+        else:
+            say("peer: HF transformers LlamaForCausalLM (eager attention)")
+            out["hf-transformers-llama"] = _hf_llama(model.args, dtype, prompt, n_new, runs)
+    missing = {"genesis": "genesis-llm (pip install --no-deps genesis-llm): not wired into this command yet",
+               "odinnext": "the plain eager HGRN2 of anchors/perf-cpu: not wired into this command yet",
+               "axiom": "llama.cpp llama-bench on a GGUF (gguf package + a llama.cpp build): not wired in yet"}
+    if entry.architecture in missing:
+        out["llama.cpp" if entry.architecture == "axiom" else "reference"] = missing[entry.architecture]
+    return out
+
+
+def _hf_llama(a, dtype: torch.dtype, prompt: list[int], n_new: int, runs: int) -> dict[str, Any]:
+    """HF's LlamaForCausalLM at Axiom's shape (rotate-half RoPE instead of interleaved: the same work), random
+    weights, greedy decode through its KV cache; the same timing as ours."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    conf = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.ffn_dim,
+                       num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+                       max_position_embeddings=a.max_seq_len, rope_theta=a.rope_theta, rms_norm_eps=a.norm_eps,
+                       tie_word_embeddings=True, attn_implementation="eager")
+    with torch.random.fork_rng(devices=[]), _default_dtype(dtype):
+        torch.manual_seed(0)
+        hf = LlamaForCausalLM(conf).eval()
+
+    def one(n: int) -> float:
+        out = hf(torch.tensor([prompt]), use_cache=True)
+        past, stamps = out.past_key_values, []
+        for i in range(n):
+            tok = out.logits[0, -1].argmax()
+            stamps.append(time.perf_counter())
+            if i + 1 < n:
+                out = hf(tok.view(1, 1), past_key_values=past, use_cache=True)
+                past = out.past_key_values
+        return (n - 1) / (stamps[-1] - stamps[0])
+
+    with torch.inference_mode():
+        one(8)
+        rates = [one(n_new) for _ in range(runs)]
+    import transformers
+
+    return {"impl": f"transformers {transformers.__version__} LlamaForCausalLM, eager attention",
+            "dtype": str(dtype).removeprefix("torch."), "decode_tok_s": round(statistics.median(rates), 3),
+            "decode_tok_s_all": [round(r, 3) for r in rates]}
+
+
+def _decode(model, step, state, prompt: list[int], n: int, settings, vocab: int, dev) -> dict[str, float]:
+    """Prefill `prompt`, then n tokens one step at a time; tok/s, median step and median time outside the model."""
+    state.reset()
+    sampler = Sampler(settings, vocab, dev, prompt)
+    logits = feed(model, state, prompt, dev).logits
+    stamps, inside, outside, outside_cpu = [], [], [], []
+    for i in range(n):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        tok = sampler.draw(logits).token_id
+        sampler.extend([tok])
+        ids = torch.tensor([[tok]], device=dev)
+        t1, c1 = time.perf_counter(), time.thread_time()
+        stamps.append(t0)
+        if i + 1 < n:
+            logits = step(ids, state, None, None, last_only=True).logits[0, -1]
+            t2 = time.perf_counter()
+            inside.append(t2 - t1)
+            outside.append(t1 - t0)
+            outside_cpu.append(c1 - c0)
+    span = stamps[-1] - stamps[0]
+    return {"tok_s": (n - 1) / span if span > 0 else 0.0,
+            "step_ms": 1e3 * statistics.median(b - a for a, b in zip(stamps, stamps[1:])),
+            "model_ms": 1e3 * statistics.median(inside), "outside_ms": 1e3 * statistics.median(outside),
+            "outside_cpu_ms": 1e3 * statistics.median(outside_cpu)}
+
+
+def _state_bytes(state, used: dict[int, int], context: int) -> dict[str, Any]:
+    """Allocated bytes, and filled bytes at 0 / a quarter / the full context on the line through the two
+    measured prefill points (constant for a recurrent state, per token for a KV cache)."""
+    (n1, u1), (n2, u2) = sorted(used.items())[0], sorted(used.items())[-1]
+    per_token = (u2 - u1) / (n2 - n1) if n2 != n1 else 0.0
+    at = {"0": u1 - per_token * n1, "quarter": u1 + per_token * (context // 4 - n1), "full": u1 + per_token * (context - n1)}
+    return {"allocated_bytes": sum(state.bytes().allocated.values()), "per_token_bytes": round(per_token, 1),
+            "measured": {str(k): v for k, v in used.items()}, "context": context,
+            "used_bytes": {k: int(round(v)) for k, v in at.items()}}

@@ -1,0 +1,66 @@
+"""`smollchat bench` on a demo model with --quick: the record has every figure the issue asks for, with
+consistent values (never timing thresholds: this machine is shared)."""
+import json
+
+import pytest
+
+from chatapp.catalog import load_catalog
+from chatapp.cli import main
+from chatapp.engine.bench import BenchOptions, bytes_per_token, random_model, run
+from chatapp.engine.loader import build_model
+
+FIELDS = {"model", "dtype", "quantize", "threads", "cpu", "load_s", "peak_rss_bytes", "peak_rss_before_quantize_bytes",
+          "weight_bytes", "weight_bytes_per_token", "prefill", "decode_tok_s", "decode_tok_s_all", "step_ms",
+          "model_ms", "outside_model_ms", "outside_model_cpu_ms", "state", "dram_read_gbs", "gemv_gbs",
+          "roofline_fraction", "compile", "peers"}
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_quick_record_has_every_figure(tmp_path, capsys, quantize):
+    out = tmp_path / "rec.json"
+    assert main(["bench", "axiom-tiny", "--quick", "--threads", "1", "--quantize", quantize, "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert FIELDS <= set(rec)
+    assert rec["model"] == "axiom-tiny" and rec["quantize"] == quantize and rec["threads"] == 1
+    assert rec["cpu"]["model"] and rec["cpu"]["aten_cpu_capability"] and isinstance(rec["cpu"]["flags"], list)
+    assert [p["tokens"] for p in rec["prefill"]] == [16, 32]
+    assert all(p["tok_s"] > 0 and p["ttft_s"] > 0 for p in rec["prefill"])
+    assert rec["decode_tok_s"] > 0 and rec["outside_model_ms"] >= 0 and rec["dram_read_gbs"] > 0
+    assert rec["peak_rss_bytes"] >= rec["peak_rss_before_quantize_bytes"] > 0
+    # Axiom's KV grows by a fixed amount a token: the line through the two prefill points starts at 0.
+    st = rec["state"]
+    assert st["used_bytes"]["0"] == 0 and st["used_bytes"]["full"] == st["per_token_bytes"] * st["context"]
+    assert st["allocated_bytes"] == st["used_bytes"]["full"]
+    assert rec["roofline_fraction"] == pytest.approx(
+        rec["decode_tok_s"] * rec["weight_bytes_per_token"] / (rec["dram_read_gbs"] * 1e9), rel=0.02, abs=2e-3)
+    if quantize == "int8":
+        assert rec["quant_report"].startswith("int8")
+    assert "decode" in capsys.readouterr().out
+
+
+def test_bytes_per_token_counts_a_float_tied_head_once():
+    entry = load_catalog()["axiom-tiny"]
+    import torch
+
+    model, _ = random_model(entry, torch.float32)
+    embed = model.embed.weight.numel() * 4
+    total = model.weight_bytes()
+    assert bytes_per_token(model) == total  # the tied embedding is the head: read whole every token
+    from chatapp.engine.quant import quantize_model
+    quantize_model(model, "int8")
+    assert bytes_per_token(model) == model.weight_bytes() - embed  # the int8 head is read; the table is gathered
+
+
+def test_every_real_entry_carries_a_bench_config_that_builds():
+    for e in load_catalog().values():
+        if not e.demo:
+            model = build_model(e.bench_config, e.options)  # meta device: shapes only
+            assert sum(p.numel() for p in model.parameters()) > 10 * e.params // 11, e.id
+
+
+def test_an_entry_without_bench_config_is_a_clear_error():
+    from dataclasses import replace
+
+    entry = replace(load_catalog()["axiom"], bench_config={})
+    with pytest.raises(ValueError, match=r"\[bench_config\]"):
+        run(entry, BenchOptions(quick=True))
