@@ -195,3 +195,18 @@ def test_memory_report(axiom_engine):
     assert m.weights == sum(p.numel() * 4 for p in axiom_engine.model.parameters())
     assert set(m.allocated) == {"kv"} and m.context_limit == 64 and m.device == "cpu"
     assert m.used["kv"] == m.context_used * 2 * 3 * 2 * 16 * 4
+
+
+def test_the_engine_and_the_fake_fit_the_same_protocol():
+    """The chat layer and the TUI see nothing else of an engine (contract.EngineProtocol)."""
+    import inspect
+
+    from chatapp.chat.fake import FakeEngine
+    from chatapp.contract import EngineProtocol
+
+    members = [n for n in EngineProtocol.__annotations__] + ["info", "generate", "cancel", "memory"]
+    for engine in (_engine([EOS], 1), FakeEngine()):
+        assert all(hasattr(engine, n) for n in members), type(engine).__name__
+        params = list(inspect.signature(engine.generate).parameters)
+        assert params == list(inspect.signature(EngineProtocol.generate).parameters)[1:]
+        assert {"model_id", "device", "dtype", "context_limit"} <= set(engine.info())
