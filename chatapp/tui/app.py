@@ -91,6 +91,31 @@ class SmollChat(App):
             self.use_engine(engine, entry)
         elif self._start_model:
             self._open_model(self._start_model)
+        else:
+            self._offer_last_model()
+
+    def _offer_last_model(self) -> None:
+        """No model asked for: name the last chat's model and how to load it (a model can be many
+        GB, so it is never loaded unasked)."""
+        try:
+            last = self.store.list_chats()[:1]
+        except StoreError:
+            return
+        entry = self.catalog.get(last[0].model_id or "") if last else None
+        if entry is not None:
+            self.notify(f"Your last chat used {entry.name}: Ctrl+O, then Enter, loads it.", timeout=10)
+
+    def suggested_model(self) -> str | None:
+        """The model the models screen starts on: the open chat's, when another (or none) is loaded."""
+        screen = self.chat_screen
+        conv = screen.conv if screen is not None and screen.is_mounted else None
+        wanted = conv.model_id if conv is not None else None
+        if wanted is None and self.entry is None:
+            try:
+                wanted = next((c.model_id for c in self.store.list_chats()[:1]), None)
+            except StoreError:
+                wanted = None
+        return wanted if wanted in self.catalog and wanted != self.entry_id else None
 
     def watch_theme(self, theme: str) -> None:
         if self.is_mounted and hasattr(self.store, "set_setting"):
@@ -157,7 +182,7 @@ class SmollChat(App):
 
     def action_models(self) -> None:
         if not isinstance(self.screen, ModelsScreen):
-            self.push_screen(ModelsScreen())
+            self.push_screen(ModelsScreen(select=self.suggested_model()))
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """Every action of the screen in front, with its keys, plus Textual's own commands."""

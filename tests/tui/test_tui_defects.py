@@ -316,3 +316,45 @@ async def test_markup_and_escape_sequences_in_chat_data_are_shown_as_text(build,
             await pilot.click(widget)
         await pilot.pause()
         assert app.is_running and "\x1b" not in screen_text(app)
+
+
+# Rough edges.
+async def test_a_restart_offers_the_last_chats_model_without_loading_it(build, store, catalog):
+    conv = Conversation(id="old", title="From before", model_id="axiom")
+    conv.add(None, "user", "hello")
+    store.save(conv)
+    app = build(engine=None)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert app.session is None  # nothing loaded unasked
+        assert any(catalog["axiom"].name in n.message and "Ctrl+O" in n.message for n in app._notifications)
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ModelsScreen")
+        assert app.screen.entry.id == "axiom"
+
+
+async def test_a_chat_from_another_model_says_so_in_the_header(build, store):
+    conv = Conversation(id="old", title="From before", model_id="axiom")
+    conv.add(None, "user", "hello")
+    store.save(conv)
+    app = build(FakeEngine(["ok"]))
+    async with app.run_test(size=SIZE) as pilot:
+        await app.chat_screen.open_chat("old")
+        await pilot.pause()
+        assert "this chat was with axiom" in str(app.chat_screen.query_one("#chat-header").render())
+
+
+async def test_enter_while_a_reply_streams_says_why_and_keeps_the_text(build):
+    app = build(FakeEngine([" ".join(["w"] * 300)], instant=False, tokens_per_s=100, ttft_s=0.0))
+    async with app.run_test(size=SIZE) as pilot:
+        app.chat_screen.conv.settings["max_new_tokens"] = 1000
+        app.chat_screen.composer.insert("go")
+        app.chat_screen.composer.action_send()
+        await wait_until(pilot, lambda: app.chat_screen.live.busy and app.chat_screen.composer.busy)
+        app.chat_screen.composer.insert("next question")
+        app.chat_screen.composer.action_send()
+        await pilot.pause()
+        assert app.chat_screen.composer.text == "next question"
+        assert any("still streaming" in n.message for n in app._notifications)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not app.chat_screen.live.busy)

@@ -189,3 +189,14 @@ async def test_opening_on_a_demo_loads_it_with_the_system_prompt(build):
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, lambda: app.entry_id == "genesis-tiny")
         assert app.chat_screen.conv.system_prompt == "Be brief."
+
+
+async def test_cancel_without_a_download_says_so_and_status_lines_stay_with_their_row(build):
+    app = build()
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_models(pilot, "axiom")
+        await pilot.press("x")
+        message = screen.query_one("#models-message")
+        assert "nothing to cancel" in str(message.render())
+        await open_models(pilot, "odinnext")
+        assert str(message.render()).strip() == ""

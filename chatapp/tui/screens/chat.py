@@ -158,7 +158,9 @@ class ChatScreen(Screen):
         title = conv.title if conv else "New chat"
         model = self.app.entry_id or "no model"
         system = "model's default system prompt" if conv is None or conv.system_prompt is None else "own system prompt"
-        self.query_one("#chat-header", Static).update(plain(f"{title}  ·  {model}  ·  {system}"))
+        other = conv.model_id if conv is not None and conv.messages and conv.model_id != self.app.entry_id else None
+        moved = f"  ·  this chat was with {other} (Ctrl+O)" if other else ""
+        self.query_one("#chat-header", Static).update(plain(f"{title}  ·  {model}  ·  {system}{moved}"))
 
     def _context_note(self) -> None:
         """Warn in the composer's border once the next prompt nearly fills the context."""

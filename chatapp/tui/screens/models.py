@@ -100,6 +100,7 @@ class ModelsScreen(Screen):
         return self.app.catalog.get(key.value)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self.say("")  # a status line belongs to the row it was said for
         self._show_detail()
 
     def _show_detail(self) -> None:
@@ -173,6 +174,8 @@ class ModelsScreen(Screen):
         if entry is not None and entry.id in self.cancels:
             self.cancels[entry.id].set()
             self.say(f"Cancelling {entry.name}…")
+        elif entry is not None:
+            self.say(f"{entry.name} is not downloading: nothing to cancel (d downloads it).")
 
     def on_download_progressed(self, event: DownloadProgressed) -> None:
         if event.entry_id not in self.cancels:
