@@ -1,8 +1,12 @@
 """The command line, run as a user would (subprocess where start-up behaviour matters)."""
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 
 from chatapp.cli import main
 
@@ -46,7 +50,6 @@ def test_verify_passes_the_axiom_fixture(fixture_dir, capsys):
 
 def test_verify_exit_codes(tmp_path, fixture_dir, capsys):
     assert main(["verify", str(tmp_path)]) == 2  # not a fixture directory
-    import shutil
     bad = tmp_path / "bad"
     shutil.copytree(fixture_dir("axiom"), bad)
     # A perturbed weight fails by construction (a zero tolerance can be met bit for bit on some CPUs).
@@ -74,3 +77,189 @@ def test_fake_engine_is_for_the_tui_only(capsys):
 def test_bad_sampling_flag_is_a_usage_error(capsys):
     assert main(["--model", "axiom-tiny", "--prompt", "hi", "--top-p", "3"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+# Every failure a user can cause ends as one line on stderr with the documented exit code (issue 11 §5).
+
+def one_line(err: str) -> str:
+    """The single line a failure prints (demo notices aside); no traceback, no internal-error fallback."""
+    lines = [ln for ln in err.splitlines() if ln.strip() and "random weights" not in ln]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("smollchat: ") and "internal error" not in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def axiom_demo(tmp_path_factory):
+    """axiom-tiny's demo checkpoint, made once: a local axiom directory gets the real entry's tiktoken
+    tokenizer, whose vocabulary this checkpoint has."""
+    from chatapp.catalog import get_entry
+    from chatapp.engine.demo import ensure_demo
+
+    home = tmp_path_factory.mktemp("demo-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SMOLLCHAT_HOME", str(home))
+        mp.setenv("HF_HOME", str(home / "hf"))
+        return ensure_demo(get_entry("axiom-tiny"))
+
+
+def model_dir(tmp_path: Path, demo: Path, config: dict | None = None, weights=None) -> Path:
+    """A copy of the demo with config keys replaced (None deletes one) and the weights dict rewritten."""
+    d = tmp_path / "model"
+    d.mkdir()
+    cfg = json.loads((demo / "config.json").read_text())
+    for k, v in (config or {}).items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (d / "config.json").write_text(json.dumps(cfg))  # NaN is written as the NaN literal json.loads reads
+    if weights is None:
+        (d / "model.safetensors").symlink_to(demo / "model.safetensors")
+    else:
+        from safetensors.torch import load_file, save_file
+        save_file(weights(load_file(str(demo / "model.safetensors"))), str(d / "model.safetensors"))
+    return d
+
+
+def answer(d: Path, capsys, *extra: str) -> tuple[int, str]:
+    code = main(["--model", str(d), "--prompt", "hi", "--max-tokens", "2", "--device", "cpu", *extra])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"n_heads": 0}, "config key 'n_heads' must be >= 1, got 0"),
+    ({"n_layers": 2.5}, "config key 'n_layers' must be a whole number, got 2.5"),
+    ({"max_seq_len": -5}, "config key 'max_seq_len' must be >= 1"),
+    ({"rope_theta": "10000"}, "config key 'rope_theta' must be a finite number"),
+    ({"norm_eps": float("nan")}, "config key 'norm_eps' must be a finite number, got nan"),
+    ({"vocab_size": True}, "config key 'vocab_size' must be a whole number"),
+    ({"dim": None}, "lacks required key(s): dim"),
+    ({"model_type": 5}, "model_type must be a string"),
+], ids=["heads-0", "fractional-layers", "negative-context", "rope-theta-string", "norm-eps-nan", "bool-vocab",
+        "missing-key", "model-type-int"])
+def test_a_bad_config_is_one_line(tmp_path, axiom_demo, capsys, config, words):
+    code, err = answer(model_dir(tmp_path, axiom_demo, config), capsys)
+    assert code == 1 and words in one_line(err)
+
+
+@pytest.mark.parametrize("write, words", [
+    (lambda d: (d / "config.json").unlink(), "has no config.json"),
+    (lambda d: (d / "config.json").write_text("{oops"), "is not valid JSON"),
+    (lambda d: (d / "config.json").write_text("[1, 2]"), "must hold a JSON object"),
+    (lambda d: (d / "model.safetensors").write_bytes(b""), "empty or truncated"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"garbage" * 100), "not a safetensors file"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]), "is truncated"),
+], ids=["no-config", "invalid-json", "json-list", "empty-weights", "garbage-weights", "truncated-weights"])
+def test_a_broken_model_directory_is_one_line(tmp_path, axiom_demo, capsys, write, words):
+    d = model_dir(tmp_path, axiom_demo, weights=lambda w: w)
+    write(d)
+    code, err = answer(d, capsys)
+    assert code == 1 and words in one_line(err)
+
+
+def test_nan_weights_are_refused_at_load(tmp_path, axiom_demo, capsys):
+    def poison(w):
+        w["layers.1.ffn_norm.weight"][3] = float("nan")
+        return w
+    code, err = answer(model_dir(tmp_path, axiom_demo, weights=poison), capsys)
+    assert code == 1 and "layers.1.ffn_norm.weight" in one_line(err) and "NaN/Inf" in err
+
+
+def test_nan_logits_are_refused_at_the_first_step(tmp_path, axiom_demo, capsys):
+    # Finite weights so large that attention scores overflow: the first logits are NaN, where the old
+    # code streamed noise with exit 0.
+    def blow_up(w):
+        return {k: v * 1e30 if k.endswith("attn.wqkv.weight") else v for k, v in w.items()}
+    code, err = answer(model_dir(tmp_path, axiom_demo, weights=blow_up), capsys)
+    assert code == 1 and "first logits are NaN/Inf" in one_line(err)
+    assert capsys.readouterr().out.strip() == ""
+
+
+def test_reference_layout_that_does_not_fuse_is_one_line(tmp_path, axiom_demo, capsys):
+    def split(w):
+        # The reference's separate q/k/v, with a k whose width no fused matrix can take.
+        qkv = w.pop("layers.0.attn.wqkv.weight")
+        q, k, v = qkv.split([64, 32, 32])
+        w.update({"layers.0.attn.wq.weight": q, "layers.0.attn.wk.weight": k[:, :-1].contiguous(),
+                  "layers.0.attn.wv.weight": v})
+        return w
+    code, err = answer(model_dir(tmp_path, axiom_demo, weights=split), capsys)
+    line = one_line(err)
+    assert code == 1 and "cannot fuse layers.0.attn.wqkv.weight" in line and "layers.0.attn.wk.weight [32, 63]" in line
+
+
+def test_a_model_that_does_not_fit_in_memory_is_refused_before_loading(tmp_path, axiom_demo, capsys, monkeypatch):
+    from chatapp.engine import loader
+
+    monkeypatch.setattr(loader, "available_memory", lambda device: 10 * 2**20)
+    monkeypatch.setattr(loader, "_read_tensors", lambda *a: pytest.fail("weights read before the memory check"))
+    code, err = answer(model_dir(tmp_path, axiom_demo), capsys, "--dtype", "float32")
+    line = one_line(err)
+    # axiom-tiny in fp32: 6.5M parameters = 25 MiB of weights, plus its KV cache for 256 tokens.
+    assert code == 1 and "needs 25." in line and "only 10.0 MiB is free (MemAvailable)" in line
+
+
+def test_verify_a_damaged_fixture_is_a_fail_line(tmp_path, fixture_dir, capsys):
+    truncated, misfit = tmp_path / "truncated", tmp_path / "misfit"
+    for d in (truncated, misfit):
+        shutil.copytree(fixture_dir("axiom"), d)
+        for p in d.iterdir():
+            p.chmod(0o644)
+    golden = truncated / "golden.safetensors"
+    golden.write_bytes(golden.read_bytes()[:3000])
+    cfg = json.loads((misfit / "config.json").read_text())
+    (misfit / "config.json").write_text(json.dumps({**cfg, "n_heads": 0}))
+    assert main(["verify", str(truncated), str(misfit)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.splitlines()) == 2, err
+    assert f"{truncated}: FAIL: " in err and "golden.safetensors is truncated" in err
+    assert f"{misfit}: FAIL: " in err and "'n_heads' must be >= 1" in err
+
+
+def test_selftest_on_a_model_not_downloaded(capsys):
+    assert main(["selftest", "odinnext"]) == 1
+    assert "odinnext is not downloaded yet; run `smollchat download odinnext`" in one_line(capsys.readouterr().err)
+
+
+def test_seed_beyond_64_bits_is_a_usage_error(capsys):
+    assert main(["--model", "axiom-tiny", "--prompt", "hi", "--seed", str(2**64)]) == 2
+    assert "seed" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("io_encoding", ["utf-8:strict", None], ids=["strict", "utf8-mode-surrogates"])
+def test_invalid_utf8_on_stdin_under_a_strict_locale(io_encoding):
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+    env.pop("PYTHONIOENCODING", None)
+    if io_encoding:
+        env["PYTHONIOENCODING"] = io_encoding
+    r = subprocess.run([sys.executable, "-m", "chatapp", "--model", "axiom-tiny", "--prompt", "-"],
+                       input=b"h\xffi", capture_output=True, env=env, timeout=300)
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 2 and "stdin is not UTF-8 text (byte 0xff at offset 1)" in one_line(err)
+
+
+def test_output_the_locale_cannot_encode_is_escaped_not_a_crash():
+    env = {**os.environ, "PYTHONIOENCODING": "ascii:strict"}
+    r = subprocess.run([sys.executable, "-m", "chatapp", "tokenize", "--model", "axiom", "--json", "café"],
+                       capture_output=True, env=env, timeout=300)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr
+    assert json.loads(r.stdout)["text"] == "café"  # valid JSON, with \u escapes
+    r = subprocess.run([sys.executable, "-m", "chatapp", "tokenize", "--model", "axiom", "café"],
+                       capture_output=True, env=env, timeout=300)
+    assert r.returncode == 0 and b"'f\\xe9'" in r.stdout  # the piece 'fé', escaped instead of a crash
+
+
+def test_a_bug_is_still_one_line_and_debug_shows_it(monkeypatch, capsys):
+    import chatapp.cli.models as models_cmd
+
+    def broken(args):
+        raise ZeroDivisionError("boom")
+    monkeypatch.setattr(models_cmd, "run", broken)
+    assert main(["models"]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line == ("smollchat: internal error: ZeroDivisionError: boom (a bug; SMOLLCHAT_DEBUG=1 shows the "
+                    "traceback, please report it)")
+    monkeypatch.setenv("SMOLLCHAT_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        main(["models"])

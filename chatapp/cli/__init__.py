@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
+import os
 import pkgutil
 import sys
 from typing import Sequence
 
 from . import chat
-from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError
+from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError, describe, is_utf8
 
 __all__ = ["main", "build_parser", "CliError", "EXIT_OK", "EXIT_FAIL", "EXIT_USAGE"]
 
@@ -41,17 +43,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _tolerant_output() -> None:
+    """Under a locale whose encoding is not UTF-8, characters it cannot show print as escapes instead of
+    ending the command with UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict" and not is_utf8(stream):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. The only exception handler: every failure ends as one line on stderr and the
+    documented exit code (1 failure, 2 usage, 130 interrupted); SMOLLCHAT_DEBUG=1 lets bugs raise."""
+    _tolerant_output()
     args = build_parser().parse_args(argv)
     try:
         if args.command:
             return args.func(args)
         return chat.run(args)
-    except CliError as e:
-        print(f"smollchat: {e}", file=sys.stderr)
-        return e.code
     except KeyboardInterrupt:
         print("\nsmollchat: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return EXIT_OK
+    except Exception as e:
+        message, code = describe(e)
+        if message.startswith("internal error") and os.environ.get("SMOLLCHAT_DEBUG") == "1":
+            raise
+        print(f"smollchat: {message}", file=sys.stderr)
+        return code

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-from .common import EXIT_OK, CliError, read_text, resolve_entry
+from .common import EXIT_OK, CliError, is_utf8, read_text, resolve_entry
 
 ORDER = 30
 
@@ -37,7 +38,7 @@ def run(args) -> int:
     pieces = [tok.piece(i) for i in ids]
     if args.json:
         print(json.dumps({"model": entry.id, "ids": ids, "pieces": pieces, "count": len(ids), "text": rendered},
-                         ensure_ascii=False))
+                         ensure_ascii=not is_utf8(sys.stdout)))
         return EXIT_OK
     if args.chat:
         print(rendered)

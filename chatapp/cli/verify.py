@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE
+from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, describe
 
 ORDER = 40
 
@@ -16,8 +16,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..engine.arch.base import UnknownArchitecture
-    from ..engine.loader import LoadError
     from ..engine.verify import verify
 
     code = EXIT_OK
@@ -28,13 +26,15 @@ def run(args) -> int:
             continue
         try:
             report = verify(d)
-        except UnknownArchitecture as e:
-            print(f"{d}: {e}", file=sys.stderr)
-            code = max(code, EXIT_USAGE)
-            continue
-        except (LoadError, ValueError) as e:
-            print(f"{d}: FAIL: {e}", file=sys.stderr)
-            code = max(code, EXIT_FAIL)
+        except (KeyboardInterrupt, BrokenPipeError):
+            raise
+        except Exception as e:  # one directory that cannot be checked does not stop the others
+            message, err_code = describe(e)
+            if err_code == EXIT_USAGE:  # an architecture this version does not implement
+                print(f"{d}: {message}", file=sys.stderr)
+            else:
+                print(f"{d}: FAIL: {message}", file=sys.stderr)
+            code = max(code, err_code)
             continue
         print("\n".join(report.lines()))
         if not report.ok:

@@ -172,11 +172,16 @@ def fuse(weights: dict[str, torch.Tensor], dst: str, srcs: list[str], squeeze: b
     """sanitize: concatenate the checkpoint tensors `srcs` along dim 0 into `dst` (the rows of a fused matmul,
     or the channels of fused depthwise convs, whose [C, 1, W] weights `squeeze` makes [C, W]). Idempotent:
     a dict without srcs[0] (our own state_dict) is left alone; one that has it but lacks another source
-    raises KeyError naming it (the loader reports the missing tensor)."""
+    raises KeyError naming it (the loader reports the missing tensor); sources whose shapes cannot be joined
+    raise ValueError naming them."""
     if srcs[0] not in weights:
         return
     parts = [weights.pop(name) for name in srcs]
-    weights[dst] = torch.cat([w.squeeze(1) if squeeze else w for w in parts])
+    parts = [w.squeeze(1) if squeeze else w for w in parts]
+    if len({tuple(w.shape[1:]) for w in parts}) > 1:
+        shapes = ", ".join(f"{name} {list(w.shape)}" for name, w in zip(srcs, parts))
+        raise ValueError(f"cannot fuse {dst} from {shapes}: they differ beyond the first dimension")
+    weights[dst] = torch.cat(parts)
 
 
 def rename(weights: dict[str, torch.Tensor], src: str, dst: str) -> None:

@@ -22,7 +22,7 @@ GENESIS_MARKER_TENSOR = "ln_f.omega"
 INDEX_NAME = "model.safetensors.index.json"
 
 __all__ = ["LoadError", "UnknownArchitecture", "read_config", "safetensors_files", "build_model",
-           "load_model", "check_inventory", "resolve_dtype", "resolve_device"]
+           "load_model", "read_tensors", "check_inventory", "check_fits", "available_memory", "resolve_dtype", "resolve_device"]
 
 
 class LoadError(RuntimeError):
@@ -106,6 +106,8 @@ def read_config(model_dir: Path) -> dict[str, Any]:
             config = json.loads(cfg_path.read_text())
         except ValueError as e:
             raise LoadError(f"{cfg_path} is not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise LoadError(f"{cfg_path} must hold a JSON object of config keys, not {type(config).__name__}")
     shards = safetensors_files(model_dir) if any(model_dir.glob("*.safetensors")) else []
     meta = (_header(shards[0]).get("__metadata__") or {}) if shards else {}
     if GENESIS_META_KEY in meta:
@@ -125,6 +127,8 @@ def read_config(model_dir: Path) -> dict[str, Any]:
         config["model_type"] = "genesis"
     if not config.get("model_type"):
         raise LoadError(f"{cfg_path} has no model_type; pass the architecture with the catalog entry")
+    if not isinstance(config["model_type"], str):
+        raise LoadError(f"{cfg_path}: model_type must be a string, got {config['model_type']!r}")
     return config
 
 
@@ -134,10 +138,11 @@ def build_model(config: dict[str, Any], options: dict[str, Any] | None = None,
     mod = arch_module(arch or config["model_type"])
     try:
         args = mod.ModelArgs.from_config(config, **(options or {}))
-    except (TypeError, ValueError) as e:
+        # Values pass one by one yet may not fit together (heads that do not divide the width).
+        with torch.device(device):
+            return mod.Model(args)
+    except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:
         raise LoadError(f"config does not fit architecture {mod.__name__.rsplit('.', 1)[-1]}: {e}") from None
-    with torch.device(device):
-        return mod.Model(args)
 
 
 def check_inventory(model: ArchModel, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -146,6 +151,10 @@ def check_inventory(model: ArchModel, weights: dict[str, torch.Tensor]) -> dict[
         weights = model.sanitize(dict(weights))
     except KeyError as e:
         raise LoadError(f"checkpoint lacks tensor {e.args[0]}") from None
+    except (RuntimeError, ValueError, IndexError) as e:
+        # Reference-layout tensors (separate q/k/v, gate/up) whose shapes do not fuse.
+        raise LoadError(f"checkpoint tensors do not fit together as this architecture expects ({e}); "
+                        "is this the right model or config?") from None
     expected = {k: v for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
@@ -164,7 +173,15 @@ def check_inventory(model: ArchModel, weights: dict[str, torch.Tensor]) -> dict[
     return weights
 
 
-def _read_tensors(files: list[Path], device: torch.device, dtype: torch.dtype, keep_fp32: set[str]) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file as stored, on the CPU (golden files): a truncated or corrupt
+    file is a LoadError, as for weights."""
+    return _read_tensors([Path(path)], torch.device("cpu"), None, set())
+
+
+def _read_tensors(files: list[Path], device: torch.device, dtype: torch.dtype | None,
+                  keep_fp32: set[str]) -> dict[str, torch.Tensor]:
+    """Weights cast to `dtype` (fp32 for `keep_fp32`) and checked finite; with dtype None, tensors as stored."""
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
@@ -173,16 +190,34 @@ def _read_tensors(files: list[Path], device: torch.device, dtype: torch.dtype, k
         try:
             with safe_open(str(f), framework="pt", device="cpu") as sf:
                 for name in sf.keys():
-                    t = sf.get_tensor(name)
-                    if t.is_floating_point():
-                        t = t.to(torch.float32 if name in keep_fp32 else dtype)
+                    raw = sf.get_tensor(name)
+                    if dtype is None or not raw.is_floating_point():
+                        out[name] = raw.to(device)
+                        continue
                     # Cast before moving, one tensor at a time: no second full copy of the model.
-                    out[name] = t.to(device)
+                    out[name] = t = raw.to(torch.float32 if name in keep_fp32 else dtype).to(device)
+                    _check_finite(f, name, raw, t)
         except LoadError:
             raise
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise LoadError(f"cannot read {f}: {e}; delete it and download again") from None
     return out
+
+
+def _check_finite(path: Path, name: str, raw: torch.Tensor, t: torch.Tensor) -> None:
+    """Refuse NaN/Inf weights, which would otherwise stream garbage. One sum per tensor (NaN and Inf
+    propagate through it) costs about a read of the weights; isfinite() runs only when the sum is not
+    finite, since a sum of large finite values can overflow too."""
+    if bool(torch.isfinite(t.sum())):
+        return
+    bad = int((~torch.isfinite(t)).sum())
+    if not bad:
+        return
+    if bool(torch.isfinite(raw).all()):
+        raise LoadError(f"tensor {name} in {path} overflows {str(t.dtype).removeprefix('torch.')} ({bad} values "
+                        "become Inf); load it in float32 or bfloat16 (--dtype)")
+    raise LoadError(f"tensor {name} in {path} holds {bad} NaN/Inf value(s): the checkpoint is damaged; "
+                    "delete it and download again")
 
 
 class _CpuBf16Linear(torch.nn.Linear):
@@ -217,10 +252,50 @@ def upcast_wide_cpu_matmuls(model: torch.nn.Module) -> None:
             m.__class__ = _CpuBf16Linear
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can take on `device` now: MemAvailable on CPU (free plus reclaimable cache),
+    the driver's free figure on CUDA; None where unknown (then nothing is refused)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def check_fits(model: ArchModel, device: torch.device, dtype: torch.dtype, keep_fp32: set[str],
+               state_tokens: int) -> None:
+    """Refuse, before anything is allocated, a model whose weights (in `dtype`) plus a state for
+    `state_tokens` tokens exceed the memory free on `device`. `model` is still on the meta device."""
+    avail = available_memory(device)
+    if avail is None:
+        return
+    weights = sum(t.numel() * (t.element_size() if not t.is_floating_point()
+                               else 4 if name in keep_fp32 else dtype.itemsize)
+                  for name, t in [*model.named_parameters(), *model.named_buffers()])
+    tokens = min(state_tokens, model.max_context) if state_tokens > 0 else 0
+    state = sum(model.make_state(tokens, torch.device("meta"), dtype).bytes().allocated.values()) if tokens else 0
+    if weights + state > avail:
+        where = "MemAvailable" if device.type == "cpu" else f"free on {device}"
+        raise LoadError(f"the model needs {_size(weights + state)} ({_size(weights)} of weights in "
+                        f"{str(dtype).removeprefix('torch.')} + {_size(state)} of state for {tokens} tokens) but "
+                        f"only {_size(avail)} is free ({where}); close other programs"
+                        f"{', use --dtype bfloat16' if dtype == torch.float32 else ''} or choose a smaller model")
+
+
 def load_model(model_dir: Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
                options: dict[str, Any] | None = None, arch: str | None = None,
-               config: dict[str, Any] | None = None) -> ArchModel:
-    """Load a model directory strictly. Parameters end up on `device` in `dtype`."""
+               config: dict[str, Any] | None = None, state_tokens: int = 0) -> ArchModel:
+    """Load a model directory strictly. Parameters end up on `device` in `dtype`. It is refused before
+    anything is allocated when its weights plus a state for `state_tokens` tokens do not fit (check_fits)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise LoadError(f"model directory {model_dir} does not exist")
@@ -229,6 +304,7 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu", dtype: str |
     dtype = resolve_dtype(dtype, device)
     model = build_model(config, options, arch)
     keep = set(getattr(model, "FP32_TENSORS", ()))
+    check_fits(model, device, dtype, keep, state_tokens)
     weights = check_inventory(model, _read_tensors(safetensors_files(model_dir), device, dtype, keep))
     model.load_state_dict(weights, strict=True, assign=True)
     return prepare_for_inference(model, device, dtype)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .loader import load_model
+from .loader import LoadError, load_model, read_tensors
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,15 @@ def forced_decode(model, input_ids: torch.Tensor, continuation: list[int], contr
 @torch.inference_mode()
 def verify(fixture_dir: str | Path) -> VerifyReport:
     """Run the fixture's checks; raise UnknownArchitecture for an architecture not built yet."""
-    from safetensors.torch import load_file
-
     d = Path(fixture_dir)
-    golden = json.loads((d / "golden.json").read_text())
-    tensors = load_file(str(d / "golden.safetensors"))
+    try:
+        golden = json.loads((d / "golden.json").read_text())
+    except ValueError as e:
+        raise LoadError(f"{d / 'golden.json'} is not valid JSON ({e})") from None
+    tensors = read_tensors(d / "golden.safetensors")
+    if not isinstance(golden, dict) or "input_ids" not in tensors:
+        raise LoadError(f"{d} is not a golden fixture (golden.json must be an object, golden.safetensors "
+                        "must hold input_ids)")
     model = load_model(d, "cpu", torch.float32)
     controls = golden_controls(golden)
     report = VerifyReport(str(d), type(model).__module__.rsplit(".", 1)[-1], controls)

@@ -1,5 +1,7 @@
 """Loader errors name the problem; variants the Axiom spec lists load; the real inventory loads on meta."""
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -161,3 +163,74 @@ def test_cpu_bf16_prefill_upcast_only_without_bf16_hardware(axiom_copy, monkeypa
     ids = torch.arange(24).view(1, 24)
     with torch.inference_mode():
         assert torch.isfinite(model(ids)).all()
+
+
+# Config values: every field's type and range, checked where the architecture reads them (issue 11 §5).
+
+@pytest.mark.parametrize("arch, key, value, words", [
+    ("axiom", "n_kv_heads", 0, "'n_kv_heads' must be >= 1, got 0"),
+    ("axiom", "dim", 64.5, "'dim' must be a whole number, got 64.5"),
+    ("axiom", "norm_eps", float("inf"), "'norm_eps' must be a finite number, got inf"),
+    ("axiom", "rope_theta", -1.0, "'rope_theta' must be > 0, got -1.0"),
+    ("huginn", "qk_bias", "yes", "'qk_bias' must be true or false, got 'yes'"),
+    ("huginn", "num_key_value_heads", -4, "'num_key_value_heads' must be >= 1"),
+    ("odinnext", "rope_layout", 3, "'rope_layout' must be a string, got 3"),
+    ("genesis", "gla_expand_k", float("nan"), "'gla_expand_k' must be a finite number, got nan"),
+    ("byrne", "rms_norm_eps", 0.0, "'rms_norm_eps' must be > 0, got 0.0"),
+])
+def test_config_values_are_checked_by_type_and_range(fixture_dir, arch, key, value, words):
+    config = read_config(fixture_dir(arch))
+    with pytest.raises(LoadError, match=f"config does not fit architecture .*: config key {re.escape(words)}"):
+        build_model({**config, key: value})
+
+
+def test_config_values_that_are_fine_load_as_their_type(fixture_dir):
+    config = read_config(fixture_dir("axiom"))
+    # An int written as 2.0 is an int; a float field takes an int; a zero default means zero is allowed.
+    model = build_model({**config, "n_layers": 3.0, "rope_theta": 10000, "norm_eps": 1e-5})
+    assert model.args.n_layers == 3 and isinstance(model.args.n_layers, int)
+    assert model.args.rope_theta == 10000.0 and isinstance(model.args.rope_theta, float)
+    assert build_model({**read_config(fixture_dir("odinnext")), "logit_softcap": 0.0}).args.logit_softcap == 0.0
+    # None stays allowed where the field's type says `| None`.
+    assert build_model({**read_config(fixture_dir("huginn")), "num_key_value_heads": None}).args.n_kv_heads == 4
+
+
+# Non-finite weights, and models that do not fit in memory, are refused at load.
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_named(axiom_copy, bad):
+    def poison(w):
+        w["layers.2.attn.wo.weight"][5, 7] = bad
+        return w
+    _rewrite(axiom_copy, poison)
+    with pytest.raises(LoadError, match=r"tensor layers.2.attn.wo.weight in .* holds 1 NaN/Inf value\(s\)"):
+        load_model(axiom_copy)
+
+
+def test_weights_that_overflow_the_target_dtype_are_named(axiom_copy):
+    _rewrite(axiom_copy, lambda w: {**w, "norm.weight": torch.full((64,), 1e6)})  # finite in fp32, Inf in fp16
+    with pytest.raises(LoadError, match="tensor norm.weight .* overflows float16"):
+        load_model(axiom_copy, dtype=torch.float16)
+    assert load_model(axiom_copy, dtype=torch.bfloat16).norm.weight.isfinite().all()
+
+
+def test_a_model_that_does_not_fit_is_refused_before_its_weights_are_read(axiom_copy, monkeypatch):
+    from chatapp.engine import loader
+
+    model = build_model(read_config(axiom_copy))  # on meta: figures without allocating
+    weights = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()])
+    state = sum(model.make_state(64, torch.device("meta"), torch.float32).bytes().allocated.values())
+    monkeypatch.setattr(loader, "_read_tensors", lambda *a: pytest.fail("weights read before the memory check"))
+    monkeypatch.setattr(loader, "available_memory", lambda device: weights + state - 1)
+    with pytest.raises(LoadError, match=r"needs .* of weights in float32 \+ .* of state for 64 tokens.*MemAvailable"):
+        load_model(axiom_copy, state_tokens=10_000)  # the state is capped at the model's 64-token context
+    monkeypatch.setattr(loader, "available_memory", lambda device: weights + state)
+    with pytest.raises(pytest.fail.Exception, match="weights read"):
+        load_model(axiom_copy, state_tokens=64)  # it fits exactly: the check lets it through
+
+
+def test_available_memory_reads_meminfo():
+    from chatapp.engine.loader import available_memory
+
+    avail = available_memory(torch.device("cpu"))
+    assert avail is not None and 0 < avail <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

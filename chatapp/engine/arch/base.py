@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import threading
+import types
+import typing
 import warnings
 from typing import Any, Mapping
 
@@ -48,7 +51,15 @@ def arch_module(model_type: str):
 
 @dataclasses.dataclass
 class ArchArgs:
-    """Base for each architecture's ModelArgs: the dataclass fields are the config keys it reads."""
+    """Base for each architecture's ModelArgs: the dataclass fields are the config keys it reads.
+
+    Every value read is checked against its field's type, and numbers against a range: ints >= 1,
+    floats finite and > 0 (>= 0 where the field's default is 0: zero means "off" there), unless
+    `CONFIG_RANGES` (field -> (low, high), inclusive, None = open) says otherwise. A value that fails
+    is a ValueError naming the config key.
+    """
+
+    CONFIG_RANGES = {}  # not a field (no annotation): per-architecture exceptions to the default ranges
 
     @classmethod
     def from_config(cls, config: dict[str, Any], **options: Any):
@@ -65,7 +76,54 @@ class ArchArgs:
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
             raise ValueError(f"config.json lacks required key(s): {', '.join(missing)}")
-        return cls(**merged)
+        return cls(**cls.checked_values(merged))
+
+    @classmethod
+    def checked_values(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """`values` with each one checked against its field's type and range (ints given as 2.0 become 2)."""
+        hints = typing.get_type_hints(cls)
+        zero_ok = {f.name for f in dataclasses.fields(cls) if f.default == 0 and f.default is not False}
+        ranges = {**{k: (0, None) for k in zero_ok}, **cls.CONFIG_RANGES}
+        return {k: _checked_value(k, v, hints.get(k), ranges.get(k)) for k, v in values.items()}
+
+
+def _checked_value(key: str, value: Any, hint: Any, bounds: tuple[float | None, float | None] | None) -> Any:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"config key {key!r} must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"config key {key!r} must be a string, got {value!r}")
+        return value
+    if hint not in (int, float):
+        return value  # a structured field: its architecture checks it
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not number or not isinstance(value, int):
+            raise ValueError(f"config key {key!r} must be a whole number, got {value!r}")
+    else:
+        if not number or not math.isfinite(value):
+            raise ValueError(f"config key {key!r} must be a finite number, got {value!r}")
+        value = float(value)
+    if bounds is None:
+        if value <= 0 or (hint is int and value < 1):
+            raise ValueError(f"config key {key!r} must be {'>= 1' if hint is int else '> 0'}, got {value!r}")
+        return value
+    low, high = bounds
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f"in [{low}, {high}]" if low is not None and high is not None else (
+            f">= {low}" if low is not None else f"<= {high}")
+        raise ValueError(f"config key {key!r} must be {span}, got {value!r}")
+    return value
 
 
 class Interrupted(Exception):
