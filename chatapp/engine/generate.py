@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Generator, Mapping
+from typing import Any, Callable, Generator, Mapping
 
 import torch
 
@@ -20,6 +20,7 @@ from ..contract import Done, SamplingSettings, StepEvent, TokenDetail
 from .arch.base import Forward, Interrupted, check_cancel
 from .sample import Sampler
 from .state import ContextFull, StateList
+from .token_detail import NO_DETAIL, token_detail
 from .tokenizer import StreamDecoder, Tokenizer
 
 #: Prompt tokens per prefill call: bounds the attention mask and activation memory of long prompts.
@@ -98,6 +99,8 @@ class DecodeRequest:
         stop_ids: the settings' stop ids plus the tokenizer's.
         reused: prompt tokens the prompt cache skipped.
         start_s, prefill_s: perf_counter at the call's start, seconds the prefill took.
+        step: what runs one decode token (`infer`'s signature): the model's infer, or the engine's compiled
+            step (engine/graphs.py); None is model.infer.
     """
 
     model: Any
@@ -114,6 +117,7 @@ class DecodeRequest:
     reused: int = 0
     start_s: float = 0.0
     prefill_s: float = 0.0
+    step: Callable[..., Forward] | None = None
 
 
 @dataclass
@@ -139,6 +143,7 @@ def decode_loop(req: DecodeRequest) -> Generator[StepEvent, None, DecodeResult]:
     new, first_t, last_t = 0, None, None
     reason, detail = "max_tokens", ""
     want = req.detail
+    step = req.step or model.infer
     # Self-speculative decoding (Huginn): under plain greedy a model that offers a speculator returns
     # several next tokens per call, each with the logits plain decoding would have produced.
     plain_greedy = settings.temperature == 0 and settings.repetition_penalty == 1.0 and settings.no_repeat_ngram == 0
@@ -148,13 +153,14 @@ def decode_loop(req: DecodeRequest) -> Generator[StepEvent, None, DecodeResult]:
         if req.cancel.is_set():
             reason = "cancelled"
             break
-        draw = sampler.draw(logits, logprob=want.logprob, entropy=want.entropy)
+        draw = sampler.draw(logits, logprob=False, entropy=False)
+        # The figures of token_detail only when asked: a call that asks for none pays nothing for them.
+        extra = token_detail(logits, draw.token_id, want, sampler) if want.any else dict(NO_DETAIL)
+        extra["steps"] = steps
         now = time.perf_counter()
         first_t = first_t or now
         last_t = now
         new += 1
-        alts = _alternatives(logits, want.alternatives) if want.alternatives else None
-        extra = dict(logprob=draw.logprob, entropy=draw.entropy, alternatives=alts, steps=steps)
         if draw.token_id in req.stop_ids:
             yield StepEvent(draw.token_id, "", time.monotonic_ns(), **extra)
             reason = "eos"
@@ -180,8 +186,8 @@ def decode_loop(req: DecodeRequest) -> Generator[StepEvent, None, DecodeResult]:
             if pending:
                 logits, steps = pending.pop(0)
                 continue
-            out = model.infer(torch.tensor([[draw.token_id]], device=device), state, req.controls, req.cancel,
-                              last_only=True)
+            out = step(torch.tensor([[draw.token_id]], device=device), state, req.controls, req.cancel,
+                       last_only=True)
         except ContextFull as e:
             reason, detail = "context_full", str(e)
             break
@@ -206,9 +212,3 @@ def decode_loop(req: DecodeRequest) -> Generator[StepEvent, None, DecodeResult]:
         decode_tok_s=(new - 1) / decode_s if new > 1 and decode_s > 0 else 0.0,
         reused_tokens=req.reused, detail=detail, text=tail)
     return DecodeResult(done, fed)
-
-
-def _alternatives(logits: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
-    """The k most likely ids of the model's raw distribution with their log-probabilities."""
-    top = logits.float().log_softmax(-1).topk(min(k, logits.shape[-1]))
-    return tuple(zip(top.indices.tolist(), top.values.tolist()))

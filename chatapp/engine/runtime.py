@@ -21,6 +21,7 @@ from ..contract import (ControlSpec, Controls, Done, MemoryReport, SamplingSetti
                         resolve_controls)
 from .arch.base import Forward, Interrupted
 from .generate import DecodeRequest, decode_loop, feed
+from .graphs import MODES as COMPILE_MODES, CompileReport, decode_step
 from .prompt_cache import DEFAULT_BUDGET, PromptCache
 from .loader import LoadError, load_model, read_config, resolve_device, resolve_dtype
 from .tokenizer import Tokenizer, load_tokenizer
@@ -50,6 +51,9 @@ class Engine:
         resolve_controls(self.controls, entry.controls)  # a catalog value this model refuses fails the load
         self.state = model.make_state(context_limit, device, dtype)
         self.cache = PromptCache(self.state, prompt_cache_bytes)
+        # The one-token step the decode loop runs: model.infer, or the compiled one load_engine sets.
+        self.step: Callable[..., Forward] = model.infer
+        self.compile = CompileReport("off", False, "--compile off")
         self._running: threading.Event | None = None  # the cancel flag of the call holding the lock
         self._lock = threading.Lock()
 
@@ -114,7 +118,8 @@ class Engine:
             raise NonFiniteOutput("the model's first logits are NaN/Inf: its weights or config values are broken "
                                   "(finite but out of range); this checkpoint cannot produce text as it is")
         req = DecodeRequest(self.model, self.state, self.tokenizer, first, list(ids), settings, stop_ids,
-                            self.context_limit, controls, cancel, detail, reused, start, time.perf_counter() - start)
+                            self.context_limit, controls, cancel, detail, reused, start, time.perf_counter() - start,
+                            step=self.step)
         try:
             result = yield from decode_loop(req)
         except BaseException:
@@ -167,7 +172,8 @@ class Engine:
                 "n_layers": self.model.n_layers, "hidden_size": self.model.hidden_size,
                 "params": sum(p.numel() for p in self.model.parameters()),
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "context_limit": self.context_limit, "demo": self.entry.demo}
+                "context_limit": self.context_limit, "demo": self.entry.demo, "compile": self.compile.label,
+                "quantize": getattr(self, "quantize", "none")}
 
 
 def _rss_bytes() -> int:
@@ -206,14 +212,35 @@ def entry_for_directory(path: Path, catalog: dict[str, ModelEntry] | None = None
                    extra_sources=(), demo=False, path=Path(path))
 
 
+def _quantization(entry: ModelEntry, asked: str | None, device: torch.device) -> str:
+    """The weight-only quantization to load with: the one asked for, else the catalog's CPU default."""
+    from ..catalog import QUANTIZE
+
+    quant = entry.quantize if asked is None else asked
+    if quant not in QUANTIZE:
+        raise LoadError(f"quantize must be one of {', '.join(QUANTIZE)}, not {quant!r}")
+    if quant != "none" and device.type != "cpu":
+        if asked is None:
+            return "none"  # the catalog's default is a CPU default
+        raise LoadError(f"--quantize {quant} runs on PyTorch's packed CPU kernels; use --device cpu or --quantize none")
+    return quant
+
+
 def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", model_dir: Path | None = None,
-                progress: Callable[[str], None] | None = None) -> Engine:
-    """Load an entry (or a local directory) onto a device; `progress` receives short stage names."""
+                progress: Callable[[str], None] | None = None, compile: str = "auto",
+                quantize: str | None = None) -> Engine:
+    """Load an entry (or a local directory) onto a device; `progress` receives short stage names.
+
+    `compile` ("auto", "on", "off"): the decode step through torch.compile (engine/graphs.py); the outcome is
+    `engine.compile` (a CompileReport: mode, compile seconds, or why eager)."""
     say = progress or (lambda _msg: None)
+    if compile not in COMPILE_MODES:
+        raise LoadError(f"compile must be one of {', '.join(COMPILE_MODES)}, not {compile!r}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, entry.cpu_dtype)
     if dev.type == "cpu" and dt == torch.float16:
         raise LoadError("float16 is not supported on CPU; use float32 or bfloat16")
+    quant = _quantization(entry, quantize, dev)
     say("locating files")
     directory = Path(model_dir) if model_dir else (entry.path if entry.path and entry.path.is_dir() else model_files(entry))
     say("loading tokenizer")
@@ -223,7 +250,10 @@ def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", mo
         tok_file = hub.file_path(entry, entry.tokenizer.file)
     tokenizer = load_tokenizer(entry, directory, tok_file)
     say("loading weights")
-    model = load_model(directory, dev, dt, options=entry.options, state_tokens=entry.context)
+    if quant != "none":
+        say(f"loading weights ({quant})")
+    model = load_model(directory, dev, dt, options=entry.options, state_tokens=entry.context,
+                       quantize=None if quant == "none" else quant)
     vocab = model.vocab_size
     too_big = [s for s, i in tokenizer.specials.items() if i >= vocab]
     if too_big:
@@ -231,5 +261,10 @@ def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", mo
                         "the tokenizer does not belong to this checkpoint")
     limit = min(entry.context, model.max_context)
     say("allocating state")
-    return Engine(model, tokenizer, entry, dev, dt, limit)
+    engine = Engine(model, tokenizer, entry, dev, dt, limit)
+    engine.quantize = quant
+    if compile != "off":
+        say("preparing the decode step")
+    engine.step, engine.compile = decode_step(model, entry.architecture, engine.state, dev, dt, compile)
+    return engine
 

@@ -1,0 +1,261 @@
+"""The compiled decode step: one token through `torch.compile` (inductor), CPU C++ or a CUDA graph.
+
+Only the one-token forward is compiled; prefill stays eager. The step is the model's own forward, so the
+compiled and eager paths share every line of the architecture. The KV length is the one thing that changes
+per step: dynamo specialises on it once, sees it change, and recompiles once with the length symbolic
+(automatic dynamic shapes), so a whole reply runs on two compiled graphs, never one per position. Both
+happen at load (`warm_up`), timed, so the first reply does not pay for them. Compiled artefacts (inductor's
+FX graph and AOT autograd caches) live under smollchat's cache folder (`compile_cache_dir`), never beside a
+checkpoint; a later load reuses them.
+
+On CUDA the step runs under mode="reduce-overhead" (CUDA graphs). The state's buffers are marked as static
+addresses: they never move (state.restore copies into them), so graphs that write the KV stay valid.
+
+Modes: "off" is the eager reference; "on" compiles (and records whether it measured faster); "auto" compiles
+only where an earlier "on" measured the compiled step faster for this CPU, torch, architecture, dtype and
+shape. Anything that stops compilation (no C++ compiler, an inductor error) logs one line and the engine
+runs eager.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .. import locations
+from .arch.base import Forward
+from .generate import roll_back
+from .state import StateList
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "on", "off")
+#: Architectures whose one-token forward compiles as one graph (fullgraph=True) and matches eager.
+#: The others keep Python control flow inside a step (Huginn's adaptive exit, OdinNext/Genesis recurrences
+#: not yet measured under inductor) and run eager.
+COMPILABLE = frozenset({"axiom", "spike_whale"})
+#: Timed steps per path when "on" measures compiled against eager (alternating, medians).
+MEASURE_STEPS = 7
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    """What became of the compile request: shown by `--stats`, recorded in the run card.
+
+    Attributes:
+        mode: what was asked ("auto", "on", "off").
+        active: whether the decode step is compiled.
+        reason: one line: why eager, or the backend used.
+        compile_s: seconds the first use cost (tracing, inductor, C++ build or cache load), 0 if eager.
+        eager_ms, compiled_ms: median step times measured at load ("on" only), else None.
+    """
+
+    mode: str
+    active: bool
+    reason: str
+    compile_s: float = 0.0
+    eager_ms: float | None = None
+    compiled_ms: float | None = None
+
+    @property
+    def label(self) -> str:
+        """e.g. "compiled (inductor cpp, 21.4 s first use)" or "eager (--compile off)"."""
+        if self.active:
+            return f"compiled ({self.reason}, {self.compile_s:.1f} s first use)"
+        return f"eager ({self.reason})"
+
+
+def compile_cache_dir() -> Path:
+    """Inductor's on-disk cache for smollchat, per torch version (artefacts do not carry across versions)."""
+    d = locations.cache_dir() / "compile" / f"torch-{torch.__version__}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def find_cxx() -> str | None:
+    """The C++ compiler inductor would use (its configured names: $CXX, else g++), or None. A PATH lookup only:
+    cheap enough for every load."""
+    from torch._inductor import config
+
+    names = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+    for name in names:
+        if name and (found := shutil.which(name)):
+            return found
+    return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _decision_key(model, arch: str, device: torch.device, dtype: torch.dtype) -> str:
+    """What decides whether compiling pays: machine, kernels, torch, architecture, dtype and shape."""
+    shape = hashlib.sha256(repr(sorted(vars(model.args).items())).encode()).hexdigest()[:12]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{_cpu_model()}|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()}t")
+    return f"{where}|torch {torch.__version__}|{arch}|{str(dtype).removeprefix('torch.')}|{shape}"
+
+
+def _decisions_path() -> Path:
+    return compile_cache_dir() / "decisions.json"
+
+
+def _read_decisions() -> dict[str, Any]:
+    try:
+        data = json.loads(_decisions_path().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _record_decision(key: str, eager_ms: float, compiled_ms: float) -> None:
+    data = _read_decisions()
+    data[key] = {"eager_ms": eager_ms, "compiled_ms": compiled_ms, "faster": compiled_ms < eager_ms}
+    tmp = _decisions_path().with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.replace(_decisions_path())  # atomic: two loads never leave a half-written file
+
+
+def _point_caches_here() -> None:
+    """Inductor's FX graph and AOT autograd caches (and Triton's) under smollchat's cache folder."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+    # Dynamo's profile of which sizes varied is kept (in the same folder) only under a job id: with it, a
+    # later load compiles the length-generic graph first instead of one for a single length, then it.
+    torch.compiler.config.job_id = "smollchat-decode"
+    config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+
+
+class CompiledStep:
+    """model.infer for one token through a compiled forward; falls back to eager for good if the compiled call
+    ever fails (one log line), so a reply never dies of the compiler."""
+
+    def __init__(self, model, device: torch.device, freezing: bool = False, dynamic: bool | None = None) -> None:
+        self.model = model
+        self.device = device
+        self.freezing = freezing
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        # Freezing folds the weights into the graph as constants, so inductor can prepack them for oneDNN/MKL.
+        self._fn = torch.compile(self._forward, fullgraph=True, mode=mode, dynamic=dynamic,
+                                 options={"freezing": True} if freezing else None)
+        self.failed: str | None = None
+
+    def _forward(self, ids: torch.Tensor, state: StateList) -> torch.Tensor:
+        return self.model(ids, state, last_only=True)
+
+    def __call__(self, ids: torch.Tensor, state: StateList, controls: Mapping[str, Any] | None = None,
+                 cancel: threading.Event | None = None, last_only: bool = True) -> Forward:
+        if self.failed or ids.shape[1] != 1:
+            return self.model.infer(ids, state, controls, cancel, last_only=last_only)
+        state.check_room(1)  # ContextFull from eager Python, not from inside a traced graph
+        length = state.length
+        try:
+            logits = self._fn(ids, state)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: eager from here on
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning("compiled decode step failed, running eager from now on (%s)", self.failed)
+            roll_back(state, length)
+            return self.model.infer(ids, state, controls, cancel, last_only=last_only)
+        # A CUDA graph reuses its output buffer on the next replay.
+        return Forward(logits.clone() if self.device.type == "cuda" else logits)
+
+
+def _step_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t) * 1000
+
+
+def warm_up(step: CompiledStep, state: StateList, device: torch.device, measure: bool) -> tuple[float, float, float]:
+    """Compile both graphs (the first length, then the length-generic one) on the engine's own empty state,
+    then, if asked, time eager and compiled steps alternately. Returns (compile seconds, eager ms, compiled
+    ms) (the times NaN when not measured). Leaves the state empty."""
+    model = step.model
+    tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+    eager_ms: list[float] = []
+    compiled_ms: list[float] = []
+    with torch.inference_mode():
+        state.reset()
+        model.infer(torch.zeros(1, 2, dtype=torch.long, device=device), state)  # sizes 0 and 1 are special
+        t = time.perf_counter()
+        for _ in range(3):  # lengths 2, 3, 4: the graph for 2, the one for any length, a cache hit
+            step(tok, state)
+            if step.failed:
+                break
+        compile_s = time.perf_counter() - t
+        if measure and not step.failed:
+            snap = state.snapshot()
+            for _ in range(MEASURE_STEPS):
+                state.restore(snap)
+                eager_ms.append(_step_ms(lambda: model.infer(tok, state, last_only=True), device))
+                state.restore(snap)
+                compiled_ms.append(_step_ms(lambda: step(tok, state), device))
+        state.reset()
+    nan = float("nan")
+    return (compile_s, statistics.median(eager_ms) if eager_ms else nan,
+            statistics.median(compiled_ms) if compiled_ms else nan)
+
+
+def decode_step(model, arch: str, state: StateList, device: torch.device, dtype: torch.dtype,
+                mode: str = "auto", freezing: bool = False) -> tuple[Callable[..., Forward], CompileReport]:
+    """The step the decode loop calls for one token (`infer`'s signature) and what became of `mode`.
+
+    `state` is the engine's preallocated (empty) state: the graphs are compiled and, under "on", measured on
+    it, so the first reply pays nothing. Never raises for a compiler problem: it reports eager instead.
+    """
+    if mode not in MODES:
+        raise ValueError(f"compile mode {mode!r} is not one of {', '.join(MODES)}")
+    eager = model.infer
+    if mode == "off":
+        return eager, CompileReport(mode, False, "--compile off")
+    if arch not in COMPILABLE:
+        return eager, CompileReport(mode, False, f"the {arch} step is not compiled")
+    key = _decision_key(model, arch, device, dtype)
+    if mode == "auto":
+        seen = _read_decisions().get(key)
+        if not seen:
+            return eager, CompileReport(mode, False, "auto: not measured on this machine yet (--compile on measures)")
+        if not seen.get("faster"):
+            return eager, CompileReport(mode, False, f"auto: compiled measured no faster here "
+                                                     f"({seen['compiled_ms']:.1f} vs {seen['eager_ms']:.1f} ms)")
+    if device.type == "cpu" and find_cxx() is None:
+        log.warning("no C++ compiler found (set CXX or install g++): decoding eager")
+        return eager, CompileReport(mode, False, "no C++ compiler")
+    if device.type == "cuda":
+        for buf in (b for s in state for b in s.buffers()):
+            torch._dynamo.mark_static_address(buf)
+    _point_caches_here()
+    step = CompiledStep(model, device, freezing)
+    compile_s, eager_ms, compiled_ms = warm_up(step, state, device, measure=mode == "on")
+    if step.failed:
+        return eager, CompileReport(mode, False, f"compile failed: {step.failed}")
+    backend = "cuda graphs" if device.type == "cuda" else "inductor cpp" + (", frozen" if freezing else "")
+    if mode == "on":
+        _record_decision(key, eager_ms, compiled_ms)
+        return step, CompileReport(mode, True, backend, compile_s, eager_ms, compiled_ms)
+    return step, CompileReport(mode, True, backend, compile_s)
