@@ -16,7 +16,7 @@ import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 if TYPE_CHECKING:
     from .catalog import ModelEntry
@@ -38,6 +38,8 @@ class ControlSpec:
         changes_state: whether the value changes what the model's state holds after a token (the
             prompt cache keys its snapshots by these); False for controls that only change how the
             same result is computed (e.g. a speculative draft that is verified at full depth).
+        check: the architecture's own rule for a value its type and range allow (e.g. a cache
+            strategy's ring size); raises ValueError.
     """
 
     name: str
@@ -49,6 +51,7 @@ class ControlSpec:
     choices: tuple[Any, ...] = ()
     help: str = ""
     changes_state: bool = True
+    check: Callable[[Any], Any] | None = field(default=None, compare=False, repr=False)
 
     def coerce(self, value: Any) -> Any:
         """Convert and validate a value for this control; raise ValueError with a clear message."""
@@ -73,6 +76,11 @@ class ControlSpec:
             if self.min is not None and v < self.min or self.max is not None and v > self.max:
                 raise ValueError(f"control {self.name!r} must be within [{_bound(self.min)}, {_bound(self.max)}]; "
                                  f"got {v}")
+        if self.check is not None:
+            try:
+                self.check(v)
+            except ValueError as e:
+                raise ValueError(f"control {self.name!r}: {e}") from None
         return v
 
 
@@ -108,11 +116,13 @@ def _choice_ok(v: Any, choices: tuple[Any, ...]) -> bool:
 class Controls(Mapping):
     """The complete, validated control values of one call (made only by `resolve_controls`)."""
 
-    __slots__ = ("_values", "_state_key")
+    __slots__ = ("_values", "_state_key", "specs")
 
-    def __init__(self, values: dict[str, Any], state_key: tuple[tuple[str, Any], ...]) -> None:
+    def __init__(self, values: dict[str, Any], state_key: tuple[tuple[str, Any], ...],
+                 specs: tuple[ControlSpec, ...]) -> None:
         self._values = dict(values)
         self._state_key = state_key
+        self.specs = specs  # what they were validated against
 
     def __getitem__(self, name: str) -> Any:
         return self._values[name]
@@ -140,11 +150,13 @@ def resolve_controls(specs: tuple[ControlSpec, ...], catalog: Mapping[str, Any] 
     does not declare (a chat continued on another model, an entry paired with a stand-in engine): those
     are left out. The engine checks its own catalog entry's names when it loads.
     """
+    if catalog is None and chat is None and isinstance(call, Controls) and call.specs is specs:
+        return call  # resolved already, against these very specs (the per-forward case)
     by_name = {s.name: s for s in specs}
     values = {s.name: s.default for s in specs}
     for layer in (catalog, chat, call):
-        if isinstance(layer, Controls) and set(layer) == set(by_name):
-            values.update(layer)  # already validated against specs of the same names
+        if isinstance(layer, Controls) and layer.specs == specs:
+            values.update(layer)  # already validated against the same specs
             continue
         for name, value in (layer or {}).items():
             spec = by_name.get(name)
@@ -154,7 +166,7 @@ def resolve_controls(specs: tuple[ControlSpec, ...], catalog: Mapping[str, Any] 
                 raise ValueError(f"unknown control {name!r}; this model's controls are: "
                                  f"{', '.join(by_name) or 'none'}")
             values[name] = spec.coerce(value)
-    return Controls(values, tuple((s.name, values[s.name]) for s in specs if s.changes_state))
+    return Controls(values, tuple((s.name, values[s.name]) for s in specs if s.changes_state), specs)
 
 
 @dataclass(frozen=True)
@@ -210,11 +222,18 @@ class SamplingSettings:
 
 @dataclass(frozen=True)
 class TokenDetail:
-    """Which optional figures each StepEvent carries; the engine computes none that is not asked for."""
+    """Which optional figures each StepEvent carries; the engine computes none that is not asked for.
+
+    `final`: the chosen token's log-probability and the alternatives come from the distribution after the
+    sampling settings (penalties, n-gram ban, temperature, top-k/p, min-p; under greedy the penalised
+    scores at temperature 1, since the sampled distribution there is one-hot) instead of the model's raw
+    softmax. The entropy is always the raw distribution's.
+    """
 
     logprob: bool = False
     entropy: bool = False
     alternatives: int = 0
+    final: bool = False
 
     @property
     def any(self) -> bool:
@@ -223,6 +242,8 @@ class TokenDetail:
 
 #: What a chat run card records per token.
 RUN_CARD_DETAIL = TokenDetail(logprob=True, entropy=True)
+#: What the token inspector shows: the run card's figures plus the top 5 alternatives.
+INSPECT_DETAIL = TokenDetail(logprob=True, entropy=True, alternatives=5)
 
 
 @dataclass(frozen=True)
@@ -233,9 +254,11 @@ class StepEvent:
         token_id: the sampled id.
         text: the streamed text delta (never a broken UTF-8 sequence; may be "").
         t_ns: monotonic time when the token was ready.
-        logprob: log-probability of the token under the final sampling distribution (when asked).
+        logprob: log-probability of the token under the model's raw distribution, or the final sampling
+            one when `TokenDetail.final` (when asked).
         entropy: entropy (nats) of the model's raw next-token distribution (when asked).
-        alternatives: the most likely (token id, log-probability) pairs of that distribution (when asked).
+        alternatives: the most likely (token id, log-probability) pairs of the same distribution as
+            `logprob`, most likely first; ids the settings removed are left out (when asked).
         steps: recurrence steps the token's forward ran (Huginn), else None. Always filled: the forward
             reports it anyway, so it costs nothing.
     """

@@ -79,3 +79,17 @@ def test_the_contract_and_the_catalog_import_no_torch_and_no_engine():
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('chatapp.engine')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_architectures_own_rule_is_part_of_the_one_validator_and_resolved_controls_pass_through():
+    def ring(value):
+        if value.startswith("ring-") and int(value[5:]) < 1:
+            raise ValueError("a ring needs at least one slot")
+
+    specs = (*SPECS, ControlSpec("cache", "cache", "choice", "full", choices=("full", "ring-*"), check=ring))
+    with pytest.raises(ValueError, match="control 'cache': a ring needs at least one slot"):
+        resolve_controls(specs, call={"cache": "ring-0"})
+    c = resolve_controls(specs, catalog={"num_steps": 4}, call={"cache": "ring-8"})
+    # A model's forward gets the call's Controls: validated once, passed through as they are.
+    assert resolve_controls(specs, call=c) is c and c.specs is specs
+    assert dict(resolve_controls(specs, chat=c, call={"min_steps": 1})) == {**c, "min_steps": 1}

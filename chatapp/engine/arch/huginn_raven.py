@@ -157,7 +157,7 @@ class Model(ArchModel):
                     help="seed of the like-init noise (per position, so runs and prefill/decode agree)"),
         ControlSpec("continuous_compute", "warm start", "bool", False,
                     help="start each new token from the previous token's final state"),
-        ControlSpec("cache_strategy", "KV cache", "choice", "full", choices=_STRATEGIES,
+        ControlSpec("cache_strategy", "KV cache", "choice", "full", choices=_STRATEGIES, check=CacheStrategy.parse,
                     help="full / latest-m4 (early exit) / compress-sN (ring of N core slots) / <lookup>-compress-..."),
         ControlSpec("draft_steps", "speculative draft", "int", 0, 0, 128,
                     help="greedy only: draft tokens with this many steps, verify at num_steps (0 = off)",
@@ -204,10 +204,9 @@ class Model(ArchModel):
         return self._specs
 
     def _controls(self, values: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
-        """Complete control values: `values` over this checkpoint's defaults (validated by the contract)."""
-        c = resolve_controls(self._specs, call=values)
-        CacheStrategy.parse(c["cache_strategy"])  # N and the lookup are checked here
-        return c
+        """Complete control values: `values` over this checkpoint's defaults (validated by the contract;
+        an engine call's Controls pass as they are)."""
+        return resolve_controls(self._specs, call=values)
 
     def speculator(self, controls: Mapping[str, Any], cancel: threading.Event | None = None) -> "Speculator | None":
         """Self-speculative greedy decoding for one call, where it applies: a draft depth is set and no
