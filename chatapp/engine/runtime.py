@@ -172,8 +172,7 @@ class Engine:
                 "n_layers": self.model.n_layers, "hidden_size": self.model.hidden_size,
                 "params": sum(p.numel() for p in self.model.parameters()),
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "context_limit": self.context_limit, "demo": self.entry.demo, "compile": self.compile.label,
-                "quantize": getattr(self, "quantize", "none")}
+                "context_limit": self.context_limit, "demo": self.entry.demo, "compile": self.compile.label}
 
 
 def _rss_bytes() -> int:
@@ -212,23 +211,8 @@ def entry_for_directory(path: Path, catalog: dict[str, ModelEntry] | None = None
                    extra_sources=(), demo=False, path=Path(path))
 
 
-def _quantization(entry: ModelEntry, asked: str | None, device: torch.device) -> str:
-    """The weight-only quantization to load with: the one asked for, else the catalog's CPU default."""
-    from ..catalog import QUANTIZE
-
-    quant = entry.quantize if asked is None else asked
-    if quant not in QUANTIZE:
-        raise LoadError(f"quantize must be one of {', '.join(QUANTIZE)}, not {quant!r}")
-    if quant != "none" and device.type != "cpu":
-        if asked is None:
-            return "none"  # the catalog's default is a CPU default
-        raise LoadError(f"--quantize {quant} runs on PyTorch's packed CPU kernels; use --device cpu or --quantize none")
-    return quant
-
-
 def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", model_dir: Path | None = None,
-                progress: Callable[[str], None] | None = None, compile: str = "auto",
-                quantize: str | None = None) -> Engine:
+                progress: Callable[[str], None] | None = None, compile: str = "auto") -> Engine:
     """Load an entry (or a local directory) onto a device; `progress` receives short stage names.
 
     `compile` ("auto", "on", "off"): the decode step through torch.compile (engine/graphs.py); the outcome is
@@ -240,7 +224,6 @@ def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", mo
     dt = resolve_dtype(dtype, dev, entry.cpu_dtype)
     if dev.type == "cpu" and dt == torch.float16:
         raise LoadError("float16 is not supported on CPU; use float32 or bfloat16")
-    quant = _quantization(entry, quantize, dev)
     say("locating files")
     directory = Path(model_dir) if model_dir else (entry.path if entry.path and entry.path.is_dir() else model_files(entry))
     say("loading tokenizer")
@@ -250,10 +233,7 @@ def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", mo
         tok_file = hub.file_path(entry, entry.tokenizer.file)
     tokenizer = load_tokenizer(entry, directory, tok_file)
     say("loading weights")
-    if quant != "none":
-        say(f"loading weights ({quant})")
-    model = load_model(directory, dev, dt, options=entry.options, state_tokens=entry.context,
-                       quantize=None if quant == "none" else quant)
+    model = load_model(directory, dev, dt, options=entry.options, state_tokens=entry.context)
     vocab = model.vocab_size
     too_big = [s for s, i in tokenizer.specials.items() if i >= vocab]
     if too_big:
@@ -262,7 +242,6 @@ def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", mo
     limit = min(entry.context, model.max_context)
     say("allocating state")
     engine = Engine(model, tokenizer, entry, dev, dt, limit)
-    engine.quantize = quant
     if compile != "off":
         say("preparing the decode step")
     engine.step, engine.compile = decode_step(model, entry.architecture, engine.state, dev, dt, compile)
