@@ -358,3 +358,21 @@ async def test_enter_while_a_reply_streams_says_why_and_keeps_the_text(build):
         assert any("still streaming" in n.message for n in app._notifications)
         await pilot.press("escape")
         await wait_until(pilot, lambda: not app.chat_screen.live.busy)
+
+
+async def test_builtin_sampling_presets_fill_the_settings(build):
+    app = build(FakeEngine(["ok"]))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ChatSettings")
+        await pilot.click("#builtin-precise")
+        assert app.screen.query_one("#f-temperature").value == "0.2"
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: app.screen is app.chat_screen)
+        assert app.chat_screen.conv.settings["temperature"] == 0.2
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ChatSettings")
+        await pilot.click("#builtin-card")  # the card's own settings: every override cleared
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: app.screen is app.chat_screen)
+        assert app.chat_screen.conv.settings == {}

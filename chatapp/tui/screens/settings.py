@@ -23,6 +23,13 @@ FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_re
           "max_new_tokens", "stop_strings")
 _TYPES = {f.name: f.type for f in fields(SamplingSettings)}
 NO_PRESET = "(no preset)"
+#: Built-in starting points that fill the fields (still editable): the card's own settings (every
+#: field empty), a near-deterministic one for facts and code, and a looser one for writing.
+BUILTIN = {
+    "card": {},
+    "precise": {"temperature": 0.2, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.05},
+    "creative": {"temperature": 1.0, "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.1},
+}
 
 
 def parse_field(name: str, raw: str) -> Any:
@@ -55,6 +62,9 @@ class ChatSettings(ModalScreen[dict | None]):
     ChatSettings .switch-row Label { padding: 1 1 0 0; }
     ChatSettings Select { width: 1fr; }
     ChatSettings .switch-row Button { margin: 0 0 0 1; }
+    ChatSettings .builtin-row { height: 1; margin: 1 0; }
+    ChatSettings .builtin-row Label { padding: 0 1 0 0; width: 20; }
+    ChatSettings .builtin-row Button { margin: 0 1 0 0; }
     """
     BINDINGS = bindings("dialog")
 
@@ -81,6 +91,10 @@ class ChatSettings(ModalScreen[dict | None]):
                                  allow_blank=False, id="preset")
                     yield Button("Save as preset", id="save-preset")
                     yield Button("Delete preset", id="delete-preset")
+                with Horizontal(classes="builtin-row"):
+                    yield Label("Start from")
+                    for name in BUILTIN:
+                        yield Button(f"{name}", id=f"builtin-{name}", compact=True)
                 with Grid():
                     for name in FIELDS:
                         yield Label(name.replace("_", " "))
@@ -126,6 +140,11 @@ class ChatSettings(ModalScreen[dict | None]):
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "delete-preset":
             self._delete_preset()
+            return
+        if (event.button.id or "").startswith("builtin-"):
+            values = BUILTIN[event.button.id.removeprefix("builtin-")]
+            for name in FIELDS:
+                self.query_one(f"#f-{name}", Input).value = show_value(values.get(name))
             return
         values = self._collect()
         if values is None:
