@@ -20,6 +20,7 @@ from ..contract import Done, SamplingSettings, StepEvent, TokenDetail
 from .arch.base import Forward, Interrupted, check_cancel
 from .sample import Sampler
 from .state import ContextFull, StateList
+from .token_detail import NO_DETAIL, token_detail
 from .tokenizer import StreamDecoder, Tokenizer
 
 #: Prompt tokens per prefill call: bounds the attention mask and activation memory of long prompts.
@@ -152,13 +153,14 @@ def decode_loop(req: DecodeRequest) -> Generator[StepEvent, None, DecodeResult]:
         if req.cancel.is_set():
             reason = "cancelled"
             break
-        draw = sampler.draw(logits, logprob=want.logprob, entropy=want.entropy)
+        draw = sampler.draw(logits, logprob=False, entropy=False)
+        # The figures of token_detail only when asked: a call that asks for none pays nothing for them.
+        extra = token_detail(logits, draw.token_id, want, sampler) if want.any else dict(NO_DETAIL)
+        extra["steps"] = steps
         now = time.perf_counter()
         first_t = first_t or now
         last_t = now
         new += 1
-        alts = _alternatives(logits, want.alternatives) if want.alternatives else None
-        extra = dict(logprob=draw.logprob, entropy=draw.entropy, alternatives=alts, steps=steps)
         if draw.token_id in req.stop_ids:
             yield StepEvent(draw.token_id, "", time.monotonic_ns(), **extra)
             reason = "eos"
@@ -210,9 +212,3 @@ def decode_loop(req: DecodeRequest) -> Generator[StepEvent, None, DecodeResult]:
         decode_tok_s=(new - 1) / decode_s if new > 1 and decode_s > 0 else 0.0,
         reused_tokens=req.reused, detail=detail, text=tail)
     return DecodeResult(done, fed)
-
-
-def _alternatives(logits: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
-    """The k most likely ids of the model's raw distribution with their log-probabilities."""
-    top = logits.float().log_softmax(-1).topk(min(k, logits.shape[-1]))
-    return tuple(zip(top.indices.tolist(), top.values.tolist()))

@@ -194,6 +194,12 @@ class Sampler:
             scores = scores.index_fill(-1, idx, _NEG)
         return scores
 
+    def final_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The [V] logits of the distribution `draw` samples this step from (call it before `extend`):
+        penalised, then warped by the filters (-inf where removed); under greedy the penalised scores."""
+        scores = self.process(logits)
+        return scores if self.s.temperature == 0 else filter_dense(scores, self.s)
+
     def draw(self, logits: torch.Tensor, logprob: bool = True, entropy: bool = True) -> Draw:
         """Choose the next token from a [V] row; with it its logprob and the raw row's entropy, each
         computed only when asked for (a full pass over the vocabulary apiece)."""
