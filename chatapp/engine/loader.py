@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .arch.base import ArchModel, UnknownArchitecture, arch_module
+from .layers import cpu_has_native_bf16, use_cpu_bf16_linears
 
 GENESIS_META_KEY = "genesis_config_json"
 #: A tensor only Genesis checkpoints have (its zero-centred final norm).
@@ -220,38 +221,6 @@ def _check_finite(path: Path, name: str, raw: torch.Tensor, t: torch.Tensor) -> 
                     "delete it and download again")
 
 
-class _CpuBf16Linear(torch.nn.Linear):
-    """nn.Linear whose multi-token calls run in fp32.
-
-    CPU bf16 GEMMs are several times slower than fp32 ones once more than a few rows multiply the
-    same weight (measured: 128 x 1024 x 3072 takes 39 ms in bf16, 6.5 ms upcast to fp32 including
-    the conversion), while single-token decode is faster in bf16 (half the bytes). Prefill therefore
-    upcasts, decode does not.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() >= 8 * x.shape[-1]:
-            bias = None if self.bias is None else self.bias.float()
-            return torch.nn.functional.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-        return super().forward(x)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where oneDNN's bf16 GEMM beats the
-    upcast: 128 x 1024 x 5632 takes 4.1 ms in bf16 against 16.6 ms upcast on a Zen 4 (avx512_bf16)."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # private helpers; without them assume no
-        return False
-
-
-def upcast_wide_cpu_matmuls(model: torch.nn.Module) -> None:
-    """Switch every nn.Linear of a CPU bf16 model to `_CpuBf16Linear` (same parameters)."""
-    for m in model.modules():
-        if type(m) is torch.nn.Linear:
-            m.__class__ = _CpuBf16Linear
-
-
 def available_memory(device: torch.device) -> int | None:
     """Bytes a new allocation can take on `device` now: MemAvailable on CPU (free plus reclaimable cache),
     the driver's free figure on CUDA; None where unknown (then nothing is refused)."""
@@ -311,10 +280,11 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu", dtype: str |
 
 
 def prepare_for_inference(model: ArchModel, device: torch.device, dtype: torch.dtype) -> ArchModel:
-    """What every loaded model gets (benchmarks that build weights in memory call it too): the CPU bf16
-    prefill upcast where the CPU lacks bf16 hardware, the architecture's post_load, no grad, eval mode."""
+    """What every loaded model gets (benchmarks that build weights in memory call it too): several-row CPU bf16
+    matmuls in fp32 tiles where the CPU lacks bf16 hardware (layers.cpu_bf16_linear), the architecture's
+    post_load (its one hook for module surgery), no grad, eval mode."""
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
-        upcast_wide_cpu_matmuls(model)
+        use_cpu_bf16_linears(model)
     model.post_load(device)
     model.requires_grad_(False)
     return model.eval()

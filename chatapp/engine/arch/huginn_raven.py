@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import RMSNorm, RopeTable, apply_rope_interleaved, causal_attention
+from ..layers import CpuBf16Linear, RMSNorm, RopeTable, apply_rope_interleaved, causal_attention, cpu_bf16_linear
 from ..quant import project_head
 from ...contract import resolve_controls
 from .base import ArchArgs, ArchModel, ControlSpec, Forward, Interrupted, check_cancel
@@ -112,32 +112,6 @@ class SandwichBlock(nn.Module):
         return self.norm_4(self.mlp(self.norm_3(x)) + x)
 
 
-class CpuRowsLinear(nn.Linear):
-    """A CPU bf16 Linear for calls with several rows (prefill, speculative verification).
-
-    On a 2-core AVX2 box without bf16 instructions, bf16 F.linear costs about one GEMV per row (35840 x
-    5280: 35 ms for 1-2 rows, 88 ms for 5, 282 ms for 16) and the loader's whole-weight fp32 upcast
-    about 600 ms per call, paid r times per prefill since the core weights run every step. Converting
-    128-row tiles to fp32 while they are hot in cache measured 69 ms for 5 rows, 96 for 16, 245 for 64.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_rows_linear(x, self.weight, self.bias)
-
-
-def cpu_rows_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, tile: int = 128):
-    rows = x.numel() // x.shape[-1]
-    if rows <= 2 or w.dtype != torch.bfloat16:
-        return F.linear(x, w, bias)
-    xf = x.reshape(rows, -1).float()
-    out = torch.empty(rows, w.shape[0], device=x.device)
-    for i in range(0, w.shape[0], tile):
-        torch.mm(xf, w[i:i + tile].float().t(), out=out[:, i:i + tile])
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype).view(*x.shape[:-1], w.shape[0])
-
-
 _STRATEGIES = (*LOOKUPS, "compress-s*", "compress-r*", "compress-anchor", *(f"{lk}-compress-*" for lk in LOOKUPS))
 
 
@@ -179,7 +153,6 @@ class Model(ArchModel):
         ))
         self.lm_head = None if a.tie_embeddings else nn.Linear(a.n_embd, a.padded_vocab_size, bias=False)
         self._rope = RopeTable(a.head_dim, a.rope_base, a.block_size)
-        self._cpu_rows = False
         # The config's mean_recurrence is this checkpoint's default depth.
         self._specs = tuple(replace(c, default=a.mean_recurrence) if c.name == "num_steps" else c
                             for c in self.CONTROLS)
@@ -191,14 +164,6 @@ class Model(ArchModel):
     def max_context(self) -> int:
         # RoPE positions were trained up to block_size (spec §2).
         return self.args.block_size
-
-    def post_load(self, device: torch.device) -> None:
-        # CPU bf16: several-row matmuls through fp32 tiles (CpuRowsLinear), replacing the loader's upcast.
-        self._cpu_rows = torch.device(device).type == "cpu" and self.transformer.wte.weight.dtype == torch.bfloat16
-        if self._cpu_rows:
-            for m in self.modules():
-                if isinstance(m, nn.Linear):
-                    m.__class__ = CpuRowsLinear
 
     def control_specs(self) -> tuple[ControlSpec, ...]:
         return self._specs
@@ -292,7 +257,9 @@ class Model(ArchModel):
             h = block(h, cos, sin, state, -(i + 1))
         h = self.transformer.ln_f(h[:, -1:] if last_only else h)
         head = self.lm_head.weight if self.lm_head is not None else self.transformer.wte.weight
-        return project_head(self, h, head, cpu_rows_linear if self._cpu_rows else F.linear), z
+        # The tied head takes the loader's CPU bf16 path too when its Linears did (65536 x 5280: the largest matrix).
+        linear = cpu_bf16_linear if isinstance(self.transformer.adapter, CpuBf16Linear) else F.linear
+        return project_head(self, h, head, linear), z
 
     def _adaptive(self, x, e, max_steps: int, rule: ExitRule, c, rope, state, last_only: bool, cancel, values):
         """Iterate until the exit rule fires (checked between steps, on the host), at most max_steps;
