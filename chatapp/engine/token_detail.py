@@ -27,17 +27,28 @@ def token_detail(logits: torch.Tensor, token_id: int, want: TokenDetail, sampler
     """
     if not want.any:
         return dict(NO_DETAIL)
-    raw = logits.float().log_softmax(-1)
-    dist = sampler.final_scores(logits).log_softmax(-1) if want.final else raw
-    parts = [dist[token_id].double().view(1)]
+    x = logits.float()
+    top = x.max()
+    # One exp pass serves the log-probability, the entropy and the alternatives; -inf logits weigh 0
+    # (clamped so that 0 * -inf never enters the entropy's dot product).
+    shifted = (x - top).clamp_(min=-1e4)
+    w = shifted.exp()
+    total = w.sum()
+    log_total = total.log()
+    if want.final:
+        dist = sampler.final_scores(logits).log_softmax(-1)
+        chosen = dist[token_id]
+    else:
+        dist = None
+        chosen = shifted[token_id] - log_total
+    parts = [chosen.double().view(1)]
     if want.entropy:
-        p = raw.exp()
-        # -inf logits weigh 0: mask them instead of multiplying 0 by -inf.
-        parts.append(-(p * raw.masked_fill(p == 0, 0.0)).sum().double().view(1))
-    k = min(want.alternatives, dist.shape[-1])
+        parts.append((log_total - torch.dot(w, shifted) / total).double().view(1))
+    k = min(want.alternatives, x.shape[-1])
     if k:
-        top = dist.topk(k)
-        parts += [top.values.double(), top.indices.double()]
+        best = (dist if dist is not None else x).topk(k)
+        values = best.values if dist is not None else best.values - top - log_total
+        parts += [values.double(), best.indices.double()]
     values = torch.cat(parts).tolist()  # the one host round trip
     out = dict(NO_DETAIL)
     if want.logprob:
