@@ -2,9 +2,10 @@
 import that JSON back.
 
 The JSON format is versioned: {"format": "smollchat.chat", "version": 1, "exported_at": ...,
-"conversation": Conversation.to_dict()}. Importing validates everything (Conversation.from_dict, the
-validator the store uses too) and says what is wrong; ids that collide with saved chats are replaced
-when the chat is stored (`Store.import_chat`).
+"conversation": Conversation.to_dict(), "token_details": {message id: per-token record}} (the last one
+optional: chat/token_record.py). Importing validates everything (Conversation.from_dict, the validator the
+store uses too) and says what is wrong; ids that collide with saved chats are replaced when the chat is
+stored (`Store.import_chat`; `import_json` carries the per-token records over to the new ids).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 import time
 from typing import Any
 
+from . import token_record
 from .conversation import Conversation, Message, new_id, parse_json
 
 FORMAT = "smollchat.chat"
@@ -84,10 +86,14 @@ def run_summary(m: Message) -> str:
     return " · ".join(bits)
 
 
-def to_json(conv: Conversation) -> str:
-    """The whole tree (every branch, run cards and token ids) in the versioned import format."""
-    return json.dumps({"format": FORMAT, "version": VERSION, "exported_at": time.time(),
-                       "conversation": conv.to_dict()}, ensure_ascii=False, indent=1)
+def to_json(conv: Conversation, token_records: dict[str, dict[str, Any]] | None = None) -> str:
+    """The whole tree (every branch, run cards and token ids) in the versioned import format, with the
+    per-token records given (by message id: `Store.token_records(list(conv.messages))`)."""
+    data = {"format": FORMAT, "version": VERSION, "exported_at": time.time(), "conversation": conv.to_dict()}
+    records = {k: v for k, v in (token_records or {}).items() if k in conv.messages}
+    if records:
+        data["token_details"] = records
+    return json.dumps(data, ensure_ascii=False, indent=1)
 
 
 def from_json(text: str) -> Conversation:
@@ -96,6 +102,23 @@ def from_json(text: str) -> Conversation:
     A message id that appears twice in the file keeps its first message; the others get fresh ids
     (replies naming that id stay under the first), noted in the result's `repairs`.
     """
+    return _read(text)[0]
+
+
+def import_json(text: str, store: Any) -> Conversation:
+    """`from_json`, stored as a new chat (`Store.import_chat`), with its per-token records under the ids
+    the stored chat got."""
+    conv, records = _read(text)
+    born = {m.created_at: m.id for m in conv.messages.values()}  # unique within a chat, kept by a clone
+    stored = store.import_chat(conv)
+    now = {born[m.created_at]: m.id for m in stored.messages.values() if m.created_at in born}
+    for old, record in records.items():
+        if old in now:
+            store.save_token_record(now[old], record)
+    return stored
+
+
+def _read(text: str) -> tuple[Conversation, dict[str, dict[str, Any]]]:
     if not isinstance(text, str):
         raise ValueError(f"not a smollchat chat export: expected text, got {type(text).__name__}")
     try:
@@ -117,7 +140,16 @@ def from_json(text: str) -> Conversation:
     except ValueError as e:
         raise ValueError(f"broken chat export: {e}") from None
     conv.repairs = notes
-    return conv
+    raw_records = data.get("token_details", {})
+    if not isinstance(raw_records, dict):
+        raise ValueError("broken chat export: \"token_details\" must map message ids to per-token records")
+    records = {}
+    for mid, record in raw_records.items():
+        msg = conv.messages.get(mid)
+        if msg is None or msg.role != "assistant":
+            raise ValueError(f"broken chat export: token_details names {mid!r}, which is not a reply in this chat")
+        records[mid] = token_record.check(record, f"broken chat export: reply {mid}")
+    return conv, records
 
 
 def _fresh_duplicate_ids(raw: Any) -> list[str]:

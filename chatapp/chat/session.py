@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Mapping, Sequence
 
 from ..catalog import ModelEntry
-from ..contract import (RUN_CARD_DETAIL, ControlSpec, Controls, Done, EngineProtocol, MemoryReport, SamplingSettings, StepEvent,
-                        TokenDetail, resolve_controls)
+from ..contract import (INSPECT_DETAIL, RUN_CARD_DETAIL, ControlSpec, Controls, Done, EngineProtocol, MemoryReport,
+                        SamplingSettings, StepEvent, TokenDetail, resolve_controls)
+from . import token_record
 from .conversation import Conversation, Message
 
 _SETTING_NAMES = frozenset(f.name for f in fields(SamplingSettings))
@@ -67,15 +68,20 @@ class Session:
         entry: the catalog entry (defaults, chat format, revision); `engine.entry` when omitted.
         store: when given, the chat is saved as the reply streams (every SAVE_EVERY_S) and at the end,
             and presets named in a chat's settings are read from it.
+        inspect: the per-token figures each reply keeps for the token inspector (chat/token_record.py,
+            stored with the reply); None keeps only the run card's. Asking costs a few passes over the
+            vocabulary per token (engine/token_detail.detail_cost measures it).
     """
 
     def __init__(self, engine: EngineProtocol, tokenizer: Any = None, entry: ModelEntry | None = None, *,
-                 store: Any = None) -> None:
+                 store: Any = None, inspect: TokenDetail | None = INSPECT_DETAIL) -> None:
         self.engine = engine
         self.tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
         self.entry: ModelEntry = entry if entry is not None else engine.entry
         self.store = store
         self.last_prompt: Prompt | None = None
+        self.inspect = inspect
+        self._records: OrderedDict[str, dict[str, Any]] = OrderedDict()  # the latest replies' token records
         self._cancel = threading.Event()
         self._memo: OrderedDict[int, tuple[list[int], list[str], list | None]] = OrderedDict()
         self._trim_starts: dict[str, str] = {}  # chat id -> first message kept by the last trimmed prompt
@@ -295,10 +301,22 @@ class Session:
         if conv.model_id is None:
             conv.model_id = self.entry.id
         per_token = msg.run.setdefault("tokens", {"logprob": [], "entropy": []})
+        want = RUN_CARD_DETAIL
+        record = None
+        if self.inspect is not None:
+            want = TokenDetail(True, True, max(want.alternatives, self.inspect.alternatives), self.inspect.final)
+            record = token_record.new_record(want)
+            if continue_from is not None:
+                # A continued reply keeps its record only if that covers every token so far, alike.
+                earlier = self._records.pop(msg.id, None) or self.token_record(conv, msg.id)
+                same = earlier is not None and earlier["distribution"] == record["distribution"]
+                record = earlier if same and len(earlier["ids"]) == len(msg.token_ids or ()) else None
+            if record is not None:
+                self._remember(msg.id, record)
         if self.store is not None:
             self.store.save(conv)
         last_save = time.monotonic()
-        events = self.engine.generate(prompt.ids, settings, controls, cancel=cancel, detail=RUN_CARD_DETAIL)
+        events = self.engine.generate(prompt.ids, settings, controls, cancel=cancel, detail=want)
         try:
             for ev in events:
                 if isinstance(ev, Done):
@@ -312,6 +330,8 @@ class Session:
                 per_token["entropy"].append(round(ev.entropy, 4))
                 if ev.steps is not None:
                     msg.run.setdefault("steps", []).append(ev.steps)
+                if record is not None:
+                    token_record.add(record, ev)
                 if self.store is not None and time.monotonic() - last_save >= SAVE_EVERY_S:
                     self.store.save_message(conv.id, msg)
                     last_save = time.monotonic()
@@ -418,6 +438,24 @@ class Session:
         conv.touch()
         if self.store is not None:
             self.store.save_message(conv.id, msg, current_leaf=conv.current_leaf)
+            record = self._records.get(msg.id)
+            if record is not None:
+                self.store.save_token_record(msg.id, record)
+
+    # Token records.
+    def token_record(self, conv: Conversation, message_id: str) -> dict[str, Any] | None:
+        """A reply's per-token record (chat/token_record.py) from this session or the store; None when the
+        reply was generated without one (or another program wrote it)."""
+        record = self._records.get(message_id)
+        if record is None and self.store is not None and message_id in conv.messages:
+            record = self.store.token_records([message_id]).get(message_id)
+        return record
+
+    def _remember(self, message_id: str, record: dict[str, Any]) -> None:
+        self._records[message_id] = record
+        self._records.move_to_end(message_id)
+        while len(self._records) > MEMO_SIZE:
+            self._records.popitem(last=False)
 
 
 def _after(opened: list | None, full: list) -> list | None:

@@ -129,6 +129,12 @@ def _v2(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX chats_by_update ON chats(updated_at)")
 
 
+def _v3(conn: sqlite3.Connection) -> None:
+    # Apart from the run card, which is rewritten while a reply streams: a record is written once, at the end.
+    conn.execute("CREATE TABLE token_details (message_id TEXT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE, "
+                 "record TEXT NOT NULL)")
+
+
 #: SQLite primary result codes: SQLITE_CORRUPT, SQLITE_NOTADB (a damaged file); SQLITE_BUSY, SQLITE_LOCKED.
 _CORRUPT = (11, 26)
 _BUSY = (5, 6)
@@ -142,6 +148,7 @@ _WHY = {"read-only": "it is read-only", "vanished": "the file was deleted while 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "chats and message trees", _v1),
     Migration(2, "sampling presets, app settings, indexes", _v2),
+    Migration(3, "per-token records of replies (the token inspector)", _v3),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -678,6 +685,18 @@ class Store:
     def delete_preset(self, name: str) -> None:
         with self._tx() as conn:
             conn.execute("DELETE FROM presets WHERE name = ?", (name,))
+
+    # Per-token records (chat/token_record.py), one per reply.
+    def save_token_record(self, message_id: str, record: dict[str, Any]) -> None:
+        """Store (or replace) a reply's per-token record; the reply must be saved already."""
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO token_details VALUES (?, ?)", (message_id, json.dumps(record)))
+
+    def token_records(self, message_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The stored per-token records of these messages, by id (a damaged row is left out)."""
+        rows = [r for part in (message_ids[i:i + 500] for i in range(0, len(message_ids), 500)) for r in self._read(
+            f"SELECT * FROM token_details WHERE message_id IN ({', '.join('?' * len(part))})", tuple(part))]
+        return {r["message_id"]: v for r in rows if isinstance(v := _loads(r["record"]), dict)}
 
     # App settings (theme, last model, ...): JSON values by key.
     def get_setting(self, key: str, default: Any = None) -> Any:
