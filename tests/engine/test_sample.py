@@ -243,3 +243,12 @@ def test_filtered_tokens_are_never_sampled():
 def test_invalid_settings_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplingSettings(**bad).validate()
+
+
+@pytest.mark.parametrize("v", [300, 20_000])  # both ways of computing it
+def test_entropy_matches_the_definition_on_small_and_large_vocabularies(v):
+    logits = torch.randn(v, generator=torch.Generator().manual_seed(v)) * 3
+    logits[::7] = NEG
+    p = logits.softmax(-1)
+    want = float(-(p[p > 0] * p[p > 0].log()).sum())
+    assert math.isclose(Sampler(SamplingSettings(temperature=0), v, "cpu", []).draw(logits).entropy, want, rel_tol=1e-5)
