@@ -262,7 +262,7 @@ def check_fits(model: ArchModel, device: torch.device, dtype: torch.dtype, keep_
 
 def load_model(model_dir: Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
                options: dict[str, Any] | None = None, arch: str | None = None,
-               config: dict[str, Any] | None = None, state_tokens: int = 0) -> ArchModel:
+               config: dict[str, Any] | None = None, state_tokens: int = 0, quantize: str | None = None) -> ArchModel:
     """Load a model directory strictly. Parameters end up on `device` in `dtype`. It is refused before
     anything is allocated when its weights plus a state for `state_tokens` tokens do not fit (check_fits)."""
     model_dir = Path(model_dir)
@@ -274,17 +274,23 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu", dtype: str |
     model = build_model(config, options, arch)
     keep = set(getattr(model, "FP32_TENSORS", ()))
     check_fits(model, device, dtype, keep, state_tokens)
-    weights = check_inventory(model, _read_tensors(safetensors_files(model_dir), device, dtype, keep))
+    files = safetensors_files(model_dir)
+    weights = check_inventory(model, _read_tensors(files, device, dtype, keep))
     model.load_state_dict(weights, strict=True, assign=True)
-    return prepare_for_inference(model, device, dtype)
+    return prepare_for_inference(model, device, dtype, quantize, files)
 
 
-def prepare_for_inference(model: ArchModel, device: torch.device, dtype: torch.dtype) -> ArchModel:
+def prepare_for_inference(model: ArchModel, device: torch.device, dtype: torch.dtype, quantize: str | None = None,
+                          files: list[Path] | None = None) -> ArchModel:
     """What every loaded model gets (benchmarks that build weights in memory call it too): several-row CPU bf16
     matmuls in fp32 tiles where the CPU lacks bf16 hardware (layers.cpu_bf16_linear), the architecture's
     post_load (its one hook for module surgery), no grad, eval mode."""
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
         use_cpu_bf16_linears(model)
     model.post_load(device)
+    if quantize:
+        # Weight-only int8/int4 from the loaded weights (engine/quant.py), cached by checkpoint when `files` name it.
+        from .quant import quantize_model
+        quantize_model(model, quantize, files)
     model.requires_grad_(False)
     return model.eval()

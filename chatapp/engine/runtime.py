@@ -35,7 +35,7 @@ class Engine:
     """A loaded model ready to generate. Fits `api.EngineProtocol`."""
 
     def __init__(self, model, tokenizer: Tokenizer, entry: ModelEntry, device: torch.device, dtype: torch.dtype,
-                 context_limit: int, prompt_cache_bytes: int = DEFAULT_BUDGET) -> None:
+                 context_limit: int, prompt_cache_bytes: int = DEFAULT_BUDGET, quantize: str = "none") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.entry = entry
@@ -43,6 +43,7 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.context_limit = context_limit
+        self.quantize = quantize  # the weight-only quantization the model was loaded with (engine/quant.py)
         self.controls: tuple[ControlSpec, ...] = tuple(model.control_specs())
         unknown = set(entry.controls) - {c.name for c in self.controls}
         if unknown:
@@ -131,7 +132,7 @@ class Engine:
 
     def state_key(self, controls: Controls) -> tuple:
         """Everything besides the tokens that decides what the state holds (the prompt cache's key)."""
-        return (str(self.dtype), controls.state_key)
+        return (str(self.dtype), self.quantize, controls.state_key)
 
     def _prefill(self, ids: list[int], controls: Controls, cancel: threading.Event) -> tuple[Forward, int]:
         """Bring the state to `ids` from what the prompt cache holds; return the prompt's last forward."""
@@ -172,7 +173,8 @@ class Engine:
                 "n_layers": self.model.n_layers, "hidden_size": self.model.hidden_size,
                 "params": sum(p.numel() for p in self.model.parameters()),
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "context_limit": self.context_limit, "demo": self.entry.demo, "compile": self.compile.label}
+                "context_limit": self.context_limit, "demo": self.entry.demo, "compile": self.compile.label,
+                "quantize": self.quantize}
 
 
 def _rss_bytes() -> int:
@@ -211,8 +213,23 @@ def entry_for_directory(path: Path, catalog: dict[str, ModelEntry] | None = None
                    extra_sources=(), demo=False, path=Path(path))
 
 
+def _quantization(entry: ModelEntry, asked: str | None, device: torch.device) -> str:
+    """The weight-only quantization to load with: the one asked for, else the catalog's CPU default."""
+    from ..catalog import QUANTIZE
+
+    quant = entry.quantize if asked is None else asked
+    if quant not in QUANTIZE:
+        raise LoadError(f"quantize must be one of {', '.join(QUANTIZE)}, not {quant!r}")
+    if quant != "none" and device.type != "cpu":
+        if asked is None:
+            return "none"  # the catalog's default is a CPU default
+        raise LoadError(f"--quantize {quant} runs on PyTorch's packed CPU kernels; use --device cpu or --quantize none")
+    return quant
+
+
 def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", model_dir: Path | None = None,
-                progress: Callable[[str], None] | None = None, compile: str = "auto") -> Engine:
+                progress: Callable[[str], None] | None = None, compile: str = "auto",
+                quantize: str | None = None) -> Engine:
     """Load an entry (or a local directory) onto a device; `progress` receives short stage names.
 
     `compile` ("auto", "on", "off"): the decode step through torch.compile (engine/graphs.py); the outcome is
@@ -224,6 +241,7 @@ def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", mo
     dt = resolve_dtype(dtype, dev, entry.cpu_dtype)
     if dev.type == "cpu" and dt == torch.float16:
         raise LoadError("float16 is not supported on CPU; use float32 or bfloat16")
+    quant = _quantization(entry, quantize, dev)
     say("locating files")
     directory = Path(model_dir) if model_dir else (entry.path if entry.path and entry.path.is_dir() else model_files(entry))
     say("loading tokenizer")
@@ -233,7 +251,10 @@ def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", mo
         tok_file = hub.file_path(entry, entry.tokenizer.file)
     tokenizer = load_tokenizer(entry, directory, tok_file)
     say("loading weights")
-    model = load_model(directory, dev, dt, options=entry.options, state_tokens=entry.context)
+    if quant != "none":
+        say(f"loading weights ({quant})")
+    model = load_model(directory, dev, dt, options=entry.options, state_tokens=entry.context,
+                       quantize=None if quant == "none" else quant)
     vocab = model.vocab_size
     too_big = [s for s, i in tokenizer.specials.items() if i >= vocab]
     if too_big:
@@ -241,7 +262,7 @@ def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", mo
                         "the tokenizer does not belong to this checkpoint")
     limit = min(entry.context, model.max_context)
     say("allocating state")
-    engine = Engine(model, tokenizer, entry, dev, dt, limit)
+    engine = Engine(model, tokenizer, entry, dev, dt, limit, quantize=quant)
     if compile != "off":
         say("preparing the decode step")
     engine.step, engine.compile = decode_step(model, entry.architecture, engine.state, dev, dt, compile)
