@@ -1,4 +1,5 @@
-"""Pieces shared by two or more architectures: RMSNorm variants, RoPE layouts, SwiGLU, cached attention.
+"""Pieces shared by two or more architectures: RMSNorm, RoPE tables and layouts, masked attention, the
+CPU bf16 Linear, and the sanitize and demo-init helpers.
 
 Layout is [B, T, H, D] throughout.
 """
@@ -122,11 +123,6 @@ class PartialRope:
 def apply_rope_matrices(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """x [B, T, H, D] times its position's M [T, D, D] (PartialRope.matrices), in fp32, back in x's dtype."""
     return torch.matmul(x.float(), m).to(x.dtype)
-
-
-def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x))."""
-    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,

@@ -195,7 +195,6 @@ class HuginnState(StateList):
         self.strategy = CacheStrategy(prelude=prelude, core=core)
         self.slots: dict[int, SlotKV] = {}
         self.n4 = np.zeros(0, dtype=np.int64)  # logical core slots written, per position
-        self.tokens = torch.zeros(batch, 0, dtype=torch.long, device=device)
         self._start = self._end = 0
 
     # Forward protocol.
@@ -211,12 +210,7 @@ class HuginnState(StateList):
         self._start, self._end = self.length, self.length + t
         if self.n4.shape[0] < self._end:
             self.n4 = np.concatenate([self.n4, np.zeros(self._cap(self._end) - self.n4.shape[0], np.int64)])
-        if self.tokens.shape[1] < self._end:
-            grown = self.tokens.new_zeros(self.batch, self._cap(self._end))
-            grown[:, :self.tokens.shape[1]] = self.tokens
-            self.tokens = grown
         self.n4[self._start:self._end] = 0
-        self.tokens[:, self._start:self._end] = ids
 
     def attend_kv(self, slot: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v ([B, T, H, D]) of the open chunk at a logical slot; return what its queries attend
@@ -282,9 +276,6 @@ class HuginnState(StateList):
         """Recurrence steps each absorbed position ran."""
         return (self.n4[:self.length] // self.core).tolist()
 
-    def absorbed_ids(self) -> torch.Tensor:
-        return self.tokens[:, :self.length].clone()
-
     def kv_report(self) -> dict[str, int]:
         """KV bytes allocated by slot kind (prelude, core, coda) and in total."""
         out = {"prelude": 0, "core": 0, "coda": 0}
@@ -314,23 +305,20 @@ class HuginnState(StateList):
         self.slots.clear()
         self.latent.reset()
         self.n4 = np.zeros(0, dtype=np.int64)
-        self.tokens = self.tokens[:, :0]
         self.length = self._start = self._end = 0
 
     def snapshot(self) -> object:
         n = self.length
         kv = {s: (b.k[:, :, :n].clone(), b.v[:, :, :n].clone()) for s, b in self.slots.items()}
-        return (n, self.strategy, self.n4[:n].copy(), self.tokens[:, :n].clone(), kv, self.latent.snapshot())
+        return (n, self.strategy, self.n4[:n].copy(), kv, self.latent.snapshot())
 
     def restore(self, snap) -> None:
-        n, strategy, n4, tokens, kv, latent = snap
+        n, strategy, n4, kv, latent = snap
         if strategy.remap_key != self.strategy.remap_key:
             self.reset()
         self.strategy = strategy
         self.length = self._start = self._end = n
         self.n4 = np.concatenate([n4, np.zeros(self._cap(n) - n, np.int64)]) if n else np.zeros(0, np.int64)
-        self.tokens = tokens.new_zeros(self.batch, self._cap(n)) if n else tokens[:, :0].clone()
-        self.tokens[:, :n] = tokens
         for slot, (k, v) in kv.items():
             buf = self.slots.get(slot)
             if buf is None:
