@@ -424,8 +424,12 @@ class Store:
                 raise self._error(e, "read") from None
 
     def close(self) -> None:
+        """Close the file, writing what is pending first: StoreUnavailable (once closed) when that fails."""
         with self._lock:
-            self._conn.close()
+            try:
+                self.retry()
+            finally:
+                self._conn.close()
 
     def __enter__(self) -> "Store":
         return self

@@ -629,3 +629,30 @@ def test_saving_a_long_chat_again_rewrites_only_what_changed(store):
     store.save(c)
     assert store._conn.total_changes - before == 2  # the chat row and the one message
     assert store.load(c.id).get(c.current_leaf).content.endswith("(edited)")
+
+
+def test_closing_writes_what_is_pending_or_says_it_could_not(tmp_path):
+    path = tmp_path / "chats.sqlite3"
+    store = Store(path)
+    c = sample()
+    store.save(c)
+    store._conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+    reply = _reply(c)
+    with pytest.raises(StoreUnavailable):
+        store.save_message(c.id, reply)
+    store.close()  # a new connection can write: the pending reply is written on the way out
+    with Store(path) as s:
+        assert reply.id in s.load(c.id).messages
+    store = Store(path)
+    c.title = "Renamed"
+    store._conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+    with pytest.raises(StoreUnavailable):
+        store.save(c)
+
+    def gone() -> None:
+        raise StoreUnavailable("the disk went away", "io")
+    store._ready = gone
+    with pytest.raises(StoreUnavailable, match="went away"):  # said, not silently dropped
+        store.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        store._conn.execute("SELECT 1")  # closed all the same
