@@ -19,6 +19,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", help="answer this once on stdout and exit ('-' reads stdin)")
     p.add_argument("--stats", action="store_true", help="with --prompt: print timings to stderr")
     p.add_argument("--save", action="store_true", help="with --prompt: keep the chat in the chat store (opens in the TUI)")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--show-probs", action="store_true",
+                       help="with --prompt: colour each token by its probability (on a terminal; plain text otherwise)")
+    shown.add_argument("--json", action="store_true",
+                       help="with --prompt: one JSON object per token (text, id, prob, entropy, alternatives, steps), "
+                            "then one for the end")
     p.add_argument("--fake", action="store_true",
                    help="open the TUI on a scripted fake engine (no model, no torch): try the interface")
     g = p.add_argument_group("generation (defaults come from the model's catalog entry)")
@@ -43,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    if args.prompt is None and (args.show_probs or args.json):
+        raise CliError("--show-probs and --json go with --prompt", EXIT_USAGE)
     if args.prompt is not None:
         if args.fake:
             raise CliError("--fake is for the TUI; --prompt needs a real model (--model ID)", EXIT_USAGE)
@@ -74,10 +82,11 @@ def _settings(args) -> dict[str, Any]:
 def run_prompt(args) -> int:
     from ..chat.conversation import Conversation
     from ..chat.session import ContextOverflow, Session
-    from ..contract import Done, resolve_controls
+    from ..contract import INSPECT_DETAIL, Done, resolve_controls
     from ..engine.loader import LoadError
     from ..engine.runtime import load_engine
     from ..engine.tokenizer import TokenizerError
+    from .token_view import TokenWriter, legend
 
     entry = resolve_entry(args.model)
     conv = Conversation(system_prompt=args.system, settings=_settings(args), controls=_parse_controls(args.control))
@@ -94,7 +103,8 @@ def run_prompt(args) -> int:
     except (LoadError, TokenizerError, ValueError) as e:
         raise CliError(str(e)) from None
     store = _open_store() if args.save else None
-    session = Session(engine, store=store)
+    # The alternatives only where they are kept or shown: --json, or a saved chat (the TUI's inspector).
+    session = Session(engine, store=store, inspect=INSPECT_DETAIL if args.json or args.save else None)
     try:
         session.settings_for(conv)
         # The chat's layer tolerates other models' controls; names given here must be this model's.
@@ -102,13 +112,14 @@ def run_prompt(args) -> int:
     except ValueError as e:
         raise CliError(str(e), EXIT_USAGE) from None
     done = None
-    out = sys.stdout
+    writer = TokenWriter("json" if args.json else "probs" if args.show_probs else "plain", sys.stdout, engine.tokenizer)
+    if writer.mode == "probs":
+        print(legend(), file=sys.stderr)
     try:
         for ev in session.stream(conv, conv.add(None, "user", text).id):
             if isinstance(ev, Done):
                 done = ev
-            out.write(ev.text)
-            out.flush()
+            writer.write(ev)
     except ContextOverflow as e:
         raise CliError(str(e)) from None
     except TokenizerError as e:
@@ -116,7 +127,7 @@ def run_prompt(args) -> int:
     finally:
         if store is not None:
             store.close()
-    out.write("\n")
+    writer.end()
     if done is not None and done.stop_reason == "context_full" and done.new_tokens == 0:
         raise CliError(f"context full: {done.detail}")
     if args.stats and done is not None:
