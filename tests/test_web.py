@@ -111,6 +111,18 @@ def test_a_key_is_required_once_set_and_then_kept_in_a_cookie():
         assert _get(f"http://127.0.0.1:{port}/static/css/xterm.css")[0] == 401
 
 
+def test_open_starts_the_browser_on_the_printed_url(tmp_path):
+    opened = tmp_path / "opened"
+    # webbrowser runs $BROWSER with the URL for %s: a stand-in browser that writes down what it was given.
+    browser = f"{sys.executable} -c \"import sys; open({str(opened)!r}, 'w').write(sys.argv[1])\" %s"
+    with web_server("--fake", "--open", env={"BROWSER": browser}) as (port, _):
+        deadline = time.monotonic() + 30
+        while not opened.exists() or not opened.read_text():
+            assert time.monotonic() < deadline, "--open did not start the browser"
+            time.sleep(0.1)
+        assert opened.read_text() == f"http://127.0.0.1:{port}/"
+
+
 def test_non_loopback_bind_without_a_key_is_refused_before_binding():
     env = {k: v for k, v in os.environ.items() if k != "SMOLLCHAT_API_KEY"}
     r = subprocess.run([sys.executable, "-m", "chatapp", "web", "--host", "0.0.0.0", "--port", str(_free_port())],

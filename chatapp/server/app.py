@@ -11,7 +11,6 @@ import asyncio
 import json
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -54,14 +53,13 @@ class _Bridge:
 class Served:
     pool: ModelPool
     recorder: Recorder | None
-    key: str | None
-    started: int
+    started: int  # the models' "created" time
 
 
 def create_app(pool: ModelPool, *, key: str | None = None, cors_origins: tuple[str, ...] = (),
                recorder: Recorder | None = None) -> Starlette:
     """The ASGI app. `key`: required as `Authorization: Bearer` on /v1 (None: loopback callers only)."""
-    served = Served(pool, recorder, key, int(time.time()))
+    served = Served(pool, recorder, int(time.time()))
 
     async def models(request: Request) -> Response:
         data = [{"id": mid, "object": "model", "created": served.started, "owned_by": "smollchat",
@@ -237,7 +235,3 @@ async def _sse(bridge: _Bridge, prepared: Prepared, include_usage: bool) -> Asyn
 
 def _data(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
