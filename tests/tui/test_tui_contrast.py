@@ -78,6 +78,9 @@ async def test_every_drawn_text_meets_wcag_aa(build, store, theme):
         await pilot.press("alt+up", "up")  # the list focused, a reply selected
         await pilot.pause()
         bad += low_contrast(app, "chat")
+        screen.query_one("#control-num_steps").focus()  # a focused compact field (its tint)
+        await pilot.pause()
+        bad += low_contrast(app, "compute field")
         for key, name, where in (("ctrl+s", "ChatSettings", "settings"), ("f1", "HelpScreen", "help"),
                                  ("f8", "Confirm", "confirm"), ("ctrl+o", "ModelsScreen", "models")):
             await pilot.press(key)
