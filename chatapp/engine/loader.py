@@ -147,9 +147,11 @@ def build_model(config: dict[str, Any], options: dict[str, Any] | None = None,
 
 
 def check_inventory(model: ArchModel, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sanitize, then check names, shapes and dtypes against the model. Returns the sanitized dict."""
+    """Sanitize, fit the modules to the checkpoint's shapes, then check names, shapes and dtypes against the
+    model. Returns the sanitized dict."""
     try:
         weights = model.sanitize(dict(weights))
+        model.fit_checkpoint(weights)
     except KeyError as e:
         raise LoadError(f"checkpoint lacks tensor {e.args[0]}") from None
     except (RuntimeError, ValueError, IndexError) as e:

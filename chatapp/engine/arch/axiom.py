@@ -142,7 +142,7 @@ class Model(ArchModel):
         weights.pop("rope_cos", None)
         weights.pop("rope_sin", None)
         # The export stores the tied head twice; keep one copy unless they really differ.
-        self.keep_one_head(weights, "embed.weight", self.args.dim, self.args.vocab_size)
+        self.keep_one_head(weights, "embed.weight")
         for i in range(self.args.n_layers):
             p = f"layers.{i}."
             # q | k | v fused into one matmul.

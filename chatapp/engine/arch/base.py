@@ -176,10 +176,23 @@ class ArchModel(nn.Module):
 
     @staticmethod
     def sanitize(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoint names and layouts -> this model's parameter paths (renames, fusions, dropped buffers).
+        Changes only the dict, idempotently; module changes go to fit_checkpoint (before the weights are
+        assigned) or post_load (after)."""
         return weights
 
+    def fit_checkpoint(self, weights: dict[str, torch.Tensor]) -> None:
+        """Module changes the sanitized checkpoint's shapes call for, made before its tensors are assigned (on
+        the meta device during a load): here an untied head where sanitize kept a `lm_head.weight` the model
+        has no module for; architectures add theirs (a vocabulary or FFN width the config does not state)."""
+        head = weights.get("lm_head.weight")
+        if head is not None and self.lm_head is None:
+            device = next(self.parameters()).device
+            self.lm_head = nn.Linear(head.shape[1], head.shape[0], bias=False, device=device, dtype=head.dtype)
+
     def post_load(self, device: torch.device) -> None:
-        """Called after the weights are assigned: rebuild derived tables (never stored) here."""
+        """The one hook for module surgery after the weights are assigned (weight layouts, derived copies),
+        called by loader.prepare_for_inference after its CPU bf16 Linear swap."""
 
     @property
     def max_context(self) -> int:
@@ -209,9 +222,10 @@ class ArchModel(nn.Module):
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
-    def keep_one_head(self, weights: dict[str, torch.Tensor], embed_key: str, hidden: int, vocab: int) -> None:
-        """Checkpoints often store a tied head twice (`lm_head.weight` beside the embedding): keep one copy,
-        unless the two really differ; then warn and give the model an untied `lm_head` of that shape."""
+    @staticmethod
+    def keep_one_head(weights: dict[str, torch.Tensor], embed_key: str) -> None:
+        """sanitize: checkpoints often store a tied head twice (`lm_head.weight` beside the embedding): keep
+        one copy, unless the two really differ; then warn and keep both (fit_checkpoint unties the head)."""
         head = weights.pop("lm_head.weight", None)
         if head is None:
             return
@@ -220,7 +234,6 @@ class ArchModel(nn.Module):
             weights[embed_key] = head
         elif not same_tensor(head, embed):
             warnings.warn(f"lm_head.weight differs from {embed_key}; using it as an untied head")
-            self.lm_head = nn.Linear(hidden, vocab, bias=False, device=head.device, dtype=head.dtype)
             weights["lm_head.weight"] = head
 
 

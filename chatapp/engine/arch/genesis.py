@@ -365,10 +365,6 @@ class Model(ArchModel):
         if head is not None:
             tied = a.tie_word_embeddings or "tok_emb.weight" not in weights
             weights["tok_emb.weight" if tied else "lm_head.weight"] = head
-        # The vocabulary is the embedding's row count, whatever the config says (spec §1).
-        rows = weights["tok_emb.weight"].shape[0]
-        if rows != a.vocab_size:
-            self._resize_vocab(rows)
         for key in [k for k in weights if k.endswith(".omega")]:
             # Zero-centred norms store omega and scale by (1 + omega): fold the +1 into the weight.
             omega = weights.pop(key)
@@ -414,6 +410,13 @@ class Model(ArchModel):
             if block.fox:
                 # The reference's model-wide init zeroes every Linear bias, the forget gate's included.
                 nn.init.zeros_(block.attn.fgate_bias)
+
+    def fit_checkpoint(self, weights: dict[str, torch.Tensor]) -> None:
+        super().fit_checkpoint(weights)
+        # The vocabulary is the embedding's row count, whatever the config says (spec §1).
+        emb = weights.get("tok_emb.weight")
+        if emb is not None and emb.shape[0] != self.args.vocab_size:
+            self._resize_vocab(emb.shape[0])
 
     def _resize_vocab(self, rows: int) -> None:
         dev = self.tok_emb.weight.device

@@ -310,7 +310,7 @@ class Model(ArchModel):
         weights.pop("freqs_cis", None)
         if self.lm_head is None:
             # The card: the tied embedding was uploaded twice. One copy is kept unless they really differ.
-            self.keep_one_head(weights, "transformer.wte.weight", self.args.n_embd, self.args.padded_vocab_size)
+            self.keep_one_head(weights, "transformer.wte.weight")
         return weights
 
     def init_demo_weights(self) -> None:

@@ -275,8 +275,8 @@ class Model(ArchModel):
         for name in [k for k in weights if _ROPE_TABLE.search(k.rsplit(".", 1)[-1])]:
             weights.pop(name)
         # The tied head may be stored a second time; keep one copy unless they really differ.
-        self.keep_one_head(weights, "model.embeddings.weight", a.hidden_size, a.vocab_size)
-        for i, layer in enumerate(self.model.layers):
+        self.keep_one_head(weights, "model.embeddings.weight")
+        for i in range(a.num_hidden_layers):
             p = f"model.layers.{i}."
             # q | f | i fused into one matmul.
             fuse(weights, p + "attn.qfi_proj.weight", [p + f"attn.{n}_proj.weight" for n in ("q", "f", "i")])
@@ -286,10 +286,18 @@ class Model(ArchModel):
             rename(weights, p + "mlp.w_gate_up.weight", p + "mlp.gate_up_proj.weight")
             for gate in ("gate_attn", "gate_ffn"):
                 w = weights.get(p + gate)
-                # Scalar gates stored 0-dim become [1]; a per-channel [hidden] gate resizes the parameter.
+                # Scalar gates stored 0-dim become [1] (a per-channel [hidden] gate: fit_checkpoint).
                 if w is not None and w.dim() == 0:
                     weights[p + gate] = w.reshape(1)
-                elif w is not None and w.shape == (a.hidden_size,):
-                    old = getattr(layer, gate)
-                    setattr(layer, gate, nn.Parameter(torch.zeros(a.hidden_size, device=old.device, dtype=old.dtype)))
         return weights
+
+    def fit_checkpoint(self, weights: dict[str, torch.Tensor]) -> None:
+        super().fit_checkpoint(weights)
+        hidden = self.args.hidden_size
+        for i, layer in enumerate(self.model.layers):
+            for gate in ("gate_attn", "gate_ffn"):
+                w = weights.get(f"model.layers.{i}.{gate}")
+                if w is not None and w.shape == (hidden,):
+                    # A per-channel residual gate instead of the scalar one: the parameter takes its shape.
+                    old = getattr(layer, gate)
+                    setattr(layer, gate, nn.Parameter(torch.zeros(hidden, device=old.device, dtype=old.dtype)))

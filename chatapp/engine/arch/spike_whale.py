@@ -337,7 +337,7 @@ class Model(ArchModel):
         # Rotary tables are recomputed, never trusted.
         weights = {k: v for k, v in weights.items() if not _ROTARY_BUFFER.search(k)}
         # The reference saves the tied head as its own tensor; keep one copy unless they really differ.
-        self.keep_one_head(weights, "model.embed_tokens.weight", a.hidden_size, a.vocab_size)
+        self.keep_one_head(weights, "model.embed_tokens.weight")
         for i in range(a.num_hidden_layers):
             p = f"model.layers.{i}."
             # q_a | k | v read the same input: one matmul.
@@ -345,11 +345,14 @@ class Model(ArchModel):
                  [p + f"attn.{n}.weight" for n in ("q_a_proj", "k_proj", "v_proj")])
             # gate | up read the same input: one matmul.
             fuse(weights, p + "ffn.gate_up_proj.weight", [p + "ffn.gate_proj.weight", p + "ffn.up_proj.weight"])
+        return weights
+
+    def fit_checkpoint(self, weights: dict[str, torch.Tensor]) -> None:
+        super().fit_checkpoint(weights)
         # The FFN width is not in config.json (spec §2.1): the checkpoint's tensors say it.
         fused = weights.get("model.layers.0.ffn.gate_up_proj.weight")
-        if fused is not None and fused.shape[0] // 2 != a.ffn_width:
+        if fused is not None and fused.shape[0] // 2 != self.args.ffn_width:
             self._resize_ffn(fused.shape[0] // 2)
-        return weights
 
     def _resize_ffn(self, width: int) -> None:
         self.args.ffn_width = width
