@@ -261,6 +261,7 @@ class StepEvent:
             `logprob`, most likely first; ids the settings removed are left out (when asked).
         steps: recurrence steps the token's forward ran (Huginn), else None. Always filled: the forward
             reports it anyway, so it costs nothing.
+        controls_changed: the control values a ControlChannel changed that took effect at this token.
     """
 
     token_id: int
@@ -270,6 +271,34 @@ class StepEvent:
     entropy: float | None = None
     alternatives: tuple[tuple[int, float], ...] | None = None
     steps: int | None = None
+    controls_changed: dict[str, Any] | None = None
+
+
+class ControlChannel:
+    """Control changes for one running `generate` call, read by the engine between tokens.
+
+    The caller owns it and passes it to that call alone; nothing of it stays on the engine or the model.
+    `set` (any thread) queues values that take effect at the next token whose forward has not started;
+    the engine checks them when it takes them. `schedule` ({token index: values}) applies changes at
+    given tokens instead (a replay of a run card's recorded changes).
+    """
+
+    def __init__(self, schedule: Mapping[int, Mapping[str, Any]] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[str, Any] = {}
+        self._schedule = {int(k): dict(v) for k, v in (schedule or {}).items()}
+
+    def set(self, values: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._pending.update(values)
+
+    def take(self, token_index: int) -> dict[str, Any]:
+        """The changes that apply from token `token_index` on (scheduled there, then set since the last
+        take); {} when there are none."""
+        with self._lock:
+            out = {**self._schedule.pop(token_index, {}), **self._pending}
+            self._pending.clear()
+            return out
 
 
 STOP_REASONS = ("eos", "stop_string", "max_tokens", "cancelled", "context_full")
@@ -328,7 +357,8 @@ class EngineProtocol(Protocol):
 
     `info()` returns the figures the UI shows: model_id, name, architecture, device, dtype,
     context_limit, demo, and where known n_layers, hidden_size, params.
-    `generate` streams StepEvents and one final Done. `cancel` (an Event the caller owns) stops that
+    `generate` streams StepEvents and one final Done; `channel` carries control changes into the running
+    call (they take effect at the next token and are reported on it). `cancel` (an Event the caller owns) stops that
     call alone, even while it waits for the engine; `cancel()` stops whichever call is running now.
     """
 
@@ -342,7 +372,8 @@ class EngineProtocol(Protocol):
 
     def generate(self, ids: list[int], settings: SamplingSettings | None = None,
                  controls: Mapping[str, Any] | None = None, *, cancel: threading.Event | None = None,
-                 detail: TokenDetail = TokenDetail()) -> Iterator[StepEvent | Done]: ...
+                 detail: TokenDetail = TokenDetail(), channel: ControlChannel | None = None
+                 ) -> Iterator[StepEvent | Done]: ...
 
     def cancel(self) -> None: ...
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ..catalog import ChatFormat, ModelEntry, Source, TokenizerSpec
-from ..contract import (ControlSpec, Controls, Done, MemoryReport, SamplingSettings, StepEvent, TokenDetail,
-                        resolve_controls)
+from ..contract import (ControlChannel, ControlSpec, Controls, Done, MemoryReport, SamplingSettings, StepEvent,
+                        TokenDetail, resolve_controls)
 from ..hub import DownloadCancelled, DownloadProgress, HubError, OfflineError
 from ..engine.tokenizer import StreamDecoder, Tokenizer
 
@@ -184,7 +184,8 @@ class FakeEngine:
 
     def generate(self, ids: list[int], settings: SamplingSettings | None = None,
                  controls: Any = None, *, cancel: threading.Event | None = None,
-                 detail: TokenDetail = TokenDetail()) -> Iterator[StepEvent | Done]:
+                 detail: TokenDetail = TokenDetail(), channel: ControlChannel | None = None
+                 ) -> Iterator[StepEvent | Done]:
         settings = settings or SamplingSettings()
         settings.validate()
         if not ids:
@@ -195,13 +196,13 @@ class FakeEngine:
         # No queue here (unlike the real engine): a test may leave one stream open while it starts another.
         self._running = cancel
         try:
-            yield from self._stream(list(ids), settings, controls, cancel, detail)
+            yield from self._stream(list(ids), settings, controls, cancel, detail, channel)
         finally:
             if self._running is cancel:
                 self._running = None
 
     def _stream(self, ids: list[int], settings: SamplingSettings, controls: Controls, cancel: threading.Event,
-                want: TokenDetail) -> Iterator[StepEvent | Done]:
+                want: TokenDetail, channel: ControlChannel | None = None) -> Iterator[StepEvent | Done]:
         self.calls.append(FakeCall(list(ids), settings, dict(controls)))
         prompt = len(ids)
         if prompt >= self.context_limit:
@@ -231,18 +232,23 @@ class FakeEngine:
                     break
             new += 1
             t_ns = self._t_ns(start_ns, i)
+            # Like the engine: a channel's change applies from the next token on (the first comes from the prompt).
+            change = channel.take(i) if channel is not None and i else {}
+            if change:
+                controls = resolve_controls(self.controls, call={**controls, **change})
+            changed = {k: controls[k] for k in change} or None
             steps = self._steps(i, controls)
             if tok == eos:
-                yield _event(tok, "", t_ns, -0.05, 0.5, steps, want)
+                yield _event(tok, "", t_ns, -0.05, 0.5, steps, want, changed)
                 reason = "eos"
                 break
             text = detok.push(tok)
             if cut is not None and shown + len(text) > cut[0]:
-                yield _event(tok, text[:max(cut[0] - shown, 0)], t_ns, -0.5, 1.5, steps, want)
+                yield _event(tok, text[:max(cut[0] - shown, 0)], t_ns, -0.5, 1.5, steps, want, changed)
                 reason = "stop_string"
                 break
             shown += len(text)
-            yield _event(tok, text, t_ns, -0.5 - (i % 7) * 0.1, 1.0 + (i % 5) * 0.25, steps, want)
+            yield _event(tok, text, t_ns, -0.5 - (i % 7) * 0.1, 1.0 + (i % 5) * 0.25, steps, want, changed)
             if new >= settings.max_new_tokens:
                 break
             if prompt + new >= self.context_limit:
@@ -349,11 +355,11 @@ def scripted_demo() -> FakeEngine:
 
 
 def _event(tok: int, text: str, t_ns: int, logprob: float, entropy: float, steps: int | None,
-           detail: TokenDetail) -> StepEvent:
+           detail: TokenDetail, changed: dict[str, Any] | None = None) -> StepEvent:
     """A scripted token with the figures `detail` asks for (alternatives: the token, then worse guesses)."""
     alts = tuple((tok + j, logprob - j) for j in range(detail.alternatives)) if detail.alternatives else None
     return StepEvent(tok, text, t_ns, logprob if detail.logprob else None, entropy if detail.entropy else None,
-                     alts, steps)
+                     alts, steps, changed)
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> tuple[int, int] | None:

@@ -12,6 +12,7 @@ reply to raw text (no chat template), for callers such as an OpenAI-style comple
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 import time
@@ -20,8 +21,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Mapping, Sequence
 
 from ..catalog import ModelEntry
-from ..contract import (INSPECT_DETAIL, RUN_CARD_DETAIL, ControlSpec, Controls, Done, EngineProtocol, MemoryReport,
-                        SamplingSettings, StepEvent, TokenDetail, resolve_controls)
+from ..contract import (INSPECT_DETAIL, RUN_CARD_DETAIL, ControlChannel, ControlSpec, Controls, Done, EngineProtocol,
+                        MemoryReport, SamplingSettings, StepEvent, TokenDetail, resolve_controls)
 from . import token_record
 from .conversation import Conversation, Message
 
@@ -83,6 +84,7 @@ class Session:
         self.inspect = inspect
         self._records: OrderedDict[str, dict[str, Any]] = OrderedDict()  # the latest replies' token records
         self._cancel = threading.Event()
+        self._channel: ControlChannel | None = None
         self._memo: OrderedDict[int, tuple[list[int], list[str], list | None]] = OrderedDict()
         self._trim_starts: dict[str, str] = {}  # chat id -> first message kept by the last trimmed prompt
 
@@ -265,16 +267,21 @@ class Session:
             return self.engine.context_limit, self.engine.context_limit
 
     # Generation.
-    def stream(self, conv: Conversation, parent_id: str | None, continue_from: str | None = None
-               ) -> Iterator[StepEvent | Done]:
+    def stream(self, conv: Conversation, parent_id: str | None, continue_from: str | None = None,
+               channel: ControlChannel | None = None) -> Iterator[StepEvent | Done]:
         """Generate a reply under `parent_id` (a new assistant message, the new current leaf), or append
         to the reply `continue_from`; yields the engine's StepEvents and its final Done.
+
+        With a `channel`, `change_controls` changes the reply's controls while it streams (from the next
+        token on; the run card's "control_changes" records each with the token where it began). Without
+        one the engine may draft ahead (Huginn's speculative greedy), which a change would overtake.
 
         The message's text, token ids and run card fill in as tokens arrive. Stopping (`cancel()`, or
         closing this generator) keeps the partial reply, marked "stopped"; an engine error marks it
         "error", saves it and re-raises.
         """
         self._cancel = cancel = threading.Event()  # this reply's own: a late stop of another one cannot reach it
+        self._channel = channel
         settings = self.settings_for(conv)
         if settings.seed is None:
             # The run card must name the seed, so a replay draws the same tokens.
@@ -316,7 +323,11 @@ class Session:
         if self.store is not None:
             self.store.save(conv)
         last_save = time.monotonic()
-        events = self.engine.generate(prompt.ids, settings, controls, cancel=cancel, detail=want)
+        # Only a caller that wants live changes passes a channel (an engine wrapper may not take one).
+        live = {"channel": channel} if channel is not None else {}
+        events = self.engine.generate(prompt.ids, settings, controls, cancel=cancel, detail=want, **live)
+        changes_at = segment if continue_from is not None else msg.run
+        index = 0
         try:
             for ev in events:
                 if isinstance(ev, Done):
@@ -332,6 +343,10 @@ class Session:
                     msg.run.setdefault("steps", []).append(ev.steps)
                 if record is not None:
                     token_record.add(record, ev)
+                if ev.controls_changed:
+                    changes_at.setdefault("control_changes", []).append(
+                        {"token": index, "controls": dict(ev.controls_changed)})
+                index += 1
                 if self.store is not None and time.monotonic() - last_save >= SAVE_EVERY_S:
                     self.store.save_message(conv.id, msg)
                     last_save = time.monotonic()
@@ -378,6 +393,14 @@ class Session:
         """Stop the reply being streamed before its next token (the partial text is kept)."""
         self._cancel.set()
 
+    def change_controls(self, values: Mapping[str, Any]) -> None:
+        """Change controls of the reply streaming now, from its next token on (it must have been started
+        with a ControlChannel); ValueError for a name or value this model refuses."""
+        resolve_controls(self.engine.controls, call=values)
+        if self._channel is None:
+            raise ValueError("this reply was started without a control channel; the change applies from the next reply")
+        self._channel.set(values)
+
     def memory(self) -> MemoryReport:
         return self.engine.memory()
 
@@ -406,13 +429,18 @@ class Session:
             "demo": e.demo,
             **({"demo_seed": e.demo_seed} if e.demo else {}),
             "app_version": _app_version(),
+            # What else decides the tokens, for an exact replay (chat/replay.py): the weights, their
+            # quantization, compiled or eager decode, the kernel family and machine.
             "engine": {"device": info.get("device", ""), "dtype": info.get("dtype", ""),
-                       "context_limit": eng.context_limit},
+                       "context_limit": eng.context_limit, "quantize": info.get("quantize", "none"),
+                       "compile": info.get("compile", ""), "checkpoint_sha256": info.get("checkpoint_sha256", ""),
+                       "machine": dict(info.get("machine", {}))},
             "settings": _jsonable(asdict(settings)),
             "seed": settings.seed,
             "controls": dict(controls),
             "system_prompt": conv.system_prompt if conv.system_prompt is not None else e.chat.default_system,
             "prompt_tokens": len(prompt.ids),
+            "prompt_sha256": prompt_hash(prompt.ids),
             "context": {"dropped_messages": list(prompt.dropped), "dropped_turns": prompt.dropped_turns,
                         "reused_replies": len(prompt.reused)},
             "started_at": time.time(),
@@ -456,6 +484,11 @@ class Session:
         self._records.move_to_end(message_id)
         while len(self._records) > MEMO_SIZE:
             self._records.popitem(last=False)
+
+
+def prompt_hash(ids: Sequence[int]) -> str:
+    """sha256 of a prompt's token ids (a run card names its prompt by it)."""
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
 
 
 def _after(opened: list | None, full: list) -> list | None:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Generator, Mapping
 
 import torch
 
-from ..contract import Done, SamplingSettings, StepEvent, TokenDetail
+from ..contract import ControlChannel, Controls, Done, SamplingSettings, StepEvent, TokenDetail, resolve_controls
 from .arch.base import Forward, Interrupted, check_cancel
 from .sample import Sampler
 from .state import ContextFull, StateList
@@ -101,6 +101,7 @@ class DecodeRequest:
         start_s, prefill_s: perf_counter at the call's start, seconds the prefill took.
         step: what runs one decode token (`infer`'s signature): the model's infer, or the engine's compiled
             step (engine/graphs.py); None is model.infer.
+        channel: control changes read between tokens (contract.ControlChannel), this call's own.
     """
 
     model: Any
@@ -118,6 +119,7 @@ class DecodeRequest:
     start_s: float = 0.0
     prefill_s: float = 0.0
     step: Callable[..., Forward] | None = None
+    channel: ControlChannel | None = None
 
 
 @dataclass
@@ -127,6 +129,8 @@ class DecodeResult:
 
     done: Done
     absorbed: list[int] = field(default_factory=list)
+    #: (token index, the values changed) for each ControlChannel change, in order.
+    control_changes: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
 
 
 def decode_loop(req: DecodeRequest) -> Generator[StepEvent, None, DecodeResult]:
@@ -147,8 +151,11 @@ def decode_loop(req: DecodeRequest) -> Generator[StepEvent, None, DecodeResult]:
     # Self-speculative decoding (Huginn): under plain greedy a model that offers a speculator returns
     # several next tokens per call, each with the logits plain decoding would have produced.
     plain_greedy = settings.temperature == 0 and settings.repetition_penalty == 1.0 and settings.no_repeat_ngram == 0
-    spec = model.speculator(req.controls, req.cancel) if plain_greedy else None
+    # A draft runs ahead of the token being shown, so a call whose controls may change decodes without one.
+    spec = model.speculator(req.controls, req.cancel) if plain_greedy and req.channel is None else None
     pending: list[tuple[torch.Tensor, int | None]] = []
+    controls = req.controls
+    changes: list[tuple[int, dict[str, Any]]] = []
     while True:
         if req.cancel.is_set():
             reason = "cancelled"
@@ -157,6 +164,8 @@ def decode_loop(req: DecodeRequest) -> Generator[StepEvent, None, DecodeResult]:
         # The figures of token_detail only when asked: a call that asks for none pays nothing for them.
         extra = token_detail(logits, draw.token_id, want, sampler) if want.any else dict(NO_DETAIL)
         extra["steps"] = steps
+        if changes and changes[-1][0] == new:
+            extra["controls_changed"] = changes[-1][1]
         now = time.perf_counter()
         first_t = first_t or now
         last_t = now
@@ -186,7 +195,9 @@ def decode_loop(req: DecodeRequest) -> Generator[StepEvent, None, DecodeResult]:
             if pending:
                 logits, steps = pending.pop(0)
                 continue
-            out = step(torch.tensor([[draw.token_id]], device=device), state, req.controls, req.cancel,
+            if req.channel is not None:
+                controls = _changed(model, controls, req.channel.take(new), new, changes)
+            out = step(torch.tensor([[draw.token_id]], device=device), state, controls, req.cancel,
                        last_only=True)
         except ContextFull as e:
             reason, detail = "context_full", str(e)
@@ -211,4 +222,16 @@ def decode_loop(req: DecodeRequest) -> Generator[StepEvent, None, DecodeResult]:
         prefill_tok_s=n_prefill / req.prefill_s if req.prefill_s > 0 else 0.0,
         decode_tok_s=(new - 1) / decode_s if new > 1 and decode_s > 0 else 0.0,
         reused_tokens=req.reused, detail=detail, text=tail)
-    return DecodeResult(done, fed)
+    return DecodeResult(done, fed, changes)
+
+
+def _changed(model, controls: Mapping[str, Any], change: dict[str, Any], index: int,
+             changes: list[tuple[int, dict[str, Any]]]) -> Mapping[str, Any]:
+    """`controls` with a channel's change applied (checked like any call's), noted in `changes` as
+    beginning at token `index`; unchanged when there is none."""
+    if not change:
+        return controls
+    specs = controls.specs if isinstance(controls, Controls) else tuple(model.control_specs())
+    merged = resolve_controls(specs, call={**controls, **change})
+    changes.append((index, {k: merged[k] for k in change}))
+    return merged

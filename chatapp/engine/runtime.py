@@ -7,6 +7,7 @@ one) for the longest prefix of the new prompt, computed under the same state-cha
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -17,8 +18,8 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from ..catalog import CatalogError, ModelEntry, load_catalog
-from ..contract import (ControlSpec, Controls, Done, MemoryReport, SamplingSettings, StepEvent, TokenDetail,
-                        resolve_controls)
+from ..contract import (ControlChannel, ControlSpec, Controls, Done, MemoryReport, SamplingSettings, StepEvent,
+                        TokenDetail, resolve_controls)
 from .arch.base import Forward, Interrupted
 from .generate import DecodeRequest, decode_loop, feed
 from .graphs import MODES as COMPILE_MODES, CompileReport, decode_step
@@ -44,6 +45,9 @@ class Engine:
         self.dtype = dtype
         self.context_limit = context_limit
         self.quantize = quantize  # the weight-only quantization the model was loaded with (engine/quant.py)
+        # What a replay must match besides the settings (run cards; load_engine fills them in).
+        self.checkpoint_sha256 = ""
+        self.machine: dict[str, Any] = {}
         self.controls: tuple[ControlSpec, ...] = tuple(model.control_specs())
         unknown = set(entry.controls) - {c.name for c in self.controls}
         if unknown:
@@ -74,11 +78,13 @@ class Engine:
 
     def generate(self, ids: list[int], settings: SamplingSettings | None = None,
                  controls: Mapping[str, Any] | None = None, *, cancel: threading.Event | None = None,
-                 detail: TokenDetail = TokenDetail()) -> Iterator[StepEvent | Done]:
+                 detail: TokenDetail = TokenDetail(), channel: ControlChannel | None = None
+                 ) -> Iterator[StepEvent | Done]:
         """Stream a reply to the prompt `ids`; see contract.StepEvent / contract.Done.
 
         `controls` are complete `Controls` (a chat session's) or a partial dict merged over the catalog's
-        here; `cancel` is this call's own flag (set it to stop this call, even before it starts).
+        here; `cancel` is this call's own flag (set it to stop this call, even before it starts);
+        `channel` carries control changes into this call, read between tokens.
         """
         settings = settings or self.default_settings()
         settings.validate()
@@ -90,7 +96,7 @@ class Engine:
             try:
                 # Inference mode is entered around each step of the stream, not across its yields: it is
                 # thread-local, and the consumer's code between two events must not run under it.
-                events = self._stream(ids, settings, stop_ids, controls, cancel, detail)
+                events = self._stream(ids, settings, stop_ids, controls, cancel, detail, channel)
                 while True:
                     with torch.inference_mode():
                         event = next(events, None)
@@ -101,7 +107,8 @@ class Engine:
                 self._running = None
 
     def _stream(self, ids: list[int], settings: SamplingSettings, stop_ids: frozenset[int], controls: Controls,
-                cancel: threading.Event, detail: TokenDetail) -> Iterator[StepEvent | Done]:
+                cancel: threading.Event, detail: TokenDetail, channel: ControlChannel | None = None
+                ) -> Iterator[StepEvent | Done]:
         start = time.perf_counter()
         if not ids:
             raise ValueError("the prompt is empty")
@@ -120,14 +127,17 @@ class Engine:
                                   "(finite but out of range); this checkpoint cannot produce text as it is")
         req = DecodeRequest(self.model, self.state, self.tokenizer, first, list(ids), settings, stop_ids,
                             self.context_limit, controls, cancel, detail, reused, start, time.perf_counter() - start,
-                            step=self.step)
+                            step=self.step, channel=channel)
         try:
             result = yield from decode_loop(req)
         except BaseException:
             # An error, or the consumer stopped listening before Done: what the state holds is not known.
             self.cache.lost()
             raise
-        self.cache.absorbed(result.absorbed)
+        if result.control_changes:
+            self.cache.lost()  # tokens computed under other controls than the cache's key says
+        else:
+            self.cache.absorbed(result.absorbed)
         yield result.done
 
     def state_key(self, controls: Controls) -> tuple:
@@ -174,7 +184,7 @@ class Engine:
                 "params": sum(p.numel() for p in self.model.parameters()),
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "context_limit": self.context_limit, "demo": self.entry.demo, "compile": self.compile.label,
-                "quantize": self.quantize}
+                "quantize": self.quantize, "checkpoint_sha256": self.checkpoint_sha256, "machine": dict(self.machine)}
 
 
 def _rss_bytes() -> int:
@@ -183,6 +193,28 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):
         return 0
+
+
+def checkpoint_hash(directory: Path) -> str:
+    """sha256 naming a checkpoint's weights: its one shard's, or that of its shards' hashes in order
+    (hashed once per file and remembered, as for the quantization cache)."""
+    from .loader import safetensors_files
+    from .quant import _hash_file
+
+    hashes = [_hash_file(p) for p in safetensors_files(directory)]
+    return hashes[0] if len(hashes) == 1 else hashlib.sha256(" ".join(hashes).encode()).hexdigest()
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What picks the kernels besides the dtype: CPU model and PyTorch's kernel family, or the GPU; torch."""
+    from .bench import cpu_info
+
+    cpu = cpu_info()
+    out = {"cpu": cpu["model"], "kernels": f"cpu {cpu['aten_cpu_capability']}", "torch": torch.__version__}
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        out["kernels"] = f"cuda sm_{major}{minor} {torch.cuda.get_device_name(device)}"
+    return out
 
 
 def model_files(entry: ModelEntry) -> Path:
@@ -263,6 +295,7 @@ def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", mo
     limit = min(entry.context, model.max_context)
     say("allocating state")
     engine = Engine(model, tokenizer, entry, dev, dt, limit, quantize=quant)
+    engine.checkpoint_sha256, engine.machine = checkpoint_hash(directory), machine(dev)
     if compile != "off":
         say("preparing the decode step")
     engine.step, engine.compile = decode_step(model, entry.architecture, engine.state, dev, dt, compile)

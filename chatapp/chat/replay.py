@@ -1,0 +1,131 @@
+"""Exact replay of a reply from its run card (issue 15): regenerate it on the recorded path and say
+*identical*, or name the first token that differs and the likely reason.
+
+The run card (chat/session.py) records the model and revision, the checkpoint's sha256, dtype,
+quantization, compiled or eager decode, the kernel family and machine, the seed and every sampling
+setting, the complete controls (and any changed while the reply streamed, with the token where each
+began) and the sha256 of the prompt ids. The replay renders the same conversation up to the reply's
+parent (spliced reply ids included), checks that it gives the same prompt ids, and generates with the
+recorded settings and controls. Torch-free: the caller loads the engine (cli/replay.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..contract import ControlChannel, Done, SamplingSettings, StepEvent, TokenDetail
+from .conversation import Conversation, Message
+from .session import Session, prompt_hash
+
+
+@dataclass
+class ReplayResult:
+    """What a replay found.
+
+    Attributes:
+        identical: every recorded token came again, in order.
+        compared: how many recorded tokens were compared (a continued reply: its first part).
+        index: the first differing token (0-based), else None.
+        recorded, replayed: (id, text) at that index; None where one side had ended.
+        reasons: recorded path vs this one, most likely first (empty when nothing differs).
+        prompt_same: whether the prompt rendered to the recorded ids (by their sha256).
+    """
+
+    identical: bool
+    compared: int
+    index: int | None = None
+    recorded: tuple[int, str] | None = None
+    replayed: tuple[int, str] | None = None
+    reasons: list[str] = field(default_factory=list)
+    prompt_same: bool = True
+
+
+def pick_reply(conv: Conversation, message_id: str | None) -> Message:
+    """The reply to replay: `message_id`, else the last reply on the branch on screen."""
+    if message_id is not None:
+        if message_id not in conv.messages:
+            raise ValueError(f"no message {message_id!r} in this chat")
+        msg = conv.get(message_id)
+    else:
+        msg = next((m for m in reversed(conv.path()) if m.role == "assistant"), None)
+        if msg is None:
+            raise ValueError("this chat has no reply to replay")
+    if msg.role != "assistant" or not msg.run.get("settings") or msg.token_ids is None:
+        raise ValueError(f"message {msg.id} is not a generated reply with a run card and token ids; "
+                         "pick one with --message ID")
+    return msg
+
+
+def recorded_path(card: dict[str, Any]) -> dict[str, Any]:
+    """How to load the engine as the run card says: model id, device kind, dtype, quantization, compile."""
+    engine = card.get("engine", {})
+    compiled = str(engine.get("compile", "")).startswith("compiled")
+    return {"model_id": card.get("model_id"), "device": str(engine.get("device", "cpu")).split(":")[0] or "cpu",
+            "dtype": engine.get("dtype") or "auto", "quantize": engine.get("quantize", "none"),
+            "compile": "on" if compiled else "off"}
+
+
+def replay(session: Session, conv: Conversation, msg: Message) -> ReplayResult:
+    """Regenerate `msg` with `session`'s engine on the run card's settings and controls; compare."""
+    card = msg.run
+    settings = _settings(card["settings"])
+    expected = list(msg.token_ids or [])
+    # A continued reply: its first part was one call under this card; later parts have their own cards.
+    later = sum(int(seg.get("new_tokens", 0)) for seg in card.get("continued", []))
+    expected = expected[:max(len(expected) - later, 0)]
+    if not expected:
+        raise ValueError(f"reply {msg.id} has no recorded tokens to compare")
+    # The prompt under the recorded budget (it decides what trimming leaves room for), the run to the
+    # recorded tokens only.
+    prompt = session.prompt(conv, leaf=msg.parent_id, settings=settings)
+    settings = settings.with_overrides(max_new_tokens=len(expected))
+    prompt_same = prompt_hash(prompt.ids) == card.get("prompt_sha256", prompt_hash(prompt.ids))
+    controls = session.controls_for(Conversation(), card.get("controls", {}))
+    channel = ControlChannel(schedule={int(c["token"]): dict(c["controls"]) for c in card.get("control_changes", [])})
+    got: list[StepEvent] = []
+    for ev in session.engine.generate(prompt.ids, settings, controls, detail=TokenDetail(), channel=channel):
+        if isinstance(ev, StepEvent):
+            got.append(ev)
+        elif isinstance(ev, Done):
+            break
+    reasons = _differences(card, session.info(), prompt_same)
+    tok = session.tokenizer
+    for i, want in enumerate(expected):
+        have = got[i].token_id if i < len(got) else None
+        if have != want:
+            return ReplayResult(False, len(expected), i, (want, tok.decode([want])),
+                                None if have is None else (have, tok.decode([have])),
+                                reasons or ["nothing recorded differs: the same path chose another token (a "
+                                            "nondeterministic kernel or thread count)"], prompt_same)
+    return ReplayResult(True, len(expected), reasons=reasons, prompt_same=prompt_same)
+
+
+def _settings(recorded: dict[str, Any]) -> SamplingSettings:
+    try:
+        return SamplingSettings().with_overrides(**recorded)
+    except TypeError as e:
+        raise ValueError(f"the run card's settings are not this version's: {e}") from None
+
+
+def _differences(card: dict[str, Any], info: dict[str, Any], prompt_same: bool) -> list[str]:
+    """What differs between the recorded path and this one, the likeliest cause of a change first."""
+    was, machine_was = card.get("engine", {}), card.get("engine", {}).get("machine", {})
+    machine_now = info.get("machine", {})
+    out = []
+
+    def differ(what: str, old: Any, new: Any, short: bool = False) -> None:
+        if old and new and old != new:
+            out.append(f"different {what} (recorded {str(old)[:12] if short else old}, now "
+                       f"{str(new)[:12] if short else new})")
+
+    differ("checkpoint", was.get("checkpoint_sha256"), info.get("checkpoint_sha256"), short=True)
+    differ("model", card.get("model_id"), info.get("model_id"))
+    if not prompt_same:
+        out.append("different prompt ids (the tokenizer or chat template changed)")
+    differ("dtype", was.get("dtype"), info.get("dtype"))
+    differ("quantization", was.get("quantize"), info.get("quantize"))
+    differ("kernel family", machine_was.get("kernels"), machine_now.get("kernels"))
+    differ("decode step", str(was.get("compile", "")).split(" ")[0], str(info.get("compile", "")).split(" ")[0])
+    differ("machine", machine_was.get("cpu"), machine_now.get("cpu"))
+    differ("torch", machine_was.get("torch"), machine_now.get("torch"))
+    return out
