@@ -146,6 +146,21 @@ def test_sanitize_is_idempotent(axiom_copy):
     assert set(model.sanitize(dict(sd))) == set(sd)
 
 
+def test_sanitize_changes_only_the_dict_and_fit_checkpoint_the_modules(axiom_copy):
+    # A head that really differs from the embedding: sanitize keeps the tensor, the untied module comes later.
+    weights = load_file(str(axiom_copy / "model.safetensors"))
+    weights["lm_head.weight"] = weights["embed.weight"] + 1.0
+    model = build_model(json.loads((axiom_copy / "config.json").read_text()))
+    before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="untied head"):
+        sanitized = model.sanitize(dict(weights))
+    assert model.lm_head is None and {k: tuple(v.shape) for k, v in model.state_dict().items()} == before
+    assert "lm_head.weight" in sanitized
+    model.fit_checkpoint(sanitized)
+    assert model.lm_head is not None and model.lm_head.weight.is_meta
+    assert set(model.state_dict()) == set(sanitized)
+
+
 def test_weights_are_cast_to_the_requested_dtype(axiom_copy):
     model = load_model(axiom_copy, dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
