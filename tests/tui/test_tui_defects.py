@@ -376,3 +376,15 @@ async def test_builtin_sampling_presets_fill_the_settings(build):
         await pilot.press("ctrl+s")
         await wait_until(pilot, lambda: app.screen is app.chat_screen)
         assert app.chat_screen.conv.settings == {}
+
+
+async def test_chat_list_detail_clips_the_model_name_not_the_message_count(build, store):
+    conv = Conversation(id="long", title="Long model name", model_id="a-model-with-a-very-long-catalog-id")
+    conv.add(conv.add(None, "user", "q").id, "assistant", "a")
+    store.save(conv)
+    app = build(FakeEngine(["ok"]))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        options = app.chat_screen.query_one(ChatList).options
+        detail = str(options.get_option_at_index(0).prompt).split("\n")[1]
+        assert "now · 2 msgs · a-model" in detail and detail.endswith("…")

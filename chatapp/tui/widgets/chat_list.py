@@ -111,7 +111,9 @@ class ChatList(Vertical):
             title = clip(displayable(row.title or "Untitled"), LABEL_CELLS - len(self.OPEN_MARK))
             label = Text(self.OPEN_MARK if is_open else "  ", style="bold")
             label.append(title, style="bold" if is_open else "")
-            detail = " · ".join(p for p in (row.model_id or "", age(row.updated_at, now), f"{row.message_count} msgs") if p)
+            # Age and count first: clipping then cuts the model name, never "3 msgs" into "3 m…".
+            count = f"{row.message_count} msg{'s' if row.message_count != 1 else ''}"
+            detail = " · ".join(p for p in (age(row.updated_at, now), count, row.model_id or "") if p)
             label.append("\n  " + clip(displayable(row.snippet or detail), LABEL_CELLS - 2), style="italic")
             options.add_option(Option(label, id=row.id))
         none = self.query_one(".none", Static)
