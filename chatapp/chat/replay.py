@@ -72,12 +72,15 @@ def replay(session: Session, conv: Conversation, msg: Message) -> ReplayResult:
     expected = list(msg.token_ids or [])
     # A continued reply: its first part was one call under this card; later parts have their own cards.
     later = sum(int(seg.get("new_tokens", 0)) for seg in card.get("continued", []))
-    expected = expected[:max(len(expected) - later, 0)]
+    # A branch (Session.branch_at): its first tokens were chosen, the call generated the rest.
+    start = int(card["branched_from"]["prefix_tokens"]) if card.get("branched_from") else 0
+    expected = expected[start:max(len(expected) - later, start)]
     if not expected:
         raise ValueError(f"reply {msg.id} has no recorded tokens to compare")
     # The prompt under the recorded budget (it decides what trimming leaves room for), the run to the
     # recorded tokens only.
-    prompt = session.prompt(conv, leaf=msg.parent_id, settings=settings)
+    prompt = _branch_prompt(session, conv, msg, start, settings) if start else \
+        session.prompt(conv, leaf=msg.parent_id, settings=settings)
     settings = settings.with_overrides(max_new_tokens=len(expected))
     prompt_same = prompt_hash(prompt.ids) == card.get("prompt_sha256", prompt_hash(prompt.ids))
     controls = session.controls_for(Conversation(), card.get("controls", {}))
@@ -98,6 +101,18 @@ def replay(session: Session, conv: Conversation, msg: Message) -> ReplayResult:
                                 reasons or ["nothing recorded differs: the same path chose another token (a "
                                             "nondeterministic kernel or thread count)"], prompt_same)
     return ReplayResult(True, len(expected), reasons=reasons, prompt_same=prompt_same)
+
+
+def _branch_prompt(session: Session, conv: Conversation, msg: Message, start: int,
+                   settings: SamplingSettings) -> Any:
+    """The prompt a branch was continued from: the conversation with the reply's chosen prefix left open."""
+    ids, content = msg.token_ids or [], msg.content
+    specials = session.tokenizer.special_ids
+    msg.token_ids, msg.content = ids[:start], session.tokenizer.decode([i for i in ids[:start] if i not in specials])
+    try:
+        return session.prompt(conv, continue_from=msg.id, settings=settings)
+    finally:
+        msg.token_ids, msg.content = ids, content
 
 
 def _settings(recorded: dict[str, Any]) -> SamplingSettings:

@@ -268,7 +268,8 @@ class Session:
 
     # Generation.
     def stream(self, conv: Conversation, parent_id: str | None, continue_from: str | None = None,
-               channel: ControlChannel | None = None) -> Iterator[StepEvent | Done]:
+               channel: ControlChannel | None = None, *, _branch: dict[str, Any] | None = None
+               ) -> Iterator[StepEvent | Done]:
         """Generate a reply under `parent_id` (a new assistant message, the new current leaf), or append
         to the reply `continue_from`; yields the engine's StepEvents and its final Done.
 
@@ -299,7 +300,12 @@ class Session:
         else:
             prompt = self._build(conv, conv.path(parent_id) if parent_id else [], True, False, settings)
         segment = self._run_card(conv, settings, controls, prompt)
-        if continue_from is not None:
+        if _branch is not None:
+            # A branch (branch_at) is a new reply whose first tokens were chosen: this is its first run card.
+            msg.status = "streaming"
+            msg.run = {**segment, **_branch}
+            conv.current_leaf = msg.id
+        elif continue_from is not None:
             msg.status = "streaming"
             msg.run.setdefault("continued", []).append(segment)
             conv.current_leaf = msg.id
@@ -326,7 +332,7 @@ class Session:
         # Only a caller that wants live changes passes a channel (an engine wrapper may not take one).
         live = {"channel": channel} if channel is not None else {}
         events = self.engine.generate(prompt.ids, settings, controls, cancel=cancel, detail=want, **live)
-        changes_at = segment if continue_from is not None else msg.run
+        changes_at = segment if continue_from is not None and _branch is None else msg.run
         index = 0
         try:
             for ev in events:
@@ -381,6 +387,42 @@ class Session:
                                   f"{self.engine.context_limit}; shorten it.")
         resolved = resolve_controls(self.engine.controls, self.entry.controls, call=controls)
         return self.engine.generate(ids, settings, resolved, cancel=cancel, detail=detail)
+
+    def branch_at(self, conv: Conversation, message_id: str, index: int, token_id: int,
+                  channel: ControlChannel | None = None) -> Iterator[StepEvent | Done]:
+        """A new sibling of the reply `message_id` that keeps its tokens before `index`, puts `token_id`
+        there (an alternative the inspector shows, or any id) and continues from it; streams like `stream`.
+
+        The engine's prompt cache skips what it holds of that prefix (a KV cache is trimmed to it; a
+        recurrent state resumes from the prompt's end): Done.reused_tokens and the run card say how much.
+        The run card's "branched_from" names the source reply, the index and the chosen and replaced ids.
+        """
+        src = conv.get(message_id)
+        tok = self.tokenizer
+        if src.role != "assistant" or not src.token_ids:
+            raise ValueError("branch at a token works on a generated reply with its token ids")
+        if not 0 <= index < len(src.token_ids):
+            raise ValueError(f"token {index} is outside this reply's {len(src.token_ids)} tokens (0-based)")
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or not (
+                0 <= token_id < tok.vocab_size or token_id in tok.special_ids):
+            raise ValueError(f"token id {token_id!r} is not in {self.entry.name}'s vocabulary")
+        if token_id in set(tok.stop_ids):
+            raise ValueError("that token ends the reply: there is nothing to continue after it")
+        ids = [*src.token_ids[:index], token_id]
+        text = tok.decode([i for i in ids if i not in tok.special_ids])
+        before = tok.decode([i for i in ids[:-1] if i not in tok.special_ids])
+        new = conv.add(src.parent_id, "assistant", text, status="stopped", token_ids=ids)
+        branch: dict[str, Any] = {"branched_from": {"message": src.id, "token": index, "chosen": token_id,
+                                                    "replaced": src.token_ids[index], "prefix_tokens": len(ids)},
+                                  "tokens": {"logprob": [None] * len(ids), "entropy": [None] * len(ids)}}
+        record = self.token_record(conv, src.id)
+        if record is not None and len(record["ids"]) == len(src.token_ids):
+            record = token_record.branch(record, index, token_id, text[len(before):] if text.startswith(before) else "")
+            self._remember(new.id, record)
+            branch["tokens"] = {"logprob": list(record["logprob"]), "entropy": list(record["entropy"])}
+        if src.run.get("steps") and len(src.run["steps"]) == len(src.token_ids):
+            branch["steps"] = [*src.run["steps"][:index], src.run["steps"][index]]
+        return self.stream(conv, src.parent_id, continue_from=new.id, channel=channel, _branch=branch)
 
     def regenerate(self, conv: Conversation, message_id: str) -> Iterator[StepEvent | Done]:
         """A new sibling reply for the assistant message `message_id` (the old one stays)."""

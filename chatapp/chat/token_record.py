@@ -35,6 +35,19 @@ def add(record: dict[str, Any], ev: StepEvent) -> None:
     record["steps"].append(ev.steps)
 
 
+def branch(record: dict[str, Any], index: int, token_id: int, text: str) -> dict[str, Any]:
+    """The record of a reply branched at token `index` with `token_id` put there: the tokens before it,
+    then the chosen one under the same distribution (its log-probability if it was an alternative)."""
+    out = {"distribution": record["distribution"], **{c: list(record[c][:index]) for c in COLUMNS}}
+    alts = record["alternatives"][index]
+    out["ids"].append(token_id)
+    out["text"].append(text)
+    out["logprob"].append(next((lp for i, lp in alts or () if i == token_id), None))
+    for c in ("entropy", "alternatives", "steps"):
+        out[c].append(record[c][index])
+    return out
+
+
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, DECIMALS)
 
