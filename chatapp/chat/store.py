@@ -26,6 +26,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "per-token records of replies (the token inspector)", _v3),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
+#: Chats whose written rows the store remembers (to rewrite only what changed); the rows of a long chat
+#: take megabytes, so only the chats saved lately are kept.
+WRITTEN_CHATS = 4
 
 _CHAT_COLUMNS = ("id", "title", "model_id", "system_prompt", "settings", "controls", "created_at", "updated_at",
                  "current_leaf")
@@ -186,7 +190,7 @@ class Store:
         self._pending: dict[str, _Pending] = {}
         # Message rows as this store last committed them, by chat: a whole-chat save rewrites only the rows
         # that changed (the session saves the chat at every turn; rewriting thousands of rows took seconds).
-        self._written: dict[str, dict[str, tuple]] = {}
+        self._written: OrderedDict[str, dict[str, tuple]] = OrderedDict()  # the WRITTEN_CHATS latest
         self._streaming: set[str] = set()  # replies this store last saved as streaming
         self._broken: str | None = None  # why the last write failed: reconnect before the next one
         try:
@@ -519,6 +523,9 @@ class Store:
                 for mid in set(written) - p.keep:
                     del written[mid]
             written.update(p.messages)
+            self._written.move_to_end(chat_id)
+        while len(self._written) > WRITTEN_CHATS:  # a chat not saved lately is rewritten whole next time
+            self._written.popitem(last=False)
         self._pending.clear()
 
     def _track(self, m: Message) -> None:

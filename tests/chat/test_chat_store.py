@@ -656,3 +656,16 @@ def test_closing_writes_what_is_pending_or_says_it_could_not(tmp_path):
         store.close()
     with pytest.raises(sqlite3.ProgrammingError):
         store._conn.execute("SELECT 1")  # closed all the same
+
+
+def test_the_rows_remembered_for_cheap_saves_stay_bounded(store):
+    from chatapp.chat.store import WRITTEN_CHATS
+
+    chats = [sample(f"Chat {i}") for i in range(WRITTEN_CHATS + 3)]
+    for c in chats:
+        store.save(c)
+    assert list(store._written) == [c.id for c in chats[-WRITTEN_CHATS:]]
+    first = chats[0]
+    first.title = "Back again"
+    store.save(first)  # forgotten rows: written whole, and right
+    assert store.load(first.id).to_dict() == first.to_dict()
