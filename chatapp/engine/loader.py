@@ -58,7 +58,7 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / INDEX_NAME
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (ValueError, KeyError) as e:
             raise LoadError(f"{index} is not a valid safetensors index ({e}); re-download the model") from None
         files = sorted({model_dir / f for f in weight_map.values()})
@@ -104,7 +104,7 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     config: dict[str, Any] | None = None
     if cfg_path.exists():
         try:
-            config = json.loads(cfg_path.read_text())
+            config = json.loads(cfg_path.read_text(encoding="utf-8"))  # whatever the locale
         except ValueError as e:
             raise LoadError(f"{cfg_path} is not valid JSON ({e})") from None
         if not isinstance(config, dict):

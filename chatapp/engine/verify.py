@@ -108,7 +108,7 @@ def verify(fixture_dir: str | Path) -> VerifyReport:
     """Run the fixture's checks; raise UnknownArchitecture for an architecture not built yet."""
     d = Path(fixture_dir)
     try:
-        golden = json.loads((d / "golden.json").read_text())
+        golden = json.loads((d / "golden.json").read_text(encoding="utf-8"))
     except ValueError as e:
         raise LoadError(f"{d / 'golden.json'} is not valid JSON ({e})") from None
     tensors = read_tensors(d / "golden.safetensors")

@@ -3,6 +3,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -250,3 +252,14 @@ def test_available_memory_reads_meminfo():
 
     avail = available_memory(torch.device("cpu"))
     assert avail is not None and 0 < avail <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def test_config_is_read_as_utf8_whatever_the_locale(axiom_copy):
+    # Fixture configs carry non-ASCII comments; under an ASCII locale (no UTF-8 mode) they must still load.
+    cfg = json.loads((axiom_copy / "config.json").read_text(encoding="utf-8"))
+    (axiom_copy / "config.json").write_text(json.dumps({**cfg, "_comment": "tiny — values"}, ensure_ascii=False),
+                                            encoding="utf-8")
+    code = f"from chatapp.engine.loader import read_config; print(read_config({str(axiom_copy)!r})['dim'])"
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "64", r.stderr
