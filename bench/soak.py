@@ -159,17 +159,21 @@ def main(argv: list[str] | None = None) -> int:
         if i % args.every == 0 or i == args.turns:
             window = lat[-args.every:]
             samples.append({"turn": i, "rss": rss_bytes(), "fds": open_fds(), "db": db_bytes(db),
+                            "cache": session.memory().prompt_cache,
                             "p50": statistics.median(window), "p95": sorted(window)[int(0.95 * (len(window) - 1))],
                             "max": max(window), "elapsed": time.perf_counter() - t0})
             s = samples[-1]
-            print(f"{i:5d} turns  rss {s['rss'] / 2**20:7.1f} MiB  fds {s['fds']:3d}  db {s['db'] / 2**20:6.2f} MiB  "
+            print(f"{i:5d} turns  rss {s['rss'] / 2**20:7.1f} MiB  cache {s['cache'] / 2**20:6.1f} MiB  "
+                  f"fds {s['fds']:3d}  db {s['db'] / 2**20:6.2f} MiB  "
                   f"p50 {s['p50'] * 1000:6.1f} ms  p95 {s['p95'] * 1000:6.1f} ms", file=sys.stderr, flush=True)
+            if i < args.turns:  # a run stopped early still leaves its figures so far
+                report(args, entry, samples, soak, fds0, rss0, quiet=True)
     store.close()
     report(args, entry, samples, soak, fds0, rss0)
     return 0
 
 
-def report(args, entry, samples, soak, fds0, rss0) -> None:
+def report(args, entry, samples, soak, fds0, rss0, quiet: bool = False) -> None:
     half = samples[len(samples) // 2]
     last = samples[-1]
     turns_half = max(last["turn"] - half["turn"], 1)
@@ -191,18 +195,24 @@ def report(args, entry, samples, soak, fds0, rss0) -> None:
     ]
     if args.note:
         lines.append(f"- Note: {args.note}")
-    lines += ["", "| turn | RSS MiB | open fds | DB MiB | turn p50 ms | p95 ms | max ms |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| turn | RSS MiB | prompt cache MiB | RSS - cache MiB | open fds | DB MiB | turn p50 ms | p95 ms "
+              "| max ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in samples:
-        lines.append(f"| {s['turn']} | {s['rss'] / 2**20:.1f} | {s['fds']} | {s['db'] / 2**20:.2f} | "
+        lines.append(f"| {s['turn']} | {s['rss'] / 2**20:.1f} | {s['cache'] / 2**20:.1f} | "
+                     f"{(s['rss'] - s['cache']) / 2**20:.1f} | {s['fds']} | {s['db'] / 2**20:.2f} | "
                      f"{s['p50'] * 1000:.1f} | {s['p95'] * 1000:.1f} | {s['max'] * 1000:.1f} |")
     lines += ["", "## Verdict", "",
               f"- RSS over the second half (turn {half['turn']} to {last['turn']}): "
-              f"{(last['rss'] - half['rss']) / 2**20:+.1f} MiB, {growth:+.2f} MiB per 1,000 turns.",
+              f"{(last['rss'] - half['rss']) / 2**20:+.1f} MiB, {growth:+.2f} MiB per 1,000 turns; of it the engine's "
+              f"prompt cache (snapshots kept within its byte budget): "
+              f"{(last['cache'] - half['cache']) / 2**20:+.1f} MiB.",
               f"- Open descriptors: {samples[0]['fds']} at the first sample, {last['fds']} at the last "
               f"({fd_growth:+d}).", ""]
+    if quiet:
+        lines.insert(2, f"**Stopped early or still running: {last['turn']} of {args.turns} turns.**\n")
     Path(args.out).write_text("\n".join(lines))
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
