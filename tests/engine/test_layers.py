@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from chatapp.engine.layers import (PartialRope, RopeTable, apply_rope_half, apply_rope_interleaved, apply_rope_matrices,
-                                   causal_attention, cpu_bf16_linear, fuse, rename)
+from chatapp.engine.layers import (PartialRope, RMSNorm, RopeTable, apply_rope_half, apply_rope_interleaved, apply_rope_matrices,
+                                   causal_attention, cpu_bf16_linear, fuse, init_demo_normal, rename)
 
 from .closeness import assert_close
 
@@ -150,3 +150,12 @@ def test_cpu_bf16_linear_is_the_product_rounded_to_bf16(rows):
     # Tiles: the fp32 product rounded once to bf16 (half a bf16 ulp, 2^-9 relative); one or two rows run bf16's
     # own GEMM, whose bias addition rounds a second time.
     assert_close(got, want.float(), atol=0.0, rtol=2 ** -8 if rows > 2 else 2 ** -6)
+
+
+def test_init_demo_normal_draws_small_matrices_and_leaves_norms():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(500, 64), RMSNorm(64), torch.nn.Linear(64, 300))
+    init_demo_normal(model)
+    for w in (model[0].weight, model[2].weight):
+        assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
+    assert torch.equal(model[1].weight, torch.ones(64))  # norms keep their identity init
