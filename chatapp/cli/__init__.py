@@ -6,8 +6,9 @@
 
 One module per command. A subcommand is a module in this package with `register(subparsers)`, which
 adds its parser and sets `func`, and an optional `ORDER` for its place in --help: adding a command
-is adding a module. torch is imported only inside the commands that run a model, so `models`,
-`tokenize` and the TUI's first frame start fast.
+is adding a module. Every module here is imported to build the parser, so none imports torch or
+Textual at its top: they are imported inside the commands that need them, and `models`, `tokenize`
+and the TUI's first frame start fast.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import sys
 from typing import Sequence
 
 from . import chat
-from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError, describe, is_utf8
+from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError, bug_line, describe, is_utf8
 
 __all__ = ["main", "build_parser", "CliError", "EXIT_OK", "EXIT_FAIL", "EXIT_USAGE"]
 
@@ -66,8 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return EXIT_OK
     except Exception as e:
-        message, code = describe(e)
-        if message.startswith("internal error") and os.environ.get("SMOLLCHAT_DEBUG") == "1":
+        described = describe(e)
+        if described is None and os.environ.get("SMOLLCHAT_DEBUG") == "1":
             raise
+        message, code = described or (bug_line(e), EXIT_FAIL)
         print(f"smollchat: {message}", file=sys.stderr)
         return code

@@ -19,6 +19,9 @@ USER_ERRORS: dict[tuple[str, str], int] = {
     ("chatapp.hub", "HubError"): EXIT_FAIL,
     ("chatapp.chat.session", "ContextOverflow"): EXIT_FAIL,
     ("chatapp.chat.store", "StoreError"): EXIT_FAIL,
+    ("chatapp.netsafe", "KeyRequired"): EXIT_USAGE,
+    ("chatapp.tui.keys", "KeymapError"): EXIT_FAIL,
+    ("chatapp.tui.themes", "ThemeError"): EXIT_FAIL,
 }
 
 
@@ -30,8 +33,8 @@ class CliError(Exception):
         self.code = code
 
 
-def describe(e: BaseException) -> tuple[str, int]:
-    """One line for the user and the exit code, for any exception a command lets out."""
+def describe(e: BaseException) -> tuple[str, int] | None:
+    """The line for the user and the exit code of an error written for them; None for a bug."""
     if isinstance(e, CliError):
         return str(e), e.code
     for cls in type(e).__mro__:
@@ -43,9 +46,13 @@ def describe(e: BaseException) -> tuple[str, int]:
         return f"{e.strerror or e}{where}", EXIT_FAIL
     if isinstance(e, MemoryError):
         return "out of memory; close other programs or pick a smaller model", EXIT_FAIL
-    # A bug, not bad input: still one line, with the way to the traceback.
+    return None
+
+
+def bug_line(e: BaseException) -> str:
+    """A bug, not bad input: still one line, with the way to the traceback."""
     return (f"internal error: {type(e).__name__}: {e} (a bug; SMOLLCHAT_DEBUG=1 shows the traceback, "
-            "please report it)", EXIT_FAIL)
+            "please report it)")
 
 
 def is_utf8(stream) -> bool:

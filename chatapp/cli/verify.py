@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, describe
+from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, bug_line, describe
 
 ORDER = 40
 
@@ -26,10 +26,10 @@ def run(args) -> int:
             continue
         try:
             report = verify(d)
-        except (KeyboardInterrupt, BrokenPipeError):
+        except BrokenPipeError:
             raise
         except Exception as e:  # one directory that cannot be checked does not stop the others
-            message, err_code = describe(e)
+            message, err_code = describe(e) or (bug_line(e), EXIT_FAIL)
             if err_code == EXIT_USAGE:  # an architecture this version does not implement
                 print(f"{d}: {message}", file=sys.stderr)
             else:
