@@ -9,7 +9,9 @@ FX graph and AOT autograd caches) live under smollchat's cache folder (`compile_
 checkpoint; a later load reuses them.
 
 On CUDA the step runs under mode="reduce-overhead" (CUDA graphs). The state's buffers are marked as static
-addresses: they never move (state.restore copies into them), so graphs that write the KV stay valid.
+addresses: they never move (state.restore copies into them), so graphs that write the KV stay valid. A graph
+is recorded per KV length met (the attention reads the filled prefix); one graph for every length would need
+the architectures to attend over the whole preallocated cache under a key mask, with the position a tensor.
 
 Modes: "off" is the eager reference; "on" compiles (and records whether it measured faster); "auto" compiles
 only where an earlier "on" measured the compiled step faster for this CPU, torch, architecture, dtype and
@@ -151,13 +153,13 @@ class CompiledStep:
     """model.infer for one token through a compiled forward; falls back to eager for good if the compiled call
     ever fails (one log line), so a reply never dies of the compiler."""
 
-    def __init__(self, model, device: torch.device, freezing: bool = False, dynamic: bool | None = None) -> None:
+    def __init__(self, model, device: torch.device, freezing: bool = False) -> None:
         self.model = model
         self.device = device
         self.freezing = freezing
         mode = "reduce-overhead" if device.type == "cuda" else None
         # Freezing folds the weights into the graph as constants, so inductor can prepack them for oneDNN/MKL.
-        self._fn = torch.compile(self._forward, fullgraph=True, mode=mode, dynamic=dynamic,
+        self._fn = torch.compile(self._forward, fullgraph=True, mode=mode,
                                  options={"freezing": True} if freezing else None)
         self.failed: str | None = None
 
@@ -196,10 +198,11 @@ def warm_up(step: CompiledStep, state: StateList, device: torch.device, measure:
     then, if asked, time eager and compiled steps alternately. Returns (compile seconds, eager ms, compiled
     ms) (the times NaN when not measured). Leaves the state empty."""
     model = step.model
-    tok = torch.zeros(1, 1, dtype=torch.long, device=device)
     eager_ms: list[float] = []
     compiled_ms: list[float] = []
     with torch.inference_mode():
+        # Made under inference mode like the decode loop's ids: dynamo guards on the tensor's dispatch keys.
+        tok = torch.zeros(1, 1, dtype=torch.long, device=device)
         state.reset()
         model.infer(torch.zeros(1, 2, dtype=torch.long, device=device), state)  # sizes 0 and 1 are special
         t = time.perf_counter()
