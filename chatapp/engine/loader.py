@@ -59,7 +59,9 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError) as e:
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ValueError("weight_map must map tensor names to file names")
+        except (ValueError, KeyError, TypeError) as e:
             raise LoadError(f"{index} is not a valid safetensors index ({e}); re-download the model") from None
         files = sorted({model_dir / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.exists()]
@@ -88,9 +90,9 @@ def _header(path: Path) -> dict[str, Any]:
             raise LoadError(f"{path} is not a safetensors file or is truncated; delete it and download again")
         try:
             header = json.loads(f.read(n))
-        except ValueError:
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):  # not JSON, or not the layout
             raise LoadError(f"{path} has a corrupt safetensors header; delete it and download again") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise LoadError(f"{path} is truncated: {size} bytes on disk, {8 + n + end} expected; "
                         "delete it and download again (downloads resume)")
@@ -115,8 +117,8 @@ def read_config(model_dir: Path) -> dict[str, Any]:
         # Genesis carries its config in the weights file; the loader names the architecture.
         try:
             config = {**json.loads(meta[GENESIS_META_KEY]), **(config or {})}
-        except ValueError:
-            raise LoadError(f"{shards[0]}: metadata {GENESIS_META_KEY} is not valid JSON") from None
+        except (ValueError, TypeError):
+            raise LoadError(f"{shards[0]}: metadata {GENESIS_META_KEY} is not a JSON object") from None
         config["model_type"] = "genesis"
     elif config is None and shards and GENESIS_MARKER_TENSOR in _header(shards[0]):
         # A Genesis file without the metadata key: the reference falls back to its genesis_147m preset,

@@ -263,3 +263,29 @@ def test_config_is_read_as_utf8_whatever_the_locale(axiom_copy):
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "64", r.stderr
+
+
+def _raw_safetensors(path: Path, header) -> None:
+    import struct
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + bytes(64))
+
+
+@pytest.mark.parametrize("header, words", [
+    ([1, 2], "corrupt safetensors header"),
+    ({"a": {"dtype": "F32", "shape": [2]}}, "corrupt safetensors header"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": "x"}}, "corrupt safetensors header"),
+    ({"__metadata__": {"genesis_config_json": "[1, 2]"}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+     "genesis_config_json is not a JSON object"),
+], ids=["header-list", "no-offsets", "offsets-string", "genesis-meta-list"])
+def test_a_header_of_the_wrong_layout_is_a_load_error(tmp_path, header, words):
+    _raw_safetensors(tmp_path / "model.safetensors", header)
+    (tmp_path / "config.json").write_text(json.dumps(AXIOM_REAL))
+    with pytest.raises(LoadError, match=words):
+        load_model(tmp_path)
+
+
+def test_an_index_of_the_wrong_layout_is_a_load_error(axiom_copy):
+    (axiom_copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    with pytest.raises(LoadError, match="not a valid safetensors index .*weight_map must map"):
+        load_model(axiom_copy)
