@@ -188,9 +188,9 @@ async def test_message_list_selection_moves_and_is_marked(build):
         await send(pilot, "p")
         view = app.chat_screen.query_one(ConversationView)
         await pilot.press("alt+up")
-        assert view.has_focus and view.target_id == app.chat_screen.conv.current_leaf
+        assert view.has_focus and view.selected == app.chat_screen.conv.current_leaf
         await pilot.press("k")
-        assert view.target_id == app.chat_screen.conv.path()[0].id
-        assert view.view_for(view.target_id).has_class("-selected")
+        assert view.selected == app.chat_screen.conv.path()[0].id
+        assert view.view_for(view.selected).has_class("-selected")
         await pilot.press("escape")
         assert app.chat_screen.composer.has_focus

@@ -17,6 +17,7 @@ from textual.reactive import reactive
 from textual.widgets import Input, Label, Select, Static, Switch
 
 from ...contract import ControlSpec
+from ...textsafe import plain
 from ..figures import steps_strip, steps_summary
 
 #: The control that caps the steps a token may use; the early-exit saving is measured against it.
@@ -101,16 +102,16 @@ class ComputePanel(Vertical):
     def _row(self, spec: ControlSpec) -> Horizontal:
         value = self.values[spec.name]
         wid = f"control-{spec.name}"
-        plain = [c for c in spec.choices if not (isinstance(c, str) and c.endswith("*"))]
+        choices = [c for c in spec.choices if not (isinstance(c, str) and c.endswith("*"))]
         if spec.type == "bool":
             field: Any = Switch(bool(value), id=wid)
-        elif spec.type == "choice" and plain and len(plain) == len(spec.choices):
-            field = Select([(str(c), c) for c in plain], value=value if value in plain else Select.BLANK,
+        elif spec.type == "choice" and choices and len(choices) == len(spec.choices):
+            field = Select([(str(c), c) for c in choices], value=value if value in choices else Select.BLANK,
                            allow_blank=False, id=wid, compact=True)
         else:
             field = Input(str(value), id=wid, compact=True)
         field.tooltip = spec.help or None
-        return Horizontal(Label(spec.label), field, classes="row")
+        return Horizontal(Label(plain(spec.label)), field, classes="row")
 
     def _spec(self, widget_id: str | None) -> ControlSpec | None:
         name = (widget_id or "").removeprefix("control-")
@@ -125,7 +126,7 @@ class ComputePanel(Vertical):
             value = spec.coerce(raw)
         except ValueError as e:
             widget.add_class("-invalid")
-            help_line.update(str(e))
+            help_line.update(plain(str(e)))
             return
         widget.remove_class("-invalid")
         help_line.update("")

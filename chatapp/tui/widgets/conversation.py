@@ -124,10 +124,6 @@ class ConversationView(VerticalScroll, can_focus=True):
         """The message every message action applies to (None only when the chat is empty)."""
         return self._selected
 
-    @property
-    def target_id(self) -> str | None:
-        return self._selected
-
     def select(self, message_id: str | None, scroll: bool = True) -> None:
         if message_id is not None and message_id not in self._views:
             return

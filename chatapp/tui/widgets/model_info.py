@@ -8,6 +8,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
+from ...textsafe import displayable
 from ..figures import human_count
 
 
@@ -42,14 +43,15 @@ class ModelInfo(Widget):
         text = Text()
         info: dict[str, Any] = self.info
         if self.stage:
-            text.append(f"Loading {info.get('name') or ''}\n", self._style("name"))
-            text.append(f"{self.stage}…", self._style("muted"))
+            # A local model's name is its folder's path: text from outside, like the load error.
+            text.append(displayable(f"Loading {info.get('name') or ''}\n"), self._style("name"))
+            text.append(displayable(f"{self.stage}…"), self._style("muted"))
             return text
         if not info:
             text.append("No model loaded\n", self._style("name"))
-            text.append(self.error or "Ctrl+O opens the models screen", self._style("muted"))
+            text.append(displayable(self.error or "Ctrl+O opens the models screen"), self._style("muted"))
             return text
-        text.append(f"{info.get('name') or info.get('model_id', '?')}\n", self._style("name"))
+        text.append(displayable(f"{info.get('name') or info.get('model_id', '?')}\n"), self._style("name"))
         parts = [info.get("architecture", "")]
         if info.get("params"):
             parts.append(f"{human_count(info['params'])} params")
