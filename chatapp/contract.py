@@ -40,6 +40,8 @@ class ControlSpec:
             same result is computed (e.g. a speculative draft that is verified at full depth).
         check: the architecture's own rule for a value its type and range allow (e.g. a cache
             strategy's ring size); raises ValueError.
+        live: whether a running reply may change it (ControlChannel); False where what the state
+            already holds is laid out by it (a cache strategy).
     """
 
     name: str
@@ -52,6 +54,7 @@ class ControlSpec:
     help: str = ""
     changes_state: bool = True
     check: Callable[[Any], Any] | None = field(default=None, compare=False, repr=False)
+    live: bool = True
 
     def coerce(self, value: Any) -> Any:
         """Convert and validate a value for this control; raise ValueError with a clear message."""
@@ -272,6 +275,14 @@ class StepEvent:
     alternatives: tuple[tuple[int, float], ...] | None = None
     steps: int | None = None
     controls_changed: dict[str, Any] | None = None
+
+
+def check_live(specs: tuple[ControlSpec, ...], values: Mapping[str, Any]) -> None:
+    """ValueError when `values` name a control a running reply cannot change (ControlSpec.live)."""
+    fixed = [s.name for s in specs if not s.live and s.name in values]
+    if fixed:
+        raise ValueError(f"{', '.join(fixed)} cannot change while a reply streams (the state is laid out by it); "
+                         "change it for the next reply")
 
 
 class ControlChannel:

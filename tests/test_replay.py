@@ -94,3 +94,9 @@ def test_huginn_depth_changed_mid_reply_takes_effect_at_the_next_token_and_repla
     assert replay(session, conv, reply).index == 3
     with pytest.raises(ValueError, match="num_steps"):
         session.change_controls({"num_steps": -1})
+    # What the state already holds is laid out by the cache strategy: it changes from the next reply only.
+    with pytest.raises(ValueError, match="cache_strategy cannot change while a reply streams"):
+        session.change_controls({"cache_strategy": "latest-m4"})
+    channel = ControlChannel(schedule={2: {"cache_strategy": "latest-m4"}})
+    with pytest.raises(ValueError, match="cache_strategy cannot change"):
+        list(session.engine.generate([1, 2, 3], None, fixed, channel=channel))

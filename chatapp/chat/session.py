@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from ..catalog import ModelEntry
 from ..contract import (INSPECT_DETAIL, RUN_CARD_DETAIL, ControlChannel, ControlSpec, Controls, Done, EngineProtocol,
-                        MemoryReport, SamplingSettings, StepEvent, TokenDetail, resolve_controls)
+                        MemoryReport, SamplingSettings, StepEvent, TokenDetail, check_live, resolve_controls)
 from . import token_record
 from .conversation import Conversation, Message
 
@@ -439,6 +439,7 @@ class Session:
         """Change controls of the reply streaming now, from its next token on (it must have been started
         with a ControlChannel); ValueError for a name or value this model refuses."""
         resolve_controls(self.engine.controls, call=values)
+        check_live(tuple(self.engine.controls), values)
         if self._channel is None:
             raise ValueError("this reply was started without a control channel; the change applies from the next reply")
         self._channel.set(values)

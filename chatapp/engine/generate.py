@@ -16,7 +16,8 @@ from typing import Any, Callable, Generator, Mapping
 
 import torch
 
-from ..contract import ControlChannel, Controls, Done, SamplingSettings, StepEvent, TokenDetail, resolve_controls
+from ..contract import (ControlChannel, Controls, Done, SamplingSettings, StepEvent, TokenDetail, check_live,
+                        resolve_controls)
 from .arch.base import Forward, Interrupted, check_cancel
 from .sample import Sampler
 from .state import ContextFull, StateList
@@ -232,6 +233,7 @@ def _changed(model, controls: Mapping[str, Any], change: dict[str, Any], index: 
     if not change:
         return controls
     specs = controls.specs if isinstance(controls, Controls) else tuple(model.control_specs())
+    check_live(specs, change)
     merged = resolve_controls(specs, call={**controls, **change})
     changes.append((index, {k: merged[k] for k in change}))
     return merged

@@ -132,6 +132,7 @@ class Model(ArchModel):
         ControlSpec("continuous_compute", "warm start", "bool", False,
                     help="start each new token from the previous token's final state"),
         ControlSpec("cache_strategy", "KV cache", "choice", "full", choices=_STRATEGIES, check=CacheStrategy.parse,
+                    live=False,
                     help="full / latest-m4 (early exit) / compress-sN (ring of N core slots) / <lookup>-compress-..."),
         ControlSpec("draft_steps", "speculative draft", "int", 0, 0, 128,
                     help="greedy only: draft tokens with this many steps, verify at num_steps (0 = off)",
