@@ -388,3 +388,28 @@ async def test_chat_list_detail_clips_the_model_name_not_the_message_count(build
         options = app.chat_screen.query_one(ChatList).options
         detail = str(options.get_option_at_index(0).prompt).split("\n")[1]
         assert "now · 2 msgs · a-model" in detail and detail.endswith("…")
+
+
+async def test_switching_a_branch_keeps_the_switched_message_in_sight(build, store):
+    conv = Conversation(id="long", title="Long", model_id="fake")
+    first = conv.add(None, "user", "first question")
+    long_reply = "\n\n".join(f"paragraph {i} of a long answer" for i in range(30))
+    conv.add(first.id, "assistant", long_reply)
+    conv.add(conv.current_leaf, "user", "follow-up")
+    conv.add(conv.current_leaf, "assistant", long_reply)
+    other = conv.add(None, "user", "first question, asked again")
+    conv.add(other.id, "assistant", long_reply)
+    store.save(conv)
+    app = build(FakeEngine(["ok"]))
+    async with app.run_test(size=SIZE) as pilot:
+        await app.chat_screen.open_chat("long")
+        await pilot.pause()
+        view, shown_conv = app.chat_screen.view, app.chat_screen.conv
+        view.focus()
+        view.select(shown_conv.path()[0].id)
+        await pilot.pause()
+        await pilot.press("left")
+        await wait_until(pilot, lambda: shown_conv.path()[0].id == first.id, what="the switch")
+        await pilot.pause(0.1)
+        shown = view.view_for(first.id)
+        assert view.selected == first.id and shown.region.overlaps(view.region)
