@@ -31,8 +31,11 @@ class TokenWriter:
     def __init__(self, mode: str, out: TextIO, tokenizer: Any = None) -> None:
         if mode not in ("plain", "probs", "json"):
             raise ValueError(f"unknown output mode {mode!r}")
+        tty = _is_tty(out)
         # Colours only where a person reads them; a pipe gets the plain answer.
-        self.mode = "plain" if mode == "probs" and not _is_tty(out) else mode
+        self.mode = "plain" if mode == "probs" and not tty else mode
+        # Model text never drives a terminal: escape sequences are stripped on a TTY; a pipe gets the bytes.
+        self.strip = tty
         self.out = out
         self.tokenizer = tokenizer
 
@@ -44,7 +47,7 @@ class TokenWriter:
             colour = next(c for lo, c in SCALE if math.exp(ev.logprob) >= lo)
             self.out.write(f"\x1b[38;5;{colour}m{strip_controls(ev.text)}{_RESET}")
         else:
-            self.out.write(strip_controls(ev.text) if self.mode == "probs" else ev.text)
+            self.out.write(strip_controls(ev.text) if self.strip else ev.text)
         self.out.flush()
 
     def end(self) -> None:

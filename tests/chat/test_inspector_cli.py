@@ -61,3 +61,17 @@ def test_json_and_show_probs_need_a_prompt_and_exclude_each_other(capsys):
     assert "--prompt" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*ARGS, "--json", "--show-probs"])
+
+
+def test_plain_answer_on_a_terminal_never_carries_the_models_escape_sequences():
+    hostile = "hi\x1b]0;pwned\x07\x1b[2J there"
+    tty = io.StringIO()
+    tty.isatty = lambda: True
+    pipe = io.StringIO()
+    for out in (tty, pipe):
+        w = TokenWriter("plain", out)
+        w.write(StepEvent(1, hostile, 0))
+        w.write(Done("eos", 1, 1, 0.0, 0.0, 0.0, text="\x1b[31m!"))
+    assert tty.getvalue() == "hi there!"
+    # A pipe is a script's: it gets the model's bytes as they are.
+    assert pipe.getvalue() == hostile + "\x1b[31m!"
