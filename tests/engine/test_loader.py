@@ -195,6 +195,12 @@ def test_cpu_bf16_prefill_upcast_only_without_bf16_hardware(axiom_copy, monkeypa
     ("odinnext", "rope_layout", 3, "'rope_layout' must be a string, got 3"),
     ("genesis", "gla_expand_k", float("nan"), "'gla_expand_k' must be a finite number, got nan"),
     ("byrne", "rms_norm_eps", 0.0, "'rms_norm_eps' must be > 0, got 0.0"),
+    # A million layers is refused at once (it used to spend minutes building modules on the meta device).
+    ("axiom", "n_layers", 10**6, "'n_layers' must be in [1, 1024], got 1000000"),
+    ("genesis", "n_layer", 10**6, "'n_layer' must be in [1, 1024]"),
+    ("huginn", "n_layers_in_recurrent_block", 10**6, "'n_layers_in_recurrent_block' must be in [1, 1024]"),
+    ("odinnext", "num_hidden_layers", 10**6, "'num_hidden_layers' must be in [1, 1024]"),
+    ("byrne", "num_hidden_layers", 10**6, "'num_hidden_layers' must be in [1, 1024]"),
 ])
 def test_config_values_are_checked_by_type_and_range(fixture_dir, arch, key, value, words):
     config = read_config(fixture_dir(arch))

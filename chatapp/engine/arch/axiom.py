@@ -14,7 +14,7 @@ from torch import nn
 from ..layers import RMSNorm, RopeTable, apply_rope_interleaved, causal_attention, fuse, store_column_major
 from ..quant import project_head
 from ..state import KVState, StateList
-from .base import ArchArgs, ArchModel
+from .base import MAX_LAYERS, ArchArgs, ArchModel
 
 
 @dataclass
@@ -28,6 +28,8 @@ class ModelArgs(ArchArgs):
     max_seq_len: int = 1024
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+
+    CONFIG_RANGES = {"n_layers": (1, MAX_LAYERS)}
 
     def __post_init__(self) -> None:
         self.head_dim = self.dim // self.n_heads

@@ -49,6 +49,11 @@ def arch_module(model_type: str):
         raise
 
 
+# A ceiling on layer counts: far above any real model, and it refuses a config of a million layers at
+# once instead of after minutes spent building its modules on the meta device.
+MAX_LAYERS = 1024
+
+
 @dataclasses.dataclass
 class ArchArgs:
     """Base for each architecture's ModelArgs: the dataclass fields are the config keys it reads.

@@ -23,7 +23,7 @@ from ..ops.forgetting_attn import forgetting_attn_chunk, forgetting_attn_step
 from ..ops.forgetting_attn.cache import ForgettingKVCache
 from ..ops.gla import gla_chunk, gla_step
 from ..state import CompositeState, ConvState, RecurrentState, StateList
-from .base import ArchArgs, ArchModel
+from .base import MAX_LAYERS, ArchArgs, ArchModel
 
 #: The reference's fallback when a checkpoint carries no `genesis_config_json` (GenesisConfig.genesis_147m).
 GENESIS_147M = dict(vocab_size=50304, n_embd=576, n_layer=30, block_size=2048, n_head=9, n_kv_head=3,
@@ -65,6 +65,8 @@ class ModelArgs(ArchArgs):
     use_mup: bool = False
     mup_base_width: int = 256
     mup_output_mult: float = 1.0
+
+    CONFIG_RANGES = {"n_layer": (1, MAX_LAYERS)}
 
     @classmethod
     def from_config(cls, config, **options):

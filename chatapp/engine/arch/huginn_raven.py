@@ -22,7 +22,7 @@ from torch import nn
 from ..layers import CpuBf16Linear, RMSNorm, RopeTable, apply_rope_interleaved, causal_attention, cpu_bf16_linear
 from ..quant import project_head
 from ...contract import resolve_controls
-from .base import ArchArgs, ArchModel, ControlSpec, Forward, Interrupted, check_cancel
+from .base import MAX_LAYERS, ArchArgs, ArchModel, ControlSpec, Forward, Interrupted, check_cancel
 from .huginn_cache import LOOKUPS, CacheStrategy, HuginnState, like_init
 from .huginn_exit import CRITERIA, ExitRule
 
@@ -46,6 +46,8 @@ class ModelArgs(ArchArgs):
     rope_base: float = 50000.0
     tie_embeddings: bool = True
     injection_type: str = "linear"
+
+    CONFIG_RANGES = {k: (1, MAX_LAYERS) for k in ("n_layers_in_prelude", "n_layers_in_recurrent_block", "n_layers_in_coda")}
 
     def __post_init__(self) -> None:
         if self.injection_type != "linear":

@@ -23,7 +23,7 @@ from ..layers import RopeTable, apply_rope_half, apply_rope_interleaved, fuse, i
 from ..quant import project_head
 from ..ops.gla import gla_chunk, gla_step
 from ..state import ContextFull, RecurrentState, StateList
-from .base import ArchArgs, ArchModel, check_options
+from .base import MAX_LAYERS, ArchArgs, ArchModel, check_options
 
 #: Reading options: name -> choices, the spec's primary reading first (spec §9.1; golden.json hypothesis_space).
 OPTIONS: dict[str, tuple[Any, ...]] = {
@@ -70,6 +70,8 @@ class ModelArgs(ArchArgs):
     g_norm: str = "standard"
     g_norm_group: str = "full"
     logit_softcap: float = 0.0
+
+    CONFIG_RANGES = {"num_hidden_layers": (1, MAX_LAYERS)}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], **options: Any) -> "ModelArgs":

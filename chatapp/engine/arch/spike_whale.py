@@ -22,7 +22,7 @@ from ..layers import (PartialRope, RMSNorm, apply_rope_matrices, causal_attentio
                       store_column_major)
 from ..quant import project_head
 from ..state import KVState, StateList
-from .base import ArchArgs, ArchModel, check_options
+from .base import MAX_LAYERS, ArchArgs, ArchModel, check_options
 from .spike_whale_parts import EngramMemory, EngramWindow, HCOutputMix, HyperConnection
 
 #: Reading options: name -> choices, the stand-in fixture's reading first (spec §4.3, §4.6-4.9).
@@ -89,6 +89,8 @@ class ModelArgs(ArchArgs):
     engram_reduce: str = "mean"
     engram_gate: str = "sigmoid"
     ffn_act: str = "silu"
+
+    CONFIG_RANGES = {"num_hidden_layers": (1, MAX_LAYERS)}
 
     def __post_init__(self) -> None:
         check_options("spike_whale", OPTIONS, {k: getattr(self, k) for k in OPTIONS})
