@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args, entry, samples, soak, fds0, rss0, quiet: bool = False) -> None:
     half = samples[len(samples) // 2]
+    quarter = samples[(3 * len(samples)) // 4]
     last = samples[-1]
     turns_half = max(last["turn"] - half["turn"], 1)
     growth = (last["rss"] - half["rss"]) / 2**20 / turns_half * 1000
@@ -206,6 +207,9 @@ def report(args, entry, samples, soak, fds0, rss0, quiet: bool = False) -> None:
               f"{(last['rss'] - half['rss']) / 2**20:+.1f} MiB, {growth:+.2f} MiB per 1,000 turns; of it the engine's "
               f"prompt cache (snapshots kept within its byte budget): "
               f"{(last['cache'] - half['cache']) / 2**20:+.1f} MiB.",
+              f"- RSS over the last quarter (turn {quarter['turn']} to {last['turn']}): "
+              f"{(last['rss'] - quarter['rss']) / 2**20:+.1f} MiB (prompt cache "
+              f"{(last['cache'] - quarter['cache']) / 2**20:+.1f} MiB).",
               f"- Open descriptors: {samples[0]['fds']} at the first sample, {last['fds']} at the last "
               f"({fd_growth:+d}).", ""]
     if quiet:
