@@ -200,7 +200,7 @@ def load_catalog(dirs: list[Path] | None = None) -> dict[str, ModelEntry]:
     for d in dirs or catalog_dirs():
         for path in sorted(Path(d).glob("*.toml")):
             try:
-                raws[path.stem] = (tomllib.loads(path.read_text()), path)
+                raws[path.stem] = (tomllib.loads(path.read_text(encoding="utf-8")), path)
             except tomllib.TOMLDecodeError as e:
                 raise CatalogError(f"{path}: {e}") from None
     entries: dict[str, ModelEntry] = {}

@@ -654,7 +654,7 @@ def _link(blob: Path, pointer: Path) -> None:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -681,7 +681,7 @@ def _complete_snapshot(src: Source, cache: Path | None = None) -> Path | None:
     cache = cache or cache_root()
     storage = _storage(src.repo, cache)
     try:
-        record = json.loads(_manifest_path(cache, src).read_text())
+        record = json.loads(_manifest_path(cache, src).read_text(encoding="utf-8"))
         if record["allow"] != list(src.allow) or not record["files"]:
             return None
         snap = storage / "snapshots" / _checked("commit", record["commit"], "the download record")
@@ -713,7 +713,7 @@ def demo_ready(d: Path, stamp: dict[str, Any] | None = None) -> bool:
     if stamp is None:
         return True
     try:
-        return json.loads((d / DEMO_STAMP).read_text()) == stamp
+        return json.loads((d / DEMO_STAMP).read_text(encoding="utf-8")) == stamp
     except (OSError, ValueError):
         return False
 

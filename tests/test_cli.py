@@ -263,3 +263,12 @@ def test_a_bug_is_still_one_line_and_debug_shows_it(monkeypatch, capsys):
     monkeypatch.setenv("SMOLLCHAT_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         main(["models"])
+
+
+def test_the_app_runs_under_an_ascii_locale_without_utf8_mode():
+    # Catalog, demo stamp, tokenizer and cache records are read as UTF-8 whatever the locale says.
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    env.pop("PYTHONIOENCODING", None)
+    for args in (["models"], ["--model", "axiom-tiny", "--prompt", "hi", "--max-tokens", "3", "--temperature", "0"]):
+        r = subprocess.run([sys.executable, "-m", "chatapp", *args], capture_output=True, env=env, timeout=300)
+        assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode("utf-8", "replace")

@@ -48,8 +48,8 @@ def ensure_demo(entry: ModelEntry) -> Path:
         # Clones: tied weights share storage, which save_file refuses.
         tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"smollchat_demo": "random weights"})
-        (tmp / "config.json").write_text(json.dumps(entry.demo_config, indent=1, sort_keys=True))
-        (tmp / hub.DEMO_STAMP).write_text(json.dumps(stamp, sort_keys=True))
+        (tmp / "config.json").write_text(json.dumps(entry.demo_config, indent=1, sort_keys=True), encoding="utf-8")
+        (tmp / hub.DEMO_STAMP).write_text(json.dumps(stamp, sort_keys=True), encoding="utf-8")
         _swap_in(tmp, final, stamp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

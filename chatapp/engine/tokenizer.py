@@ -399,7 +399,7 @@ def _specials_from_files(spec: TokenizerSpec, model_dir: Path | None) -> dict[st
         if not p.exists():
             continue
         try:
-            data = json.loads(p.read_text())
+            data = json.loads(p.read_text(encoding="utf-8"))
         except ValueError:
             raise TokenizerError(f"{p} is not valid JSON; delete it and download again") from None
         for i, t in (data.get("added_tokens_decoder") or {}).items():
