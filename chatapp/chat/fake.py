@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 from ..catalog import ChatFormat, ModelEntry, Source, TokenizerSpec
 from ..contract import (ControlChannel, ControlSpec, Controls, Done, MemoryReport, SamplingSettings, StepEvent,
                         TokenDetail, resolve_controls)
-from ..hub import DownloadCancelled, DownloadProgress, HubError, OfflineError
+from ..hub import DownloadCancelled, DownloadProgress, OfflineError
 from ..engine.tokenizer import StreamDecoder, Tokenizer
 
 CHATML = ChatFormat(
@@ -433,12 +433,6 @@ class FakeDownloader:
 
     def is_downloaded(self, entry: ModelEntry) -> bool:
         return entry.demo or entry.id in self.downloaded
-
-    def ensure_demo(self, entry: ModelEntry) -> Path:
-        """A demo entry's directory (the real hub makes random weights there on first use)."""
-        if not entry.demo:
-            raise HubError(f"{entry.id} is not a demo entry")
-        return self._dir(entry)
 
     def local_dir(self, entry: ModelEntry) -> Path | None:
         return self._dir(entry) if entry.id in self.downloaded else None

@@ -1,7 +1,7 @@
 """What the TUI needs from outside itself, behind small seams the tests replace.
 
-- downloader: `chatapp.hub` (is_downloaded, local_dir, download, delete, disk_usage,
-  ensure_demo) or `chat.fake.FakeDownloader` in tests.
+- downloader: `chatapp.hub` (is_downloaded, local_dir, download, delete, disk_usage) or
+  `chat.fake.FakeDownloader` in tests. Demo checkpoints are the engine's to make, when one loads.
 - loader: `load(entry, progress) -> engine`; the real one imports `chatapp.engine.runtime` (and
   so torch) only when a model is actually loaded, never at start-up.
 """
@@ -32,9 +32,6 @@ class DownloadsUnavailable:
         raise RuntimeError(self.reason)
 
     def delete(self, entry) -> None:
-        raise RuntimeError(self.reason)
-
-    def ensure_demo(self, entry) -> Path:
         raise RuntimeError(self.reason)
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from chatapp.chat.fake import (HUGINN_LIKE_CONTROLS, DownloadCancelled, FakeDownloader, FakeEngine, FakeTokenizer,
-                               HubError, OfflineError, fake_entry)
+                               OfflineError, fake_entry)
 from chatapp.contract import Done, SamplingSettings, StepEvent
 
 
@@ -167,9 +167,7 @@ def test_downloader_progress_cancel_resume_and_errors(tmp_path):
     with pytest.raises(OfflineError, match="no network"):
         FakeDownloader(offline=True, root=tmp_path).download(entry)
     demo = fake_entry("demo-tiny", demo=True)
-    assert dl.is_downloaded(demo) and dl.ensure_demo(demo).is_dir()
-    with pytest.raises(HubError):
-        dl.ensure_demo(entry)
+    assert dl.is_downloaded(demo)
 
 
 def test_scripted_demo_quotes_the_last_question_and_steps_follow_the_exit_control():
