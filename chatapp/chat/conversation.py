@@ -312,10 +312,12 @@ class Conversation:
         conv.title = f"{self.title} (fork)"
         return conv
 
-    def clone(self) -> "Conversation":
-        """A copy of the whole tree under fresh ids (importing a chat that already exists)."""
+    def clone(self, remap: dict[str, str] | None = None) -> "Conversation":
+        """A copy of the whole tree under fresh ids (importing a chat that already exists); `remap`, when
+        given, receives each old message id's new one."""
         d = self.to_dict()
-        remap = {m["id"]: new_id() for m in d["messages"]}
+        remap = {} if remap is None else remap
+        remap.update({m["id"]: new_id() for m in d["messages"]})
         for m in d["messages"]:
             m["id"] = remap[m["id"]]
             m["parent_id"] = remap.get(m["parent_id"]) if m["parent_id"] else None

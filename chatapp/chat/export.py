@@ -109,12 +109,11 @@ def import_json(text: str, store: Any) -> Conversation:
     """`from_json`, stored as a new chat (`Store.import_chat`), with its per-token records under the ids
     the stored chat got."""
     conv, records = _read(text)
-    born = {m.created_at: m.id for m in conv.messages.values()}  # unique within a chat, kept by a clone
-    stored = store.import_chat(conv)
-    now = {born[m.created_at]: m.id for m in stored.messages.values() if m.created_at in born}
+    remap: dict[str, str] = {}  # stays empty when the chat keeps its own ids
+    stored = store.import_chat(conv, remap)
     for old, record in records.items():
-        if old in now:
-            store.save_token_record(now[old], record)
+        if old in conv.messages:
+            store.save_token_record(remap.get(old, old), record)
     return stored
 
 

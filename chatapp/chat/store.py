@@ -624,10 +624,10 @@ class Store:
         self._commit(chat_id, change)
         self._track(msg)
 
-    def import_chat(self, conv: Conversation) -> Conversation:
+    def import_chat(self, conv: Conversation, remap: dict[str, str] | None = None) -> Conversation:
         """Store an imported chat as a new one and return what was stored: fresh ids when its chat id or
-        any message id is taken, and a title that tells it apart from a saved chat of the same name
-        ("Cats (imported)", "Cats (imported 2)", ...)."""
+        any message id is taken (`remap`, when given, receives old id -> new id), and a title that tells
+        it apart from a saved chat of the same name ("Cats (imported)", "Cats (imported 2)", ...)."""
         with self._lock:
             ids = list(conv.messages)
             taken = self.exists(conv.id) or any(
@@ -635,7 +635,7 @@ class Store:
                 for part in (ids[i:i + 500] for i in range(0, len(ids), 500)))
             if taken:
                 notes = conv.repairs
-                conv = conv.clone()
+                conv = conv.clone(remap)
                 conv.repairs = [*notes, "its ids were taken by a saved chat, so it was given fresh ones"]
             titles = {r["title"] for r in self._read("SELECT title FROM chats")}
             if conv.title in titles:

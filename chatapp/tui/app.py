@@ -224,8 +224,14 @@ def make_app(engine: Any = None, catalog: dict[str, ModelEntry] | None = None, s
             # The store copied the file aside and left it untouched; keep working in a second database
             # (the same one on every start until the first is dealt with, so new chats stay together).
             spare = locations.data_dir() / "chats-while-damaged.sqlite3"
-            notices.append(f"{e} Until then, chats are kept in {spare}.")
-            store = Store(spare)
+            try:
+                store = Store(spare)
+                notices.append(f"{e} Until then, chats are kept in {spare}.")
+            except StoreError as again:
+                # Neither file can be opened (a read-only or full disk): the app still works, in memory.
+                notices.append(f"{e} {again} Chats of this session are kept in memory only: export what you "
+                               "want to keep.")
+                store = Store(":memory:")
     if keymap is None:
         try:
             keymap = load_keymap(locations.keys_path())

@@ -102,6 +102,24 @@ def test_export_and_import_keep_the_records_under_the_new_ids(tmp_path):
     assert "token_details" not in json.loads(export.to_json(conv))
 
 
+def test_records_follow_their_own_reply_when_an_export_repeats_creation_times(tmp_path):
+    # A hand-written export may give two replies one timestamp: records are re-keyed by id, never by time.
+    eng, s, store = _session(tmp_path, replies=("alpha beta", "gamma delta epsilon"))
+    conv = Conversation()
+    u = conv.add(None, "user", "go")
+    _, first = _reply(s, conv, u.id)
+    _, second = _reply(s, conv, u.id)
+    data = json.loads(export.to_json(conv, store.token_records(list(conv.messages))))
+    messages = data["conversation"]["messages"]
+    for m in messages:
+        m["created_at"] = messages[0]["created_at"]
+    stored = export.import_json(json.dumps(data), store)  # ids taken: fresh ones
+    for old in (first, second):
+        twin = next(m for m in stored.messages.values() if m.content == old.content)
+        assert twin.id != old.id
+        assert "".join(store.token_records([twin.id])[twin.id]["text"]) == old.content
+
+
 @pytest.mark.parametrize("change, says", [
     (lambda d, mid: d.__setitem__("token_details", []), "must map message ids"),
     (lambda d, mid: d["token_details"].__setitem__("nope", d["token_details"][mid]), "not a reply"),

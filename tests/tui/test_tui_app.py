@@ -280,3 +280,13 @@ async def test_damaged_database_is_backed_up_and_reported():
     again = make_app(engine=FakeEngine())
     async with again.run_test(size=SIZE):
         assert [c.title for c in again.store.list_chats()] == ["still works"]  # the same spare database
+
+
+async def test_when_no_database_can_be_opened_the_app_still_chats_in_memory():
+    locations.database_path().write_bytes(b"this is not sqlite" * 100)
+    (locations.data_dir() / "chats-while-damaged.sqlite3").write_bytes(b"nor is this" * 100)
+    app = make_app(engine=FakeEngine(["ok"]))
+    async with app.run_test(size=SIZE) as pilot:
+        assert any("in memory only" in n.message for n in app._notifications)
+        await send(pilot, "still works")
+        assert [c.title for c in app.store.list_chats()] == ["still works"]
