@@ -10,7 +10,7 @@ import time
 import pytest
 
 from chatapp import locations
-from chatapp.chat import store as store_module
+from chatapp.chat import schema
 from chatapp.chat.fake import HUGINN_LIKE_CONTROLS, FakeEngine
 from chatapp.tui.app import make_app
 from chatapp.tui.keys import KEYS, spec
@@ -251,7 +251,7 @@ async def test_older_database_is_migrated_and_its_chats_listed():
     conn = sqlite3.connect(path)
     conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, description TEXT NOT NULL, "
                  "applied_at REAL NOT NULL)")
-    store_module._v1(conn)
+    schema._v1(conn)
     conn.execute("INSERT INTO schema_version VALUES (1, 'chats and message trees', ?)", (time.time(),))
     conn.execute("INSERT INTO chats VALUES ('c1', 'From version one', 'fake', NULL, '{}', '{}', 1.0, 2.0, 'm1')")
     conn.execute("INSERT INTO messages VALUES ('m1', 'c1', NULL, 'user', 'old words', 1.0, 'ok', '{}', NULL)")
@@ -259,7 +259,7 @@ async def test_older_database_is_migrated_and_its_chats_listed():
     conn.close()
     app = make_app(engine=FakeEngine())
     async with app.run_test(size=SIZE) as pilot:
-        assert app.store.schema_version == store_module.SCHEMA_VERSION
+        assert app.store.schema_version == schema.SCHEMA_VERSION
         assert chat_titles(app) == ["From version one"]
         await pilot.pause()
         app.chat_screen.query_one(ChatList).options.focus()
