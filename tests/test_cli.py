@@ -272,3 +272,8 @@ def test_the_app_runs_under_an_ascii_locale_without_utf8_mode():
     for args in (["models"], ["--model", "axiom-tiny", "--prompt", "hi", "--max-tokens", "3", "--temperature", "0"]):
         r = subprocess.run([sys.executable, "-m", "chatapp", *args], capture_output=True, env=env, timeout=300)
         assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode("utf-8", "replace")
+
+
+def test_eager_keeps_the_reference_numerics_so_it_refuses_quantize(capsys):
+    assert main(["--model", "axiom-tiny", "--prompt", "hi", "--eager", "--quantize", "int8"]) == 2
+    assert "--eager" in one_line(capsys.readouterr().err)

@@ -94,12 +94,15 @@ def run_prompt(args) -> int:
         entry.sampling().with_overrides(**conv.settings).validate()  # before a model loads for nothing
     except ValueError as e:
         raise CliError(str(e), EXIT_USAGE) from None
+    if args.eager and args.quantize not in (None, "none"):
+        raise CliError("--eager runs the reference numerics, so it cannot be combined with --quantize", EXIT_USAGE)
     text = read_text(args.prompt)
     if entry.demo:
         print(f"[{entry.id}: random weights — the output is noise, for trying smollchat offline]", file=sys.stderr)
     try:
         engine = load_engine(entry, device=args.device, dtype=args.dtype,
-                             compile="off" if args.eager else args.compile, quantize=args.quantize)
+                             compile="off" if args.eager else args.compile,
+                             quantize="none" if args.eager else args.quantize)
     except (LoadError, TokenizerError, ValueError) as e:
         raise CliError(str(e)) from None
     store = _open_store() if args.save else None
