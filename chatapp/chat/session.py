@@ -247,11 +247,8 @@ class Session:
             stops = set()
         while ids and ids[-1] in stops:
             ids.pop()
-        # A special id inside a reply cannot be told from one an imported file slipped in (it would act as
-        # template structure), so such a reply is re-encoded from its text, which never yields specials.
-        if any(i in specials for i in ids):
-            return None
-        return ids if self.tokenizer.decode(ids) == m.content else None
+        # Specials the model emitted mid-reply are not shown (the stream skips them) but stay in the ids.
+        return ids if self.tokenizer.decode([i for i in ids if i not in specials]) == m.content else None
 
     def _encode(self, parts: Sequence[str | int]) -> list[int]:
         out: list[int] = []

@@ -120,20 +120,19 @@ def test_replies_whose_ids_no_longer_match_are_rendered_as_text():
     assert s.prompt_ids(c, u3.id) == eng.tokenizer.render(dicts([u, edited, u3]))
 
 
-def test_a_reply_whose_ids_hold_a_special_mid_way_is_re_encoded_from_its_text():
-    # What the model receives is what the chat shows: a special inside stored ids (emitted by a model, or
-    # slipped into an imported file) is invisible in the text, so the reply is re-encoded instead.
+def test_a_special_token_the_model_emitted_mid_reply_is_spliced_back_too():
     eng, s = make(tokenizer=FakeTokenizer("bytes"))
     tok = eng.tokenizer
     c = Conversation()
     u = c.add(None, "user", "hi")
     odd = list(b"Hello") + [tok.specials["<|im_start|>"]] + list(b" there")
+    # The shown text skips the special (as the stream did); the ids keep it.
     a = c.add(u.id, "assistant", "Hello there", token_ids=odd + [tok.specials["<|im_end|>"]])
     u2 = c.add(a.id, "user", "next")
     p = s.prompt(c, u2.id)
-    assert p.reused == []
-    assert p.ids == tok.render(dicts([u, a, u2]))
-    assert tok.specials["<|im_start|>"] not in p.ids[len(tok.render(dicts([u]))):][:len(odd)]
+    assert p.reused == [a.id]
+    head = tok.render(dicts([u]))
+    assert p.ids[:len(head) + len(odd)] == head + odd
 
 
 def long_chat(turns: int, words: int = 12) -> Conversation:
