@@ -280,7 +280,8 @@ def _decode(model, step, state, prompt: list[int], n: int, settings, vocab: int,
     stamps, inside, outside, outside_cpu = [], [], [], []
     for i in range(n):
         t0, c0 = time.perf_counter(), time.thread_time()
-        tok = sampler.draw(logits).token_id
+        # As the engine's decode loop draws when no per-token figures are asked for.
+        tok = sampler.draw(logits, logprob=False, entropy=False).token_id
         sampler.extend([tok])
         ids = torch.tensor([[tok]], device=dev)
         t1, c1 = time.perf_counter(), time.thread_time()
