@@ -7,7 +7,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .common import EXIT_OK, EXIT_USAGE, CliError, human, resolve_entry
+from ..units import human_bytes
+from .common import EXIT_OK, EXIT_USAGE, CliError, resolve_entry
 
 ORDER = 60
 
@@ -43,14 +44,14 @@ def run(args) -> int:
     print(f"{entry.id} {rec['dtype']} quantize={rec['quantize']} threads={rec['threads']} compile: {rec['compile']}")
     print(f"  cpu        {rec['cpu']['model']} [{' '.join(rec['cpu']['flags'])}] {rec['cpu']['aten_cpu_capability']}, "
           f"load {rec['cpu']['loadavg'][0] if rec['cpu']['loadavg'] else '?'}")
-    print(f"  load       {rec['load_s']:.2f} s, peak RSS {human(rec['peak_rss_bytes'], 'B')}, "
-          f"weights {human(rec['weight_bytes'], 'B')} ({human(rec['weight_bytes_per_token'], 'B')} read a token)")
+    print(f"  load       {rec['load_s']:.2f} s, peak RSS {human_bytes(rec['peak_rss_bytes'])}, "
+          f"weights {human_bytes(rec['weight_bytes'])} ({human_bytes(rec['weight_bytes_per_token'])} read a token)")
     print(f"  prefill    {pre}")
     print(f"  decode     {rec['decode_tok_s']:.2f} tok/s (runs {rec['decode_tok_s_all']}), "
           f"{rec['outside_model_ms']:.2f} ms a token outside the model ({rec['outside_model_cpu_ms']:.2f} ms CPU)")
-    print(f"  state      {human(st['0'], 'B')} / {human(st['quarter'], 'B')} / {human(st['full'], 'B')} "
+    print(f"  state      {human_bytes(st['0'])} / {human_bytes(st['quarter'])} / {human_bytes(st['full'])} "
           f"at 0 / 1/4 / full context ({rec['state']['context']})")
-    print(f"  bandwidth  DRAM read {rec['dram_read_gbs']:.1f} GB/s, GEMV {rec['gemv_gbs']:.1f} GB/s, "
+    print(f"  bandwidth  DRAM read {human_bytes(rec['dram_read_gbs'] * 1e9)}/s, GEMV {human_bytes(rec['gemv_gbs'] * 1e9)}/s, "
           f"roofline fraction {rec['roofline_fraction']:.2f}")
     for name, why in rec.get("peers", {}).items():
         print(f"  peer       {name}: {why}")

@@ -100,10 +100,3 @@ def resolve_entry(model: str):
         raise CliError(str(e), EXIT_USAGE) from None
 
 
-def human(n: float, unit: str) -> str:
-    """1234567 -> '1.2M' (decimal prefixes)."""
-    for suffix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.0f}{suffix}{unit}" if suffix == "" else f"{n:.1f}{suffix}{unit}"
-        n /= 1000
-    return f"{n:.1f}P{unit}"

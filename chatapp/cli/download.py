@@ -4,7 +4,8 @@ from __future__ import annotations
 import sys
 import threading
 
-from .common import EXIT_OK, CliError, human, resolve_entry
+from ..units import human_bytes
+from .common import EXIT_OK, CliError, resolve_entry
 
 ORDER = 20
 
@@ -53,8 +54,8 @@ class _ProgressBar:
         fill = int(frac * width)
         eta = f"{p.eta_s:.0f}s" if p.eta_s is not None else "?"
         sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {frac * 100:5.1f}%  "
-                         f"{human(p.done_bytes, 'B')}/{human(p.total_bytes, 'B')}  "
-                         f"{human(p.speed_bps, 'B')}/s  ETA {eta}  {p.file[:40]:<40}")
+                         f"{human_bytes(p.done_bytes)}/{human_bytes(p.total_bytes)}  "
+                         f"{human_bytes(p.speed_bps)}/s  ETA {eta}  {p.file[:40]:<40}")
         sys.stderr.flush()
         self.shown = True
 

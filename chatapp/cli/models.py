@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 
-from .common import EXIT_OK, catalog, human
+from ..units import human_bytes, human_count
+from .common import EXIT_OK, catalog
 
 ORDER = 10
 
@@ -29,6 +30,6 @@ def run(args) -> int:
     head = f"{'id':<14} {'name':<34} {'arch':<14} {'params':>8} {'download':>9} {'ctx':>6}  downloaded"
     print(head)
     for r in rows:
-        print(f"{r['id']:<14} {r['name'][:34]:<34} {r['architecture']:<14} {human(r['params'], ''):>8} "
-              f"{human(r['download_bytes'], 'B') if r['download_bytes'] else '-':>9} {r['context']:>6}  {r['downloaded']}")
+        print(f"{r['id']:<14} {r['name'][:34]:<34} {r['architecture']:<14} {human_count(r['params']):>8} "
+              f"{human_bytes(r['download_bytes']) if r['download_bytes'] else '-':>9} {r['context']:>6}  {r['downloaded']}")
     return EXIT_OK

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..units import human_bytes
 from .arch.base import ArchModel, UnknownArchitecture, arch_module
 from .layers import cpu_has_native_bf16, use_cpu_bf16_linears
 
@@ -240,10 +241,6 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
-
-
 def check_fits(model: ArchModel, device: torch.device, dtype: torch.dtype, keep_fp32: set[str],
                state_tokens: int) -> None:
     """Refuse, before anything is allocated, a model whose weights (in `dtype`) plus a state for
@@ -251,16 +248,16 @@ def check_fits(model: ArchModel, device: torch.device, dtype: torch.dtype, keep_
     avail = available_memory(device)
     if avail is None:
         return
-    weights = sum(t.numel() * (t.element_size() if not t.is_floating_point()
+    weights = sum(t.numel() * (t.elementhuman_bytes() if not t.is_floating_point()
                                else 4 if name in keep_fp32 else dtype.itemsize)
                   for name, t in [*model.named_parameters(), *model.named_buffers()])
     tokens = min(state_tokens, model.max_context) if state_tokens > 0 else 0
     state = sum(model.make_state(tokens, torch.device("meta"), dtype).bytes().allocated.values()) if tokens else 0
     if weights + state > avail:
         where = "MemAvailable" if device.type == "cpu" else f"free on {device}"
-        raise LoadError(f"the model needs {_size(weights + state)} ({_size(weights)} of weights in "
-                        f"{str(dtype).removeprefix('torch.')} + {_size(state)} of state for {tokens} tokens) but "
-                        f"only {_size(avail)} is free ({where}); close other programs"
+        raise LoadError(f"the model needs {human_bytes(weights + state)} ({human_bytes(weights)} of weights in "
+                        f"{str(dtype).removeprefix('torch.')} + {human_bytes(state)} of state for {tokens} tokens) but "
+                        f"only {human_bytes(avail)} is free ({where}); close other programs"
                         f"{', use --dtype bfloat16' if dtype == torch.float32 else ''} or choose a smaller model")
 
 

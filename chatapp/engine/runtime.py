@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from ..catalog import CatalogError, ModelEntry, load_catalog
+from ..units import human_bytes
 from ..contract import (ControlChannel, ControlSpec, Controls, Done, MemoryReport, SamplingSettings, StepEvent,
                         TokenDetail, resolve_controls)
 from .arch.base import Forward, Interrupted
@@ -227,7 +228,7 @@ def model_files(entry: ModelEntry) -> Path:
     d = hub.local_dir(entry)
     if d is None:
         raise LoadError(f"{entry.id} is not downloaded yet; run `smollchat download {entry.id}` "
-                        f"(about {entry.source.size_bytes / 1e9:.1f} GB)" if entry.source else
+                        f"(about {human_bytes(entry.source.size_bytes)})" if entry.source else
                         f"{entry.id} is not downloaded yet")
     return d
 

@@ -6,26 +6,6 @@ from typing import Any, Sequence
 BARS = "▁▂▃▄▅▆▇█"
 
 
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'; binary units, as memory is allocated in them."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def human_count(n: float) -> str:
-    """138_000_000 -> '138M'."""
-    n = float(n)
-    for suffix in ("", "K", "M", "B"):
-        if abs(n) < 1000 or suffix == "B":
-            return f"{n:.0f}{suffix}" if n == int(n) or suffix == "" else f"{n:.1f}{suffix}".replace(".0", "")
-        n /= 1000
-    return f"{n:.0f}B"
-
-
 def human_duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"

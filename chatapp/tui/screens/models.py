@@ -16,7 +16,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, ProgressBar, Static
 
 from ..backend import error_text
-from ..figures import human_bytes, human_count, human_duration
+from ..figures import human_duration
+from ...units import human_bytes, human_count
 from ...textsafe import plain
 from ..keys import bindings
 from ..messages import DownloadFinished, DownloadProgressed

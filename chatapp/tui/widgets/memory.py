@@ -13,7 +13,8 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from ...contract import MemoryReport
-from ..figures import bucket_max, ghost_kv_bytes, human_bytes, sparkline
+from ...units import human_bytes
+from ..figures import bucket_max, ghost_kv_bytes, sparkline
 
 KIND_LABELS = (("kv", "KV cache"), ("recurrent", "recurrent"), ("conv", "conv state"), ("other", "other"))
 LABEL_WIDTH = 11

@@ -9,7 +9,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from ...textsafe import displayable
-from ..figures import human_count
+from ...units import human_count
 
 
 class ModelInfo(Widget):
