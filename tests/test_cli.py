@@ -277,3 +277,28 @@ def test_the_app_runs_under_an_ascii_locale_without_utf8_mode():
 def test_eager_keeps_the_reference_numerics_so_it_refuses_quantize(capsys):
     assert main(["--model", "axiom-tiny", "--prompt", "hi", "--eager", "--quantize", "int8"]) == 2
     assert "--eager" in one_line(capsys.readouterr().err)
+    assert main(["--model", "axiom-tiny", "--eager", "--quantize", "int8"]) == 2  # the TUI refuses it too
+    assert "--eager" in one_line(capsys.readouterr().err)
+
+
+def test_the_tui_loads_models_as_the_command_line_says(monkeypatch):
+    import chatapp.engine.runtime as runtime
+    import chatapp.tui.app as tui_app
+
+    made = {}
+
+    class NoRun:
+        def run(self):
+            made["ran"] = True
+
+    monkeypatch.setattr(tui_app, "make_app", lambda **kw: made.update(kw) or NoRun())
+    assert main(["--device", "cpu", "--dtype", "bfloat16", "--quantize", "int4"]) == 0
+    options = made["load_options"]
+    assert made["ran"] and (options.device, options.dtype, options.quantize, options.eager) == ("cpu", "bfloat16", "int4", False)
+    calls = []
+    monkeypatch.setattr(runtime, "load_engine", lambda entry, **kw: calls.append(kw))
+    options.loader()("entry", print, "int8")
+    assert calls[-1]["quantize"] == "int8" and calls[-1]["device"] == "cpu" and calls[-1]["compile"] == "auto"
+    assert main(["--eager"]) == 0
+    made["load_options"].loader()("entry", print, None)
+    assert calls[-1]["quantize"] == "none" and calls[-1]["compile"] == "off"  # every fast path off

@@ -144,7 +144,7 @@ class FakeEngine:
                  can_trim: bool | None = None, controls: tuple[ControlSpec, ...] = (), steps: Any = None, error_after: int | None = None,
                  error_message: str = "scripted engine failure", device: str = "cpu",
                  n_layers: int | None = None, hidden_size: int | None = None, params: int | None = None,
-                 entry: ModelEntry | None = None) -> None:
+                 entry: ModelEntry | None = None, quantize: str = "none") -> None:
         if callable(replies):
             self._reply: Callable[[str], str] | None = replies
             self._replies: list[str] = []
@@ -170,6 +170,7 @@ class FakeEngine:
         self.error_message = error_message
         self.device = device
         self.dtype = "float32"
+        self.quantize = quantize
         self.calls: list[FakeCall] = []
         self._fed: list[int] = []
         self._running: threading.Event | None = None
@@ -271,7 +272,7 @@ class FakeEngine:
 
     def info(self) -> dict[str, Any]:
         out = {"model_id": self.entry_id, "name": "Fake model", "architecture": "fake", "device": self.device,
-               "dtype": self.dtype, "context_limit": self.context_limit, "demo": False}
+               "dtype": self.dtype, "context_limit": self.context_limit, "demo": False, "quantize": self.quantize}
         figures = {"n_layers": self.n_layers, "hidden_size": self.hidden_size, "params": self.params}
         return {**out, **{k: v for k, v in figures.items() if v is not None}}
 

@@ -79,6 +79,11 @@ def _settings(args) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
+def _check_eager(args) -> None:
+    if args.eager and args.quantize not in (None, "none"):
+        raise CliError("--eager runs the reference numerics, so it cannot be combined with --quantize", EXIT_USAGE)
+
+
 def run_prompt(args) -> int:
     from ..chat.conversation import Conversation
     from ..chat.session import ContextOverflow, Session
@@ -94,8 +99,7 @@ def run_prompt(args) -> int:
         entry.sampling().with_overrides(**conv.settings).validate()  # before a model loads for nothing
     except ValueError as e:
         raise CliError(str(e), EXIT_USAGE) from None
-    if args.eager and args.quantize not in (None, "none"):
-        raise CliError("--eager runs the reference numerics, so it cannot be combined with --quantize", EXIT_USAGE)
+    _check_eager(args)
     text = read_text(args.prompt)
     if entry.demo:
         print(f"[{entry.id}: random weights — the output is noise, for trying smollchat offline]", file=sys.stderr)
@@ -156,9 +160,15 @@ def run_tui(args) -> int:
         from ..tui.app import make_app
     except ImportError as e:
         raise CliError(f"the TUI cannot start: {e}") from None
+    from ..tui.backend import LoadOptions
+
+    _check_eager(args)
     engine = None
     if args.fake:
         from ..chat.fake import scripted_demo
         engine = scripted_demo()
-    make_app(engine=engine, model_id=None if args.fake else args.model, system_prompt=args.system).run()
+    options = LoadOptions(device=args.device, dtype=args.dtype, compile=args.compile, eager=args.eager,
+                          quantize=args.quantize)
+    make_app(engine=engine, model_id=None if args.fake else args.model, system_prompt=args.system,
+             load_options=options).run()
     return EXIT_OK

@@ -24,6 +24,8 @@ def register(sub) -> None:
     s.add_argument("--record", action="store_true", help="save served chats in the chat store (they open in the TUI)")
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     s.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    s.add_argument("--quantize", choices=("none", "int8", "int4"), default=None,
+                   help="weight-only quantization of every served model on CPU (default: each catalog entry's)")
     s.set_defaults(func=run)
 
 
@@ -63,7 +65,7 @@ def run(args) -> int:
         raise CliError(f"{len(args.serve_models)} --model flags but --max-models {args.max_models}", EXIT_USAGE)
 
     def load(entry):
-        return load_engine(entry, device=args.device, dtype=args.dtype)
+        return load_engine(entry, device=args.device, dtype=args.dtype, quantize=args.quantize)
 
     pool = ModelPool(entries, load, max_loaded=args.max_models)
     for mid in args.serve_models:

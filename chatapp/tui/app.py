@@ -20,7 +20,7 @@ from ..textsafe import displayable
 from ..catalog import CatalogError, ModelEntry, load_catalog
 from ..chat.session import Session
 from ..chat.store import Store, StoreError
-from .backend import Loader, default_downloader, default_loader, error_text
+from .backend import Loader, LoadOptions, default_downloader, error_text
 from .keys import KEYS, KeymapError, bindings, keys_for, load_keymap
 from .messages import ModelLoaded, ModelLoadFailed, ModelLoading
 from .screens.chat import ChatScreen
@@ -40,12 +40,15 @@ class SmollChat(App):
                  engine: Any = None, entry: ModelEntry | None = None, model_id: str | None = None,
                  system_prompt: str | None = None, keymap: dict[str, str] | None = None,
                  theme_dirs: Iterable[Path] = (), clock: Callable[[], float] = time.time,
-                 notices: Iterable[str] = ()) -> None:
+                 notices: Iterable[str] = (), load_options: LoadOptions = LoadOptions()) -> None:
         super().__init__()
         self.catalog = catalog
         self.store = store
         self.downloader = downloader
         self.loader = loader
+        self.load_options = load_options
+        """The command line's device, dtype, compile, --eager and --quantize (the models screen offers
+        quantization only where they allow it)."""
         self.clock = clock
         """Wall clock for ages in the chat list (fixed in snapshot tests)."""
         self.keymap = dict(keymap or {})
@@ -128,27 +131,28 @@ class SmollChat(App):
             self.notify(f"{entry.name} is not downloaded yet: press d to download it.", severity="warning")
             self.push_screen(ModelsScreen(select=entry.id))
         elif entry is not None:
-            self.load_model(entry)
+            self.load_model(entry, self.load_options.quantize)
         elif Path(model_id).is_dir():
-            self.load_model(Path(model_id))
+            self.load_model(Path(model_id), self.load_options.quantize)
         else:
             self.notify(f"Unknown model {model_id!r}; pick one on the models screen.", severity="error")
             self.push_screen(ModelsScreen())
 
-    def load_model(self, entry: ModelEntry | Path) -> None:
-        """Load a catalog entry (or a local model directory) in a worker; the chat screen shows the stages."""
+    def load_model(self, entry: ModelEntry | Path, quantize: str | None = None) -> None:
+        """Load a catalog entry (or a local model directory) in a worker; the chat screen shows the stages.
+        `quantize` (none/int8/int4) overrides the entry's default quantization."""
         name = entry.name if isinstance(entry, ModelEntry) else str(entry)
         self.chat_screen.model_loading(name, "starting")
-        self._load(entry)
+        self._load(entry, quantize)
 
     @work(thread=True, exclusive=True, group="load")
-    def _load(self, entry: ModelEntry | Path) -> None:
+    def _load(self, entry: ModelEntry | Path, quantize: str | None) -> None:
         entry_id = entry.id if isinstance(entry, ModelEntry) else str(entry)
         try:
             if isinstance(entry, Path):
                 from ..engine.runtime import entry_for_directory
                 entry = entry_for_directory(entry, self.catalog)
-            engine = self.loader(entry, lambda stage: self.post_message(ModelLoading(entry_id, stage)))
+            engine = self.loader(entry, lambda stage: self.post_message(ModelLoading(entry_id, stage)), quantize)
         except Exception as e:  # any load failure is shown as one message; the app keeps running
             self.post_message(ModelLoadFailed(entry_id, error_text(e)))
             return
@@ -206,10 +210,10 @@ class SmollChat(App):
 def make_app(engine: Any = None, catalog: dict[str, ModelEntry] | None = None, store: Store | None = None,
              downloader: Any = None, model_id: str | None = None, system_prompt: str | None = None, *,
              loader: Loader | None = None, entry: ModelEntry | None = None, keymap: dict[str, str] | None = None,
-             clock: Callable[[], float] = time.time) -> SmollChat:
+             clock: Callable[[], float] = time.time, load_options: LoadOptions = LoadOptions()) -> SmollChat:
     """Build the app. Everything left None comes from the user's environment:
     the catalog from models/*.toml, the store from the data dir, downloads from `hub`,
-    the keymap from keys.toml, themes from themes/ and the config dir."""
+    the keymap from keys.toml, themes from themes/ and the config dir; models load as `load_options` say."""
     notices: list[str] = []
     if catalog is None:
         try:
@@ -240,5 +244,6 @@ def make_app(engine: Any = None, catalog: dict[str, ModelEntry] | None = None, s
             keymap = {}
     themes = [d for d in (shipped_theme_dir(), locations.user_themes_dir()) if d is not None]
     return SmollChat(catalog=catalog, store=store, downloader=downloader or default_downloader(),
-                     loader=loader or default_loader, engine=engine, entry=entry, model_id=model_id,
-                     system_prompt=system_prompt, keymap=keymap, theme_dirs=themes, clock=clock, notices=notices)
+                     loader=loader or load_options.loader(), engine=engine, entry=entry, model_id=model_id,
+                     system_prompt=system_prompt, keymap=keymap, theme_dirs=themes, clock=clock, notices=notices,
+                     load_options=load_options)

@@ -2,15 +2,17 @@
 
 - downloader: `chatapp.hub` (is_downloaded, local_dir, download, delete, disk_usage) or
   `chat.fake.FakeDownloader` in tests. Demo checkpoints are the engine's to make, when one loads.
-- loader: `load(entry, progress) -> engine`; the real one imports `chatapp.engine.runtime` (and
-  so torch) only when a model is actually loaded, never at start-up.
+- loader: `load(entry, progress, quantize) -> engine` (`quantize` None = the catalog entry's default);
+  the real one imports `chatapp.engine.runtime` (and so torch) only when a model is actually loaded,
+  never at start-up, and follows the command line's `LoadOptions`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-Loader = Callable[[Any, Callable[[str], None]], Any]
+Loader = Callable[[Any, Callable[[str], None], "str | None"], Any]
 
 
 class DownloadsUnavailable:
@@ -43,11 +45,36 @@ def default_downloader() -> Any:
     return hub
 
 
-def default_loader(entry, progress: Callable[[str], None]) -> Any:
-    """Load a catalog entry with the real engine (imports torch)."""
-    from ..engine.runtime import load_engine
+@dataclass(frozen=True)
+class LoadOptions:
+    """How the command line asked models to load; every load the TUI starts follows it."""
 
-    return load_engine(entry, progress=progress)
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: str = "auto"
+    eager: bool = False
+    """Every fast path off (the reference numerics): no compiled step, no quantization."""
+    quantize: str | None = None
+    """--quantize: the quantization the models screen starts on (None: each entry's default)."""
+
+    def quantize_unavailable(self) -> str | None:
+        """Why weight-only quantization cannot be chosen in this run, or None when it can."""
+        if self.eager:
+            return "off under --eager (the reference numerics)"
+        if self.device == "cuda":
+            return "CPU only (PyTorch's packed CPU kernels); this run loads on the GPU"
+        return None
+
+    def loader(self) -> Loader:
+        """Load a catalog entry with the real engine (imports torch when called)."""
+        def load(entry, progress: Callable[[str], None], quantize: str | None = None) -> Any:
+            from ..engine.runtime import load_engine
+
+            return load_engine(entry, device=self.device, dtype=self.dtype, progress=progress,
+                               compile="off" if self.eager else self.compile,
+                               quantize="none" if self.eager else quantize)
+        return load
+
 
 
 def error_text(e: BaseException) -> str:

@@ -80,6 +80,7 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec("messages.composer", "i", "leave", "Composer", show=False),
     KeySpec("chats.delete", "delete", "delete_chat", "Delete chat", show=False),
     KeySpec("models.load", "enter", "load", "Load", priority=True),
+    KeySpec("models.quantize", "q", "quantize", "Quantization"),
     KeySpec("models.download", "d", "download", "Download"),
     KeySpec("models.cancel", "x", "cancel_download", "Cancel download"),
     KeySpec("models.delete", "delete", "delete_model", "Delete files"),

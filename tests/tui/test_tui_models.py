@@ -1,5 +1,6 @@
 """Pilot tests of the models screen against the FakeDownloader: the catalog listing, download with
-progress, cancel and resume, offline and failed downloads, delete, and loading a model in a worker."""
+progress, cancel and resume, offline and failed downloads, delete, loading a model in a worker, the
+quantization it loads with, and the catalog's columns at 120 columns."""
 from __future__ import annotations
 
 import threading
@@ -8,6 +9,7 @@ import pytest
 from textual.widgets import DataTable, ProgressBar
 
 from chatapp.chat.fake import FakeDownloader, FakeEngine
+from chatapp.tui.backend import LoadOptions
 from chatapp.tui.screens.models import ModelsScreen
 from chatapp.tui.widgets.model_info import ModelInfo
 
@@ -137,7 +139,7 @@ async def test_delete_frees_the_files_after_confirming(build):
 async def test_loading_a_model_runs_in_a_worker_and_shows_device_dtype_memory(build, catalog):
     stages = []
 
-    def loader(entry, progress):
+    def loader(entry, progress, quantize):
         for stage in ("locating files", "loading weights"):
             stages.append(stage)
             progress(stage)
@@ -158,7 +160,7 @@ async def test_loading_a_model_runs_in_a_worker_and_shows_device_dtype_memory(bu
 
 
 async def test_load_failure_and_not_downloaded_are_explained(build):
-    def loader(entry, progress):
+    def loader(entry, progress, quantize):
         raise RuntimeError("genesis-tiny: weights are damaged")
 
     app = build(engine=None, loader=loader)
@@ -176,7 +178,7 @@ async def test_load_failure_and_not_downloaded_are_explained(build):
 
 async def test_opening_on_a_model_that_is_not_downloaded_shows_it_on_the_models_screen(build):
     loads = []
-    app = build(engine=None, model_id="genesis", loader=lambda entry, progress: loads.append(entry))
+    app = build(engine=None, model_id="genesis", loader=lambda entry, progress, quantize: loads.append(entry))
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, lambda: isinstance(app.screen, ModelsScreen))
         assert app.screen.entry.id == "genesis" and not loads
@@ -185,7 +187,7 @@ async def test_opening_on_a_model_that_is_not_downloaded_shows_it_on_the_models_
 
 async def test_opening_on_a_demo_loads_it_with_the_system_prompt(build):
     app = build(engine=None, model_id="genesis-tiny", system_prompt="Be brief.",
-                loader=lambda entry, progress: FakeEngine(entry_id=entry.id))
+                loader=lambda entry, progress, quantize: FakeEngine(entry_id=entry.id))
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, lambda: app.entry_id == "genesis-tiny")
         assert app.chat_screen.conv.system_prompt == "Be brief."
@@ -200,3 +202,81 @@ async def test_cancel_without_a_download_says_so_and_status_lines_stay_with_thei
         assert "nothing to cancel" in str(message.render())
         await open_models(pilot, "odinnext")
         assert str(message.render()).strip() == ""
+
+
+def loads_into(calls: list):
+    """A loader that records (model id, quantize asked) and gives a FakeEngine quantized as asked."""
+    def loader(entry, progress, quantize):
+        calls.append((entry.id, quantize))
+        quant = quantize or entry.quantize
+        return FakeEngine(entry_id=entry.id, quantize=quant, weights_bytes=3_000_000 if quant == "int8" else 12_000_000)
+    return loader
+
+
+async def test_a_model_loads_with_the_quantization_chosen_on_the_models_screen(build):
+    calls = []
+    app = build(engine=None, loader=loads_into(calls))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_models(pilot, "axiom-tiny")
+        select = screen.query_one("#models-quantize")
+        assert select.value == "none" and not select.disabled  # the catalog's default
+        assert "the default" in text_of(screen, "#models-quantize-help")
+        await pilot.press("q")
+        assert select.value == "int8" and "int8" in text_of(screen, "#models-quantize-help")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.entry_id == "axiom-tiny")
+        assert calls == [("axiom-tiny", "int8")]
+        memory = str(app.chat_screen.query_one("#memory").render())
+        assert "2.9 MiB int8" in memory  # the engine's (quantized) weight bytes, named as such
+        # Untouched, the default is left to the engine (the catalog's CPU default).
+        screen = await open_models(pilot, "genesis-tiny")
+        assert screen.query_one("#models-quantize").value == "none"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.entry_id == "genesis-tiny")
+        assert calls[-1] == ("genesis-tiny", None)
+
+
+async def test_enter_in_the_open_quantization_list_picks_without_loading(build):
+    calls = []
+    app = build(engine=None, loader=loads_into(calls))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_models(pilot, "axiom-tiny")
+        select = screen.query_one("#models-quantize")
+        select.focus()
+        await pilot.press("space")
+        await wait_until(pilot, lambda: select.expanded)
+        await pilot.press("down", "down", "enter")
+        await wait_until(pilot, lambda: not select.expanded)
+        assert select.value == "int4" and calls == [] and app.screen is screen
+
+
+@pytest.mark.parametrize("options, why", [(LoadOptions(eager=True), "--eager"), (LoadOptions(device="cuda"), "GPU")])
+async def test_quantization_is_not_offered_where_the_run_cannot_use_it(build, options, why):
+    calls = []
+    app = build(engine=None, loader=loads_into(calls), load_options=options)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_models(pilot, "axiom-tiny")
+        assert screen.query_one("#models-quantize").disabled
+        assert why in text_of(screen, "#models-quantize-help")
+        await pilot.press("q")
+        assert why in text_of(screen, "#models-message") and screen.query_one("#models-quantize").value == "none"
+
+
+async def test_the_command_lines_quantize_is_where_the_models_screen_starts(build):
+    calls = []
+    app = build(engine=None, loader=loads_into(calls), load_options=LoadOptions(quantize="int4"))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_models(pilot, "axiom-tiny")
+        assert screen.query_one("#models-quantize").value == "int4"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.entry_id == "axiom-tiny")
+        assert calls == [("axiom-tiny", "int4")]
+
+
+async def test_every_licence_fits_at_120_columns_and_the_detail_gives_it_whole(build, catalog):
+    app = build()
+    async with app.run_test(size=(120, 36)) as pilot:
+        screen = await open_models(pilot, "axiom")
+        table = screen.query_one(DataTable)
+        assert table.virtual_size.width <= table.size.width  # nothing scrolled off to the right
+        assert f"licence: {catalog['axiom'].license}" in text_of(screen, "#models-summary")

@@ -2,7 +2,8 @@
 tokens drawn next to a "ghost" line of what a same-size dense transformer's KV cache would hold.
 
 Every figure comes from the engine's `MemoryReport` (updated as tokens stream) and `Engine.info()`
-(layer count and hidden size for the ghost: 2 x layers x hidden x 2 bytes per token, bf16 K and V).
+(layer count and hidden size for the ghost: 2 x layers x hidden x 2 bytes per token, bf16 K and V;
+the quantization, so quantized weight bytes say what they are).
 """
 from __future__ import annotations
 
@@ -97,9 +98,9 @@ class MemoryPanel(Widget):
         if report is None:
             text.append("\nno model loaded", self._style("muted"))
             return text
-        dtype = self.info.get("dtype")
+        dtype, quant = self.info.get("dtype"), self.info.get("quantize")
         text.append(f"  {report.device}{' · ' + dtype if dtype else ''}\n", self._style("muted"))
-        self._row(text, "weights", human_bytes(report.weights))
+        self._row(text, "weights", human_bytes(report.weights), f" {quant}" if quant and quant != "none" else "")
         for kind, label in KIND_LABELS:
             alloc, used = report.allocated.get(kind, 0), report.used.get(kind, 0)
             if alloc or used:
