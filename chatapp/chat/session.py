@@ -25,6 +25,7 @@ from ..contract import (INSPECT_DETAIL, RUN_CARD_DETAIL, ControlChannel, Control
                         MemoryReport, SamplingSettings, StepEvent, TokenDetail, check_live, resolve_controls)
 from . import token_record
 from .conversation import Conversation, Message
+from .presets import builtin_preset
 
 _SETTING_NAMES = frozenset(f.name for f in fields(SamplingSettings))
 #: How often (seconds) a streaming reply is written to the store.
@@ -90,12 +91,16 @@ class Session:
 
     # Settings.
     def settings_for(self, conv: Conversation) -> SamplingSettings:
-        """Catalog defaults, then the chat's preset (`settings["preset"]`), then the chat's own overrides."""
+        """Catalog defaults, then the chat's preset (`settings["preset"]`: a built-in, else one saved in the
+        store), then the chat's own overrides."""
         settings = self.entry.sampling()
         overrides = dict(conv.settings)
         preset = overrides.pop("preset", None)
         layers: list[dict[str, Any]] = []
-        if preset:
+        found = builtin_preset(preset) if preset else None
+        if found is not None:
+            layers.append(found)
+        elif preset:
             if self.store is None:
                 raise ValueError(f"this chat uses preset {preset!r}, but the session has no store to read it from")
             found = self.store.get_preset(preset)

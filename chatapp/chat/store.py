@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 from ..contract import SamplingSettings
 from .conversation import DEFAULT_TITLE, Conversation, Message, parse_json
+from .presets import SUFFIX, is_builtin
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
 
@@ -618,10 +619,13 @@ class Store:
         return value if isinstance(value, dict) else None
 
     def save_preset(self, name: str, settings: dict[str, Any]) -> None:
-        """Create or replace a preset; the settings must be valid SamplingSettings overrides."""
+        """Create or replace a preset; the settings must be valid SamplingSettings overrides, the name not
+        a built-in's (chat/presets.py)."""
         name = name.strip()
         if not name:
             raise ValueError("a preset needs a name")
+        if is_builtin(name):
+            raise ValueError(f"“{name}” is a built-in preset's name (they end in “{SUFFIX}”); choose another")
         try:
             SamplingSettings().with_overrides(**settings).validate()
         except TypeError as e:

@@ -360,24 +360,6 @@ async def test_enter_while_a_reply_streams_says_why_and_keeps_the_text(build):
         await wait_until(pilot, lambda: not app.chat_screen.live.busy)
 
 
-async def test_builtin_sampling_presets_fill_the_settings(build):
-    app = build(FakeEngine(["ok"]))
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("ctrl+s")
-        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ChatSettings")
-        await pilot.click("#builtin-precise")
-        assert app.screen.query_one("#f-temperature").value == "0.2"
-        await pilot.press("ctrl+s")
-        await wait_until(pilot, lambda: app.screen is app.chat_screen)
-        assert app.chat_screen.conv.settings["temperature"] == 0.2
-        await pilot.press("ctrl+s")
-        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ChatSettings")
-        await pilot.click("#builtin-card")  # the card's own settings: every override cleared
-        await pilot.press("ctrl+s")
-        await wait_until(pilot, lambda: app.screen is app.chat_screen)
-        assert app.chat_screen.conv.settings == {}
-
-
 async def test_chat_list_detail_clips_the_model_name_not_the_message_count(build, store):
     conv = Conversation(id="long", title="Long model name", model_id="a-model-with-a-very-long-catalog-id")
     conv.add(conv.add(None, "user", "q").id, "assistant", "a")

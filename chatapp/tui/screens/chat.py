@@ -53,7 +53,7 @@ class ChatScreen(Screen):
                 yield BranchNavigator(id="branches")
                 yield Composer(self.app.store.recent_prompts(), id="composer",
                                placeholder="Message (Enter sends, Shift+Enter new line)")
-            with VerticalScroll(id="side"):
+            with VerticalScroll(id="side", can_focus=False):  # no invisible Tab stop; its fields scroll it
                 yield ModelInfo(id="model-info")
                 yield MemoryPanel(id="memory")
                 yield ComputePanel(id="compute")

