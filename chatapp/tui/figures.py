@@ -18,7 +18,9 @@ def human_duration(seconds: float | None) -> str:
 
 
 STOP_LABELS = {"eos": "end of turn", "stop_string": "stop string", "max_tokens": "token limit",
-               "cancelled": "stopped by you", "context_full": "context full", "error": "error"}
+               "cancelled": "stopped by you", "context_full": "context full", "error": "error",
+               # Set by the store for a reply that was streaming when smollchat was killed or crashed.
+               "interrupted": "cut off: smollchat closed while it streamed · c continues it"}
 
 
 def run_line(run: dict[str, Any]) -> str:
@@ -26,7 +28,8 @@ def run_line(run: dict[str, Any]) -> str:
     if not run:
         return ""
     timings = run.get("timings", {}) or {}
-    parts = [f"{run.get('new_tokens', 0)} tokens"]
+    # A reply cut off by a crash has no count (its run card was never finished).
+    parts = [f"{run['new_tokens']} tokens"] if "new_tokens" in run else []
     if timings.get("ttft_s") is not None:
         parts.append(f"TTFT {human_duration(timings['ttft_s'])}")
     if timings.get("prefill_tok_s"):

@@ -94,3 +94,59 @@ async def test_the_tab_order_is_the_same_in_every_chat_and_has_no_invisible_stop
             await wait_until(pilot, lambda: app.screen is app.chat_screen)
         assert chains["own"] == chains["default"]
         assert chains["own"][:3] == ["use-default", "system", "preset"]
+
+
+def reply_figures(app, message_id: str) -> str:
+    return str(app.chat_screen.view.view_for(message_id).query_one(".stats").render())
+
+
+async def test_a_reply_cut_off_by_a_crash_says_so_and_how_to_continue_it(build, tmp_path):
+    from chatapp.chat.store import Store
+
+    path = tmp_path / "crashed.sqlite3"
+    conv = Conversation(id="cut", title="Cut off", model_id="fake")
+    question = conv.add(None, "user", "tell me")
+    reply = conv.add(question.id, "assistant", "the first half", status="streaming")
+    with Store(path) as before:
+        before.save(conv)  # the app was killed here, mid-reply
+    store = Store(path)  # the next start
+    engine = FakeEngine([" and the rest"])
+    app = build(engine, store=store)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.chat_screen.open_chat("cut")
+        await pilot.pause()
+        figures = reply_figures(app, reply.id)
+        assert "cut off: smollchat closed while it streamed · c continues it" in figures
+        assert "0 tokens" not in figures  # nothing was counted for it, so no count is shown
+        app.chat_screen.view.focus()
+        app.chat_screen.view.select(reply.id)
+        await pilot.press("c")
+        await wait_until(pilot, lambda: app.chat_screen.streaming is None
+                         and app.chat_screen.conv.get(reply.id).content != "the first half", what="the continuation")
+        assert app.chat_screen.conv.get(reply.id).content == "the first half and the rest"
+    store.close()
+
+
+async def test_opening_a_repaired_chat_says_what_was_repaired_once(build, store):
+    import sqlite3
+
+    conv = Conversation(id="hurt", title="Hand-edited", model_id="fake")
+    conv.add(conv.add(None, "user", "q").id, "assistant", "a", id="reply")
+    store.save(conv)
+    raw = sqlite3.connect(store.path)
+    with raw:
+        raw.execute("UPDATE messages SET run = '[1, 2]' WHERE id = 'reply'")
+    raw.close()
+    app = build(FakeEngine(["ok"]))
+    async with app.run_test(size=SIZE) as pilot:
+        def told() -> list:
+            return [n for n in app._notifications if "damaged" in n.title]
+
+        await app.chat_screen.open_chat("hurt")
+        await pilot.pause()
+        assert len(told()) == 1 and "message reply: run must be an object" in told()[0].message
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        await app.chat_screen.open_chat("hurt")
+        await pilot.pause()
+        assert len(told()) == 1  # once

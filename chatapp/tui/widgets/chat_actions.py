@@ -47,6 +47,7 @@ class ChatActions(Widget):
         self.view, self.live = view, live
         self.conv: Conversation | None = None
         """The chat on screen (saved once it has a message)."""
+        self._repairs_told: set[str] = set()
 
     # Helpers.
     def busy(self) -> bool:
@@ -110,6 +111,12 @@ class ChatActions(Widget):
             return False
         self.conv = conv
         await self.show(switched=True)
+        if conv.repairs and conv.id not in self._repairs_told:  # once a run: the rows stay as stored until a save
+            self._repairs_told.add(conv.id)
+            more = f" (and {len(conv.repairs) - 3} more)" if len(conv.repairs) > 3 else ""
+            self.notify("; ".join(conv.repairs[:3]) + more + ". The repaired chat is shown; it is stored so with "
+                        "your next change.", title="Some of this chat's stored rows were damaged", severity="warning",
+                        timeout=20)
         return True
 
     # Sending and replies.
