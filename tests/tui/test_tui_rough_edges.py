@@ -150,3 +150,38 @@ async def test_opening_a_repaired_chat_says_what_was_repaired_once(build, store)
         await app.chat_screen.open_chat("hurt")
         await pilot.pause()
         assert len(told()) == 1  # once
+
+
+async def test_export_to_a_mistyped_folder_fails_and_an_import_twice_gets_a_title_apart(build, store, tmp_path):
+    from .conftest import send
+    from .test_tui_app import answer_prompt
+
+    app = build(FakeEngine(["answer"]))
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "hello")
+        await pilot.press("f4")
+        await answer_prompt(pilot, str(tmp_path / "no-such-folder" / "chat.json"))
+        assert not (tmp_path / "no-such-folder").exists()
+        assert any("does not exist" in n.message for n in app._notifications)
+        await pilot.press("f4")
+        await answer_prompt(pilot, str(tmp_path / "chat.json"))
+        for _ in range(2):
+            await pilot.press("f5")
+            await answer_prompt(pilot, str(tmp_path / "chat.json"))
+            await pilot.pause()
+        titles = [row.title for row in store.list_chats()]
+        assert len(titles) == 3 and len(set(titles)) == 3
+
+
+async def test_opening_a_chat_of_another_model_offers_that_model(build, store):
+    conv = Conversation(id="old", title="From before", model_id="genesis-tiny")
+    conv.add(None, "user", "hello")
+    store.save(conv)
+    app = build(FakeEngine(["ok"]))
+    async with app.run_test(size=SIZE) as pilot:
+        await app.chat_screen.open_chat("old")
+        await pilot.pause()
+        assert "this chat was with genesis-tiny (Ctrl+O)" in str(app.chat_screen.query_one("#chat-header").render())
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ModelsScreen")
+        assert app.screen.entry.id == "genesis-tiny" and app.entry_id == "fake"  # offered, not loaded
