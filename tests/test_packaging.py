@@ -26,7 +26,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 #: Package imports that are optional at run time, with the extra that declares them. Triton: the GPU kernels in
 #: engine/ops/*/triton.py load only when ops.backend() picks them (CUDA builds of torch bring triton); the test
 #: extra installs it so CPU machines run those kernels under TRITON_INTERPRET=1.
-OPTIONAL = {"triton": "test", "transformers": "bench"}
+OPTIONAL = {"triton": "test", "transformers": "bench", "gguf": "bench", "genesis": "bench"}
 
 
 def _norm(name: str) -> str:

@@ -23,6 +23,9 @@ def register(sub) -> None:
     b.add_argument("--eager", action="store_true", help="no compiled decode step")
     b.add_argument("--quick", action="store_true", help="short prompts and runs: a smoke test, not figures")
     b.add_argument("--json", metavar="FILE", help="write the record here too")
+    b.add_argument("--llama-bench", metavar="PATH",
+                   help="llama.cpp's llama-bench binary, for the Axiom peer (default: $SMOLLCHAT_LLAMA_BENCH, then PATH; "
+                        "llama-quantize is taken from the same folder; bench/README.md says how to build both)")
     b.set_defaults(func=run)
 
 
@@ -32,7 +35,7 @@ def run(args) -> int:
     entry = resolve_entry(args.model)
     if args.threads is not None and args.threads < 1:
         raise CliError("--threads must be at least 1", EXIT_USAGE)
-    opts = BenchOptions(args.quantize, args.dtype, args.threads, args.eager, args.quick)
+    opts = BenchOptions(args.quantize, args.dtype, args.threads, args.eager, args.quick, args.llama_bench)
     try:
         rec = bench(entry, opts, progress=lambda m: print(f"[bench {entry.id}] {m}", file=sys.stderr))
     except ValueError as e:
@@ -53,9 +56,18 @@ def run(args) -> int:
           f"at 0 / 1/4 / full context ({rec['state']['context']})")
     print(f"  bandwidth  DRAM read {human_bytes(rec['dram_read_gbs'] * 1e9)}/s, GEMV {human_bytes(rec['gemv_gbs'] * 1e9)}/s, "
           f"roofline fraction {rec['roofline_fraction']:.2f}")
-    for name, why in rec.get("peers", {}).items():
-        print(f"  peer       {name}: {why}")
+    for name, peer in rec.get("peers", {}).items():
+        print(f"  peer       {name}: {_peer_line(peer)}")
     return EXIT_OK
+
+
+def _peer_line(peer) -> str:
+    """A peer's figures in one line, or why it did not run."""
+    if not isinstance(peer, dict):
+        return str(peer)
+    what = peer.get("type") or peer.get("dtype", "")
+    return (f"{peer['decode_tok_s']:.2f} tok/s decode ({what}; ours/peer {peer.get('ours_over_peer', 0):.2f}x), "
+            f"{peer['impl']}")
 
 
 def _write_json(path: Path, rec: dict) -> None:

@@ -9,7 +9,8 @@ Figures: load time and peak RSS (before and after quantizing), prefill tok/s and
 warm-up), the time each token spends outside the model, state bytes at 0 / a quarter / the full context
 (a line through two measured points), the machine's DRAM read and GEMV bandwidth measured in the same run,
 the roofline fraction (decode tok/s x weight bytes read per token / DRAM bandwidth), and the CPU.
-Timings are medians; on a shared machine the record's `loadavg` says how busy it was.
+Timings are medians; on a shared machine the record's `loadavg` says how busy it was. Then, unless --quick,
+the architecture's peers in the same process (engine/bench_peers.py), each with ours / peer.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import platform
 import resource
 import statistics
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,6 +29,7 @@ from torch import nn
 from ..catalog import ModelEntry
 from .generate import feed
 from .graphs import decode_step
+from .bench_peers import PeerRun, run_peers, seeded
 from .loader import build_model, prepare_for_inference, resolve_dtype
 from .quant import head_weight
 from .sample import Sampler
@@ -45,6 +46,8 @@ class BenchOptions:
     threads: int | None = None
     eager: bool = False
     quick: bool = False
+    #: llama.cpp's llama-bench binary for the Axiom peer (else $SMOLLCHAT_LLAMA_BENCH, else PATH).
+    llama_bench: str | None = None
 
 
 def cpu_info() -> dict[str, Any]:
@@ -73,24 +76,13 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-@contextmanager
-def _default_dtype(dtype: torch.dtype):
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
-
-
 def random_model(entry: ModelEntry, dtype: torch.dtype, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
     """The entry's bench (or demo) config with random weights, built directly in `dtype` (no fp32 copy of a
     large model); the tensors the loader keeps fp32 stay fp32, as in a loaded checkpoint."""
     config = dict(entry.demo_config if entry.demo else entry.bench_config)
     if not config:
         raise ValueError(f"{entry.id} has no [bench_config] in its catalog file: add the real config there")
-    with torch.random.fork_rng(devices=[]), _default_dtype(dtype if dtype.is_floating_point else torch.float32):
-        torch.manual_seed(seed)
+    with seeded(dtype if dtype.is_floating_point else torch.float32, seed):
         model = build_model(config, entry.options, device="cpu")
         init = getattr(model, "init_demo_weights", None)
         if callable(init):
@@ -212,64 +204,18 @@ def run(entry: ModelEntry, opts: BenchOptions, progress: Callable[[str], None] |
     rec["dram_read_gbs"] = round(dram_read_gbs(64 if opts.quick else 256), 2)
     rec["gemv_gbs"] = round(gemv_gbs(dtype, 16 if opts.quick else 64), 2)
     rec["roofline_fraction"] = round(rec["decode_tok_s"] * rec["weight_bytes_per_token"] / (rec["dram_read_gbs"] * 1e9), 3)
-    rec["peers"] = {} if opts.quick else peers(entry, model, dtype, prompt, n_new, runs, say)
+    if not opts.quick:
+        del model, step, state  # the peers build their own models: free ours first
+        rec["peers"] = run_peers(PeerRun(entry.architecture, config, dtype, opts.quantize, rec["threads"], prompt,
+                                         n_new, runs, [p["tokens"] for p in rec["prefill"]],
+                                         lambda: random_model(entry, dtype)[0], opts.llama_bench), say)
+        for peer in rec["peers"].values():
+            if isinstance(peer, dict) and peer.get("decode_tok_s"):
+                peer["ours_over_peer"] = round(rec["decode_tok_s"] / peer["decode_tok_s"], 3)
+    else:
+        rec["peers"] = {}
     rec["cpu"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else []
     return rec
-
-
-def peers(entry: ModelEntry, model, dtype: torch.dtype, prompt: list[int], n_new: int, runs: int,
-          say: Callable[[str], None]) -> dict[str, Any]:
-    """Other implementations at the same shape, in the same run, where the `bench` extra provides them; for each
-    missing one, what it would take."""
-    out: dict[str, Any] = {}
-    if entry.architecture == "axiom":
-        try:
-            import transformers  # noqa: F401  (the optional `bench` extra)
-        except ImportError:
-            out["hf-transformers-llama"] = "not installed: pip install 'smollchat[bench]'"
-        else:
-            say("peer: HF transformers LlamaForCausalLM (eager attention)")
-            out["hf-transformers-llama"] = _hf_llama(model.args, dtype, prompt, n_new, runs)
-    missing = {"genesis": "genesis-llm (pip install --no-deps genesis-llm): not wired into this command yet",
-               "odinnext": "the plain eager HGRN2 of anchors/perf-cpu: not wired into this command yet",
-               "axiom": "llama.cpp llama-bench on a GGUF (gguf package + a llama.cpp build): not wired in yet"}
-    if entry.architecture in missing:
-        out["llama.cpp" if entry.architecture == "axiom" else "reference"] = missing[entry.architecture]
-    return out
-
-
-def _hf_llama(a, dtype: torch.dtype, prompt: list[int], n_new: int, runs: int) -> dict[str, Any]:
-    """HF's LlamaForCausalLM at Axiom's shape (rotate-half RoPE instead of interleaved: the same work), random
-    weights, greedy decode through its KV cache; the same timing as ours."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    conf = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.ffn_dim,
-                       num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
-                       max_position_embeddings=a.max_seq_len, rope_theta=a.rope_theta, rms_norm_eps=a.norm_eps,
-                       tie_word_embeddings=True, attn_implementation="eager")
-    with torch.random.fork_rng(devices=[]), _default_dtype(dtype):
-        torch.manual_seed(0)
-        hf = LlamaForCausalLM(conf).eval()
-
-    def one(n: int) -> float:
-        out = hf(torch.tensor([prompt]), use_cache=True)
-        past, stamps = out.past_key_values, []
-        for i in range(n):
-            tok = out.logits[0, -1].argmax()
-            stamps.append(time.perf_counter())
-            if i + 1 < n:
-                out = hf(tok.view(1, 1), past_key_values=past, use_cache=True)
-                past = out.past_key_values
-        return (n - 1) / (stamps[-1] - stamps[0])
-
-    with torch.inference_mode():
-        one(8)
-        rates = [one(n_new) for _ in range(runs)]
-    import transformers
-
-    return {"impl": f"transformers {transformers.__version__} LlamaForCausalLM, eager attention",
-            "dtype": str(dtype).removeprefix("torch."), "decode_tok_s": round(statistics.median(rates), 3),
-            "decode_tok_s_all": [round(r, 3) for r in rates]}
 
 
 def _decode(model, step, state, prompt: list[int], n: int, settings, vocab: int, dev) -> dict[str, float]:
