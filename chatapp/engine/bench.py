@@ -182,7 +182,7 @@ def run(entry: ModelEntry, opts: BenchOptions, progress: Callable[[str], None] |
             t = time.perf_counter()
             logits = feed(model, state, ids, dev).logits
             t_pre = time.perf_counter() - t
-            Sampler(settings, vocab, dev, ids).draw(logits, logprob=False, entropy=False)
+            Sampler(settings, vocab, dev, ids).draw(logits)
             ttft = time.perf_counter() - t
             used[n] = _used(state)
             rec["prefill"].append({"tokens": n, "tok_s": round(n / t_pre, 2), "ttft_s": round(ttft, 4)})
@@ -227,7 +227,7 @@ def _decode(model, step, state, prompt: list[int], n: int, settings, vocab: int,
     for i in range(n):
         t0, c0 = time.perf_counter(), time.thread_time()
         # As the engine's decode loop draws when no per-token figures are asked for.
-        tok = sampler.draw(logits, logprob=False, entropy=False).token_id
+        tok = sampler.draw(logits)
         sampler.extend([tok])
         ids = torch.tensor([[tok]], device=dev)
         t1, c1 = time.perf_counter(), time.thread_time()

@@ -161,9 +161,9 @@ def decode_loop(req: DecodeRequest) -> Generator[StepEvent, None, DecodeResult]:
         if req.cancel.is_set():
             reason = "cancelled"
             break
-        draw = sampler.draw(logits, logprob=False, entropy=False)
+        token = sampler.draw(logits)
         # The figures of token_detail only when asked: a call that asks for none pays nothing for them.
-        extra = token_detail(logits, draw.token_id, want, sampler) if want.any else dict(NO_DETAIL)
+        extra = token_detail(logits, token, want, sampler) if want.any else dict(NO_DETAIL)
         extra["steps"] = steps
         if changes and changes[-1][0] == new:
             extra["controls_changed"] = changes[-1][1]
@@ -171,12 +171,12 @@ def decode_loop(req: DecodeRequest) -> Generator[StepEvent, None, DecodeResult]:
         first_t = first_t or now
         last_t = now
         new += 1
-        if draw.token_id in req.stop_ids:
-            yield StepEvent(draw.token_id, "", time.monotonic_ns(), **extra)
+        if token in req.stop_ids:
+            yield StepEvent(token, "", time.monotonic_ns(), **extra)
             reason = "eos"
             break
-        text, hit = stops.feed(detok.push(draw.token_id))
-        yield StepEvent(draw.token_id, text, time.monotonic_ns(), **extra)
+        text, hit = stops.feed(detok.push(token))
+        yield StepEvent(token, text, time.monotonic_ns(), **extra)
         if hit:
             reason = "stop_string"
             break
@@ -185,12 +185,12 @@ def decode_loop(req: DecodeRequest) -> Generator[StepEvent, None, DecodeResult]:
         if len(req.prompt) + new >= req.context_limit:
             reason, detail = "context_full", f"the context holds {req.context_limit} tokens"
             break
-        sampler.extend([draw.token_id])
+        sampler.extend([token])
         try:
             if spec is not None and not pending:
-                ahead = spec.step(state, draw.token_id)
+                ahead = spec.step(state, token)
                 # The state absorbed the chosen token and every returned one but the last.
-                fed.append(draw.token_id)
+                fed.append(token)
                 fed.extend(tok for tok, _, _ in ahead[:-1])
                 pending = [(lg, st) for _, lg, st in ahead]
             if pending:
@@ -198,7 +198,7 @@ def decode_loop(req: DecodeRequest) -> Generator[StepEvent, None, DecodeResult]:
                 continue
             if req.channel is not None:
                 controls = _changed(model, controls, req.channel.take(new), new, changes)
-            out = step(torch.tensor([[draw.token_id]], device=device), state, controls, req.cancel,
+            out = step(torch.tensor([[token]], device=device), state, controls, req.cancel,
                        last_only=True)
         except ContextFull as e:
             reason, detail = "context_full", str(e)
@@ -210,7 +210,7 @@ def decode_loop(req: DecodeRequest) -> Generator[StepEvent, None, DecodeResult]:
             roll_back(state, len(req.prompt) + len(fed))
             break
         logits, steps = out.logits[0, -1], out.steps
-        fed.append(draw.token_id)
+        fed.append(token)
     tail = ""
     if reason != "stop_string":
         tail, hit = stops.feed(detok.flush())

@@ -10,20 +10,30 @@ candidate set taken with `torch.topk` and say whether that set provably holds ev
 keep; when it does not (a top-k tie running past the candidates, or a top-p that needs more mass than
 they carry, as on flat random-weight distributions) the step is redone exactly on the whole
 vocabulary, top-p then cutting by probability buckets and sorting only the bucket where the mass
-crosses p. That answer travels with the sampled id, so a step still costs one host round trip.
+crosses p. The candidates (top-k + 16, or 256) cross to the host in one transfer, the step's one round
+trip, and are filtered and sampled there with numpy (float32, as HF's warpers): on a few dozen numbers each
+tensor op's dispatch costs more than its arithmetic, so a step on the candidate path is the penalty
+scatter, one topk and a dozen numpy calls. The uniform comes from the sampler's seeded generator, so a seed
+replays a reply.
+
+A draw returns the token id alone: the chosen token's log-probability, the raw row's entropy and the
+alternatives are computed by engine/token_detail.py, only when a TokenDetail asks for them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
+import numpy as np
 import torch
 
 from ..contract import SamplingSettings
 
 #: Candidates taken for top-p / min-p without top-k (topk of 256 of 100k ids: ~0.3 ms on one core).
 CANDIDATES = 256
-#: Top-k takes this many extra candidates (at least) so that ties at the k-th score stay on the fast path.
+#: Top-k takes this many extra candidates so that ties at the k-th score stay on the candidate path.
 TIE_MARGIN = 16
+#: Ids per block of the CPU candidate search (`top_candidates`): a 100k row has ~1,600 blocks.
+_BLOCK = 64
 #: Probability buckets of the exact top-p: 1/32-logit wide, 128 logits deep (the rest share the last).
 _BUCKETS, _PER_LOGIT = 4096, 32.0
 _NEG = float("-inf")
@@ -41,43 +51,81 @@ def banned_ngram_tokens(history: list[int], n: int, table: dict[tuple[int, ...],
     return {history[i + n - 1] for i in range(len(history) - n + 1) if tuple(history[i:i + n - 1]) == key}
 
 
-def filter_candidates(scores: torch.Tensor, s: SamplingSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def top_candidates(scores: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.topk(scores, c)` of a [V] row: the same values, descending (ids of equal values may come in
+    another order). On CPU, for a row much longer than c, through block maxima: torch.topk first copies the
+    whole row into (value, id) pairs (1.6 MB for 100k ids, which a busy machine's caches make slow), while
+    the maxima of 64-id blocks take one vectorised read. Every id among the c largest values lies in one of
+    the c blocks with the largest maxima (the c-th largest block maximum is at most the c-th largest value),
+    so the top c of those blocks plus the row's tail past the last whole block are the top c of the row."""
+    n = scores.shape[0]
+    nb = n // _BLOCK
+    if scores.device.type != "cpu" or nb < 8 * c:
+        return torch.topk(scores, c)
+    body = scores[:nb * _BLOCK].view(nb, _BLOCK)
+    rows = torch.topk(body.amax(1), c, sorted=False).indices
+    vals, j = torch.topk(torch.cat((body.index_select(0, rows).view(-1), scores[nb * _BLOCK:])), c)
+    # Position j among the gathered ids -> the id: block rows[j // 64], or the tail after c whole blocks.
+    jb = j // _BLOCK
+    ids = torch.where(jb < c, rows[jb.clamp(max=c - 1)] * _BLOCK + j % _BLOCK, j + (nb - c) * _BLOCK)
+    return vals, ids
+
+
+def filter_candidates(scores: torch.Tensor, s: SamplingSettings) -> tuple[np.ndarray, np.ndarray, bool] | None:
     """Temperature, top-k, top-p and min-p on the top-scoring ids of a [V] row of (penalised) scores.
 
-    Returns (ids [C] by descending score, warped logits [C] with -inf for removed ids, exact: a 0-d bool
-    tensor, true when no id outside the C candidates would survive the filters), or None when no filter
-    is set and every id stays (sample the whole row).
+    Returns (ids [C] by descending score, their warped logits [C] (float32) with -inf for removed ids, exact:
+    true when no id outside the candidates would survive the filters), or None when no filter is set and
+    every id stays (sample the whole row). The candidates cross to the host in one transfer (the step's one
+    round trip) and are filtered there with numpy in the float32 arithmetic of HF's warpers (a torch CPU
+    cumsum accumulates in float64, so this one does too): on a few dozen numbers each tensor op's dispatch
+    would cost more than its arithmetic.
     """
     v_size = scores.shape[-1]
     k = s.top_k if 0 < s.top_k < v_size else 0
     if not k and s.top_p >= 1.0 and s.min_p <= 0.0:
         return None
-    c = min(v_size, k + max(k, TIE_MARGIN) if k else CANDIDATES)
-    vals, ids = torch.topk(scores, c)
-    z = vals / s.temperature
-    true = torch.ones((), dtype=torch.bool, device=scores.device)
+    c = min(v_size, k + TIE_MARGIN if k else CANDIDATES)
+    vals_t, ids_t = top_candidates(scores, c)
+    parts = [vals_t.double(), ids_t.double()]
+    if not k and s.top_p < 1.0:
+        # Top-p without top-k measures mass against the whole row's normaliser.
+        parts.append((scores / s.temperature).logsumexp(0).double().view(1))
+    host = torch.cat(parts).cpu().numpy()
+    vals, ids = host[:c].astype(np.float32), host[c:2 * c].astype(np.int64)
+    z = vals / np.float32(s.temperature)
     if k:
         kth = vals[k - 1]
-        z = z.masked_fill(vals < kth, _NEG)
+        z[vals < kth] = _NEG
         # The top-k set lies inside the candidates unless a tie at the k-th score runs past them.
-        exact = vals[-1] < kth if c < v_size else true
-        lse = z.logsumexp(0)
+        exact = c >= v_size or bool(vals[-1] < kth)
+        top = z.max()
+        lse = top + np.log(np.exp(z - top).sum(dtype=np.float32))
     else:
-        # The last candidate removed => every later id is too (top-p and min-p remove by rank/value).
         exact = None
-        lse = (scores / s.temperature).logsumexp(0) if s.top_p < 1.0 else None
+        lse = np.float32(host[-1])
     if s.top_p < 1.0:
-        probs = (z - lse).exp()
-        mass_before = probs.cumsum(0) - probs
-        cut = mass_before >= s.top_p
+        # Keep an id iff the mass of the ids ranked above it is < p (the first always stays).
+        probs = np.exp(z - lse)
+        cut = np.cumsum(probs, dtype=np.float64).astype(np.float32) - probs >= np.float32(s.top_p)
         cut[0] = False
-        z = z.masked_fill(cut, _NEG)
+        z[cut] = _NEG
     if s.min_p > 0.0:
         # p_i < min_p * p_max  <=>  exp(z_i - z_max) < min_p: the normaliser cancels.
-        z = z.masked_fill((z - z[0]).exp() < s.min_p, _NEG)
+        z[np.exp(z - z[0]) < np.float32(s.min_p)] = _NEG
     if exact is None:
-        exact = torch.isinf(z[-1]) if c < v_size else true
+        # The last candidate removed => every later id is too (top-p and min-p remove by rank/value).
+        exact = c >= v_size or bool(np.isinf(z[-1]))
     return ids, z, exact
+
+
+def pick_host(z: np.ndarray, u: float) -> int:
+    """The index that a uniform draw u in [0, 1) selects from a logit array (-inf never chosen): the
+    inverse of the cumulative mass, as `_pick` does on a device row."""
+    cum = np.cumsum(np.exp(z - z.max()), dtype=np.float64)
+    total = cum[-1]
+    # Strictly below the total, so the first cum above it belongs to an id with positive mass.
+    return int(np.searchsorted(cum, min(u * total, math.nextafter(total, 0.0)), side="right"))
 
 
 def filter_dense(scores: torch.Tensor, s: SamplingSettings) -> torch.Tensor:
@@ -111,40 +159,15 @@ def _top_p_keep(z: torch.Tensor, p: float) -> torch.Tensor:
     return keep
 
 
-def _pick(z: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _pick(z: torch.Tensor, generator: torch.Generator) -> int:
     """Sample an index of a [N] logit row (-inf never chosen) by inverting the cumulative mass with one
-    uniform draw; returns (index, its log-probability), both 0-d tensors on the row's device."""
+    uniform draw (the whole-row path: no filter, or the exact fallback)."""
     top = z.max()
-    w = (z - top).exp()
-    cum = w.cumsum(0, dtype=torch.float64)
+    cum = (z - top).exp().cumsum(0, dtype=torch.float64)
     total = cum[-1]
     u = torch.rand((), generator=generator, device=z.device, dtype=torch.float64)
-    # Strictly below the total, so the first cum above it belongs to an id with positive mass.
     x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    i = torch.searchsorted(cum, x.view(1), right=True)[0]
-    return i, (z[i] - top).double() - total.log()
-
-
-def _entropy(raw: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of softmax(raw); ids with -inf logits add nothing."""
-    if raw.numel() <= 4096:
-        # Three ops: on a small vocabulary each op's dispatch is most of the cost.
-        return torch.special.entr(raw.softmax(0)).sum()
-    # entr's per-element log is ~3x slower than this on 100k ids (one exp pass, a dot).
-    top = raw.max()
-    shifted = (raw - top).clamp_(min=-1e4)  # -inf weighs 0 without 0 * inf in the dot
-    w = shifted.exp()
-    total = w.sum()
-    return total.log() - torch.dot(w, shifted) / total
-
-
-@dataclass
-class Draw:
-    token_id: int
-    #: Log-probability under the final sampling distribution; None when not asked for.
-    logprob: float | None
-    #: Entropy (nats) of the raw row; None when not asked for.
-    entropy: float | None
+    return int(torch.searchsorted(cum, x.view(1), right=True)[0])
 
 
 class Sampler:
@@ -167,6 +190,10 @@ class Sampler:
             self.generator.manual_seed(settings.seed)
         else:
             self.generator.seed()
+        # The candidate path draws its uniform on the host: the same generator on CPU, a host twin elsewhere.
+        self._host_generator = self.generator
+        if self.device.type != "cpu":
+            self._host_generator = torch.Generator().manual_seed(self.generator.initial_seed())
         self.extend(history)
 
     def extend(self, ids: list[int]) -> None:
@@ -193,18 +220,20 @@ class Sampler:
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """Penalties (repetition, no-repeat n-gram) on a [V] row; returns fp32 scores (never the input
-        tensor modified: a changed row is a copy)."""
+        tensor modified: a changed row is a copy, one per call)."""
         scores = logits.float()
+        copied = False
         if self.s.repetition_penalty != 1.0:
             seen = self._seen_ids()
             if seen.numel():
                 got = scores[seen]
                 pen = self.s.repetition_penalty
                 scores = scores.index_put((seen,), torch.where(got > 0, got / pen, got * pen))
+                copied = True
         banned = banned_ngram_tokens(self.history, self.s.no_repeat_ngram, self._ngrams)
         if banned:
             idx = torch.tensor(sorted(banned)).to(scores.device, non_blocking=True)
-            scores = scores.index_fill(-1, idx, _NEG)
+            scores = scores.index_fill_(-1, idx, _NEG) if copied else scores.index_fill(-1, idx, _NEG)
         return scores
 
     def final_scores(self, logits: torch.Tensor) -> torch.Tensor:
@@ -213,35 +242,19 @@ class Sampler:
         scores = self.process(logits)
         return scores if self.s.temperature == 0 else filter_dense(scores, self.s)
 
-    def draw(self, logits: torch.Tensor, logprob: bool = True, entropy: bool = True) -> Draw:
-        """Choose the next token from a [V] row; with it its logprob and the raw row's entropy, each
-        computed only when asked for (a full pass over the vocabulary apiece)."""
-        raw = logits.float()
-        ent = _entropy(raw) if entropy else None
-        scores = self.process(raw)
+    def draw(self, logits: torch.Tensor) -> int:
+        """Choose the next token id from a [V] row (one host round trip). Its log-probability, the row's
+        entropy and the alternatives, when asked for, are engine/token_detail.py's."""
+        scores = self.process(logits)
         if self.s.temperature == 0:
-            tok = scores.argmax()
-            return self._sync(tok, scores[tok] - scores.logsumexp(0) if logprob else None, ent)
+            return int(scores.argmax())
         cand = filter_candidates(scores, self.s)
         if cand is not None:
             ids, z, exact = cand
-            i, lp = _pick(z, self.generator)
-            d = self._sync(ids[i], lp if logprob else None, ent, exact)
-            if d is not None:
-                return d
-        tok, lp = _pick(filter_dense(scores, self.s), self.generator)
-        return self._sync(tok, lp if logprob else None, ent)
-
-    @staticmethod
-    def _sync(tok: torch.Tensor, logprob: torch.Tensor | None, entropy: torch.Tensor | None,
-              ok: torch.Tensor | None = None) -> Draw | None:
-        # The one host round trip of a step: the id (needed to stream text), the figures asked for and, on
-        # the candidate path, whether the candidates were enough (else None: redo on the whole row).
-        parts = [t for t in (tok, logprob, entropy, ok) if t is not None]
-        out = iter(torch.stack([t.double() for t in parts]).tolist())
-        token_id = int(next(out))
-        lp = next(out) if logprob is not None else None
-        ent = next(out) if entropy is not None else None
-        if ok is not None and not next(out):
-            return None
-        return Draw(token_id, lp, ent)
+            if exact:
+                u = float(torch.rand((), generator=self._host_generator, dtype=torch.float64))
+                return int(ids[pick_host(z, u)])
+            scores = filter_dense(scores, self.s)
+        else:
+            scores = scores / self.s.temperature
+        return _pick(scores, self.generator)

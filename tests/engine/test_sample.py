@@ -6,11 +6,14 @@ import torch
 from safetensors.torch import load_file
 
 from chatapp.engine import sample
-from chatapp.contract import SamplingSettings
+from chatapp.contract import SamplingSettings, TokenDetail
+from chatapp.engine.token_detail import token_detail
 from chatapp.engine.sample import Sampler, banned_ngram_tokens, filter_candidates, filter_dense
 
 CARD = SamplingSettings(temperature=0.2, top_k=50, top_p=0.85, repetition_penalty=1.15, no_repeat_ngram=3)
 NEG = float("-inf")
+#: The draw's figures, from token_detail: log-probability under the sampled distribution, raw entropy.
+FINAL = TokenDetail(logprob=True, entropy=True, final=True)
 
 
 def naive_warp(scores: torch.Tensor, s: SamplingSettings) -> torch.Tensor:
@@ -50,7 +53,7 @@ def warp(scores, s):
     ids, z, exact = cand
     if not exact:
         return filter_dense(scores, s)
-    return torch.full_like(scores, NEG).scatter(0, ids, z)
+    return torch.full_like(scores, NEG).scatter(0, torch.from_numpy(ids), torch.from_numpy(z))
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +131,7 @@ def test_the_card_settings_never_sort_the_vocabulary(monkeypatch):
     for s in (CARD, SamplingSettings(temperature=1.0, top_p=0.9, seed=0)):
         sampler = Sampler(s, 100_277, "cpu", torch.randint(0, 100_277, (300,), generator=g).tolist())
         for scale in (5.0, 0.2):  # peaked (candidates) and flat (the fallback buckets)
-            sampler.extend([sampler.draw(torch.randn(100_277, generator=g) * scale).token_id])
+            sampler.extend([sampler.draw(torch.randn(100_277, generator=g) * scale)])
     assert max(sizes, default=0) < 10_000
 
 
@@ -161,7 +164,7 @@ def test_penalties_over_a_growing_history_match_the_dense_rule():
         got = sampler.process(logits)
         assert torch.equal(logits, before)  # the caller's row is never modified
         assert torch.equal(got, naive_penalties(logits, [i for i in fed if 0 <= i < 300], s))
-        assert sampler.draw(logits).token_id == int(naive_penalties(logits, [i for i in fed if 0 <= i < 300], s).argmax())
+        assert sampler.draw(logits) == int(naive_penalties(logits, [i for i in fed if 0 <= i < 300], s).argmax())
         sampler.extend([tok])
         fed.append(tok)
 
@@ -187,29 +190,31 @@ def test_top_k_keeps_ties_and_top_p_min_p():
 def test_greedy_is_argmax_after_penalties():
     logits = torch.tensor([5.0, 4.9, 0.0])
     s = Sampler(SamplingSettings(temperature=0, repetition_penalty=1.1), 3, "cpu", [0])
-    d = s.draw(logits)
-    assert d.token_id == 1
-    assert math.isclose(d.entropy, float(-(logits.softmax(-1) * logits.log_softmax(-1)).sum()), rel_tol=1e-5)
-    assert math.isclose(d.logprob, float(s.process(logits).log_softmax(-1)[1]), rel_tol=1e-5)
+    tok = s.draw(logits)
+    assert tok == 1
+    d = token_detail(logits, tok, FINAL, s)
+    assert math.isclose(d["entropy"], float(-(logits.softmax(-1) * logits.log_softmax(-1)).sum()), rel_tol=1e-5)
+    assert math.isclose(d["logprob"], float(s.process(logits).log_softmax(-1)[1]), rel_tol=1e-5)
 
 
 def test_entropy_ignores_minus_infinity_logits():
     logits = torch.tensor([1.0, NEG, 0.5, NEG])
-    d = Sampler(SamplingSettings(temperature=0), 4, "cpu", []).draw(logits)
+    s = Sampler(SamplingSettings(temperature=0), 4, "cpu", [])
+    d = token_detail(logits, s.draw(logits), FINAL, s)
     p = torch.tensor([1.0, 0.5]).softmax(-1)
-    assert math.isclose(d.entropy, float(-(p * p.log()).sum()), rel_tol=1e-5)
+    assert math.isclose(d["entropy"], float(-(p * p.log()).sum()), rel_tol=1e-5)
 
 
 def test_seeded_sampling_reproduces_and_follows_the_distribution():
     logits = torch.tensor([0.0, 1.0, 2.0, -1.0])
     settings = SamplingSettings(temperature=1.0, seed=123)
-    draws = [Sampler(settings, 4, "cpu", []).draw(logits).token_id for _ in range(3)]
+    draws = [Sampler(settings, 4, "cpu", []).draw(logits) for _ in range(3)]
     assert len(set(draws)) == 1
     s = Sampler(settings, 4, "cpu", [])
-    counts = torch.bincount(torch.tensor([s.draw(logits).token_id for _ in range(2000)]), minlength=4).float()
+    counts = torch.bincount(torch.tensor([s.draw(logits) for _ in range(2000)]), minlength=4).float()
     assert torch.allclose(counts / 2000, logits.softmax(-1), atol=0.04)
-    d = s.draw(logits)
-    assert math.isclose(d.logprob, float(logits.log_softmax(-1)[d.token_id]), rel_tol=1e-5)
+    tok = s.draw(logits)
+    assert math.isclose(token_detail(logits, tok, FINAL, s)["logprob"], float(logits.log_softmax(-1)[tok]), rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("candidates", [sample.CANDIDATES, 3])  # 3: top-p needs more mass -> the exact fallback
@@ -224,18 +229,20 @@ def test_filtered_sampling_follows_the_oracles_distribution(monkeypatch, candida
     # Frequencies on the candidate path; the fallback shares _pick, so it is checked on fewer draws.
     n = 2500 if candidates > 12 else 300
     draws = [s.draw(logits) for _ in range(n)]
-    freq = torch.bincount(torch.tensor([d.token_id for d in draws]), minlength=12).float() / n
+    freq = torch.bincount(torch.tensor(draws), minlength=12).float() / n
     # 4.5 standard errors of a binomial frequency per id; ids the oracle removes are never drawn.
     assert (freq[want == 0] == 0).all()
     assert ((freq - want).abs() <= 4.5 * (want * (1 - want) / n).sqrt() + 1e-3).all()
-    for d in draws[:50]:
-        assert math.isclose(d.logprob, float(want[d.token_id].log()), rel_tol=1e-4, abs_tol=1e-5)
+    # The figure token_detail reports for a drawn id is its log-probability under that distribution.
+    for tok in draws[:50]:
+        lp = token_detail(logits, tok, FINAL, s)["logprob"]
+        assert math.isclose(lp, float(want[tok].log()), rel_tol=1e-4, abs_tol=1e-5)
 
 
 def test_filtered_tokens_are_never_sampled():
     logits = torch.tensor([0.0, 0.1, 0.2, 5.0])
     s = Sampler(SamplingSettings(temperature=2.0, top_k=2, seed=0), 4, "cpu", [])
-    assert {s.draw(logits).token_id for _ in range(300)} <= {2, 3}
+    assert {s.draw(logits) for _ in range(300)} <= {2, 3}
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=1.0),
@@ -245,10 +252,11 @@ def test_invalid_settings_are_rejected(bad):
         SamplingSettings(**bad).validate()
 
 
-@pytest.mark.parametrize("v", [300, 20_000])  # both ways of computing it
+@pytest.mark.parametrize("v", [300, 20_000])
 def test_entropy_matches_the_definition_on_small_and_large_vocabularies(v):
     logits = torch.randn(v, generator=torch.Generator().manual_seed(v)) * 3
     logits[::7] = NEG
     p = logits.softmax(-1)
     want = float(-(p[p > 0] * p[p > 0].log()).sum())
-    assert math.isclose(Sampler(SamplingSettings(temperature=0), v, "cpu", []).draw(logits).entropy, want, rel_tol=1e-5)
+    s = Sampler(SamplingSettings(temperature=0), v, "cpu", [])
+    assert math.isclose(token_detail(logits, s.draw(logits), FINAL, s)["entropy"], want, rel_tol=1e-5)

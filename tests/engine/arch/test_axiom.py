@@ -34,7 +34,7 @@ def test_card_penalties_greedy_ids(axiom):
     logits = model(g["input_ids"], state, last_only=True)[0, -1]
     out = []
     for _ in range(g["greedy_ids_card_penalties"].shape[1]):
-        tok = sampler.draw(logits).token_id
+        tok = sampler.draw(logits)
         out.append(tok)
         sampler.extend([tok])
         logits = model(torch.tensor([[tok]]), state, last_only=True)[0, -1]
