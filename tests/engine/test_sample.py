@@ -260,3 +260,24 @@ def test_entropy_matches_the_definition_on_small_and_large_vocabularies(v):
     want = float(-(p[p > 0] * p[p > 0].log()).sum())
     s = Sampler(SamplingSettings(temperature=0), v, "cpu", [])
     assert math.isclose(token_detail(logits, s.draw(logits), FINAL, s)["entropy"], want, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("v", [100_277, 16_512, 300])
+def test_top_candidates_are_topk_values(v):
+    """The block-maxima search returns torch.topk's values (ids of equal values in any order): rows with
+    winners in the tail past the last whole block, bf16-like ties, banned (-inf) ids."""
+    g = torch.Generator().manual_seed(v)
+    for trial in range(12):
+        x = torch.randn(v, generator=g) * (trial % 4 + 0.2)
+        if trial % 3 == 0:
+            x[-3:] = 50.0
+        if trial % 4 == 1:
+            x = (x * 2).round()
+        if trial % 5 == 2:
+            x[::3] = NEG
+        for c in (66, 256):
+            c = min(c, v)
+            want = torch.topk(x, c).values
+            vals, ids = sample.top_candidates(x, c)
+            assert torch.equal(vals, want) and torch.equal(x[ids], vals)
+            assert len(set(ids.tolist())) == c
