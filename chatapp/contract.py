@@ -298,10 +298,27 @@ class ControlChannel:
         self._lock = threading.Lock()
         self._pending: dict[str, Any] = {}
         self._schedule = {int(k): dict(v) for k, v in (schedule or {}).items()}
+        self._relay: Callable[[dict[str, Any]], None] | None = None
 
     def set(self, values: Mapping[str, Any]) -> None:
         with self._lock:
-            self._pending.update(values)
+            relay = self._relay
+            if relay is None:
+                self._pending.update(values)
+        if relay is not None:
+            relay(dict(values))
+
+    def relay(self, send: Callable[[dict[str, Any]], None] | None
+              ) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
+        """Hand every later `set` to `send` (an engine in another process, whose own channel takes them);
+        returns the schedule and the pending values, which that channel starts with. None ends it."""
+        with self._lock:
+            self._relay = send
+            if send is None:
+                return {}, {}
+            out = ({k: dict(v) for k, v in self._schedule.items()}, dict(self._pending))
+            self._schedule, self._pending = {}, {}
+            return out
 
     def take(self, token_index: int) -> dict[str, Any]:
         """The changes that apply from token `token_index` on (scheduled there, then set since the last

@@ -66,6 +66,14 @@ class FakeTokenizer(Tokenizer):
         self._ids: dict[str, int] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Picklable (an engine in its own process sends its tokenizer to the UI's): the lock stays behind.
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def encode_ordinary(self, text: str) -> list[int]:
         if self.mode == "bytes":
             return list(text.encode("utf-8"))

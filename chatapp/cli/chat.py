@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "then one for the end")
     p.add_argument("--fake", action="store_true",
                    help="open the TUI on a scripted fake engine (no model, no torch): try the interface")
+    p.add_argument("--no-engine-process", dest="engine_process", action="store_false",
+                   help="TUI: run the model in the app's own process (by default it runs in a child process, "
+                        "so drawing the screen never slows generation)")
     g = p.add_argument_group("generation (defaults come from the model's catalog entry)")
     g.add_argument("--temperature", type=float, help="0 = greedy")
     g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
@@ -165,10 +168,12 @@ def run_tui(args) -> int:
     _check_eager(args)
     engine = None
     if args.fake:
+        # In this process: the scripted engine paces itself at 40 tok/s, which no UI slows, and its word
+        # tokenizer hands out ids as it meets words, so a copy in another process would disagree.
         from ..chat.fake import scripted_demo
         engine = scripted_demo()
     options = LoadOptions(device=args.device, dtype=args.dtype, compile=args.compile, eager=args.eager,
-                          quantize=args.quantize)
+                          quantize=args.quantize, engine_process=args.engine_process)
     make_app(engine=engine, model_id=None if args.fake else args.model, system_prompt=args.system,
              load_options=options).run()
     return EXIT_OK

@@ -1,6 +1,7 @@
 """`smollchat serve`: the OpenAI-compatible HTTP server (chatapp/server) on uvicorn."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 from .common import EXIT_OK, EXIT_USAGE, CliError, catalog
@@ -26,6 +27,9 @@ def register(sub) -> None:
     s.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     s.add_argument("--quantize", choices=("none", "int8", "int4"), default=None,
                    help="weight-only quantization of every served model on CPU (default: each catalog entry's)")
+    s.add_argument("--no-engine-process", dest="engine_process", action="store_false", default=argparse.SUPPRESS,
+                   help="run the models in the server's own process (by default each runs in a child process, "
+                        "as in the TUI)")
     s.set_defaults(func=run)
 
 
@@ -65,7 +69,15 @@ def run(args) -> int:
         raise CliError(f"{len(args.serve_models)} --model flags but --max-models {args.max_models}", EXIT_USAGE)
 
     def load(entry):
-        return load_engine(entry, device=args.device, dtype=args.dtype, quantize=args.quantize)
+        options = dict(device=args.device, dtype=args.dtype, quantize=args.quantize)
+        if getattr(args, "engine_process", True):
+            # The same engine process as the TUI's (chat/engine_host.py); in this process where none starts.
+            from ..chat.engine_host import EngineProcessUnavailable, load_engine_process
+            try:
+                return load_engine_process(entry, **options)
+            except EngineProcessUnavailable as e:
+                print(f"smollchat serve: {e}; {entry.id} runs in the server's process", file=sys.stderr)
+        return load_engine(entry, **options)
 
     pool = ModelPool(entries, load, max_loaded=args.max_models)
     for mid in args.serve_models:

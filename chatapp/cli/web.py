@@ -48,6 +48,8 @@ def register(sub) -> None:
     w.add_argument("--system", default=argparse.SUPPRESS, help="system prompt for each tab's new chat")
     w.add_argument("--fake", action="store_true", default=argparse.SUPPRESS,
                    help="each tab on the scripted fake engine (no model, no torch)")
+    w.add_argument("--no-engine-process", dest="engine_process", action="store_false", default=argparse.SUPPRESS,
+                   help="each tab runs its model in the tab's own process (default: in a child process)")
     w.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     w.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     w.add_argument("--public-url", help="the URL browsers use to reach this server (default http://HOST:PORT)")
@@ -65,6 +67,8 @@ def app_command(args) -> str:
         cmd += ["--model", args.model]
     if getattr(args, "system", None):
         cmd += ["--system", args.system]
+    if not getattr(args, "engine_process", True):
+        cmd.append("--no-engine-process")
     return shlex.join(cmd)
 
 

@@ -64,6 +64,9 @@ class Slot:
             self.jobs.put(None)
             self._thread.join()
             self._thread = None
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()  # an engine process ends now
         self.engine = None
 
     def _work(self) -> None:

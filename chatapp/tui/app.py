@@ -149,14 +149,12 @@ class SmollChat(App):
     def _load(self, entry: ModelEntry | Path, quantize: str | None) -> None:
         entry_id = entry.id if isinstance(entry, ModelEntry) else str(entry)
         try:
-            if isinstance(entry, Path):
-                from ..engine.runtime import entry_for_directory
-                entry = entry_for_directory(entry, self.catalog)
+            # A local directory goes to the loader as it is: the engine's side reads its config.
             engine = self.loader(entry, lambda stage: self.post_message(ModelLoading(entry_id, stage)), quantize)
         except Exception as e:  # any load failure is shown as one message; the app keeps running
             self.post_message(ModelLoadFailed(entry_id, error_text(e)))
             return
-        self.post_message(ModelLoaded(engine, entry))
+        self.post_message(ModelLoaded(engine, entry if isinstance(entry, ModelEntry) else engine.entry))
 
     def on_model_loading(self, event: ModelLoading) -> None:
         entry = self.catalog.get(event.entry_id)
@@ -172,6 +170,9 @@ class SmollChat(App):
 
     def use_engine(self, engine: Any, entry: ModelEntry | None = None) -> None:
         """Make `engine` the model the chats talk to; the app reaches it only through the session."""
+        old = self.session.engine if self.session is not None else None
+        if old is not None and old is not engine and hasattr(old, "close"):
+            old.close()  # an engine process: end it now rather than when it is collected
         self.entry = entry or engine.entry
         self.session = Session(engine, entry=self.entry, store=self.store)
         # The entry names the model; the engine knows how it runs (device, dtype, depth, width).

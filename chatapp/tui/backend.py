@@ -2,9 +2,12 @@
 
 - downloader: `chatapp.hub` (is_downloaded, local_dir, download, delete, disk_usage) or
   `chat.fake.FakeDownloader` in tests. Demo checkpoints are the engine's to make, when one loads.
-- loader: `load(entry, progress, quantize) -> engine` (`quantize` None = the catalog entry's default);
-  the real one imports `chatapp.engine.runtime` (and so torch) only when a model is actually loaded,
-  never at start-up, and follows the command line's `LoadOptions`.
+- loader: `load(entry, progress, quantize) -> engine` (`quantize` None = the catalog entry's default;
+  entry a catalog entry or a local model directory, a Path); the real one follows the command line's
+  `LoadOptions`: by default the engine runs in a child process (chat/engine_host.py: the UI then
+  cannot slow it, bench/tui.md) and this process never imports torch; in-process (--no-engine-process,
+  or where no child can start) it imports `chatapp.engine.runtime` (and so torch) only when a model
+  is actually loaded, never at start-up.
 """
 from __future__ import annotations
 
@@ -56,6 +59,8 @@ class LoadOptions:
     """Every fast path off (the reference numerics): no compiled step, no quantization."""
     quantize: str | None = None
     """--quantize: the quantization the models screen starts on (None: each entry's default)."""
+    engine_process: bool = True
+    """The engine in a child process (False: --no-engine-process, in the app's own)."""
 
     def quantize_unavailable(self) -> str | None:
         """Why weight-only quantization cannot be chosen in this run, or None when it can."""
@@ -66,13 +71,23 @@ class LoadOptions:
         return None
 
     def loader(self) -> Loader:
-        """Load a catalog entry with the real engine (imports torch when called)."""
+        """Load a catalog entry (or a local directory) with the real engine, in a child process unless
+        `engine_process` is False or none can start (then here: imports torch when called)."""
         def load(entry, progress: Callable[[str], None], quantize: str | None = None) -> Any:
-            from ..engine.runtime import load_engine
+            options = dict(device=self.device, dtype=self.dtype, compile="off" if self.eager else self.compile,
+                           quantize="none" if self.eager else quantize)
+            if self.engine_process:
+                from ..chat.engine_host import EngineProcessUnavailable, load_engine_process
 
-            return load_engine(entry, device=self.device, dtype=self.dtype, progress=progress,
-                               compile="off" if self.eager else self.compile,
-                               quantize="none" if self.eager else quantize)
+                try:
+                    return load_engine_process(entry, progress=progress, **options)
+                except EngineProcessUnavailable as e:
+                    progress(f"{e}; loading in this process")
+            from ..engine.runtime import entry_for_directory, load_engine
+
+            if isinstance(entry, Path):
+                entry = entry_for_directory(entry)
+            return load_engine(entry, progress=progress, **options)
         return load
 
 
@@ -83,7 +98,8 @@ def error_text(e: BaseException) -> str:
     msg = str(e) or name
     if name == "OfflineError":
         return f"Offline: {msg}"
-    if name in ("HubError", "LoadError", "TokenizerError", "CatalogError", "RuntimeError", "ValueError"):
+    if name in ("HubError", "LoadError", "TokenizerError", "CatalogError", "RuntimeError", "ValueError",
+                "EngineProcessError", "EngineProcessUnavailable"):
         return msg
     return f"{name}: {msg}"
 
