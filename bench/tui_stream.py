@@ -1,12 +1,17 @@
-"""How far the TUI's display lags behind generation: stream 20,000 tokens from the FakeEngine at
-2,000 tok/s (really paced, not instant) through the app and compare, every 10 ms, what the engine
-had produced with what the reply's Markdown widget held.
+"""How far the TUI's display lags behind generation, and how much the UI slows the engine: stream
+20,000 tokens from the FakeEngine at 2,000 tok/s (really paced, not instant) through the app and
+compare, every 10 ms, what the engine had produced with what the reply's Markdown widget held.
 
-    python bench/tui_stream.py [--tokens 20000] [--rate 2000] [--size 120x36] [--json out.json]
+    python bench/tui_stream.py [--tokens 20000] [--rate 2000] [--size 120x36] [--path all] [--json out.json]
 
 Runs the real app (make_app, chat screen, generation worker, MarkdownStream) under Textual's
 headless driver: layout and rendering happen as in a terminal, only the bytes are not written.
-Lag at a sample = now - the moment the engine had produced as much text as the widget shows.
+Lag at a sample = now - the moment the engine had produced as much text as the widget shows (the
+engine's own per-token time stamps; CLOCK_MONOTONIC is one clock for every process).
+
+Paths (`--path`): "alone" iterates the engine with no app (its own rate, the reference); "thread" is
+the engine in the app's process (`--no-engine-process`); "process" the engine in a child process
+(chat/engine_host.py, the default for real models); "process-alone" the child with no app.
 """
 from __future__ import annotations
 
@@ -23,9 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from chatapp.chat.engine_host import Build, EngineHost  # noqa: E402
 from chatapp.chat.fake import FakeDownloader, FakeEngine  # noqa: E402
 from chatapp.chat.store import Store  # noqa: E402
+from chatapp.contract import Done, SamplingSettings  # noqa: E402
 from chatapp.tui.app import make_app  # noqa: E402
+
+PATHS = ("alone", "thread", "process", "process-alone")
 
 
 def reply_text(tokens: int) -> str:
@@ -46,24 +55,51 @@ def reply_text(tokens: int) -> str:
     return "\n\n".join(out)
 
 
-class TimedFake(FakeEngine):
-    """Records (monotonic ns, characters produced so far) for every token it yields."""
+class Timed:
+    """An engine seen through the contract that records (engine time stamp, characters so far) per token."""
 
-    def generate(self, ids, settings=None, controls=None):
+    def __init__(self, engine) -> None:
+        self.engine = engine
         self.timeline: list[tuple[int, int]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, ids, settings=None, controls=None, **kw):
+        self.timeline = []
         chars = 0
-        for event in super().generate(ids, settings, controls):
-            chars += len(getattr(event, "text", ""))
-            self.timeline.append((time.monotonic_ns(), chars))
+        for event in self.engine.generate(ids, settings, controls, **kw):
+            if not isinstance(event, Done):
+                chars += len(event.text)
+                self.timeline.append((event.t_ns, chars))
             yield event
 
 
-async def run(tokens: int, rate: float, size: tuple[int, int]) -> dict:
+def make_engine(path: str, tokens: int, rate: float):
+    kw = dict(instant=False, tokens_per_s=rate, ttft_s=0.0, context_limit=tokens * 3)
+    if path.startswith("process"):
+        return EngineHost(Build(FakeEngine, ([reply_text(tokens)],), kw))
+    return FakeEngine([reply_text(tokens)], **kw)
+
+
+def rate_of(timeline: list[tuple[int, int]]) -> float:
+    return (len(timeline) - 1) / ((timeline[-1][0] - timeline[0][0]) / 1e9)
+
+
+def run_alone(engine, tokens: int) -> dict:
+    """The engine iterated with nothing else running: the rate it reaches on its own."""
+    timed = Timed(engine)
+    ids = engine.tokenizer.encode("go")
+    for _ in timed.generate(ids, SamplingSettings(max_new_tokens=tokens * 3)):
+        pass
+    return {"tokens": len(timed.timeline), "engine_rate_tok_s": round(rate_of(timed.timeline), 1)}
+
+
+async def run_app(engine, tokens: int, size: tuple[int, int]) -> dict:
     home = tempfile.mkdtemp()
     os.environ["SMOLLCHAT_HOME"] = home
-    text = reply_text(tokens)
-    engine = TimedFake([text], instant=False, tokens_per_s=rate, ttft_s=0.0, context_limit=tokens * 3)
-    app = make_app(engine=engine, store=Store(Path(home) / "chats.sqlite3"), downloader=FakeDownloader())
+    timed = Timed(engine)
+    app = make_app(engine=timed, store=Store(Path(home) / "chats.sqlite3"), downloader=FakeDownloader())
     samples: list[tuple[int, int]] = []
     async with app.run_test(size=size):
         screen = app.chat_screen
@@ -94,7 +130,7 @@ async def run(tokens: int, rate: float, size: tuple[int, int]) -> dict:
         timer.stop()
         reply = screen.conv.path()[-1]
         shown = screen.view.view_for(reply.id).body.source
-    timeline = engine.timeline
+    timeline = timed.timeline
     produced_ns = [t for t, _ in timeline]
     produced_chars = [c for _, c in timeline]
     lags = []
@@ -108,7 +144,7 @@ async def run(tokens: int, rate: float, size: tuple[int, int]) -> dict:
     gen_s = (produced_ns[-1] - produced_ns[0]) / 1e9
     lag_values = sorted(v for v, _ in lags)
     return {
-        "tokens": len(timeline), "engine_rate_tok_s": round((len(timeline) - 1) / gen_s, 1),
+        "tokens": len(timeline), "engine_rate_tok_s": round(rate_of(timeline), 1),
         "engine_seconds": round(gen_s, 2), "samples": len(samples),
         "lag_ms": {"median": round(statistics.median(lag_values), 1),
                    "p95": round(lag_values[int(0.95 * (len(lag_values) - 1))], 1),
@@ -120,18 +156,38 @@ async def run(tokens: int, rate: float, size: tuple[int, int]) -> dict:
     }
 
 
+def run(path: str, tokens: int, rate: float, size: tuple[int, int]) -> dict:
+    engine = make_engine(path, tokens, rate)
+    try:
+        out = run_alone(engine, tokens) if path.endswith("alone") else asyncio.run(run_app(engine, tokens, size))
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()
+    return {"path": path, **out}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=20_000)
     p.add_argument("--rate", type=float, default=2_000.0)
     p.add_argument("--size", default="120x36")
+    p.add_argument("--path", choices=(*PATHS, "all"), default="all")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     w, h = (int(v) for v in a.size.split("x"))
-    result = asyncio.run(run(a.tokens, a.rate, (w, h)))
-    print(json.dumps(result, indent=1))
+    results = []
+    for path in PATHS if a.path == "all" else (a.path,):
+        results.append(run(path, a.tokens, a.rate, (w, h)))
+        print(json.dumps(results[-1]), flush=True)
+    own = {r["path"]: r["engine_rate_tok_s"] for r in results}
+    for r in results:
+        ref = own.get("process-alone" if r["path"] == "process" else "alone")
+        if ref and not r["path"].endswith("alone"):
+            print(f"{r['path']}: {r['engine_rate_tok_s']} tok/s = {100 * r['engine_rate_tok_s'] / ref:.1f} % of the "
+                  f"engine alone ({ref}); vs the in-process engine alone: "
+                  f"{100 * r['engine_rate_tok_s'] / own.get('alone', ref):.1f} %; lag {r['lag_ms']}")
     if a.json:
-        a.json.write_text(json.dumps(result, indent=1))
+        a.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -230,7 +230,9 @@ class _Link:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
         try:
             # A new session: the terminal's Ctrl+C or Ctrl+Z goes to the app, which decides about the child.
-            self.proc = subprocess.Popen([sys.executable, "-m", "chatapp.chat.engine_host", str(theirs.fileno())],
+            # Imported by its name (not run as __main__), so what the child pickles names this module.
+            code = f"from chatapp.chat.engine_host import _main; _main({theirs.fileno()})"
+            self.proc = subprocess.Popen([sys.executable, "-c", code],
                                          pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=self.log,
                                          stderr=self.log, env=env, start_new_session=True)
         except OSError as e:
@@ -529,8 +531,8 @@ def _answer(engine: Any, specs: tuple[ControlSpec, ...], what: str, arg: Any) ->
         return False, _wire_error(e)
 
 
-def _main() -> None:
-    fd = int(sys.argv[1])
+def _main(fd: int) -> None:
+    """The child's entry point: serve the engine on the socket `fd` until told to close or the parent goes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends this process (or its socket closing does)
     code = 0
     try:
@@ -541,7 +543,3 @@ def _main() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # no interpreter teardown: nothing is left to save here
-
-
-if __name__ == "__main__":
-    _main()
