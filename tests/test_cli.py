@@ -282,6 +282,7 @@ def test_eager_keeps_the_reference_numerics_so_it_refuses_quantize(capsys):
 
 
 def test_the_tui_loads_models_as_the_command_line_says(monkeypatch):
+    import chatapp.chat.engine_host as engine_host
     import chatapp.engine.runtime as runtime
     import chatapp.tui.app as tui_app
 
@@ -295,10 +296,13 @@ def test_the_tui_loads_models_as_the_command_line_says(monkeypatch):
     assert main(["--device", "cpu", "--dtype", "bfloat16", "--quantize", "int4"]) == 0
     options = made["load_options"]
     assert made["ran"] and (options.device, options.dtype, options.quantize, options.eager) == ("cpu", "bfloat16", "int4", False)
-    calls = []
+    calls, hosted = [], []
     monkeypatch.setattr(runtime, "load_engine", lambda entry, **kw: calls.append(kw))
+    monkeypatch.setattr(engine_host, "load_engine_process", lambda entry, **kw: hosted.append(kw))
     options.loader()("entry", print, "int8")
-    assert calls[-1]["quantize"] == "int8" and calls[-1]["device"] == "cpu" and calls[-1]["compile"] == "auto"
-    assert main(["--eager"]) == 0
+    assert not calls and options.engine_process  # by default the engine runs in its own process
+    assert hosted[-1]["quantize"] == "int8" and hosted[-1]["device"] == "cpu" and hosted[-1]["compile"] == "auto"
+    assert main(["--eager", "--no-engine-process"]) == 0
+    assert not made["load_options"].engine_process
     made["load_options"].loader()("entry", print, None)
-    assert calls[-1]["quantize"] == "none" and calls[-1]["compile"] == "off"  # every fast path off
+    assert calls[-1]["quantize"] == "none" and calls[-1]["compile"] == "off"  # every fast path off, in this process
