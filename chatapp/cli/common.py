@@ -98,5 +98,3 @@ def resolve_entry(model: str):
         return get_entry(model, catalog())
     except CatalogError as e:
         raise CliError(str(e), EXIT_USAGE) from None
-
-

@@ -91,7 +91,6 @@ class LoadOptions:
         return load
 
 
-
 def error_text(e: BaseException) -> str:
     """One clear sentence for a failure: offline and hub errors carry their own message."""
     name = type(e).__name__

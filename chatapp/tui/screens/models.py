@@ -1,8 +1,7 @@
 """The models screen: the catalog (name, architecture, size, context, licence, downloaded or not),
 downloads with a real progress bar (bytes, speed, ETA) that cancel and resume, delete with disk use,
 and loading the selected model (the app loads it in a worker and shows the stages) with a chosen
-weight-only quantization (none/int8/int4; starts on the command line's --quantize, else the entry's
-default; offered only where the run can use it: CPU and not --eager).
+weight-only quantization (widgets/quantize_choice.py).
 
 Downloads run in thread workers that only post `DownloadProgressed`/`DownloadFinished`.
 """
@@ -13,9 +12,9 @@ from typing import Any
 
 from textual import work
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
+from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Label, ProgressBar, Select, Static
+from textual.widgets import DataTable, Footer, ProgressBar, Static
 
 from ..backend import error_text
 from ..figures import human_duration
@@ -23,12 +22,10 @@ from ...units import human_bytes, human_count
 from ...textsafe import plain
 from ..keys import bindings
 from ..messages import DownloadFinished, DownloadProgressed
+from ..widgets.quantize_choice import QuantizeChoice
 from .dialogs import Confirm
 
 COLUMNS = ("Model", "Status", "Architecture", "Params", "Download", "Context", "Licence")
-QUANTIZE = ("none", "int8", "int4")
-QUANTIZE_HELP = {"none": "weights as stored", "int8": "weight-only int8: about half the bf16 bytes",
-                 "int4": "weight-only int4: about a quarter, the largest error"}
 
 
 def short_licence(text: str) -> str:
@@ -49,20 +46,14 @@ class ModelsScreen(Screen):
         """Cancel flags of the downloads in progress, by model id."""
         self.progress: dict[str, Any] = {}
         """Latest progress record of each download in progress."""
-        self.quantize: dict[str, str] = {}
-        """The quantization chosen for a model on this screen, by model id (else its default)."""
 
     def compose(self) -> ComposeResult:
         yield Static("Models", id="models-title")
         yield DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
         with Vertical(id="models-detail"):
             yield Static("", id="models-summary", markup=False)
-            with Horizontal(id="models-quantize-row"):
-                yield Label("Load with")
-                start = self.app.catalog.get(self._start() or "") or next(iter(self.app.catalog.values()), None)
-                yield Select([(q, q) for q in QUANTIZE], allow_blank=False, compact=True, id="models-quantize",
-                             value=self.chosen_quantize(start) if start is not None else "none")
-                yield Static("", id="models-quantize-help", markup=False)
+            start = self.app.catalog.get(self._start() or "") or next(iter(self.app.catalog.values()), None)
+            yield QuantizeChoice(self.app.load_options, start)
             yield ProgressBar(total=100, show_eta=False, id="models-progress")
             yield Static("", id="models-transfer", markup=False)
             yield Static("", id="models-message", markup=False)
@@ -139,59 +130,20 @@ class ModelsScreen(Screen):
         if used:
             lines.append(f"on disk: {human_bytes(used)}")
         self.query_one("#models-summary", Static).update(plain("\n".join(lines)))
-        self._show_quantize(entry)
+        self.query_one(QuantizeChoice).show(entry)
         self._show_progress(entry.id)
 
     # Quantization.
-    def _default_quantize(self, entry) -> str:
-        return self.app.load_options.quantize or entry.quantize
-
-    def chosen_quantize(self, entry) -> str:
-        """What the selected model loads with (none where this run cannot quantize)."""
-        if self.app.load_options.quantize_unavailable():
-            return "none"
-        return self.quantize.get(entry.id, self._default_quantize(entry))
-
-    def _show_quantize(self, entry) -> None:
-        select = self.query_one("#models-quantize", Select)
-        why_not = self.app.load_options.quantize_unavailable()
-        value = self.chosen_quantize(entry)
-        with select.prevent(Select.Changed):
-            select.value = value
-        select.disabled = why_not is not None
-        if why_not:
-            note = f"quantization {why_not}"
-        else:
-            default = " (the default)" if value == self._default_quantize(entry) else ""
-            note = f"{QUANTIZE_HELP[value]}{default} · q changes it"
-        self.query_one("#models-quantize-help", Static).update(note)
-
-    def on_select_changed(self, event: Select.Changed) -> None:
-        entry = self.entry
-        # The list announces its first value when it mounts: only a different value is a choice.
-        if (event.select.id == "models-quantize" and entry is not None and event.value in QUANTIZE
-                and event.value != self.chosen_quantize(entry)):
-            self.quantize[entry.id] = event.value
-            self._show_quantize(entry)
-
     def action_quantize(self) -> None:
         """Cycle the selected model's quantization: none -> int8 -> int4."""
-        entry = self.entry
-        if entry is None:
-            return
-        why_not = self.app.load_options.quantize_unavailable()
-        if why_not:
-            self.say(f"Quantization is {why_not}.")
-            return
-        current = self.chosen_quantize(entry)
-        self.quantize[entry.id] = QUANTIZE[(QUANTIZE.index(current) + 1) % len(QUANTIZE)]
-        self._show_quantize(entry)
+        if self.entry is not None:
+            why_not = self.query_one(QuantizeChoice).cycle(self.entry)
+            if why_not:
+                self.say(why_not)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # Enter picks an option in the open quantization list; it loads only from the table.
-        if action == "load" and self.query_one("#models-quantize", Select).expanded:
-            return False
-        return True
+        return not (action == "load" and self.query_one(QuantizeChoice).expanded)
 
     def _show_progress(self, entry_id: str) -> None:
         bar = self.query_one(ProgressBar)
@@ -219,11 +171,7 @@ class ModelsScreen(Screen):
             self.say(f"{entry.name} is not downloaded yet: press d to download it "
                      f"({human_bytes(entry.source.size_bytes) if entry.source else 'size unknown'}).", error=True)
             return
-        chosen = self.chosen_quantize(entry)
-        # The default stays the command line's or the catalog's (the engine drops the catalog's CPU
-        # default on a GPU); a choice made here is asked for as such.
-        asked = self.app.load_options.quantize if chosen == self._default_quantize(entry) else chosen
-        self.app.load_model(entry, asked)
+        self.app.load_model(entry, self.query_one(QuantizeChoice).asked(entry))
         self.dismiss()
 
     def action_download(self) -> None:
