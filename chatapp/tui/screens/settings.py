@@ -53,13 +53,13 @@ class ChatSettings(ModalScreen[dict | None]):
     ChatSettings VerticalScroll { height: auto; max-height: 30; }
     ChatSettings TextArea { height: 6; }
     ChatSettings TextArea.-inherited { color: $text-muted; }
-    ChatSettings Grid { grid-size: 4; grid-columns: 20 1fr 20 1fr; grid-rows: 1; grid-gutter: 0 1; height: auto; }
+    ChatSettings Grid { grid-size: 4; grid-columns: 20 1fr 20 1fr; grid-rows: 1; grid-gutter: 0 1; height: auto;
+                     margin: 1 0 0 0; }
     ChatSettings Grid Label { color: $text-muted; }
     ChatSettings .switch-row { height: auto; }
     ChatSettings .switch-row Label { padding: 1 1 0 0; }
     ChatSettings Select { width: 1fr; }
     ChatSettings .switch-row Button { margin: 0 0 0 1; }
-    ChatSettings Grid { margin: 1 0 0 0; }
     """
     BINDINGS = bindings("dialog")
 

@@ -114,8 +114,8 @@ class ChatActions(Widget):
         if conv.repairs and conv.id not in self._repairs_told:  # once a run: the rows stay as stored until a save
             self._repairs_told.add(conv.id)
             more = f" (and {len(conv.repairs) - 3} more)" if len(conv.repairs) > 3 else ""
-            self.notify("; ".join(conv.repairs[:3]) + more + ". The repaired chat is shown; it is stored so with "
-                        "your next change.", title="Some of this chat's stored rows were damaged", severity="warning",
+            self.notify("; ".join(conv.repairs[:3]) + more + ". The repaired chat is shown; it is stored that "
+                        "way with your next change.", title="Some of this chat's stored rows were damaged", severity="warning",
                         timeout=20)
         return True
 
