@@ -103,6 +103,8 @@ class DecodeRequest:
         step: what runs one decode token (`infer`'s signature): the model's infer, or the engine's compiled
             step (engine/graphs.py); None is model.infer.
         channel: control changes read between tokens (contract.ControlChannel), this call's own.
+        checkpoint: called with the ids absorbed after the prompt each time `checkpoint_every` more were
+            absorbed (the prompt cache's snapshots inside a reply), while the controls are the call's own.
     """
 
     model: Any
@@ -121,6 +123,8 @@ class DecodeRequest:
     prefill_s: float = 0.0
     step: Callable[..., Forward] | None = None
     channel: ControlChannel | None = None
+    checkpoint: Callable[[list[int]], None] | None = None
+    checkpoint_every: int = 0
 
 
 @dataclass
@@ -211,6 +215,8 @@ def decode_loop(req: DecodeRequest) -> Generator[StepEvent, None, DecodeResult]:
             break
         logits, steps = out.logits[0, -1], out.steps
         fed.append(token)
+        if req.checkpoint is not None and not changes and len(fed) % req.checkpoint_every == 0:
+            req.checkpoint(fed)
     tail = ""
     if reason != "stop_string":
         tail, hit = stops.feed(detok.flush())

@@ -9,8 +9,12 @@ restored from a snapshot that the prompt extends. Snapshots are taken where the 
 later prompt returns to: for states that cannot drop tokens at every prompt end (with the logits, so a
 regenerate skips the whole prompt) and reply end (an edit or a branch switch resumes there); a state
 that can drop tokens is snapshotted only as it is about to lose tokens no snapshot holds (another
-branch or chat). Snapshots live on the state's device within a byte budget, least recently used out
-first. The idea follows mlx-lm's LRUPromptCache (nearest prefix, trimmable or not, LRU by bytes).
+branch or chat). A state that cannot drop tokens is also snapshotted inside a reply, every `every`
+tokens (`inside_reply`), so that a branch at token k of that reply (Session.branch_at) resumes at most
+`every` tokens before k instead of at the prompt's end; those snapshots may hold at most MID_SHARE of
+the budget (the oldest of them go first), so a long reply cannot push out the prompt and reply ends.
+Snapshots live on the state's device within a byte budget, least recently used out first. The idea
+follows mlx-lm's LRUPromptCache (nearest prefix, trimmable or not, LRU by bytes).
 """
 from __future__ import annotations
 
@@ -23,6 +27,10 @@ from .state import StateList
 
 #: Bytes of snapshots kept by default (on the engine's device).
 DEFAULT_BUDGET = 256 * 2**20
+#: Tokens between snapshots inside a reply, for a state that cannot drop tokens (0: none).
+SNAPSHOT_EVERY = 32
+#: The share of the budget that snapshots taken inside replies may hold together.
+MID_SHARE = 0.5
 
 
 @dataclass
@@ -30,6 +38,7 @@ class Snapshot:
     snap: object
     nbytes: int
     first: Forward | None  # the next-token logits at a prompt end; None where the state ran on
+    mid: bool = False  # taken inside a reply (inside_reply)
 
 
 class PromptCache:
@@ -38,9 +47,10 @@ class PromptCache:
     `held` lists the ids the live state absorbed, in order; `key` is what it was computed under.
     """
 
-    def __init__(self, state: StateList, budget: int = DEFAULT_BUDGET) -> None:
+    def __init__(self, state: StateList, budget: int = DEFAULT_BUDGET, every: int = SNAPSHOT_EVERY) -> None:
         self.state = state
         self.budget = budget
+        self.every = every
         self.key: Hashable = None
         self.held: list[int] = []
         self._snaps: OrderedDict[tuple[Hashable, tuple[int, ...]], Snapshot] = OrderedDict()
@@ -106,6 +116,12 @@ class PromptCache:
         if ids and not self.state.can_trim:
             self._save(None)
 
+    def inside_reply(self, ids: list[int]) -> None:
+        """The live state holds `ids` (a prompt and part of its reply) while the reply goes on: keep a
+        snapshot of it. `held` still names the prompt; `absorbed` brings it up to date at the end."""
+        if not self.state.can_trim:
+            self._save(None, tuple(ids), mid=True)
+
     def interrupted(self, ids: list[int]) -> None:
         """A prefill stopped part way: the live state holds the first `state.length` ids of the prompt."""
         self.held = list(ids[:self.state.length])
@@ -144,12 +160,18 @@ class PromptCache:
                 return
         self._save(None)
 
-    def _save(self, first: Forward | None) -> None:
+    def _save(self, first: Forward | None, held: tuple[int, ...] | None = None, mid: bool = False) -> None:
         size = sum(self.state.bytes().used.values())
-        if size > self.budget:
+        cap = self.budget * MID_SHARE if mid else self.budget
+        if size > cap:
             return
-        name = (self.key, tuple(self.held))
-        self._snaps[name] = Snapshot(self.state.snapshot(), size, first)
+        name = (self.key, tuple(self.held) if held is None else held)
+        if mid:
+            # Within their share: the oldest snapshots taken inside replies make room first.
+            mids = [k for k, s in self._snaps.items() if s.mid and k != name]
+            while mids and sum(self._snaps[k].nbytes for k in mids) + size > cap:
+                del self._snaps[mids.pop(0)]
+        self._snaps[name] = Snapshot(self.state.snapshot(), size, first, mid)
         self._snaps.move_to_end(name)
         if self.state.can_trim:
             # A longer snapshot serves every prefix of it: drop the ones it covers.

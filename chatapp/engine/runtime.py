@@ -128,7 +128,7 @@ class Engine:
                                   "(finite but out of range); this checkpoint cannot produce text as it is")
         req = DecodeRequest(self.model, self.state, self.tokenizer, first, list(ids), settings, stop_ids,
                             self.context_limit, controls, cancel, detail, reused, start, time.perf_counter() - start,
-                            step=self.step, channel=channel)
+                            step=self.step, channel=channel, **self._checkpoints(ids))
         try:
             result = yield from decode_loop(req)
         except BaseException:
@@ -140,6 +140,13 @@ class Engine:
         else:
             self.cache.absorbed(result.absorbed)
         yield result.done
+
+    def _checkpoints(self, ids: list[int]) -> dict[str, Any]:
+        """DecodeRequest fields that snapshot a state which cannot drop tokens every `cache.every` tokens
+        of the reply (a branch inside it then resumes near the branch point); none for a trimmable one."""
+        if self.state.can_trim or self.cache.every <= 0:
+            return {}
+        return {"checkpoint": lambda fed: self.cache.inside_reply([*ids, *fed]), "checkpoint_every": self.cache.every}
 
     def state_key(self, controls: Controls) -> tuple:
         """Everything besides the tokens that decides what the state holds (the prompt cache's key)."""

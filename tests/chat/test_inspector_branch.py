@@ -76,3 +76,56 @@ def test_branch_at_refuses_what_makes_no_sense():
         with pytest.raises(ValueError, match=says):
             session.branch_at(conv, *args)
     assert len(conv.children(user.id)) == 1  # nothing was added by a refused branch
+
+
+@pytest.mark.parametrize("entry_id", ["odinnext-tiny", "genesis-tiny"])
+def test_branch_inside_a_long_reply_resumes_from_a_snapshot_taken_inside_it(entry_id):
+    """A state that cannot drop tokens (OdinNext's recurrence; Genesis's recurrence beside its KV) is
+    snapshotted every `every` tokens of a reply: a branch at token k runs only the tokens after the last
+    snapshot at or before k, and continues exactly as a fresh engine that pre-fills the whole prefix."""
+    engine = _engine(entry_id)
+    assert not engine.state.can_trim
+    engine.cache.every = 4
+    session = Session(engine)
+    conv = Conversation(settings={**GREEDY, "max_new_tokens": 16})
+    user = conv.add(None, "user", "Tell me a story")
+    _, done = _run(session.stream(conv, user.id))
+    src = conv.get(conv.current_leaf)
+    assert done.stop_reason == "max_tokens"  # random weights: no end of turn in 16 tokens at this seed
+    k = 9
+    alt = session.token_record(conv, src.id)["alternatives"][k][1][0]
+
+    events, branched = _run(session.branch_at(conv, src.id, k, alt))
+    # Snapshots after 4 and 8 reply tokens: the one at 8 serves, 8 + 2 prompt tokens are left to run.
+    assert branched.reused_tokens == done.prompt_tokens + 8 == conv.get(conv.current_leaf).run["reused_tokens"]
+    assert branched.prompt_tokens == done.prompt_tokens + k + 1
+
+    fresh = _engine(entry_id)
+    settings = SamplingSettings(**{**GREEDY, "max_new_tokens": 16, "seed": conv.get(conv.current_leaf).run["seed"]})
+    fresh_events, fresh_done = _run(fresh.generate(session.last_prompt.ids, settings))
+    assert fresh_done.reused_tokens == 0
+    assert [e.token_id for e in fresh_events] == [e.token_id for e in events]
+
+
+def test_snapshots_inside_replies_keep_to_their_share_of_the_budget():
+    """Snapshots taken inside replies hold at most MID_SHARE of the budget, oldest out first; prompt-end
+    snapshots are not pushed out by them."""
+    import torch
+
+    from chatapp.engine.arch.base import Forward
+    from chatapp.engine.prompt_cache import MID_SHARE, PromptCache
+    from chatapp.engine.state import RecurrentState, StateList
+
+    state = StateList([RecurrentState((1, 4), "cpu")], max_len=64)  # 16 bytes per snapshot
+    cache = PromptCache(state, budget=80, every=2)
+    cache.begin("k", [1, 2])
+    state.advance(2)
+    cache.prompt_done([1, 2], Forward(torch.zeros(2)))
+    for n in range(1, 6):
+        state.advance(1)
+        cache.inside_reply([1, 2, *range(10, 10 + n)])
+    assert cache.nbytes <= cache.budget and sum(16 for s in cache._snaps.values() if s.mid) <= 80 * MID_SHARE
+    assert cache.begin("k", [1, 2])[0] == 2  # the prompt end is still there
+    # The newest ones stayed: a prompt extending the 5th reply token resumes there; the 1st is gone.
+    assert cache.begin("k", [1, 2, 10, 11, 12, 13, 14, 99])[0] == 7
+    assert cache.begin("k", [1, 2, 10, 99])[0] == 2
