@@ -393,14 +393,17 @@ class Session:
         resolved = resolve_controls(self.engine.controls, self.entry.controls, call=controls)
         return self.engine.generate(ids, settings, resolved, cancel=cancel, detail=detail)
 
-    def branch_at(self, conv: Conversation, message_id: str, index: int, token_id: int,
+    def branch_at(self, conv: Conversation, message_id: str, index: int, token_id: int | Sequence[int] | None,
                   channel: ControlChannel | None = None) -> Iterator[StepEvent | Done]:
         """A new sibling of the reply `message_id` that keeps its tokens before `index`, puts `token_id`
-        there (an alternative the inspector shows, or any id) and continues from it; streams like `stream`.
+        there (an alternative the inspector shows, or any id; a sequence of ids: a typed replacement;
+        None: nothing, so the model draws token `index` anew, e.g. under the other compute controls the
+        chat now has) and continues from it; streams like `stream`.
 
         The engine's prompt cache skips what it holds of that prefix (a KV cache is trimmed to it; a
-        recurrent state resumes from the prompt's end): Done.reused_tokens and the run card say how much.
-        The run card's "branched_from" names the source reply, the index and the chosen and replaced ids.
+        recurrent state resumes from its nearest snapshot: the prompt's end or one taken inside the reply):
+        Done.reused_tokens and the run card say how much. The run card's "branched_from" names the source
+        reply, the index and the chosen (a list for a typed replacement) and replaced ids.
         """
         src = conv.get(message_id)
         tok = self.tokenizer
@@ -408,25 +411,31 @@ class Session:
             raise ValueError("branch at a token works on a generated reply with its token ids")
         if not 0 <= index < len(src.token_ids):
             raise ValueError(f"token {index} is outside this reply's {len(src.token_ids)} tokens (0-based)")
-        if isinstance(token_id, bool) or not isinstance(token_id, int) or not (
-                0 <= token_id < tok.vocab_size or token_id in tok.special_ids):
-            raise ValueError(f"token id {token_id!r} is not in {self.entry.name}'s vocabulary")
-        if token_id in set(tok.stop_ids):
-            raise ValueError("that token ends the reply: there is nothing to continue after it")
-        ids = [*src.token_ids[:index], token_id]
+        chosen = [] if token_id is None else [token_id] if isinstance(token_id, int) else list(token_id)
+        if token_id is not None and not chosen:
+            raise ValueError("the replacement is empty: type some text, or pick an alternative")
+        for t in chosen:
+            if isinstance(t, bool) or not isinstance(t, int) or not (0 <= t < tok.vocab_size or t in tok.special_ids):
+                raise ValueError(f"token id {t!r} is not in {self.entry.name}'s vocabulary")
+            if t in set(tok.stop_ids):
+                raise ValueError("that token ends the reply: there is nothing to continue after it")
+        ids = [*src.token_ids[:index], *chosen]
         text = tok.decode([i for i in ids if i not in tok.special_ids])
-        before = tok.decode([i for i in ids[:-1] if i not in tok.special_ids])
+        before = tok.decode([i for i in ids[:index] if i not in tok.special_ids])
         new = conv.add(src.parent_id, "assistant", text, status="stopped", token_ids=ids)
-        branch: dict[str, Any] = {"branched_from": {"message": src.id, "token": index, "chosen": token_id,
+        picked: Any = chosen[0] if isinstance(token_id, int) else (chosen or None)
+        branch: dict[str, Any] = {"branched_from": {"message": src.id, "token": index, "chosen": picked,
                                                     "replaced": src.token_ids[index], "prefix_tokens": len(ids)},
                                   "tokens": {"logprob": [None] * len(ids), "entropy": [None] * len(ids)}}
         record = self.token_record(conv, src.id)
         if record is not None and len(record["ids"]) == len(src.token_ids):
-            record = token_record.branch(record, index, token_id, text[len(before):] if text.startswith(before) else "")
+            record = token_record.branch(record, index, chosen, text[len(before):] if text.startswith(before) else "")
             self._remember(new.id, record)
             branch["tokens"] = {"logprob": list(record["logprob"]), "entropy": list(record["entropy"])}
-        if src.run.get("steps") and len(src.run["steps"]) == len(src.token_ids):
-            branch["steps"] = [*src.run["steps"][:index], src.run["steps"][index]]
+        steps = src.run.get("steps")
+        if steps and len(steps) == len(src.token_ids) and len(chosen) <= 1:
+            # The forward that gave token `index` its distribution ran for the chosen token too.
+            branch["steps"] = list(steps[:index + len(chosen)])
         return self.stream(conv, src.parent_id, continue_from=new.id, channel=channel, _branch=branch)
 
     def regenerate(self, conv: Conversation, message_id: str) -> Iterator[StepEvent | Done]:

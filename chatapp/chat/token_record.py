@@ -35,16 +35,18 @@ def add(record: dict[str, Any], ev: StepEvent) -> None:
     record["steps"].append(ev.steps)
 
 
-def branch(record: dict[str, Any], index: int, token_id: int, text: str) -> dict[str, Any]:
-    """The record of a reply branched at token `index` with `token_id` put there: the tokens before it,
-    then the chosen one under the same distribution (its log-probability if it was an alternative)."""
+def branch(record: dict[str, Any], index: int, chosen: list[int], text: str) -> dict[str, Any]:
+    """The record of a reply branched at token `index` with the ids `chosen` put there (spelling `text`):
+    the tokens before it, then the first chosen one under the same distribution (its log-probability if it
+    was an alternative), then any further typed ones with no figures (no forward chose them)."""
     out = {"distribution": record["distribution"], **{c: list(record[c][:index]) for c in COLUMNS}}
-    alts = record["alternatives"][index]
-    out["ids"].append(token_id)
-    out["text"].append(text)
-    out["logprob"].append(next((lp for i, lp in alts or () if i == token_id), None))
-    for c in ("entropy", "alternatives", "steps"):
-        out[c].append(record[c][index])
+    for n, token_id in enumerate(chosen):
+        alts = record["alternatives"][index] if n == 0 else None
+        out["ids"].append(token_id)
+        out["text"].append(text if n == len(chosen) - 1 else "")
+        out["logprob"].append(next((lp for i, lp in alts or () if i == token_id), None))
+        for c in ("entropy", "alternatives", "steps"):
+            out[c].append(record[c][index] if n == 0 else None)
     return out
 
 

@@ -129,3 +129,40 @@ def test_snapshots_inside_replies_keep_to_their_share_of_the_budget():
     # The newest ones stayed: a prompt extending the 5th reply token resumes there; the 1st is gone.
     assert cache.begin("k", [1, 2, 10, 11, 12, 13, 14, 99])[0] == 7
     assert cache.begin("k", [1, 2, 10, 99])[0] == 2
+
+
+def test_branch_with_a_typed_replacement_or_with_other_compute():
+    """A typed replacement (several ids) goes in at token k; with no token the model draws token k anew
+    under the chat's controls now (Huginn's depth here); both keep the tokens before k and continue as a
+    fresh engine does on the same ids."""
+    engine = load_engine(get_entry("huginn-tiny"), device="cpu", dtype="float32", compile="off")
+    session = Session(engine)
+    conv = Conversation(settings=GREEDY, controls={"num_steps": 4})
+    user = conv.add(None, "user", "Tell me a story")
+    _run(session.stream(conv, user.id))
+    src = conv.get(conv.current_leaf)
+    k = 2
+    typed = engine.tokenizer.encode(" yes", allow_special=False)
+    assert len(typed) > 1  # a byte-level demo tokenizer: one id per byte
+    events, _ = _run(session.branch_at(conv, src.id, k, typed))
+    new = conv.get(conv.current_leaf)
+    assert new.token_ids[:k + len(typed)] == [*src.token_ids[:k], *typed]
+    assert new.run["branched_from"]["chosen"] == typed and new.run["branched_from"]["prefix_tokens"] == k + len(typed)
+    record = session.token_record(conv, new.id)
+    # The typed ids carry their text on the last of them (as a stream shows a character split over bytes).
+    assert record["ids"] == new.token_ids and record["text"][k:k + len(typed)] == [""] * (len(typed) - 1) + [" yes"]
+    assert record["logprob"][k + 1:k + len(typed)] == [None] * (len(typed) - 1)
+    assert replay(session, conv, new).identical
+
+    conv.controls["num_steps"] = 2  # other compute from token k on
+    events, done = _run(session.branch_at(conv, src.id, k, None))
+    rerun = conv.get(conv.current_leaf)
+    assert rerun.token_ids[:k] == src.token_ids[:k] and rerun.run["controls"]["num_steps"] == 2
+    assert rerun.run["branched_from"]["chosen"] is None and rerun.run["branched_from"]["prefix_tokens"] == k
+    assert done.reused_tokens == 0  # the depth is part of what the state holds: nothing cached under 2 steps
+    fresh = load_engine(get_entry("huginn-tiny"), device="cpu", dtype="float32", compile="off")
+    settings = SamplingSettings(**{**GREEDY, "seed": rerun.run["seed"]})
+    want = [e.token_id for e in list(fresh.generate(session.last_prompt.ids, settings, {"num_steps": 2}))[:-1]]
+    assert want == [e.token_id for e in events]
+    with pytest.raises(ValueError, match="replacement is empty"):
+        session.branch_at(conv, src.id, k, [])
