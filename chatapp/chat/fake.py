@@ -143,6 +143,8 @@ class FakeEngine:
         steps: per-token steps: None, an int, a sequence (cycled) or callable(index, controls) -> int;
             with controls and no `steps`, each token uses the `num_steps` control.
         error_after: raise RuntimeError(error_message) after this many tokens (error paths).
+        logprobs: per-token log-probabilities of the chosen tokens (cycled; the end-of-turn token keeps
+            its own), for the token inspector's colours; by default a gentle pattern.
     """
 
     def __init__(self, replies: Sequence[str] | Callable[[str], str] = (DEFAULT_REPLY,),
@@ -152,7 +154,8 @@ class FakeEngine:
                  can_trim: bool | None = None, controls: tuple[ControlSpec, ...] = (), steps: Any = None, error_after: int | None = None,
                  error_message: str = "scripted engine failure", device: str = "cpu",
                  n_layers: int | None = None, hidden_size: int | None = None, params: int | None = None,
-                 entry: ModelEntry | None = None, quantize: str = "none") -> None:
+                 entry: ModelEntry | None = None, quantize: str = "none",
+                 logprobs: Sequence[float] | None = None) -> None:
         if callable(replies):
             self._reply: Callable[[str], str] | None = replies
             self._replies: list[str] = []
@@ -176,6 +179,7 @@ class FakeEngine:
         self.steps = steps
         self.error_after = error_after
         self.error_message = error_message
+        self.logprobs = list(logprobs) if logprobs else None
         self.device = device
         self.dtype = "float32"
         self.quantize = quantize
@@ -257,7 +261,8 @@ class FakeEngine:
                 reason = "stop_string"
                 break
             shown += len(text)
-            yield _event(tok, text, t_ns, -0.5 - (i % 7) * 0.1, 1.0 + (i % 5) * 0.25, steps, want, changed)
+            lp = self.logprobs[i % len(self.logprobs)] if self.logprobs else -0.5 - (i % 7) * 0.1
+            yield _event(tok, text, t_ns, lp, 1.0 + (i % 5) * 0.25, steps, want, changed)
             if new >= settings.max_new_tokens:
                 break
             if prompt + new >= self.context_limit:

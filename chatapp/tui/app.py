@@ -8,6 +8,7 @@ when a model is actually loaded.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -19,11 +20,13 @@ from .. import locations
 from ..textsafe import displayable
 from ..catalog import CatalogError, ModelEntry, load_catalog
 from ..chat.session import Session
+from ..contract import INSPECT_DETAIL
 from ..chat.store import Store, StoreError
 from .backend import Loader, LoadOptions, default_downloader, error_text
 from .keys import KEYS, KeymapError, bindings, keys_for, load_keymap
 from .messages import ModelLoaded, ModelLoadFailed, ModelLoading
 from .screens.chat import ChatScreen
+from .widgets.inspector_actions import recorded_final
 from .screens.help import HelpScreen
 from .screens.models import ModelsScreen
 from .themes import DEFAULT_THEME, VARIABLE_DEFAULTS, load_themes, shipped_theme_dir
@@ -175,6 +178,7 @@ class SmollChat(App):
             old.close()  # an engine process: end it now rather than when it is collected
         self.entry = entry or engine.entry
         self.session = Session(engine, entry=self.entry, store=self.store)
+        self.session.inspect = replace(INSPECT_DETAIL, final=recorded_final(self.store))  # the inspector's setting
         # The entry names the model; the engine knows how it runs (device, dtype, depth, width).
         entry = self.entry
         self.info = {"params": entry.params, **self.session.info(), "name": entry.name,
@@ -196,6 +200,8 @@ class SmollChat(App):
         if isinstance(screen, ChatScreen):
             targets.update(chat=screen, composer=screen.composer, messages=screen.view,
                            chats=screen.query_one("#chat-options"))
+            if screen.inspector.current is not None:
+                targets["inspector"] = screen.inspector.current
         elif isinstance(screen, ModelsScreen):
             targets["models"] = screen
         # Textual lists its own palette, quit and theme commands; one entry per description besides

@@ -1,7 +1,8 @@
 """Themes as data: `themes/*.toml` (shipped) plus `<config dir>/themes/*.toml` (the user's).
 
 Each file is one Textual `Theme` record: `name`, `primary`, the optional colour roles, `dark`, and a
-`[variables]` table for our own CSS variables (the memory panel's series colours). A broken user
+`[variables]` table for our own CSS variables (the memory panel's series colours, the token
+inspector's levels). A broken user
 theme is reported and skipped; it never stops the app.
 """
 from __future__ import annotations
@@ -21,7 +22,9 @@ else:  # pragma: no cover
 DEFAULT_THEME = "smoll-dark"
 
 #: Our CSS variables and their values under themes that do not set them (Textual's built-ins).
-VARIABLE_DEFAULTS = {"mem-state": "#f2b134", "mem-kv": "#5fa8d3", "mem-ghost": "#777777"}
+VARIABLE_DEFAULTS = {"mem-state": "#f2b134", "mem-kv": "#5fa8d3", "mem-ghost": "#777777",
+                     # The token inspector's levels, sure to unsure (a dark background's inks).
+                     "tok-0": "#6cc57c", "tok-1": "#b5cf62", "tok-2": "#f2b134", "tok-3": "#f0894a", "tok-4": "#ff7b8a"}
 
 _FIELDS = {f.name for f in fields(Theme)}
 _COLOURS = ("primary", "secondary", "warning", "error", "success", "accent", "foreground", "background",

@@ -2,15 +2,19 @@
 
 The check reads the screen as the terminal gets it (the compositor's strips: each run of text with
 its final foreground and background, after CSS, component classes, auto colours and transparency),
-so it covers every widget's colours as drawn, including Textual's own widgets as styled here. Box
+so it covers every widget's colours as drawn, including Textual's own widgets as styled here, and the
+token inspector's five level inks (each theme's tok-0 .. tok-4) with its cursor and panel. Box
 and block glyphs (borders, bars, sparklines: U+2500-U+259F) are graphics, not text, and are left out.
 """
 from __future__ import annotations
+
+import math
 
 import pytest
 from textual.color import Color
 
 from chatapp.chat.fake import HUGINN_LIKE_CONTROLS
+from chatapp.tui import tokens as tk
 from chatapp.tui.themes import load_themes, shipped_theme_dir
 
 from .conftest import SIZE, ghost_fake, send, wait_until
@@ -58,11 +62,18 @@ def low_contrast(app, where: str) -> list[str]:
     return bad
 
 
+def reply_record(screen):
+    return screen.inspector.current.record
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("theme", THEMES)
 async def test_every_drawn_text_meets_wcag_aa(build, store, theme):
     store.save(branched_chat())
-    engine = ghost_fake(["a b c d"], controls=HUGINN_LIKE_CONTROLS, steps=[5, 9, 32], context_limit=60)
+    # Chosen-token probabilities that give the token inspector every colour level, sure to unsure.
+    probs = [math.log(p) for p in (0.99, 0.7, 0.4, 0.2, 0.05)]
+    engine = ghost_fake(["a b c d e"], controls=HUGINN_LIKE_CONTROLS, steps=[5, 9, 32], context_limit=60,
+                        logprobs=probs)
     app = build(engine)
     bad: list[str] = []
     async with app.run_test(size=SIZE) as pilot:
@@ -81,6 +92,20 @@ async def test_every_drawn_text_meets_wcag_aa(build, store, theme):
         screen.query_one("#control-num_steps").focus()  # a focused compact field (its tint)
         await pilot.pause()
         bad += low_contrast(app, "compute field")
+        # The token inspector on the reply: every level's ink, the cursor, the panel; then by steps.
+        reply = next(m for m in reversed(screen.conv.path()) if m.role == "assistant")
+        screen.view.focus()
+        screen.view.select(reply.id)
+        await pilot.press("t")
+        await wait_until(pilot, lambda: screen.inspector.current is not None, what="the inspector")
+        levels = {tk.group_level(reply_record(screen), g, "prob", 32) for g in screen.inspector.current.groups}
+        assert levels == set(range(tk.LEVELS))
+        bad += low_contrast(app, "inspector")
+        await pilot.press("n", "c", "c")
+        await pilot.pause()
+        bad += low_contrast(app, "inspector by steps")
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: screen.inspector.current is None, what="the inspector closed")
         for key, name, where in (("ctrl+s", "ChatSettings", "settings"), ("f1", "HelpScreen", "help"),
                                  ("f8", "Confirm", "confirm"), ("ctrl+o", "ModelsScreen", "models")):
             await pilot.press(key)

@@ -3,19 +3,20 @@
 It composes widgets that own their state and routes their messages: the message list (the one
 selection), the live reply (the generation worker), the branch navigator, the chat actions (the open
 chat and its tree) and the chat library (rename, delete, export, import, settings). Below a width
-the side panels collapse so the conversation keeps a readable measure.
+the side panels collapse so the conversation keeps a readable measure (chat_layout.py). The token
+inspector (t on a reply) opens in the message list, its panel under it (widgets/inspector*.py).
 """
 from __future__ import annotations
 
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.events import Resize
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
 from ...textsafe import plain
 from ..keys import bindings
+from .chat_layout import PanelLayout
 from ..widgets.branches import BranchNavigator
 from ..widgets.chat_actions import ChatActions
 from ..widgets.chat_library import ChatLibrary
@@ -23,33 +24,29 @@ from ..widgets.chat_list import ChatList
 from ..widgets.composer import Composer
 from ..widgets.compute import BUDGET_CONTROL, ComputePanel
 from ..widgets.conversation import ConversationView
+from ..widgets.inspector import InspectorPanel, TokenInspector
+from ..widgets.inspector_actions import InspectorActions
 from ..widgets.live import LiveReply
 from ..widgets.memory import MemoryPanel
 from ..widgets.model_info import ModelInfo
 
-#: Widths of the chat list and the side panels, and the narrowest the conversation may get:
-#: below list + side + MIN_CHAT columns only one panel shows, below panel + MIN_CHAT none.
-LIST_W, SIDE_W, MIN_CHAT = 28, 38, 42
 
 
-class ChatScreen(Screen):
+class ChatScreen(PanelLayout, Screen):
     CSS_PATH = "chat.tcss"
     BINDINGS = bindings("chat")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._want = {"chats": True, "side": True}
-        self._last_toggled = "chats"
 
     def compose(self) -> ComposeResult:
         view = ConversationView(id="conversation")
         live = LiveReply(view, id="live")
         actions = ChatActions(view, live, id="actions")
+        panel = InspectorPanel(id="inspector-panel")
         with Horizontal(id="body"):
             yield ChatList(self.app.store.list_chats, clock=self.app.clock, id="chat-list")
             with Vertical(id="main"):
                 yield Static("", id="chat-header")
                 yield view
+                yield panel
                 yield BranchNavigator(id="branches")
                 yield Composer(self.app.store.recent_prompts(), id="composer",
                                placeholder="Message (Enter sends, Shift+Enter new line)")
@@ -59,6 +56,7 @@ class ChatScreen(Screen):
                 yield ComputePanel(id="compute")
         yield live
         yield actions
+        yield InspectorActions(actions, panel, id="inspector-actions")
         yield ChatLibrary(actions, id="library")
         yield Footer()
 
@@ -74,6 +72,10 @@ class ChatScreen(Screen):
     @property
     def actions(self) -> ChatActions:
         return self.query_one(ChatActions)
+
+    @property
+    def inspector(self) -> InspectorActions:
+        return self.query_one(InspectorActions)
 
     @property
     def live(self) -> LiveReply:
@@ -96,33 +98,6 @@ class ChatScreen(Screen):
             await self.actions.new_chat(self.app.initial_system)
         self.model_changed()
         self.composer.focus()
-
-    # Layout.
-    def on_resize(self, event: Resize) -> None:
-        self._layout()
-
-    def _layout(self) -> None:
-        width = self.size.width
-        show = dict(self._want)
-        if show["chats"] and show["side"] and width - LIST_W - SIDE_W < MIN_CHAT:
-            show["side" if self._last_toggled == "chats" else "chats"] = False  # room for one: the last asked
-        show["side"] = show["side"] and width - SIDE_W >= MIN_CHAT
-        show["chats"] = show["chats"] and width - LIST_W >= MIN_CHAT
-        self.query_one(ChatList).display = show["chats"]
-        self.query_one("#side").display = show["side"]
-
-    def _toggle(self, name: str, widget) -> None:
-        self._want[name] = not widget.display
-        self._last_toggled = name
-        self._layout()
-        if self._want[name] and not widget.display:
-            self.notify("The terminal is too narrow for this panel beside the chat.", severity="warning")
-
-    def action_toggle_chats(self) -> None:
-        self._toggle("chats", self.query_one(ChatList))
-
-    def action_toggle_panels(self) -> None:
-        self._toggle("side", self.query_one("#side"))
 
     # Model state (the app calls these when a model loads).
     def model_changed(self) -> None:
@@ -206,6 +181,9 @@ class ChatScreen(Screen):
             navigator.follow(self.conv, event.message_id)
             if self.actions.busy() or navigator.switch(event.delta):
                 return
+        if event.action == "inspect":
+            await self.inspector.toggle(event.message_id)
+            return
         await self.actions.act(event.action, event.message_id, event.delta)
 
     async def on_branch_navigator_switched(self, event: BranchNavigator.Switched) -> None:
@@ -252,9 +230,14 @@ class ChatScreen(Screen):
         self.query_one(ChatLibrary).delete(event.chat_id, event.title)
 
     # Keys of the screen.
-    def action_stop(self) -> None:
-        """Esc: stop the reply at once (the partial text stays, marked stopped), else back to the composer."""
-        if not self.live.stop() and self.focused is not self.composer:
+    async def action_stop(self) -> None:
+        """Esc: stop the reply at once (the partial text stays, marked stopped), else close the token
+        inspector, else back to the composer."""
+        if self.live.stop():
+            return
+        if isinstance(self.focused, TokenInspector):
+            await self.inspector.close()
+        elif self.focused is not self.composer:
             self.composer.focus()
 
     def action_focus_messages(self) -> None:

@@ -180,3 +180,6 @@ class ConversationView(VerticalScroll, can_focus=True):
 
     def action_copy(self) -> None:
         self.request("copy")
+
+    def action_inspect(self) -> None:
+        self.request("inspect")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from textual import work
 from textual.message import Message
@@ -105,9 +105,10 @@ class LiveReply(Widget):
         return self.streaming is not None
 
     def start(self, session: Any, conv: Any, parent_id: str, continue_from: str | None = None,
-              select: bool | None = None) -> None:
+              select: bool | None = None, events: Iterator[Any] | None = None) -> None:
         """Generate a reply under `parent_id` (or extend `continue_from`) in the generation worker;
-        `select`: the new reply takes the selection (True), or the list decides (None)."""
+        `select`: the new reply takes the selection (True), or the list decides (None). `events`: a
+        session stream made already (Session.branch_at, which adds its reply at once), run in its place."""
         self.streaming = continue_from or ""
         self._select = select
         self.conv_id, self._reply_parent, self._reply_session = conv.id, parent_id, session
@@ -115,7 +116,7 @@ class LiveReply(Widget):
         self._load_mark = (time.monotonic(), time.thread_time())
         self._switch_s = sys.getswitchinterval()
         sys.setswitchinterval(min(self._switch_s, STREAMING_SWITCH_S))
-        self._worker = self._generate(session, conv, parent_id, continue_from)
+        self._worker = self._generate(session, conv, parent_id, continue_from, events)
         self.post_message(self.Started(conv.id))
 
     def stop(self) -> bool:
@@ -127,9 +128,11 @@ class LiveReply(Widget):
         return True
 
     @work(thread=True, exclusive=True, group="generate")
-    def _generate(self, session: Any, conv: Any, parent_id: str, continue_from: str | None) -> None:
+    def _generate(self, session: Any, conv: Any, parent_id: str, continue_from: str | None,
+                  events: Iterator[Any] | None) -> None:
         worker = get_current_worker()
-        events = session.stream(conv, parent_id, continue_from=continue_from)
+        if events is None:
+            events = session.stream(conv, parent_id, continue_from=continue_from)
         pump(events, conv_id=conv.id, message_id=lambda: continue_from or conv.current_leaf,
              post=self.post_message, is_cancelled=lambda: worker.is_cancelled, cancel=session.cancel,
              memory=session.memory)

@@ -12,6 +12,7 @@ from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.message import Message
+from textual.widget import Widget
 from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
@@ -92,6 +93,17 @@ class MessageView(Vertical):
     @property
     def body(self) -> Markdown:
         return self.query_one(Markdown)
+
+    async def open_inspector(self, inspector: Widget) -> None:
+        """Show the reply token by token (widgets/inspector.py) in place of its Markdown body."""
+        await self.close_inspector()
+        self.body.display = False
+        await self.mount(inspector, after=self.body)
+
+    async def close_inspector(self) -> None:
+        for old in self.query("TokenInspector"):
+            await old.remove()
+        self.body.display = True
 
     def _header(self) -> object:
         m = self.message

@@ -1,0 +1,195 @@
+"""The token inspector (issue 15): grouping and colour levels (tui/tokens.py) against hand-made records,
+and the keys on the FakeEngine: toggle, cursor, next low-confidence token, colour measure, branch at a
+token with an alternative, typed text or other compute, the distribution setting, a reply without a record."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from chatapp.chat.conversation import Conversation
+from chatapp.chat.fake import HUGINN_LIKE_CONTROLS, FakeEngine, FakeTokenizer
+from chatapp.tui import tokens as tk
+from chatapp.tui.widgets.inspector import InspectorPanel, TokenInspector
+from chatapp.tui.widgets.inspector_actions import NO_RECORD
+
+from .conftest import SIZE, send, wait_until
+
+#: Chosen-token probabilities 0.99, 0.82, 0.22, 0.95, 0.05: levels 0, 1, 3, 0, 4 (the fake cycles them).
+LOGPROBS = [math.log(p) for p in (0.99, 0.82, 0.22, 0.95, 0.05)]
+
+
+def _record(ids, texts, logprobs=None, steps=None):
+    n = len(ids)
+    return {"distribution": "raw", "ids": list(ids), "text": list(texts),
+            "logprob": list(logprobs or [-0.1] * n), "entropy": [1.0] * n,
+            "alternatives": [[[i, -0.1], [i + 1, -2.5]] for i in ids], "steps": list(steps or [None] * n)}
+
+
+def test_a_character_split_over_byte_tokens_is_one_group_never_a_broken_glyph():
+    tok = FakeTokenizer("bytes")
+    text = "é✓a"
+    ids = tok.encode(text) + [tok.stop_ids[0]]
+    # What the stream recorded: "" for a byte that does not finish a character, then the character.
+    texts = ["", "é", "", "", "✓", "a", ""]
+    gs = tk.groups(_record(ids, texts), tok)
+    assert [(g.start, g.end, g.text, g.kind) for g in gs] == [
+        (0, 2, "é", "split"), (2, 5, "✓", "split"), (5, 6, "a", "text"), (6, 7, "⏎", "end")]
+    # Without the tokenizer the recorded texts alone give the same cells.
+    assert [(g.start, g.end) for g in tk.groups(_record(ids, texts))][:3] == [(0, 2), (2, 5), (5, 6)]
+    # A reply cut inside a character shows the bytes it has, as hex.
+    cut = tk.groups(_record(ids[:3], ["", "é", ""]), tok)
+    assert cut[-1].kind == "split" and cut[-1].text == "⟨e2⟩"
+    # An alternative that is part of a character: hex, not a replacement sign.
+    assert tk.piece(tok, 0xE2) == "⟨e2⟩" and tk.piece(tok, ord(" ")) == "␣" and "\ufffd" not in tk.piece(tok, 0x80)
+
+
+def test_levels_legend_and_the_next_low_confidence_token():
+    rec = _record(range(5), list("abcde"), LOGPROBS, steps=[4, 32, 8, 16, 31])
+    gs = tk.groups(rec)
+    assert [tk.group_level(rec, g, "prob", 32) for g in gs] == [0, 1, 3, 0, 4]
+    assert tk.find_low(rec, gs, 0, "prob") == 2 and tk.find_low(rec, gs, 2, "prob") == 4
+    assert tk.find_low(rec, gs, 4, "prob") is None and tk.find_low(rec, gs, 4, "prob", -1) == 2
+    assert [tk.token_level(rec, i, "steps", 32) for i in range(5)] == [0, 4, 1, 2, 4]
+    title, labels = tk.legend("prob", 32, "raw")
+    assert title == "probability (raw)" and labels == ["≥90%", "≥60%", "≥30%", "≥10%", "<10%"]
+    assert tk.legend("prob", 0, "final")[0] == "probability (after the sampling settings)"
+    assert tk.legend("steps", 32, "raw")[1][0] == "0-6" and not tk.available(_record([1], ["x"]), "steps")
+
+
+def inspector_engine(**kw):
+    return FakeEngine(["alpha beta gamma delta epsilon zeta"], logprobs=LOGPROBS, **kw)
+
+
+async def open_inspector(pilot):
+    await send(pilot, "go")
+    await pilot.press("alt+up")
+    await pilot.press("t")
+    screen = pilot.app.chat_screen
+    await wait_until(pilot, lambda: screen.inspector.current is not None, what="the inspector")
+    return screen.inspector.current
+
+
+@pytest.mark.asyncio
+async def test_keys_toggle_move_jump_and_change_the_measure(build):
+    app = build(inspector_engine(controls=HUGINN_LIKE_CONTROLS, steps=[4, 32, 8, 16, 31]))
+    async with app.run_test(size=SIZE) as pilot:
+        ins = await open_inspector(pilot)
+        panel = app.chat_screen.query_one(InspectorPanel)
+        assert app.focused is ins and panel.display and ins.cursor == 0
+        assert "probability (raw)" in str(panel.render()) and "token 1/7" in str(panel.render())
+        await pilot.press("right")
+        assert ins.cursor == 1 and "token 2/7" in str(panel.render())
+        await pilot.press("n")  # next token under 0.3: " gamma" (0.22)
+        assert ins.cursor == 2 and "22.0%" in str(panel.render())
+        await pilot.press("n")
+        assert ins.cursor == 4
+        await pilot.press("p")
+        assert ins.cursor == 2
+        await pilot.press("c")
+        assert ins.mode == "entropy" and "entropy (nats)" in str(panel.render())
+        await pilot.press("c")
+        assert ins.mode == "steps" and "steps (of 32)" in str(panel.render()) and "8 steps" in str(panel.render())
+        await pilot.press("c")
+        assert ins.mode == "prob"
+        # The message's Markdown body is hidden while the tokens show; t closes, and Esc too.
+        view = app.chat_screen.view.view_for(ins.message_id)
+        assert not view.body.display
+        await pilot.press("t")
+        await wait_until(pilot, lambda: app.chat_screen.inspector.current is None)
+        assert view.body.display and not panel.display and app.focused is app.chat_screen.view
+        await pilot.press("t")
+        await wait_until(pilot, lambda: app.chat_screen.inspector.current is not None)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.chat_screen.inspector.current is None)
+
+
+@pytest.mark.asyncio
+async def test_branch_at_a_token_with_an_alternative(build):
+    engine = inspector_engine()
+    app = build(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        ins = await open_inspector(pilot)
+        screen = app.chat_screen
+        conv = screen.conv
+        src = conv.get(ins.message_id)
+        await pilot.press("right", "right")
+        assert ins.choice == 1  # the best alternative the model did not take
+        await pilot.press("down")
+        alt = ins.alternatives()[2][0]
+        assert "▸" in str(screen.query_one(InspectorPanel).render())
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: screen.streaming is None and conv.current_leaf != src.id
+                         and conv.get(conv.current_leaf).status != "streaming", what="the branch")
+        new = conv.get(conv.current_leaf)
+        assert new.parent_id == src.parent_id and new.token_ids[:3] == [*src.token_ids[:2], alt]
+        assert new.run["branched_from"] == {"message": src.id, "token": 2, "chosen": alt,
+                                            "replaced": src.token_ids[2], "prefix_tokens": 3}
+        assert engine.calls[-1].ids[-3:] == [*src.token_ids[:2], alt]  # the model continues from the choice
+        assert screen.inspector.current is None and screen.view.selected == new.id
+        stats = str(screen.view.view_for(new.id).query_one(".stats").render())
+        assert f"prefill skipped {new.run['reused_tokens']} tok" in stats and new.run["reused_tokens"] > 0
+
+
+@pytest.mark.asyncio
+async def test_branch_with_typed_text_and_with_other_compute(build):
+    engine = inspector_engine(controls=HUGINN_LIKE_CONTROLS)
+    app = build(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        ins = await open_inspector(pilot)
+        screen = app.chat_screen
+        conv = screen.conv
+        src = conv.get(ins.message_id)
+        await pilot.press("right", "e")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "Replacement")
+        await pilot.press(*" omega")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: screen.streaming is None and len(conv.children(src.parent_id)) == 2
+                         and conv.get(conv.current_leaf).status != "streaming", what="the typed branch")
+        typed = conv.get(conv.current_leaf)
+        assert typed.content.startswith("alpha omega") and typed.run["branched_from"]["token"] == 1
+
+        # Other compute: fewer recurrence steps from token 2 of the first reply on.
+        conv.controls["num_steps"] = 4
+        await app.chat_screen.actions.branch_switched(src.id)
+        await pilot.press("alt+up", "t")
+        await wait_until(pilot, lambda: screen.inspector.current is not None)
+        await pilot.press("right", "g")
+        await wait_until(pilot, lambda: screen.streaming is None and len(conv.children(src.parent_id)) == 3
+                         and conv.get(conv.current_leaf).status != "streaming", what="the redraw")
+        redrawn = conv.get(conv.current_leaf)
+        assert redrawn.run["controls"]["num_steps"] == 4 and redrawn.run["branched_from"]["chosen"] is None
+        assert redrawn.token_ids[:1] == src.token_ids[:1] and set(redrawn.run["steps"][1:]) == {4}
+        assert any("num_steps 4 (was 32)" in n.message for n in app._notifications)
+
+
+@pytest.mark.asyncio
+async def test_a_reply_without_a_record_says_so_and_the_distribution_setting(build, store):
+    conv = Conversation(id="old", title="old chat", model_id="fake")
+    q = conv.add(None, "user", "hi")
+    conv.add(q.id, "assistant", "made before the inspector", run={"model_id": "fake"})
+    store.save(conv)
+    app = build(FakeEngine())
+    async with app.run_test(size=SIZE) as pilot:
+        await app.chat_screen.open_chat("old")
+        await pilot.press("alt+up", "t")
+        await pilot.pause()
+        assert app.chat_screen.inspector.current is None
+        assert any(n.message == NO_RECORD for n in app._notifications)
+        assert not app.session.inspect.final
+        await send(pilot, "go")
+        await pilot.press("alt+up", "t")
+        await wait_until(pilot, lambda: app.chat_screen.inspector.current is not None)
+        await pilot.press("d")
+        await wait_until(pilot, lambda: app.session.inspect.final)
+        assert store.get_setting("inspect_final") is True
+
+
+@pytest.mark.asyncio
+async def test_the_palette_lists_the_inspector_keys_while_it_is_open(build):
+    app = build(inspector_engine())
+    async with app.run_test(size=SIZE) as pilot:
+        await open_inspector(pilot)
+        helps = [c.help for c in app.get_system_commands(app.chat_screen)]
+        for binding in ("inspector.next_low", "inspector.branch", "inspector.type", "inspector.rerun"):
+            assert any(h.endswith(binding) for h in helps), binding
