@@ -9,6 +9,7 @@ real model. `FakeDownloader` mimics `hub` for the models screen. No torch is imp
 """
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -338,6 +339,10 @@ class FakeEngine:
         return start_ns + int((self.ttft_s + i / rate) * 1e9)
 
 
+#: The scripted demo's chosen-token log-probabilities: mostly sure, now and then not (the token inspector).
+DEMO_LOGPROBS = tuple(math.log(p) for p in (0.97, 0.88, 0.64, 0.99, 0.41, 0.93, 0.18, 0.99, 0.72, 0.07, 0.95, 0.83))
+
+
 def scripted_demo() -> FakeEngine:
     """The engine `smollchat --fake` opens the TUI on: no model and no torch, streaming at a real pace
     (40 tok/s), with Huginn-like compute controls whose per-token steps vary as early exit would, a
@@ -365,7 +370,8 @@ def scripted_demo() -> FakeEngine:
 
     return FakeEngine(reply, entry_id="fake", tokens_per_s=40.0, ttft_s=0.15, instant=False, context_limit=4096,
                       weights_bytes=276_000_000, kv_bytes_per_token=2048, recurrent_bytes=6 * 2**20, can_trim=False,
-                      controls=HUGINN_LIKE_CONTROLS, steps=steps, n_layers=24, hidden_size=768, params=138_000_000)
+                      controls=HUGINN_LIKE_CONTROLS, steps=steps, n_layers=24, hidden_size=768, params=138_000_000,
+                      logprobs=DEMO_LOGPROBS)
 
 
 def _event(tok: int, text: str, t_ns: int, logprob: float, entropy: float, steps: int | None,

@@ -45,45 +45,49 @@ class Group:
         return self.end - self.start
 
 
+def _hex(error: UnicodeDecodeError) -> tuple[str, int]:
+    """Bytes that are not UTF-8 (random demo weights emit them) as hex, never as a replacement sign."""
+    return "⟨" + " ".join(f"{b:02x}" for b in error.object[error.start:error.end]) + "⟩", error.end
+
+
+HEX = "smollchat-hex"
+codecs.register_error(HEX, _hex)
+
+
 def groups(record: dict[str, Any], tokenizer: Any = None) -> list[Group]:
     """The record's tokens as display groups. With the reply's tokenizer, token bytes decide where
-    characters end (a BPE token can hold the first bytes of a character and still show text); without
-    it, the recorded texts do (a token that streamed "" waits for the next)."""
+    characters end (a BPE token can hold the first bytes of a character and still show text) and bytes
+    that are no UTF-8 show as hex; without it, the recorded texts do (a token that streamed "" waits)."""
     ids, texts = record["ids"], record["text"]
     specials = getattr(tokenizer, "special_ids", {}) or {}
     stops = set(_stop_ids(tokenizer))
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    by_bytes = tokenizer is not None and hasattr(tokenizer, "token_bytes")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=HEX)
     out: list[Group] = []
-    start = 0
+    start, shown = 0, ""
     for i, (token_id, text) in enumerate(zip(ids, texts)):
         if token_id in specials and not text:
             if start < i:  # bytes that never completed a character
-                out.append(_unfinished(ids, start, i, texts, tokenizer))
+                out.append(Group(start, i, shown + decoder.decode(b"", final=True) or "⟨?⟩", "split"))
+                decoder.reset()
             name = specials[token_id]
             out.append(Group(i, i + 1, "⏎" if token_id in stops else f"⟨{name}⟩",
                              "end" if token_id in stops else "special"))
-            start = i + 1
+            start, shown = i + 1, ""
             continue
-        if tokenizer is not None and hasattr(tokenizer, "token_bytes"):
-            decoder.decode(tokenizer.token_bytes(token_id))
+        if by_bytes:
+            shown += decoder.decode(tokenizer.token_bytes(token_id))
             complete = not decoder.getstate()[0]
         else:
+            shown += text
             complete = True
-        if text and complete:
-            out.append(Group(start, i + 1, "".join(texts[start:i + 1]), "split" if i > start else "text"))
-            start = i + 1
+        if shown and complete:
+            out.append(Group(start, i + 1, shown, "split" if i > start else "text"))
+            start, shown = i + 1, ""
     if start < len(ids):
-        out.append(_unfinished(ids, start, len(ids), texts, tokenizer))
+        tail = decoder.decode(b"", final=True) if by_bytes else ""
+        out.append(Group(start, len(ids), shown + tail or "⟨?⟩", "split"))
     return out
-
-
-def _unfinished(ids: Sequence[int], start: int, end: int, texts: Sequence[str], tokenizer: Any) -> Group:
-    """Tokens whose bytes never made a whole character (the reply stopped inside one): shown as bytes."""
-    shown = "".join(texts[start:end])
-    if tokenizer is not None and hasattr(tokenizer, "token_bytes"):
-        raw = b"".join(tokenizer.token_bytes(i) for i in ids[start:end])
-        shown += "⟨" + " ".join(f"{b:02x}" for b in raw[len(shown.encode()):]) + "⟩"
-    return Group(start, end, shown or "⟨?⟩", "split")
 
 
 def _stop_ids(tokenizer: Any) -> tuple[int, ...]:
@@ -159,10 +163,7 @@ def piece(tokenizer: Any, token_id: int) -> str:
         raw = tokenizer.token_bytes(token_id)
     except Exception:
         return f"id {token_id}"
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return "⟨" + " ".join(f"{b:02x}" for b in raw) + "⟩"
+    text = raw.decode("utf-8", errors=HEX)
     return visible(text) if text else "⟨empty⟩"
 
 

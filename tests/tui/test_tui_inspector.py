@@ -40,6 +40,9 @@ def test_a_character_split_over_byte_tokens_is_one_group_never_a_broken_glyph():
     # A reply cut inside a character shows the bytes it has, as hex.
     cut = tk.groups(_record(ids[:3], ["", "é", ""]), tok)
     assert cut[-1].kind == "split" and cut[-1].text == "⟨e2⟩"
+    # Bytes that are no UTF-8 at all (random demo weights): hex too, grouped with the byte that ended them.
+    bad = tk.groups(_record([0xE2, 0x41, 0x80], ["", "\ufffdA", "\ufffd"]), tok)
+    assert [(g.start, g.end, g.text) for g in bad] == [(0, 2, "⟨e2⟩A"), (2, 3, "⟨80⟩")]
     # An alternative that is part of a character: hex, not a replacement sign.
     assert tk.piece(tok, 0xE2) == "⟨e2⟩" and tk.piece(tok, ord(" ")) == "␣" and "\ufffd" not in tk.piece(tok, 0x80)
 
@@ -193,3 +196,16 @@ async def test_the_palette_lists_the_inspector_keys_while_it_is_open(build):
         helps = [c.help for c in app.get_system_commands(app.chat_screen)]
         for binding in ("inspector.next_low", "inspector.branch", "inspector.type", "inspector.rerun"):
             assert any(h.endswith(binding) for h in helps), binding
+
+
+@pytest.mark.asyncio
+async def test_a_byte_level_reply_steps_over_whole_characters(build):
+    """On a byte tokenizer the cursor steps over characters: ✓ is one cell of three tokens, and the panel
+    names them as bytes (never a replacement sign)."""
+    app = build(FakeEngine(["ok ✓"], tokenizer=FakeTokenizer("bytes")))
+    async with app.run_test(size=SIZE) as pilot:
+        ins = await open_inspector(pilot)
+        assert [g.text for g in ins.groups] == ["o", "k", " ", "✓", "⏎"]
+        await pilot.press("right", "right", "right")
+        panel = str(app.chat_screen.query_one(InspectorPanel).render())
+        assert "token 4/7" in panel and "3 tokens make this character: ⟨e2⟩" in panel and "\ufffd" not in panel
