@@ -16,7 +16,7 @@ from textual.widgets import Footer, Static
 
 from ...textsafe import plain
 from ..keys import bindings
-from .chat_layout import PanelLayout
+from .chat_layout import MIN_CHAT, PanelLayout  # noqa: F401 (tests read MIN_CHAT here)
 from ..widgets.branches import BranchNavigator
 from ..widgets.chat_actions import ChatActions
 from ..widgets.chat_library import ChatLibrary
