@@ -6,10 +6,9 @@ takes the focus: ← → move the cursor over the groups of tui/tokens.py (a cha
 tokens is one cell), n / p jump to the next / previous low-confidence token, c changes the measure,
 ↑ ↓ pick an alternative, Enter branches with it, e types a replacement, g draws the token anew under
 the compute panel's settings. It posts `Requested` for those to its target (InspectorActions);
-`InspectorPanel` (under the message
-list) shows the legend, the token's figures and its alternatives. Colours are theme variables
-(tok-0 .. tok-4), so each theme sets inks that meet WCAG AA on its background; the two least sure
-levels are underlined as well, for readers who do not tell the colours apart.
+`InspectorPanel` (under the message list) shows the legend, the token's figures and its alternatives.
+Colours are theme variables (tok-0 .. tok-4), so each theme sets inks that meet WCAG AA on its
+background; the two least sure levels are underlined as well, for readers who do not tell colours apart.
 """
 from __future__ import annotations
 
@@ -86,7 +85,7 @@ class TokenInspector(Widget, can_focus=True):
         self._moved()
 
     def on_focus(self) -> None:
-        self._moved(scroll=False)
+        self.panel.show(self)  # back from a dialog: the same token and pick
 
     def on_unmount(self) -> None:
         if self.panel.owner is self:
