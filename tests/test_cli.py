@@ -306,3 +306,19 @@ def test_the_tui_loads_models_as_the_command_line_says(monkeypatch):
     assert not made["load_options"].engine_process
     made["load_options"].loader()("entry", print, None)
     assert calls[-1]["quantize"] == "none" and calls[-1]["compile"] == "off"  # every fast path off, in this process
+
+
+def test_the_tuis_loader_gives_quantized_weight_bytes_to_the_memory_panel():
+    """The models screen's choice reaches the engine: info() names the quantization, the linears are
+    packed, and the memory report (what the panel draws) counts the model's weights as they are."""
+    from chatapp.catalog import load_catalog
+    from chatapp.tui.backend import LoadOptions
+
+    entry = load_catalog()["axiom-tiny"]
+    load = LoadOptions(device="cpu", compile="off", engine_process=False).loader()
+    packed = load(entry, lambda stage: None, "int8")
+    from chatapp.engine.quant import QuantLinear
+
+    assert packed.info()["quantize"] == "int8"
+    assert any(isinstance(m, QuantLinear) for m in packed.model.modules())
+    assert packed.memory().weights == packed.model.weight_bytes()
