@@ -209,3 +209,66 @@ async def test_a_byte_level_reply_steps_over_whole_characters(build):
         await pilot.press("right", "right", "right")
         panel = str(app.chat_screen.query_one(InspectorPanel).render())
         assert "token 4/7" in panel and "3 tokens make this character: ⟨e2⟩" in panel and "\ufffd" not in panel
+
+
+@pytest.mark.asyncio
+async def test_steps_colouring_marks_where_the_depth_changed_mid_reply(build, store):
+    """A reply whose depth changed while it streamed (ControlChannel, recorded in the run card): coloured by
+    steps, a bar marks the token where the change began and the panel names it there."""
+    from chatapp.chat.session import Session
+    from chatapp.contract import ControlChannel
+
+    engine = FakeEngine(["one two three four five six"], controls=HUGINN_LIKE_CONTROLS)
+    conv = Conversation(id="deep", title="depth", model_id="fake")
+    user = conv.add(None, "user", "count")
+    list(Session(engine, store=store).stream(conv, user.id, channel=ControlChannel(schedule={3: {"num_steps": 8}})))
+    reply = conv.get(conv.current_leaf)
+    assert reply.run["control_changes"] == [{"token": 3, "controls": {"num_steps": 8}}]
+    app = build(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.chat_screen.open_chat("deep")
+        await pilot.press("alt+up", "t")
+        await wait_until(pilot, lambda: app.chat_screen.inspector.current is not None)
+        ins = app.chat_screen.inspector.current
+        await pilot.press("c", "c")
+        assert ins.mode == "steps" and str(ins.render()).startswith("one two three│ four")
+        await pilot.press("right", "right", "right")
+        panel = str(app.chat_screen.query_one(InspectorPanel).render())
+        assert "8 steps · from here num_steps 8" in panel and "steps (of 32)" in panel
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_branch_in_the_tui_on_a_recurrent_demo_model_resumes_from_a_snapshot_inside_the_reply(build):
+    """OdinNext's recurrent state cannot be trimmed: a branch at token 37 resumes from the snapshot the
+    prompt cache took 32 tokens into the reply, and the figures line says so; non-UTF-8 bytes of the
+    random weights show as hex cells."""
+    from chatapp.catalog import get_entry
+    from chatapp.engine.runtime import load_engine
+
+    engine = load_engine(get_entry("odinnext-tiny"), device="cpu", dtype="float32", compile="off")
+    app = build(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.chat_screen
+        screen.conv.settings.update({"temperature": 0.0, "max_new_tokens": 40, "seed": 1})
+        screen.composer.insert("hello")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: screen.streaming is None and screen.conv.messages
+                         and screen.conv.get(screen.conv.current_leaf).role == "assistant", timeout=120, what="the reply")
+        src = screen.conv.get(screen.conv.current_leaf)
+        assert src.run["stop_reason"] == "max_tokens"
+        await pilot.press("alt+up", "t")
+        await wait_until(pilot, lambda: screen.inspector.current is not None)
+        ins = screen.inspector.current
+        assert "\ufffd" not in str(ins.render())
+        ins.cursor = next(i for i, g in enumerate(ins.groups) if g.start <= 36 < g.end)
+        ins.action_move(0)
+        index = ins.group.start
+        await pilot.press("enter")
+        conv = screen.conv
+        await wait_until(pilot, lambda: screen.streaming is None and conv.current_leaf != src.id
+                         and conv.get(conv.current_leaf).status != "streaming", timeout=120, what="the branch")
+        new = conv.get(conv.current_leaf)
+        assert new.run["branched_from"]["token"] == index >= 32
+        assert new.run["reused_tokens"] == src.run["prompt_tokens"] + 32
+        assert f"prefill skipped {new.run['reused_tokens']} tok" in str(screen.view.view_for(new.id).query_one(".stats").render())

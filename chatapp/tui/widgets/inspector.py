@@ -56,7 +56,7 @@ class TokenInspector(Widget, can_focus=True):
         token_id: int | None = None
 
     def __init__(self, message_id: str, record: dict[str, Any], tokenizer: Any, panel: "InspectorPanel",
-                 target: Widget, mode: str = "prob") -> None:
+                 target: Widget, mode: str = "prob", changes: dict[int, dict[str, Any]] | None = None) -> None:
         super().__init__(id="token-inspector")
         self.message_id = message_id
         self.record = record
@@ -64,6 +64,8 @@ class TokenInspector(Widget, can_focus=True):
         self.panel = panel
         self.target = target
         """Where `Requested` goes (the screen's InspectorActions, not a parent of this widget)."""
+        self.changes = dict(changes or {})
+        """Token index -> the controls changed while the reply streamed, from that token on (run card)."""
         self.groups = tk.groups(record, tokenizer)
         self.most = tk.max_steps(record)
         self.mode = mode if tk.available(record, mode) else "prob"
@@ -78,6 +80,8 @@ class TokenInspector(Widget, can_focus=True):
             style = self.get_component_rich_style(LEVEL_CLASSES[level] if level is not None else "inspector--none")
             if i == self.cursor:
                 style += Style(reverse=True, bold=True)
+            if self.mode == "steps" and self.changed_at(g):
+                text.append("│", self.get_component_rich_style("inspector--none"))  # the depth changed here
             text.append(tk.body_text(g), style)
         return text
 
@@ -93,6 +97,10 @@ class TokenInspector(Widget, can_focus=True):
 
     def on_resize(self) -> None:
         self.call_after_refresh(self._scroll_to_cursor)
+
+    def changed_at(self, g: tk.Group) -> dict[str, Any]:
+        """The control changes that began at one of the group's tokens."""
+        return {k: v for i in range(g.start, g.end) for k, v in self.changes.get(i, {}).items()}
 
     @property
     def group(self) -> tk.Group:
@@ -219,6 +227,9 @@ class InspectorPanel(Static):
             figures.append(f"H {h:.2f} nats")
         if steps is not None:
             figures.append(f"{steps} steps")
+        changed = ins.changed_at(g)
+        if changed:
+            figures.append("from here " + ", ".join(f"{k} {v}" for k, v in changed.items()))
         out.append("  " + " · ".join(figures))
         if g.size > 1:
             parts = ", ".join(f"{tk.piece(ins.tokenizer, record['ids'][j])} {tk.percent(record['logprob'][j])}"

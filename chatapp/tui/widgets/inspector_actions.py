@@ -35,6 +35,13 @@ class Replacement(TextPrompt):
             self.dismiss(value)
 
 
+def control_changes(run: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Token index in the reply -> controls changed while it streamed (a branch's indices count from its
+    chosen prefix; a continued reply's later parts keep their own cards and are not marked)."""
+    offset = int((run.get("branched_from") or {}).get("prefix_tokens", 0))
+    return {offset + int(c["token"]): dict(c["controls"]) for c in run.get("control_changes", [])}
+
+
 def recorded_final(store: Any) -> bool:
     """Whether new replies record probabilities after the sampling settings (the app setting)."""
     return bool(store.get_setting(FINAL_SETTING, False)) if hasattr(store, "get_setting") else False
@@ -84,7 +91,7 @@ class InspectorActions(Widget):
         # Token bytes and alternatives' text come from the reply's own model's tokenizer only.
         same_model = session is not None and msg.run.get("model_id", self.app.entry_id) == self.app.entry_id
         inspector = TokenInspector(message_id, record, session.tokenizer if same_model else None, self.panel,
-                                   self, self.mode)
+                                   self, self.mode, control_changes(msg.run))
         await view.open_inspector(inspector)
         inspector.focus()
 
