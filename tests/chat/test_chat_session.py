@@ -202,6 +202,16 @@ def test_a_latest_turn_too_long_for_the_context_is_a_clear_error():
     assert s.context_usage(c) == (40, 40)
 
 
+def test_builtin_presets_layer_like_saved_ones_without_a_store():
+    entry = fake_entry(generation={"temperature": 0.3, "top_k": 40, "max_new_tokens": 99})
+    eng, s = make(entry=entry)  # the one-shot CLI has no store: built-ins still resolve
+    c = Conversation(settings={"preset": "precise (built-in)", "max_new_tokens": 5})
+    got = s.settings_for(c)
+    assert (got.temperature, got.top_k, got.top_p, got.max_new_tokens) == (0.2, 40, 0.9, 5)
+    c.settings = {"preset": "card (built-in)"}
+    assert s.settings_for(c) == entry.sampling()
+
+
 def test_settings_layer_catalog_then_preset_then_chat(tmp_path):
     with Store(tmp_path / "db.sqlite3") as store:
         store.save_preset("creative", {"temperature": 1.1, "top_p": 0.9, "max_new_tokens": 77})
