@@ -4,8 +4,9 @@ A reply is cut into groups, the cells the token cursor steps over. A group is on
 tokens split a character: a byte tokenizer, or a BPE byte fallback, spends several tokens on one UTF-8
 sequence, and none of them alone is text. Those tokens form one group with the token that completes the
 character (the stream showed nothing for the first ones: their recorded text is ""), so the inspector
-never draws half a character; the panel lists the tokens inside. A special token the model emitted is a
-group of its own, shown by name. Each group gets a colour level 0 (sure, cheap) .. 4 (unsure, costly)
+never draws half a character; the panel lists the tokens inside. Bytes that are no UTF-8 at all (random
+demo weights emit them) show as hex, ⟨e2⟩, never as a replacement sign. A special token the model
+emitted is a group of its own, shown by name. Each group gets a colour level 0 (sure, cheap) .. 4 (unsure, costly)
 under one of three measures: the chosen token's probability, the entropy of the distribution, or the
 recurrence steps the token took (Huginn); a group takes the level of its least sure token.
 """

@@ -10,7 +10,7 @@ import pytest
 from chatapp.chat.conversation import Conversation
 from chatapp.chat.fake import HUGINN_LIKE_CONTROLS, FakeEngine, FakeTokenizer
 from chatapp.tui import tokens as tk
-from chatapp.tui.widgets.inspector import InspectorPanel, TokenInspector
+from chatapp.tui.widgets.inspector import InspectorPanel
 from chatapp.tui.widgets.inspector_actions import NO_RECORD
 
 from .conftest import SIZE, send, wait_until

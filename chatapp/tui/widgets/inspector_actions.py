@@ -20,8 +20,8 @@ from .chat_actions import ChatActions
 from .inspector import InspectorPanel, TokenInspector
 
 NO_RECORD = ("This reply has no per-token record (it was made before the inspector existed, imported without "
-             "one, or by another program). r regenerates it with one; `smollchat --json` prints the same "
-             "figures for a one-shot answer.")
+             "one, or by another program). r makes a new reply beside it that has one; `smollchat --json` "
+             "prints the same figures for a one-shot answer.")
 #: The app setting naming the distribution new replies record ("final": after the sampling settings).
 FINAL_SETTING = "inspect_final"
 
