@@ -219,6 +219,13 @@ class ChatScreen(PanelLayout, Screen):
             self.conv.controls[event.name] = event.value
             if self.conv.messages:
                 self.actions.save()
+        if self.live.busy and self.live.conv_id == getattr(self.conv, "id", None):
+            try:  # the reply streaming now takes it from its next token (the run card records where)
+                if not self.live.live_controls:
+                    raise ValueError("this reply drafts ahead (draft_steps), so it keeps its compute")
+                self.app.session.change_controls({event.name: event.value})
+            except ValueError as e:
+                self.notify(f"{event.name} applies from the next reply: {e}", severity="warning", timeout=4)
 
     async def on_chat_list_selected(self, event: ChatList.Selected) -> None:
         await self.open_chat(event.chat_id)

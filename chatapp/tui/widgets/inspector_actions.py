@@ -148,8 +148,9 @@ class InspectorActions(Widget):
             self.notify(f"This reply came from {made_by}: load it (Ctrl+O) to branch at its tokens.", severity="warning")
             return
         before = set(conv.messages)
+        channel = actions.live.channel_for(session, conv)
         try:
-            events = session.branch_at(conv, message_id, index, token)
+            events = session.branch_at(conv, message_id, index, token, channel=channel)
         except ValueError as e:
             self.notify(str(e), title="Cannot branch there", severity="warning")
             return
@@ -159,7 +160,8 @@ class InspectorActions(Widget):
         if self.current is not None:
             await self.close()
         await actions.show(select=new_id)
-        actions.live.start(session, conv, src.parent_id, continue_from=new_id, select=True, events=events)
+        actions.live.start(session, conv, src.parent_id, continue_from=new_id, select=True, events=events,
+                           channel=channel)
 
     def _compute_note(self, src: Any, conv: Any, index: int) -> str:
         now = self.app.session.controls_for(conv)

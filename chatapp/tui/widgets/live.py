@@ -22,7 +22,7 @@ from textual.message import Message
 from textual.widget import Widget
 from textual.worker import Worker, get_current_worker
 
-from ...contract import Done, MemoryReport
+from ...contract import ControlChannel, Done, MemoryReport
 from ..messages import MemorySample, ReplyChunk, ReplyFinished, ReplyStats
 from ..streaming import pump
 from .conversation import ConversationView
@@ -99,16 +99,33 @@ class LiveReply(Widget):
         self._switch_s = sys.getswitchinterval()
         self.last_shown_ns = 0
         """Engine time of the newest token on screen (the display-lag benchmark reads it)."""
+        self.live_controls = False
+        """The reply streaming now takes compute changes from its next token on (it has a ControlChannel)."""
 
     @property
     def busy(self) -> bool:
         return self.streaming is not None
 
+    @staticmethod
+    def channel_for(session: Any, conv: Any) -> ControlChannel | None:
+        """A channel for compute changes while the reply streams (Session.change_controls), where the model
+        has controls a running reply can take; none while a speculative draft is asked for (drafts run
+        ahead of the token shown, so the engine drafts only for a call without a channel)."""
+        if not any(spec.live for spec in session.controls):
+            return None
+        controls = session.controls_for(conv)
+        return None if controls.get("draft_steps", 0) else ControlChannel()
+
     def start(self, session: Any, conv: Any, parent_id: str, continue_from: str | None = None,
-              select: bool | None = None, events: Iterator[Any] | None = None) -> None:
+              select: bool | None = None, events: Iterator[Any] | None = None,
+              channel: ControlChannel | None = None) -> None:
         """Generate a reply under `parent_id` (or extend `continue_from`) in the generation worker;
         `select`: the new reply takes the selection (True), or the list decides (None). `events`: a
-        session stream made already (Session.branch_at, which adds its reply at once), run in its place."""
+        session stream made already (Session.branch_at, which adds its reply at once) with its `channel`,
+        run in its place."""
+        if events is None:
+            channel = self.channel_for(session, conv)
+        self.live_controls = channel is not None
         self.streaming = continue_from or ""
         self._select = select
         self.conv_id, self._reply_parent, self._reply_session = conv.id, parent_id, session
@@ -116,7 +133,7 @@ class LiveReply(Widget):
         self._load_mark = (time.monotonic(), time.thread_time())
         self._switch_s = sys.getswitchinterval()
         sys.setswitchinterval(min(self._switch_s, STREAMING_SWITCH_S))
-        self._worker = self._generate(session, conv, parent_id, continue_from, events)
+        self._worker = self._generate(session, conv, parent_id, continue_from, events, channel)
         self.post_message(self.Started(conv.id))
 
     def stop(self) -> bool:
@@ -129,10 +146,10 @@ class LiveReply(Widget):
 
     @work(thread=True, exclusive=True, group="generate")
     def _generate(self, session: Any, conv: Any, parent_id: str, continue_from: str | None,
-                  events: Iterator[Any] | None) -> None:
+                  events: Iterator[Any] | None, channel: ControlChannel | None) -> None:
         worker = get_current_worker()
         if events is None:
-            events = session.stream(conv, parent_id, continue_from=continue_from)
+            events = session.stream(conv, parent_id, continue_from=continue_from, channel=channel)
         pump(events, conv_id=conv.id, message_id=lambda: continue_from or conv.current_leaf,
              post=self.post_message, is_cancelled=lambda: worker.is_cancelled, cancel=session.cancel,
              memory=session.memory)
