@@ -278,23 +278,23 @@ async def test_branch_in_the_tui_on_a_recurrent_demo_model_resumes_from_a_snapsh
 async def test_a_compute_change_while_a_reply_streams_takes_effect_at_the_next_token(build):
     """The compute panel's num_steps changed mid-reply: the tokens after it run at the new depth, the run
     card records where it began, and the inspector by steps marks that token."""
-    words = " ".join(f"w{i}" for i in range(40))
-    app = build(FakeEngine([words], controls=HUGINN_LIKE_CONTROLS, instant=False, tokens_per_s=40.0, ttft_s=0.0))
+    words = " ".join(f"w{i}" for i in range(20))
+    app = build(FakeEngine([words], controls=HUGINN_LIKE_CONTROLS, instant=False, tokens_per_s=10.0, ttft_s=0.0))
     async with app.run_test(size=SIZE) as pilot:
         screen = app.chat_screen
         screen.composer.insert("count")
         await pilot.press("enter")
         conv = screen.conv
-        await wait_until(pilot, lambda: screen.streaming and len(conv.get(conv.current_leaf).token_ids or ()) >= 3,
-                         what="a few tokens")
+        await wait_until(pilot, lambda: screen.live.busy and conv.get(conv.current_leaf).role == "assistant"
+                         and len(conv.get(conv.current_leaf).token_ids or ()) >= 3, what="a few tokens")
         field = screen.query_one("#control-num_steps")
         field.value = "8"
         await field.action_submit()
-        await wait_until(pilot, lambda: screen.streaming is None, timeout=20, what="the end of the reply")
+        await wait_until(pilot, lambda: screen.streaming is None, timeout=30, what="the end of the reply")
         reply = conv.get(conv.current_leaf)
         (change,) = reply.run["control_changes"]
         at = change["token"]
-        assert change["controls"] == {"num_steps": 8} and 3 <= at < 40
+        assert change["controls"] == {"num_steps": 8} and 3 <= at < 20
         assert set(reply.run["steps"][:at]) == {32} and set(reply.run["steps"][at:]) == {8}
         await pilot.press("alt+up", "t")
         await wait_until(pilot, lambda: screen.inspector.current is not None)
