@@ -35,9 +35,10 @@ MAX_FRAME_S = 1.0
 #: costs more (each paint re-lays out every block on screen), so paints then come less often,
 #: and the generation thread keeps getting the GIL.
 UI_BUSY_TARGET = 0.35
-#: The interpreter's thread switch interval while a reply streams. With the default 5 ms a thread
-#: waiting for the GIL (the engine, between torch calls) can wait 5 ms each time the UI thread holds
-#: it; in bench/tui_stream.py 0.2 ms let the FakeEngine run at 2/3 of its rate with no UI, 5 ms at 1/10.
+#: The interpreter's thread switch interval while a reply streams from an engine in this process. With
+#: the default 5 ms a thread waiting for the GIL (the engine, between torch calls) can wait 5 ms each
+#: time the UI thread holds it; in bench/tui_stream.py 0.2 ms let the FakeEngine run at 2/3 of its rate
+#: with no UI, 5 ms at 1/10. An engine in its own process (chat/engine_host.py) needs none of it.
 STREAMING_SWITCH_S = 0.0002
 
 
@@ -132,7 +133,8 @@ class LiveReply(Widget):
         self._frame, self._frame_s = Frame(), FRAME_S
         self._load_mark = (time.monotonic(), time.thread_time())
         self._switch_s = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch_s, STREAMING_SWITCH_S))
+        if not session.info().get("engine_process"):
+            sys.setswitchinterval(min(self._switch_s, STREAMING_SWITCH_S))
         self._worker = self._generate(session, conv, parent_id, continue_from, events, channel)
         self.post_message(self.Started(conv.id))
 

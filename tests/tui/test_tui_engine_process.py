@@ -1,0 +1,60 @@
+"""The TUI on an engine in its own process (chat/engine_host.py), loaded by the load worker as a real
+model is: the reply streams and stops as in-process, the memory panel reads the child, and loading
+another model ends the first child."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from chatapp.chat.engine_host import Build, EngineHost
+from chatapp.chat.fake import FakeEngine, FakeTokenizer
+
+from .conftest import SIZE, wait_until
+from .test_tui_models import open_models
+
+pytestmark = pytest.mark.asyncio
+
+LONG = " ".join(f"word{i}" for i in range(400))
+
+
+async def test_a_model_in_its_own_process_streams_stops_and_is_ended_when_another_loads(build, store):
+    hosts: list[EngineHost] = []
+
+    def loader(entry, progress, quantize=None):
+        build_fake = Build(FakeEngine, ([LONG],), {"entry_id": entry.id, "tokenizer": FakeTokenizer("bytes"),
+                                                  "instant": False, "tokens_per_s": 100, "ttft_s": 0.0,
+                                                  "context_limit": 4096})
+        hosts.append(EngineHost(build_fake, progress))
+        return hosts[-1]
+
+    app = build(engine=None, loader=loader)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await open_models(pilot, "genesis-tiny")
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: app.entry_id == "genesis-tiny", timeout=60, what="the load")
+            assert app.info["engine_process"] == hosts[0].pid
+            app.chat_screen.conv.settings["max_new_tokens"] = 2000
+            app.chat_screen.composer.insert("go")
+            app.chat_screen.composer.action_send()
+            await wait_until(pilot, lambda: len(app.chat_screen.conv.messages) == 2
+                             and len(app.chat_screen.conv.path()[-1].content) > 20, what="some streamed text")
+            await pilot.press("escape")
+            await wait_until(pilot, lambda: app.chat_screen.streaming is None, what="the stop")
+            reply = app.chat_screen.conv.path()[-1]
+            assert reply.status == "stopped" and reply.run["stop_reason"] == "cancelled"
+            assert 20 < len(reply.content) < len(LONG) and LONG.startswith(reply.content)
+            assert store.load(app.chat_screen.conv.id).get(reply.id).status == "stopped"
+            memory = app.session.memory()  # the child's FakeEngine: its state holds the prompt and the reply
+            assert (memory.weights, memory.context_limit) == (12_000_000, 4096)
+            assert memory.context_used >= len(reply.token_ids)
+            first = hosts[0].pid
+            await open_models(pilot, "odinnext-tiny")
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: app.entry_id == "odinnext-tiny", timeout=60, what="the second load")
+            with pytest.raises(ProcessLookupError):
+                os.kill(first, 0)  # the first model's process ended
+    finally:
+        for h in hosts:
+            h.close()
