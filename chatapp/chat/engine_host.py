@@ -52,8 +52,10 @@ from ..contract import ControlChannel, ControlSpec, Done, MemoryReport, Sampling
 BATCH_S = 0.005
 #: How long a memory report stays fresh here (the panels and the generation worker ask often).
 MEMORY_FRESH_S = 0.25
-#: Seconds to wait for an answer from the child (memory, a control check) before calling it hung.
-ASK_TIMEOUT_S = 30.0
+#: Seconds to wait for an answer from the child (a control check) before calling it hung.
+ASK_TIMEOUT_S = 5.0
+#: Seconds a memory report may take (the UI thread asks; a busy child answers within milliseconds).
+MEMORY_TIMEOUT_S = 2.0
 #: Modules whose exception classes are rebuilt as themselves here (they import no torch).
 _TORCH_FREE = ("chatapp.contract", "chatapp.catalog", "chatapp.engine.tokenizer", "chatapp.chat.session")
 
@@ -106,7 +108,10 @@ class _RemoteCheck:
         self._link, self._name = link, name
 
     def __call__(self, value: Any) -> None:
-        ok, message = self._link.ask("check", (self._name, value))
+        try:
+            ok, message = self._link.ask("check", (self._name, value))
+        except EngineProcessError as e:  # said as a refused value: the UI shows those where it asked
+            raise ValueError(f"cannot be checked now: {e}") from None
         if not ok:
             raise ValueError(message) if isinstance(message, str) else _rebuild(message)
 
@@ -137,7 +142,7 @@ class EngineHost:
             replace(s, check=_RemoteCheck(self._link, s.name)) if s.name in loaded["checked"] else s
             for s in loaded["controls"])
         self._info = dict(loaded["info"], engine_process=self._link.proc.pid)
-        self._memory: tuple[float, MemoryReport] | None = None
+        self._memory: tuple[float, MemoryReport] = (time.monotonic(), loaded["memory"])
 
     @property
     def pid(self) -> int:
@@ -147,15 +152,19 @@ class EngineHost:
         return dict(self._info)
 
     def memory(self) -> MemoryReport:
-        """The child's report (fresh for MEMORY_FRESH_S; a finished call makes it stale)."""
-        cached = self._memory
-        if cached is not None and time.monotonic() - cached[0] < MEMORY_FRESH_S and self._link.ended <= cached[0]:
-            return cached[1]
-        ok, report = self._link.ask("memory", None)
-        if not ok:
-            raise _rebuild(report)
-        self._memory = (time.monotonic(), report)
-        return report
+        """The child's report (fresh for MEMORY_FRESH_S; a finished call makes it stale). Never raises: the
+        panels ask from the UI thread, and a child that died or hangs is reported by `generate`; until
+        then the last report stands."""
+        at, last = self._memory
+        if self._link.dead is not None or time.monotonic() - at < MEMORY_FRESH_S and self._link.ended <= at:
+            return last
+        try:
+            ok, report = self._link.ask("memory", None, MEMORY_TIMEOUT_S)
+        except EngineProcessError:
+            return last
+        if ok:
+            self._memory = (time.monotonic(), report)
+        return self._memory[1]
 
     def cancel(self) -> None:
         """Stop the call that is running now in the child."""
@@ -258,16 +267,16 @@ class _Link:
         except (OSError, ValueError):
             raise EngineProcessError(self.dead or "the engine process is gone") from None
 
-    def ask(self, what: str, arg: Any) -> tuple[bool, Any]:
+    def ask(self, what: str, arg: Any, timeout: float = ASK_TIMEOUT_S) -> tuple[bool, Any]:
         req = next(self.ids)
         box: queue.SimpleQueue = queue.SimpleQueue()
         self.answers[req] = box
         try:
             self.send(("ask", req, what, arg))
             try:
-                return box.get(timeout=ASK_TIMEOUT_S)
+                return box.get(timeout=timeout)
             except queue.Empty:
-                raise EngineProcessError(f"the engine process did not answer ({what}) within {ASK_TIMEOUT_S:.0f} s"
+                raise EngineProcessError(f"the engine process did not answer ({what}) within {timeout:.0f} s"
                                          ) from None
         finally:
             self.answers.pop(req, None)
@@ -448,7 +457,7 @@ def _child(conn: Connection) -> None:
         return
     specs = tuple(engine.controls)
     send(("loaded", {"entry": engine.entry, "tokenizer": engine.tokenizer, "context_limit": engine.context_limit,
-                     "info": _plain(engine.info()), "controls": tuple(replace(s, check=None) for s in specs),
+                     "info": _plain(engine.info()), "memory": engine.memory(), "controls": tuple(replace(s, check=None) for s in specs),
                      "checked": [s.name for s in specs if s.check is not None]}))
     outbox = _Outbox(send)
     running: dict[int, tuple[threading.Event, ControlChannel | None, threading.Thread]] = {}

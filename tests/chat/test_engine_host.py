@@ -162,8 +162,7 @@ def test_a_child_that_dies_mid_reply_ends_it_with_a_clear_error_and_keeps_the_te
     assert "SIGKILL" in reply.run["error"]
     with pytest.raises(EngineProcessError, match="SIGKILL"):
         list(host.generate([1, 2], SamplingSettings()))  # at once, not hung
-    with pytest.raises(EngineProcessError, match="SIGKILL"):
-        host.memory()
+    assert host.memory().weights == 12_000_000  # the last report stands (the panels ask from the UI thread)
 
 
 def test_closing_the_host_ends_the_child(hosts):

@@ -1,9 +1,10 @@
 """The TUI on an engine in its own process (chat/engine_host.py), loaded by the load worker as a real
-model is: the reply streams and stops as in-process, the memory panel reads the child, and loading
-another model ends the first child."""
+model is: the reply streams and stops as in-process, the memory panel reads the child, loading
+another model ends the first child, and a child killed mid-reply leaves the reply marked with the error."""
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -55,6 +56,19 @@ async def test_a_model_in_its_own_process_streams_stops_and_is_ended_when_anothe
             await wait_until(pilot, lambda: app.entry_id == "odinnext-tiny", timeout=60, what="the second load")
             with pytest.raises(ProcessLookupError):
                 os.kill(first, 0)  # the first model's process ended
+            # The second model's process dies mid-reply: the reply keeps its text, marked with the error.
+            app.chat_screen.composer.insert("again")
+            app.chat_screen.composer.action_send()
+            await wait_until(pilot, lambda: app.chat_screen.streaming and len(app.chat_screen.conv.path()[-1].content) > 20,
+                             what="the second reply streaming")
+            os.kill(hosts[1].pid, signal.SIGKILL)
+            await wait_until(pilot, lambda: app.chat_screen.streaming is None, what="the reply to end")
+            reply = app.chat_screen.conv.path()[-1]
+            assert reply.status == "error" and LONG.startswith(reply.content) and len(reply.content) > 20
+            assert "engine process was killed (SIGKILL)" in reply.run["error"]
+            view = app.chat_screen.view.view_for(reply.id)
+            assert "SIGKILL" in str(view.query_one(".stats").render())
+            assert app.session.memory().weights == 12_000_000  # the panels still read the last report
     finally:
         for h in hosts:
             h.close()
