@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from axiom_cpu import CONFIG as AXIOM  # noqa: E402
 from chatapp.catalog import get_entry  # noqa: E402
 from chatapp.engine import graphs  # noqa: E402
+from chatapp.engine.decisions import cpu_model  # noqa: E402
 from chatapp.engine.loader import build_model, prepare_for_inference  # noqa: E402
 
 
@@ -101,7 +102,7 @@ def main() -> None:
             for name, step in paths.items():
                 print(f"== {name}\n{top_ops(step, state, snap, tok)}", file=sys.stderr)
     rec = {"model": a.model, "arch": arch, "dtype": a.dtype, "threads": a.threads, "steps": a.steps,
-           "repeats": a.repeats, "torch": torch.__version__, "cpu": graphs._cpu_model(),
+           "repeats": a.repeats, "torch": torch.__version__, "cpu": cpu_model(),
            "capability": torch.backends.cpu.get_cpu_capability(),
            "compile_s": {k: round(v, 1) for k, v in compile_s.items()},
            "cache": str(graphs.compile_cache_dir())}

@@ -330,6 +330,9 @@ class ControlChannel:
 
 
 STOP_REASONS = ("eos", "stop_string", "max_tokens", "cancelled", "context_full")
+#: The engine's intra-op thread count when no --threads is given (read where the engine loads, so a UI that
+#: cannot import torch sets it for the engine; engine/decisions.py has the default).
+THREADS_ENV = "SMOLLCHAT_THREADS"
 
 
 @dataclass(frozen=True)

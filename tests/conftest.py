@@ -52,3 +52,5 @@ def _isolated_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SMOLLCHAT_HOME", str(base))
     monkeypatch.setenv("HF_HOME", str(base / "hf"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    # One intra-op thread for every engine a test loads (tiny models; a second thread only spins here).
+    monkeypatch.setenv("SMOLLCHAT_THREADS", "1")

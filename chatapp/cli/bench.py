@@ -19,8 +19,10 @@ def register(sub) -> None:
     b.add_argument("--quantize", choices=("none", "int8", "int4"), default="none")
     b.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="weights and activations (auto: the catalog's CPU dtype)")
-    b.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
-    b.add_argument("--eager", action="store_true", help="no compiled decode step")
+    b.add_argument("--threads", type=int,
+                   help="intra-op threads (default: the app's: $SMOLLCHAT_THREADS, else the physical cores but one)")
+    b.add_argument("--eager", action="store_true",
+                   help="every fast path off: no compiled decode step, the reference kernels")
     b.add_argument("--quick", action="store_true", help="short prompts and runs: a smoke test, not figures")
     b.add_argument("--json", metavar="FILE", help="write the record here too")
     b.add_argument("--llama-bench", metavar="PATH",
@@ -45,6 +47,8 @@ def run(args) -> int:
     pre = ", ".join(f"{p['tokens']} tok {p['tok_s']:.0f} tok/s (TTFT {p['ttft_s']:.2f} s)" for p in rec["prefill"])
     st = rec["state"]["used_bytes"]
     print(f"{entry.id} {rec['dtype']} quantize={rec['quantize']} threads={rec['threads']} compile: {rec['compile']}")
+    k = rec["kernels"]
+    print(f"  kernels    widening {k['widening']}, narrowing {k['narrowing']} ({k['source']})")
     print(f"  cpu        {rec['cpu']['model']} [{' '.join(rec['cpu']['flags'])}] {rec['cpu']['aten_cpu_capability']}, "
           f"load {rec['cpu']['loadavg'][0] if rec['cpu']['loadavg'] else '?'}")
     print(f"  load       {rec['load_s']:.2f} s, peak RSS {human_bytes(rec['peak_rss_bytes'])}, "

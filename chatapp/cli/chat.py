@@ -9,7 +9,8 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from .common import EXIT_OK, EXIT_USAGE, CliError, read_text, resolve_entry
+from ..contract import THREADS_ENV
+from .common import EXIT_OK, EXIT_USAGE, CliError, read_text, resolve_entry, thread_count
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eager", action="store_true", help="every fast path off: the reference numerics")
     g.add_argument("--quantize", choices=("none", "int8", "int4"), default=None,
                    help="weight-only quantization on CPU (default: the catalog's, none unless it says)")
+    g.add_argument("--threads", type=thread_count, default=None,
+                   help=f"the engine's intra-op threads (default: ${THREADS_ENV}, else the physical cores but one "
+                        "for the interface, all of them on two cores or fewer)")
 
 
 def run(args) -> int:
@@ -109,7 +113,8 @@ def run_prompt(args) -> int:
     try:
         engine = load_engine(entry, device=args.device, dtype=args.dtype,
                              compile="off" if args.eager else args.compile,
-                             quantize="none" if args.eager else args.quantize)
+                             quantize="none" if args.eager else args.quantize,
+                             kernels="reference" if args.eager else "auto", threads=args.threads)
     except (LoadError, TokenizerError, ValueError) as e:
         raise CliError(str(e)) from None
     store = _open_store() if args.save else None
@@ -173,7 +178,7 @@ def run_tui(args) -> int:
         from ..chat.fake import scripted_demo
         engine = scripted_demo()
     options = LoadOptions(device=args.device, dtype=args.dtype, compile=args.compile, eager=args.eager,
-                          quantize=args.quantize, engine_process=args.engine_process)
+                          quantize=args.quantize, engine_process=args.engine_process, threads=args.threads)
     make_app(engine=engine, model_id=None if args.fake else args.model, system_prompt=args.system,
              load_options=options).run()
     return EXIT_OK

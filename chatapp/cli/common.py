@@ -1,6 +1,7 @@
 """What several commands share: the user-facing error, exit codes, catalog look-up, small formatting."""
 from __future__ import annotations
 
+import argparse
 import codecs
 import sys
 from pathlib import Path
@@ -98,3 +99,14 @@ def resolve_entry(model: str):
         return get_entry(model, catalog())
     except CatalogError as e:
         raise CliError(str(e), EXIT_USAGE) from None
+
+
+def thread_count(text: str) -> int:
+    """argparse type of --threads: a whole number of intra-op threads, at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of threads, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import EXIT_OK, EXIT_USAGE, CliError, catalog
+from .common import EXIT_OK, EXIT_USAGE, CliError, catalog, thread_count
 
 ORDER = 50
 
@@ -30,6 +30,8 @@ def register(sub) -> None:
     s.add_argument("--no-engine-process", dest="engine_process", action="store_false", default=argparse.SUPPRESS,
                    help="run the models in the server's own process (by default each runs in a child process, "
                         "as in the TUI)")
+    s.add_argument("--threads", type=thread_count, default=None,
+                   help="the engine's intra-op threads (default: $SMOLLCHAT_THREADS, else the physical cores but one)")
     s.set_defaults(func=run)
 
 
@@ -69,7 +71,7 @@ def run(args) -> int:
         raise CliError(f"{len(args.serve_models)} --model flags but --max-models {args.max_models}", EXIT_USAGE)
 
     def load(entry):
-        options = dict(device=args.device, dtype=args.dtype, quantize=args.quantize)
+        options = dict(device=args.device, dtype=args.dtype, quantize=args.quantize, threads=args.threads)
         if getattr(args, "engine_process", True):
             # The same engine process as the TUI's (chat/engine_host.py); in this process where none starts.
             from ..chat.engine_host import EngineProcessUnavailable, load_engine_process

@@ -15,7 +15,6 @@ the architecture's peers in the same process (engine/bench_peers.py), each with 
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import statistics
 import time
@@ -27,17 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..catalog import ModelEntry
+from .decisions import cpu_info, resolve_threads
 from .generate import feed
 from .graphs import decode_step
 from .bench_peers import PeerRun, run_peers, seeded
 from .loader import build_model, prepare_for_inference, resolve_dtype
 from .quant import head_weight
 from .sample import Sampler
-
-#: ISA flags worth recording (from /proc/cpuinfo), the ones that pick PyTorch's kernels.
-FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile",
-         "amx_bf16", "amx_int8", "asimd", "sve")
-
 
 @dataclass(frozen=True)
 class BenchOptions:
@@ -48,27 +43,6 @@ class BenchOptions:
     quick: bool = False
     #: llama.cpp's llama-bench binary for the Axiom peer (else $SMOLLCHAT_LLAMA_BENCH, else PATH).
     llama_bench: str | None = None
-
-
-def cpu_info() -> dict[str, Any]:
-    """CPU model, the ISA flags above that it has, PyTorch's kernel family, cores and load."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name":
-                    model = value.strip()
-                elif key in ("flags", "Features"):
-                    flags = set(value.split())
-                if model and flags:
-                    break
-    except OSError:
-        pass
-    return {"model": model, "flags": [f for f in FLAGS if f in flags], "aten_cpu_capability":
-            torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else []}
 
 
 def _peak_rss() -> int:
@@ -143,8 +117,7 @@ def _random_ids(n: int, vocab: int, seed: int) -> list[int]:
 def run(entry: ModelEntry, opts: BenchOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Benchmark one catalog entry on the CPU; returns the record (see the module docstring)."""
     say = progress or (lambda _m: None)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
+    torch.set_num_threads(resolve_threads(opts.threads))  # the app's default unless --threads says
     dev = torch.device("cpu")
     dtype = resolve_dtype(opts.dtype, dev, entry.cpu_dtype)
     quant = None if opts.quantize == "none" else opts.quantize
@@ -156,10 +129,11 @@ def run(entry: ModelEntry, opts: BenchOptions, progress: Callable[[str], None] |
     model, config = random_model(entry, dtype)
     rec["peak_rss_before_quantize_bytes"] = _peak_rss()
     say("preparing" + (f" ({quant})" if quant else ""))
-    prepare_for_inference(model, dev, dtype, quant)
+    prepare_for_inference(model, dev, dtype, quant, kernels="reference" if opts.eager else "auto")
     rec["load_s"] = round(time.perf_counter() - t0, 3)
     rec["peak_rss_bytes"] = _peak_rss()
     rec["config"] = config
+    rec["kernels"] = model.kernel_choice.as_dict()
     rec["params"] = sum(p.numel() for p in model.parameters())
     rec["weight_bytes"] = model.weight_bytes()
     rec["weight_bytes_per_token"] = bytes_per_token(model)

@@ -21,10 +21,8 @@ runs eager.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import threading
@@ -37,6 +35,7 @@ import torch
 
 from .. import locations
 from .arch.base import Forward
+from .decisions import DecisionFile, machine_key
 from .generate import roll_back
 from .state import StateList
 
@@ -97,43 +96,25 @@ def find_cxx() -> str | None:
     return None
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _decision_key(model, arch: str, device: torch.device, dtype: torch.dtype) -> str:
-    """What decides whether compiling pays: machine, kernels, torch, architecture, dtype and shape."""
+    """What decides whether compiling pays: machine, kernels, torch, architecture, dtype, shape and the
+    eager path's kernel choice (kernels.py)."""
     shape = hashlib.sha256(repr(sorted(vars(model.args).items())).encode()).hexdigest()[:12]
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"{_cpu_model()}|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()}t")
-    return f"{where}|torch {torch.__version__}|{arch}|{str(dtype).removeprefix('torch.')}|{shape}"
+    choice = getattr(model, "kernel_choice", None)
+    paths = f"|{choice.paths}" if choice is not None else ""
+    return f"{machine_key(device)}|{arch}|{str(dtype).removeprefix('torch.')}|{shape}{paths}"
 
 
-def _decisions_path() -> Path:
-    return compile_cache_dir() / "decisions.json"
+def _decisions() -> DecisionFile:
+    return DecisionFile(compile_cache_dir() / "decisions.json")
 
 
 def _read_decisions() -> dict[str, Any]:
-    try:
-        data = json.loads(_decisions_path().read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    return _decisions().read()
 
 
 def _record_decision(key: str, eager_ms: float, compiled_ms: float) -> None:
-    data = _read_decisions()
-    data[key] = {"eager_ms": eager_ms, "compiled_ms": compiled_ms, "faster": compiled_ms < eager_ms}
-    tmp = _decisions_path().with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    tmp.replace(_decisions_path())  # atomic: two loads never leave a half-written file
+    _decisions().record(key, {"eager_ms": eager_ms, "compiled_ms": compiled_ms, "faster": compiled_ms < eager_ms})
 
 
 def _point_caches_here() -> None:

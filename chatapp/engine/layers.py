@@ -163,17 +163,21 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def cpu_bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, tile: int = 128):
-    """F.linear for a bf16 weight on a CPU without bf16 instructions (CpuBf16Linear; Huginn's tied head).
+def cpu_bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, tile: int = 128,
+                    decode_tiles: bool = False, prefill_tiles: bool = True) -> torch.Tensor:
+    """F.linear for a bf16 weight on a CPU, through fp32 tiles of the weight where the kernel choice says so
+    (kernels.py picks per machine: `prefill_tiles` for calls of more than two rows, `decode_tiles` for one or
+    two).
 
-    There bf16 F.linear costs about one GEMV per row (35840 x 5280, 2-core AVX2: 35 ms for 1-2 rows, 88 ms for
-    5, 282 ms for 16; 128 x 1024 x 3072: 39 ms), so calls with more than two rows (prefill, speculative
-    verification) convert 128-row tiles of the weight to fp32 while they are hot in cache and multiply in fp32:
-    69 ms for 5 rows, 96 for 16, 245 for 64 on the first shape, without the whole-weight fp32 copy (600 ms and
-    the weight's size again per call). One or two rows stay bf16: half the bytes to read.
+    On a CPU without bf16 instructions bf16 F.linear costs about one GEMV per row (35840 x 5280, 2-core AVX2:
+    35 ms for 1-2 rows, 88 ms for 5, 282 ms for 16; 128 x 1024 x 3072: 39 ms), so the tiled path converts
+    128-row tiles of the weight to fp32 while they are hot in cache and multiplies in fp32: 69 ms for 5 rows,
+    96 for 16, 245 for 64 on the first shape, without the whole-weight fp32 copy (600 ms and the weight's
+    size again per call). The product is rounded to bf16 as F.linear's is.
     """
     rows = x.numel() // x.shape[-1]
-    if rows <= 2 or w.dtype != torch.bfloat16 or w.device.type != "cpu":
+    tiled = prefill_tiles if rows > 2 else decode_tiles
+    if not tiled or w.dtype != torch.bfloat16 or w.device.type != "cpu":
         return F.linear(x, w, bias)
     xf = x.reshape(rows, -1).float()
     out = torch.empty(rows, w.shape[0], device=x.device)
@@ -185,18 +189,14 @@ def cpu_bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
 
 
 class CpuBf16Linear(nn.Linear):
-    """nn.Linear through cpu_bf16_linear (same parameters)."""
+    """nn.Linear through cpu_bf16_linear (same parameters); kernels.apply sets which calls take the tiles."""
+
+    decode_tiles = False
+    prefill_tiles = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_bf16_linear(x, self.weight, self.bias)
-
-
-def use_cpu_bf16_linears(model: nn.Module) -> None:
-    """Switch every plain nn.Linear of a CPU bf16 model to CpuBf16Linear: the loader's post-load step where
-    the CPU lacks bf16 hardware (cpu_has_native_bf16)."""
-    for m in model.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = CpuBf16Linear
+        return cpu_bf16_linear(x, self.weight, self.bias, decode_tiles=self.decode_tiles,
+                               prefill_tiles=self.prefill_tiles)
 
 
 @torch.no_grad()
@@ -229,13 +229,3 @@ def rename(weights: dict[str, torch.Tensor], src: str, dst: str) -> None:
     """sanitize: store the tensor `src` under `dst` when the checkpoint has it (idempotent)."""
     if src in weights and dst not in weights:
         weights[dst] = weights.pop(src)
-
-
-def store_column_major(weights, widening_only: bool = True) -> None:
-    """CPU fp32 decode: give matrices [in, out] storage under their [out, in] shape (a transposed copy, same
-    shape, transposed strides), so a single-token F.linear takes MKL's x @ W GEMV, which reads fp32 about
-    1.3-2x faster here (measured per architecture, see their post_load). With `widening_only`, only matrices
-    with out > in move (the narrowing ones gain nothing). bf16 GEMV is fastest row-major: only fp32 moves."""
-    for w in weights:
-        if w.dtype == torch.float32 and w.is_contiguous() and (not widening_only or w.shape[0] > w.shape[1]):
-            w.data = w.data.t().contiguous().t()

@@ -16,7 +16,7 @@ import torch
 
 from ..units import human_bytes
 from .arch.base import ArchModel, UnknownArchitecture, arch_module
-from .layers import cpu_has_native_bf16, use_cpu_bf16_linears
+from .kernels import apply as apply_kernels, choose as choose_kernels
 
 GENESIS_META_KEY = "genesis_config_json"
 #: A tensor only Genesis checkpoints have (its zero-centred final norm).
@@ -263,9 +263,11 @@ def check_fits(model: ArchModel, device: torch.device, dtype: torch.dtype, keep_
 
 def load_model(model_dir: Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
                options: dict[str, Any] | None = None, arch: str | None = None,
-               config: dict[str, Any] | None = None, state_tokens: int = 0, quantize: str | None = None) -> ArchModel:
+               config: dict[str, Any] | None = None, state_tokens: int = 0, quantize: str | None = None,
+               kernels: Any = "auto") -> ArchModel:
     """Load a model directory strictly. Parameters end up on `device` in `dtype`. It is refused before
-    anything is allocated when its weights plus a state for `state_tokens` tokens do not fit (check_fits)."""
+    anything is allocated when its weights plus a state for `state_tokens` tokens do not fit (check_fits).
+    `kernels`: the weight layout and matmul path (kernels.choose: "auto", "reference", or a recorded choice)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise LoadError(f"model directory {model_dir} does not exist")
@@ -278,17 +280,20 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu", dtype: str |
     files = safetensors_files(model_dir)
     weights = check_inventory(model, _read_tensors(files, device, dtype, keep))
     model.load_state_dict(weights, strict=True, assign=True)
-    return prepare_for_inference(model, device, dtype, quantize, files)
+    return prepare_for_inference(model, device, dtype, quantize, files, kernels)
 
 
 def prepare_for_inference(model: ArchModel, device: torch.device, dtype: torch.dtype, quantize: str | None = None,
-                          files: list[Path] | None = None) -> ArchModel:
-    """What every loaded model gets (benchmarks that build weights in memory call it too): several-row CPU bf16
-    matmuls in fp32 tiles where the CPU lacks bf16 hardware (layers.cpu_bf16_linear), the architecture's
-    post_load (its one hook for module surgery), no grad, eval mode."""
-    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
-        use_cpu_bf16_linears(model)
+                          files: list[Path] | None = None, kernels: Any = "auto") -> ArchModel:
+    """What every loaded model gets (benchmarks that build weights in memory call it too): the architecture's
+    post_load (its one hook for module surgery), the kernel choice for this machine (kernels.py: weight
+    layouts, bf16 products; measured once per machine), no grad, eval mode."""
     model.post_load(device)
+    try:
+        choice = choose_kernels(model, dtype, device, kernels, quantize)
+    except ValueError as e:
+        raise LoadError(str(e)) from None
+    apply_kernels(model, choice)
     if quantize:
         # Weight-only int8/int4 from the loaded weights (engine/quant.py), cached by checkpoint when `files` name it.
         from .quant import quantize_model

@@ -80,11 +80,14 @@ class QuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.kind}"
 
 
-def project_head(model: nn.Module, x: torch.Tensor, weight: torch.Tensor, linear=F.linear) -> torch.Tensor:
-    """An architecture's output projection, fp32 logits: its float head (`linear(x, weight)`), or the
-    quantized copy `quantize_model` installed as `model.quant_head`."""
+def project_head(model: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """An architecture's output projection, fp32 logits: its float head (F.linear, or the product the kernel
+    choice installed as `model.head_product`), or the quantized copy `quantize_model` installed as
+    `model.quant_head`."""
     q = model._modules.get("quant_head")
-    return (q(x) if q is not None else linear(x, weight)).float()
+    if q is not None:
+        return q(x).float()
+    return model.__dict__.get("head_product", F.linear)(x, weight).float()
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

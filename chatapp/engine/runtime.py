@@ -22,6 +22,7 @@ from ..units import human_bytes
 from ..contract import (ControlChannel, ControlSpec, Controls, Done, MemoryReport, SamplingSettings, StepEvent,
                         TokenDetail, resolve_controls)
 from .arch.base import Forward, Interrupted
+from .decisions import resolve_threads
 from .generate import DecodeRequest, decode_loop, feed
 from .graphs import MODES as COMPILE_MODES, CompileReport, decode_step
 from .prompt_cache import DEFAULT_BUDGET, PromptCache
@@ -49,6 +50,10 @@ class Engine:
         # What a replay must match besides the settings (run cards; load_engine fills them in).
         self.checkpoint_sha256 = ""
         self.machine: dict[str, Any] = {}
+        choice = getattr(model, "kernel_choice", None)
+        # The weight layout and matmul path (kernels.py) as a run card records it, and the intra-op threads.
+        self.kernels: dict[str, str] = choice.as_dict() if choice is not None else {}
+        self.threads = torch.get_num_threads()
         self.controls: tuple[ControlSpec, ...] = tuple(model.control_specs())
         unknown = set(entry.controls) - {c.name for c in self.controls}
         if unknown:
@@ -192,7 +197,8 @@ class Engine:
                 "params": sum(p.numel() for p in self.model.parameters()),
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "context_limit": self.context_limit, "demo": self.entry.demo, "compile": self.compile.label,
-                "quantize": self.quantize, "checkpoint_sha256": self.checkpoint_sha256, "machine": dict(self.machine)}
+                "quantize": self.quantize, "kernels": self.kernels, "threads": self.threads,
+                "checkpoint_sha256": self.checkpoint_sha256, "machine": dict(self.machine)}
 
 
 def _rss_bytes() -> int:
@@ -215,7 +221,7 @@ def checkpoint_hash(directory: Path) -> str:
 
 def machine(device: torch.device) -> dict[str, Any]:
     """What picks the kernels besides the dtype: CPU model and PyTorch's kernel family, or the GPU; torch."""
-    from .bench import cpu_info
+    from .decisions import cpu_info
 
     cpu = cpu_info()
     out = {"cpu": cpu["model"], "kernels": f"cpu {cpu['aten_cpu_capability']}", "torch": torch.__version__}
@@ -269,14 +275,20 @@ def _quantization(entry: ModelEntry, asked: str | None, device: torch.device) ->
 
 def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", model_dir: Path | None = None,
                 progress: Callable[[str], None] | None = None, compile: str = "auto",
-                quantize: str | None = None) -> Engine:
+                quantize: str | None = None, kernels: Any = "auto", threads: int | None = None) -> Engine:
     """Load an entry (or a local directory) onto a device; `progress` receives short stage names.
 
     `compile` ("auto", "on", "off"): the decode step through torch.compile (engine/graphs.py); the outcome is
-    `engine.compile` (a CompileReport: mode, compile seconds, or why eager)."""
+    `engine.compile` (a CompileReport: mode, compile seconds, or why eager). `kernels`: the weight layout and
+    matmul path ("auto": measured once per machine; "reference": --eager's; a run card's recorded choice).
+    `threads`: intra-op threads for this process (None: $SMOLLCHAT_THREADS, else decisions.default_threads)."""
     say = progress or (lambda _msg: None)
     if compile not in COMPILE_MODES:
         raise LoadError(f"compile must be one of {', '.join(COMPILE_MODES)}, not {compile!r}")
+    try:
+        torch.set_num_threads(resolve_threads(threads))
+    except ValueError as e:
+        raise LoadError(str(e)) from None
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, entry.cpu_dtype)
     if dev.type == "cpu" and dt == torch.float16:
@@ -294,7 +306,7 @@ def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", mo
     if quant != "none":
         say(f"loading weights ({quant})")
     model = load_model(directory, dev, dt, options=entry.options, state_tokens=entry.context,
-                       quantize=None if quant == "none" else quant)
+                       quantize=None if quant == "none" else quant, kernels=kernels)
     vocab = model.vocab_size
     too_big = [s for s, i in tokenizer.specials.items() if i >= vocab]
     if too_big:

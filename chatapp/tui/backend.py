@@ -61,6 +61,8 @@ class LoadOptions:
     """--quantize: the quantization the models screen starts on (None: each entry's default)."""
     engine_process: bool = True
     """The engine in a child process (False: --no-engine-process, in the app's own)."""
+    threads: int | None = None
+    """--threads: the engine's intra-op threads, applied where it loads (None: its default)."""
 
     def quantize_unavailable(self) -> str | None:
         """Why weight-only quantization cannot be chosen in this run, or None when it can."""
@@ -75,7 +77,8 @@ class LoadOptions:
         `engine_process` is False or none can start (then here: imports torch when called)."""
         def load(entry, progress: Callable[[str], None], quantize: str | None = None) -> Any:
             options = dict(device=self.device, dtype=self.dtype, compile="off" if self.eager else self.compile,
-                           quantize="none" if self.eager else quantize)
+                           quantize="none" if self.eager else quantize,
+                           kernels="reference" if self.eager else "auto", threads=self.threads)
             if self.engine_process:
                 from ..chat.engine_host import EngineProcessUnavailable, load_engine_process
 

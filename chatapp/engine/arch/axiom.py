@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import RMSNorm, RopeTable, apply_rope_interleaved, causal_attention, fuse, store_column_major
+from ..layers import RMSNorm, RopeTable, apply_rope_interleaved, causal_attention, fuse
 from ..quant import project_head
 from ..state import KVState, StateList
 from .base import MAX_LAYERS, ArchArgs, ArchModel
@@ -116,21 +116,6 @@ class Model(ArchModel):
         x = self.norm(x)
         head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
         return project_head(self, x, head)
-
-    def post_load(self, device) -> None:
-        """CPU fp32: store the matrices that widen (out > in: q|k|v, gate|up, the head) column-major.
-
-        Same shapes, transposed strides: a single-token F.linear then takes MKL's x @ W path, measured here at
-        21-25 GB/s against 16-17 GB/s for nn.Linear's row-major [out, in] (2 threads, real shapes; decode step
-        111 -> 93 ms in one process). wo and w2 gain nothing that way and stay; bf16 reads row-major fastest
-        (column-major 10-40 % slower), so bf16 weights stay as loaded.
-        """
-        if torch.device(device).type != "cpu":
-            return
-        mats = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
-        if self.lm_head is None:
-            mats.append(self.embed.weight)  # the tied head
-        store_column_major(mats)
 
     def make_state(self, max_len: int, device, dtype) -> StateList:
         a = self.args

@@ -196,8 +196,24 @@ class ArchModel(nn.Module):
             self.lm_head = nn.Linear(head.shape[1], head.shape[0], bias=False, device=device, dtype=head.dtype)
 
     def post_load(self, device: torch.device) -> None:
-        """The one hook for module surgery after the weights are assigned (weight layouts, derived copies),
-        called by loader.prepare_for_inference after its CPU bf16 Linear swap."""
+        """The one hook for module surgery after the weights are assigned (derived copies), called by
+        loader.prepare_for_inference before the kernel choice (kernels.py) re-stores the matrices."""
+
+    def head_matrix(self) -> torch.Tensor | None:
+        """The weight the output head multiplies by: an untied lm_head's, or the tied embedding's."""
+        from ..quant import head_weight
+
+        found = head_weight(self)
+        return found[1] if found is not None else None
+
+    def matrices(self) -> list[torch.Tensor]:
+        """The weights whose layout and product the kernel choice (kernels.py) sets: every nn.Linear's and
+        the head's."""
+        mats = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
+        head = self.head_matrix()
+        if head is not None and all(head is not w for w in mats):
+            mats.append(head)
+        return mats
 
     @property
     def max_context(self) -> int:

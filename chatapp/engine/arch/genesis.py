@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import PartialRope, RMSNorm, apply_rope_matrices, fuse, rename, rms_norm, store_column_major
+from ..layers import PartialRope, RMSNorm, apply_rope_matrices, fuse, rename, rms_norm
 from ..quant import project_head
 from ..ops.forgetting_attn import forgetting_attn_chunk, forgetting_attn_step
 from ..ops.forgetting_attn.cache import ForgettingKVCache
@@ -300,15 +300,6 @@ class Model(ArchModel):
         # Gate parameters stay fp32 (the reference computes every gate in fp32); names as stored.
         self.FP32_TENSORS = {f"blocks.{i}.attn.{n}" for i in range(args.n_layer)
                              for n in ("A_log", "dt_bias", "fgate_proj.bias", "fgate_bias")}
-
-    def post_load(self, device) -> None:
-        # CPU fp32 GEMV reads a weight stored [in, out] about twice as fast as nn.Linear's [out, in] (MKL's
-        # x @ W path: 14 -> 30 GB/s measured on the 50279 x 576 head); same shapes, transposed storage.
-        # bf16 GEMV is the other way round, so only fp32 weights move.
-        if torch.device(device).type != "cpu":
-            return
-        store_column_major((m.weight for m in self.modules() if isinstance(m, (nn.Linear, nn.Embedding))),
-                           widening_only=False)
 
     @property
     def max_context(self) -> int:

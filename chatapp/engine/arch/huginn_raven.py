@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import CpuBf16Linear, RMSNorm, RopeTable, apply_rope_interleaved, causal_attention, cpu_bf16_linear
+from ..layers import RMSNorm, RopeTable, apply_rope_interleaved, causal_attention
 from ..quant import project_head
 from ...contract import resolve_controls
 from .base import MAX_LAYERS, ArchArgs, ArchModel, ControlSpec, Forward, Interrupted, check_cancel
@@ -260,9 +260,7 @@ class Model(ArchModel):
             h = block(h, cos, sin, state, -(i + 1))
         h = self.transformer.ln_f(h[:, -1:] if last_only else h)
         head = self.lm_head.weight if self.lm_head is not None else self.transformer.wte.weight
-        # The tied head takes the loader's CPU bf16 path too when its Linears did (65536 x 5280: the largest matrix).
-        linear = cpu_bf16_linear if isinstance(self.transformer.adapter, CpuBf16Linear) else F.linear
-        return project_head(self, h, head, linear), z
+        return project_head(self, h, head), z
 
     def _adaptive(self, x, e, max_steps: int, rule: ExitRule, c, rope, state, last_only: bool, cancel, values):
         """Iterate until the exit rule fires (checked between steps, on the host), at most max_steps;

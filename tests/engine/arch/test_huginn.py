@@ -251,10 +251,10 @@ def test_speculation_steps_aside_for_adaptive_exit_and_warm_starts(model):
 
 
 def test_a_bf16_cpu_load_routes_linears_through_the_row_tiles(fx, golden, monkeypatch):
-    from chatapp.engine import loader
+    from chatapp.engine import kernels
     from chatapp.engine.layers import CpuBf16Linear
 
-    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(kernels, "cpu_has_native_bf16", lambda: False)
     model = load_model(fx, "cpu", torch.bfloat16)
     assert isinstance(model.transformer.core_block[0].mlp.fc, CpuBf16Linear)
     with torch.inference_mode():

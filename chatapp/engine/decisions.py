@@ -1,0 +1,143 @@
+"""What this machine is, for the choices measured on it, and the files that remember those choices.
+
+Two choices are measured once per machine and then read back: whether the compiled decode step pays
+(graphs.py) and which weight layout and matmul path each dtype takes (kernels.py). Both key their records
+by `machine_key`: the CPU model and ISA flags, PyTorch's kernel family and the environment variables that
+steer it (ATEN_CPU_CAPABILITY, MKL_*, ONEDNN_*/DNNL_*), the torch version and the intra-op thread count,
+so a record made under another capability or another torch is never reused. Also here: the default
+thread count (physical cores minus one for the UI, all of them on a machine of two or fewer).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..contract import THREADS_ENV
+
+#: ISA flags worth recording (from /proc/cpuinfo), the ones that pick PyTorch's kernels.
+FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile",
+         "amx_bf16", "amx_int8", "asimd", "sve")
+#: Environment variables (by prefix) that change which kernels PyTorch, MKL and oneDNN run.
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_", "ONEDNN_", "DNNL_")
+
+
+def _cpuinfo() -> tuple[str, set[str], int | None]:
+    """(model name, flags, physical cores) from /proc/cpuinfo; the cores None where it does not say."""
+    model, flags, cores = "", set(), set()
+    phys = core = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name" and not model:
+                    model = value
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+                elif key == "physical id":
+                    phys = value
+                elif key == "core id":
+                    core = value
+                elif not key and core is not None:  # a blank line ends one logical CPU's block
+                    cores.add((phys, core))
+                    core = None
+            if core is not None:
+                cores.add((phys, core))
+    except OSError:
+        pass
+    return model or platform.processor() or platform.machine(), flags, len(cores) or None
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, the ISA flags above that it has, PyTorch's kernel family, cores and load."""
+    model, flags, _ = _cpuinfo()
+    return {"model": model, "flags": [f for f in FLAGS if f in flags], "aten_cpu_capability":
+            torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else []}
+
+
+def cpu_model() -> str:
+    return _cpuinfo()[0]
+
+
+def kernel_env() -> dict[str, str]:
+    """The set variables that steer PyTorch's, MKL's and oneDNN's kernel choice."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(KERNEL_ENV)}
+
+
+def machine_key(device: torch.device) -> str:
+    """Names what a measured choice depends on besides the model: the machine, its kernel family and
+    environment, torch, and (on CPU) the intra-op threads."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}|torch {torch.__version__}"
+    info = cpu_info()
+    env = ",".join(f"{k}={v}" for k, v in kernel_env().items())
+    return (f"{info['model']}|{'+'.join(info['flags'])}|{info['aten_cpu_capability']}|{env}|"
+            f"torch {torch.__version__}|{torch.get_num_threads()}t")
+
+
+class DecisionFile:
+    """A JSON object of measured decisions by key. Reads forgive a missing or damaged file (nothing is
+    known then); writes are atomic (a temporary file renamed over it), so two loads never leave half a file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, key: str) -> Any:
+        return self.read().get(key)
+
+    def record(self, key: str, value: Any) -> None:
+        data = self.read()
+        data[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, counting a core's hyper-threads once where /proc/cpuinfo tells."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    _, _, cores = _cpuinfo()
+    logical = os.cpu_count() or usable
+    if cores and logical > cores:  # SMT: scale the usable logical CPUs by threads per core
+        return max(1, usable * cores // logical)
+    return usable
+
+
+def default_threads(cores: int | None = None) -> int:
+    """Intra-op threads when none is asked: all physical cores but one, which the UI (and the OS) keep.
+    On two cores or fewer, every core: one decode thread halves the GEMV bandwidth, and the UI's work is
+    a few per cent of one core (bench/README.md, "Kernel choice and threads")."""
+    cores = physical_cores() if cores is None else cores
+    return cores - 1 if cores > 2 else max(1, cores)
+
+
+def resolve_threads(asked: int | None = None) -> int:
+    """The thread count to use: `asked`, else $SMOLLCHAT_THREADS, else default_threads(). ValueError for a
+    count below 1 or an unreadable variable, saying what to set."""
+    if asked is None:
+        raw = os.environ.get(THREADS_ENV, "").strip()
+        if not raw:
+            return default_threads()
+        try:
+            asked = int(raw)
+        except ValueError:
+            raise ValueError(f"${THREADS_ENV} must be a whole number of threads, not {raw!r}") from None
+    if asked < 1:
+        raise ValueError(f"the thread count must be at least 1, not {asked}")
+    return asked

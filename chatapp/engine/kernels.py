@@ -1,0 +1,312 @@
+"""Per-machine choice of each dtype's weight layout and matmul path, measured on the running machine.
+
+A layout or kernel tuned on one CPU was slower on the next (issue 14: column-major fp32 GEMV won 1.3-2x on an
+AVX2 Zen 3; the fp32 tiles that won 3-6x for bf16 prefill there lost to plain bf16 GEMMs on an AMX Xeon), so
+nothing here is decided by CPU flags alone. The candidates, for each class of matrix (widening: out > in,
+such as q|k|v, gate|up and the head; narrowing: the rest), since the two classes have gone different ways:
+
+- layout: row-major [out, in] (nn.Linear's own) or column-major (same shape, transposed strides, so a
+  one-row F.linear takes MKL's x @ W GEMV);
+- bf16 only, the product for one or two rows (decode) and for more (prefill): plain F.linear in bf16, or
+  the weight converted to fp32 in 128-row tiles (layers.cpu_bf16_linear).
+
+The measurement runs once per machine (decisions.machine_key: CPU model and flags, ATEN_CPU_CAPABILITY and
+the MKL/oneDNN variables, torch, threads), dtype and model shape, at load, on random matrices of the model's
+own most common shape per class (at most ~16 MB each, rotated through several copies so that each call
+reads memory as a decode step does), the candidates alternating, median per candidate; one three times
+slower than the best after the first round drops out, so a load spends well under 2 s on it. The result is
+kept in `<cache>/kernels.json`; later loads read it. A model with under MIN_MEASURE_BYTES of matrices (the
+demos) gets DEFAULT without measuring, and "reference" (--eager) is row-major plain F.linear: the reference
+numerics. A replay forces the choice its run card recorded (`KernelChoice.from_dict`).
+
+Not a candidate: oneDNN prepacked bf16 weights (torch.ops.mkldnn._reorder_linear_weight with
+_linear_pointwise, or torch._C._nn.mkldnn_linear on to_mkldnn() tensors). torch 2.13 refuses both for bf16
+on a CPU without avx512bw/vl/dq or avx_ne_convert ("bf16 path needs the cpu support ..."), which is the
+AVX2 machine this was written on, so no machine here could check their numerics. Prepacked fp32 through
+the same ops ran 3.5-4x slower than F.linear here (5632 x 1024 GEMV: 12.0 against 3.1 ms).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from .. import locations
+from .decisions import DecisionFile, machine_key
+from .layers import CpuBf16Linear, cpu_bf16_linear, cpu_has_native_bf16
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("row", "column")
+PRODUCTS = ("linear", "tiles")
+CLASSES = ("widening", "narrowing")
+#: Models with fewer matrix bytes than this are not measured (DEFAULT): the demos, and the tests' models.
+MIN_MEASURE_BYTES = 64 * 2**20
+#: A measured matrix is cut to at most this many bytes (its input width kept), and rotated through copies
+#: totalling POOL_BYTES so that calls read memory rather than cache.
+MATRIX_BYTES = 16 * 2**20
+POOL_BYTES = 48 * 2**20
+#: Rows of a measured prefill product, and timed rounds per case.
+PREFILL_ROWS = 16
+ROUNDS = 5
+#: After the first round a candidate this many times slower than the best stops being timed.
+DROP_RATIO = 3.0
+
+Timer = Callable[[str, "MatrixPath", Callable[[], Any]], float]
+
+
+@dataclass(frozen=True)
+class MatrixPath:
+    """How one class of matrix is stored and multiplied: "layout/decode/prefill", e.g. "row/linear/tiles"."""
+
+    layout: str = "row"
+    decode: str = "linear"
+    prefill: str = "linear"
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS or self.decode not in PRODUCTS or self.prefill not in PRODUCTS:
+            raise ValueError(f"unknown matrix path {self}: the layout is one of {', '.join(LAYOUTS)}, the products "
+                             f"one of {', '.join(PRODUCTS)}")
+
+    def __str__(self) -> str:
+        return f"{self.layout}/{self.decode}/{self.prefill}"
+
+    @classmethod
+    def parse(cls, text: str) -> MatrixPath:
+        parts = str(text).split("/")
+        if len(parts) != 3:
+            raise ValueError(f"a matrix path is layout/decode/prefill (e.g. row/linear/tiles), not {text!r}")
+        return cls(*parts)
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The paths of one dtype's two classes of matrix, and how they were decided: "reference" (--eager, or
+    a device other than the CPU), "default" (not measured), "measured", "cached" (measured by an earlier
+    load) or "recorded" (forced, e.g. by a replay). `timings` are the measured medians (ms) by case."""
+
+    dtype: str
+    widening: MatrixPath = MatrixPath()
+    narrowing: MatrixPath = MatrixPath()
+    source: str = "reference"
+    timings: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def paths(self) -> str:
+        return f"widening {self.widening}, narrowing {self.narrowing}"
+
+    @property
+    def label(self) -> str:
+        """e.g. "widening column/linear/linear, narrowing row/linear/linear (measured)"."""
+        return f"{self.paths} ({self.source})"
+
+    def path_for(self, w: torch.Tensor) -> MatrixPath:
+        return self.widening if w.shape[0] > w.shape[1] else self.narrowing
+
+    def as_dict(self) -> dict[str, str]:
+        """What a run card records (replay forces it back through from_dict)."""
+        return {"dtype": self.dtype, "widening": str(self.widening), "narrowing": str(self.narrowing),
+                "source": self.source}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "recorded") -> KernelChoice:
+        try:
+            return cls(str(d["dtype"]), MatrixPath.parse(d["widening"]), MatrixPath.parse(d["narrowing"]), source)
+        except KeyError as e:
+            raise ValueError(f"a recorded kernel choice lacks {e.args[0]!r}: {dict(d)}") from None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def reference(dtype: torch.dtype) -> KernelChoice:
+    """Row-major weights, plain F.linear: the reference numerics (--eager)."""
+    return KernelChoice(_dtype_name(dtype))
+
+
+def default(dtype: torch.dtype) -> KernelChoice:
+    """The choice for a model too small to measure: column-major fp32 widening matrices (faster on every CPU
+    measured so far), bf16 prefill in fp32 tiles where the CPU lacks bf16 instructions."""
+    if dtype == torch.bfloat16:
+        path = MatrixPath("row", "linear", "linear" if cpu_has_native_bf16() else "tiles")
+        return KernelChoice("bfloat16", path, path, "default")
+    return KernelChoice(_dtype_name(dtype), MatrixPath("column"), MatrixPath("row"), "default")
+
+
+def candidates(dtype: torch.dtype, case: str, decode: MatrixPath = MatrixPath()) -> list[MatrixPath]:
+    """The paths tried for `case`: "decode" (the layout, and for bf16 the one-row product) or "prefill" (bf16:
+    the several-row product, on what decode chose)."""
+    if case == "decode":
+        paths = [MatrixPath("row"), MatrixPath("column")]
+        return paths + [MatrixPath("row", "tiles", "tiles")] if dtype == torch.bfloat16 else paths
+    return [MatrixPath(decode.layout, decode.decode, p) for p in PRODUCTS]
+
+
+def wall_timer(case: str, path: MatrixPath, fn: Callable[[], Any]) -> float:
+    """Seconds one call of `fn` takes (the measurement's clock; tests pass their own)."""
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def representative_shapes(mats: list[torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """Per class, the [out, in] shape holding the most bytes in the model (ties: the first met)."""
+    by_class: dict[str, Counter] = {c: Counter() for c in CLASSES}
+    for w in mats:
+        out_f, in_f = w.shape
+        by_class["widening" if out_f > in_f else "narrowing"][(out_f, in_f)] += w.numel()
+    return {c: count.most_common(1)[0][0] for c, count in by_class.items() if count}
+
+
+def _pool(shape: tuple[int, int], dtype: torch.dtype, layout: str, itemsize: int) -> list[torch.Tensor]:
+    """Random matrices of `shape`, cut to MATRIX_BYTES (rows dropped, the input width kept), in `layout`,
+    enough copies to fill POOL_BYTES (at least two)."""
+    out_f, in_f = shape
+    rows = max(1, min(out_f, MATRIX_BYTES // (in_f * itemsize)))
+    copies = max(2, min(8, POOL_BYTES // (rows * in_f * itemsize)))
+    gen = torch.Generator().manual_seed(0)
+    pool = []
+    for _ in range(copies):
+        w = (torch.randn(rows, in_f, generator=gen) * 0.02).to(dtype)
+        pool.append(w.t().contiguous().t() if layout == "column" else w)
+    return pool
+
+
+def _product(path: MatrixPath, x: torch.Tensor, pool: list[torch.Tensor]) -> Callable[[], Any]:
+    decode_tiles, prefill_tiles = path.decode == "tiles", path.prefill == "tiles"
+
+    def call() -> None:
+        for w in pool:
+            cpu_bf16_linear(x, w, decode_tiles=decode_tiles, prefill_tiles=prefill_tiles)
+    return call
+
+
+def _race(case: str, paths: list[MatrixPath], calls: dict[MatrixPath, Callable[[], Any]], timer: Timer,
+          budget_s: float) -> dict[str, float]:
+    """Time the paths alternately, round by round; ms per call by path (median of the rounds after the
+    first, which warms up). A path DROP_RATIO times slower than the best in the first round stops; rounds
+    stop at ROUNDS, or after two once `budget_s` of timed calls is spent."""
+    seen: dict[MatrixPath, list[float]] = {p: [] for p in paths}
+    spent = 0.0
+    for r in range(ROUNDS):
+        for p in seen:
+            t = timer(case, p, calls[p])
+            seen[p].append(t)
+            spent += t
+        if r == 0:
+            best = min(v[0] for v in seen.values())
+            seen = {p: v for p, v in seen.items() if v[0] <= DROP_RATIO * best}
+        elif spent > budget_s:
+            break
+    return {str(p): 1000 * statistics.median(v[1:] or v) for p, v in seen.items()}
+
+
+def measure(shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype, timer: Timer = wall_timer,
+            budget_s: float = 0.35) -> tuple[dict[str, MatrixPath], dict[str, dict[str, float]]]:
+    """The fastest path per class on this machine, and the medians (ms) each case measured."""
+    item = torch.empty((), dtype=dtype).element_size()
+    chosen: dict[str, MatrixPath] = {}
+    timings: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for cls, shape in shapes.items():
+            pools = {layout: _pool(shape, dtype, layout, item) for layout in LAYOUTS}
+            one = torch.randn(1, shape[1]).to(dtype)
+            paths = candidates(dtype, "decode")
+            case = f"{cls} decode {shape[0]}x{shape[1]}"
+            timings[case] = _race(case, paths, {p: _product(p, one, pools[p.layout]) for p in paths}, timer, budget_s)
+            best = MatrixPath.parse(min(timings[case], key=timings[case].get))
+            if dtype == torch.bfloat16:
+                rows = torch.randn(PREFILL_ROWS, shape[1]).to(dtype)
+                paths = candidates(dtype, "prefill", best)
+                case = f"{cls} prefill {PREFILL_ROWS} rows"
+                # One matrix: a several-row product reads its weight once for many rows.
+                calls = {p: _product(p, rows, pools[p.layout][:1]) for p in paths}
+                timings[case] = _race(case, paths, calls, timer, budget_s)
+                best = MatrixPath.parse(min(timings[case], key=timings[case].get))
+            chosen[cls] = best
+            del pools
+    return chosen, timings
+
+
+def _decisions() -> DecisionFile:
+    return DecisionFile(locations.cache_dir() / "kernels.json")
+
+
+def decision_key(device: torch.device, dtype: torch.dtype, shapes: Mapping[str, tuple[int, int]]) -> str:
+    """The machine (decisions.machine_key), the dtype and the shapes measured."""
+    shape = ",".join(f"{c}={o}x{i}" for c, (o, i) in sorted(shapes.items()))
+    return f"{machine_key(device)}|{_dtype_name(dtype)}|{shape}"
+
+
+def choose(model: nn.Module, dtype: torch.dtype, device: torch.device, kernels: Any = "auto",
+           quantize: str | None = None, timer: Timer | None = None) -> KernelChoice:
+    """The kernel choice for a loaded model (before `apply`).
+
+    `kernels`: "auto" (measured once per machine, dtype and shape; DEFAULT for small models), "reference"
+    (--eager), or a KernelChoice / run-card dict to force (replay). Quantized models are not measured: their
+    large matrices are swapped for packed ones.
+    """
+    if isinstance(kernels, Mapping):
+        kernels = KernelChoice.from_dict(kernels)
+    if isinstance(kernels, KernelChoice):
+        if kernels.dtype != _dtype_name(dtype):
+            raise ValueError(f"the kernel choice was made for {kernels.dtype}, the model is {_dtype_name(dtype)}")
+        return kernels
+    if kernels not in ("auto", "reference"):
+        raise ValueError(f"kernels must be auto, reference or a recorded choice, not {kernels!r}")
+    if device.type != "cpu" or kernels == "reference" or dtype not in (torch.float32, torch.bfloat16):
+        return reference(dtype)
+    if quantize:
+        return KernelChoice(_dtype_name(dtype), source="quantized")
+    mats = [w for w in model.matrices() if w.dtype == dtype and w.dim() == 2]
+    if sum(w.numel() * w.element_size() for w in mats) < MIN_MEASURE_BYTES:
+        return default(dtype)
+    shapes = representative_shapes(mats)
+    key = decision_key(device, dtype, shapes)
+    seen = _decisions().get(key)
+    if isinstance(seen, dict):
+        try:
+            return KernelChoice.from_dict(seen, "cached")
+        except ValueError:
+            pass  # written by another version: measure again
+    t = time.perf_counter()
+    chosen, timings = measure(shapes, dtype, timer or wall_timer)
+    fallback = default(dtype)
+    choice = KernelChoice(_dtype_name(dtype), chosen.get("widening", fallback.widening),
+                          chosen.get("narrowing", fallback.narrowing), "measured", timings)
+    _decisions().record(key, {**choice.as_dict(), "timings_ms": timings,
+                              "measure_s": round(time.perf_counter() - t, 3)})
+    log.info("kernel choice for %s: %s in %.2f s", key, choice.paths, time.perf_counter() - t)
+    return choice
+
+
+def apply(model: nn.Module, choice: KernelChoice) -> None:
+    """Store the model's matrices in the chosen layouts and route its bf16 products; remembers the choice
+    as `model.kernel_choice` (Engine.info, run cards)."""
+    dtype = getattr(torch, choice.dtype)
+    for w in model.matrices():
+        if w.dtype == dtype and w.dim() == 2 and w.is_contiguous() and choice.path_for(w).layout == "column":
+            # Same shape, transposed strides: a one-row F.linear then runs MKL's x @ W GEMV.
+            w.data = w.data.t().contiguous().t()
+    if dtype == torch.bfloat16:
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.weight.dtype == dtype:
+                path = choice.path_for(m.weight)
+                if "tiles" in (path.decode, path.prefill):
+                    m.__class__ = CpuBf16Linear
+                    m.decode_tiles, m.prefill_tiles = path.decode == "tiles", path.prefill == "tiles"
+        head = model.head_matrix()
+        if head is not None and head.dtype == dtype:
+            path = choice.path_for(head)
+            if "tiles" in (path.decode, path.prefill):
+                model.head_product = functools.partial(cpu_bf16_linear, decode_tiles=path.decode == "tiles",
+                                                       prefill_tiles=path.prefill == "tiles")
+    model.kernel_choice = choice
