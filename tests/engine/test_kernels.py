@@ -1,0 +1,189 @@
+"""The per-machine kernel choice (engine/kernels.py): the measurement picks whatever its clock says is fastest,
+is remembered per machine (a changed ATEN_CPU_CAPABILITY is another machine), and every path it can pick
+gives the reference path's logits within the dtype's tolerance on every golden fixture."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chatapp import locations
+from chatapp.catalog import get_entry
+from chatapp.engine import decisions, kernels
+from chatapp.engine.kernels import MatrixPath
+from chatapp.engine.layers import CpuBf16Linear
+from chatapp.engine.loader import LoadError, load_model
+from chatapp.engine.runtime import load_engine
+from tests.engine.arch.test_huginn import ZERO
+from tests.engine.closeness import assert_close, dtype_tolerance
+
+SHAPES = {"widening": (96, 32), "narrowing": (32, 80)}
+
+
+def forced(fastest: dict[str, str], calls: list | None = None):
+    """A clock under which, per case prefix ("widening decode", ...), the path named there takes 1 ms and any
+    other 2 ms; `calls` collects (case, path) of every timed call. Nothing is run."""
+    def timer(case, path, fn):
+        if calls is not None:
+            calls.append((case, str(path)))
+        want = next((v for k, v in fastest.items() if case.startswith(k)), None)
+        return 0.001 if str(path) == want else 0.002
+    return timer
+
+
+@pytest.mark.parametrize("widening, narrowing", [("row/linear/linear", "column/linear/linear"),
+                                                 ("column/linear/linear", "row/linear/linear")])
+def test_fp32_measurement_picks_the_forced_fastest_layout(widening, narrowing):
+    chosen, timings = kernels.measure(SHAPES, torch.float32, forced({"widening decode": widening,
+                                                                    "narrowing decode": narrowing}))
+    assert (str(chosen["widening"]), str(chosen["narrowing"])) == (widening, narrowing)
+    assert set(timings) == {"widening decode 96x32", "narrowing decode 32x80"}  # fp32 has no product to choose
+
+
+@pytest.mark.parametrize("decode", ["row/linear/linear", "column/linear/linear", "row/tiles/tiles"])
+@pytest.mark.parametrize("prefill", ["linear", "tiles"])
+def test_bf16_measurement_picks_the_forced_decode_then_prefill_path(decode, prefill):
+    layout, product, _ = decode.split("/")
+    want = f"{layout}/{product}/{prefill}"
+    chosen, _ = kernels.measure(SHAPES, torch.bfloat16, forced({"widening decode": decode, "narrowing decode": decode,
+                                                                "widening prefill": want, "narrowing prefill": want}))
+    assert str(chosen["widening"]) == str(chosen["narrowing"]) == want
+
+
+def test_a_path_three_times_slower_is_timed_once():
+    calls = []
+
+    def timer(case, path, fn):
+        calls.append(str(path))
+        return 0.01 if path.layout == "column" else 0.001
+    chosen, timings = kernels.measure({"widening": (96, 32)}, torch.float32, timer)
+    assert str(chosen["widening"]) == "row/linear/linear"
+    assert calls.count("column/linear/linear") == 1 and calls.count("row/linear/linear") == kernels.ROUNDS
+    assert list(timings["widening decode 96x32"]) == ["row/linear/linear"]
+
+
+def test_the_real_clock_times_real_products():
+    # The default timer runs the candidates (tiny matrices: microseconds) and returns positive medians.
+    chosen, timings = kernels.measure({"narrowing": (16, 48)}, torch.bfloat16)
+    assert chosen["narrowing"].layout in kernels.LAYOUTS
+    assert all(ms > 0 for case in timings.values() for ms in case.values())
+
+
+@pytest.fixture
+def measured_small(monkeypatch):
+    """Every model is big enough to measure, under a forced clock that prefers column-major fp32 matrices."""
+    monkeypatch.setattr(kernels, "MIN_MEASURE_BYTES", 0)
+    calls = []
+    monkeypatch.setattr(kernels, "wall_timer", forced({"widening decode": "column/linear/linear",
+                                                       "narrowing decode": "column/linear/linear"}, calls))
+    return calls
+
+
+def test_a_measured_choice_is_recorded_and_reused(measured_small, fixtures_root):
+    model = load_model(fixtures_root / "axiom", dtype="float32")
+    assert model.kernel_choice.source == "measured"
+    assert str(model.kernel_choice.widening) == str(model.kernel_choice.narrowing) == "column/linear/linear"
+    assert model.layers[0].ffn.w2.weight.stride() == (1, model.layers[0].ffn.w2.weight.shape[0])  # narrowing moved
+    record = json.loads((locations.cache_dir() / "kernels.json").read_text())
+    (key, value), = record.items()
+    assert key.startswith(decisions.machine_key(torch.device("cpu"))) and value["widening"] == "column/linear/linear"
+    n = len(measured_small)
+    again = load_model(fixtures_root / "axiom", dtype="float32")
+    assert again.kernel_choice.source == "cached" and again.kernel_choice.paths == model.kernel_choice.paths
+    assert len(measured_small) == n  # nothing timed the second time
+
+
+def test_another_aten_cpu_capability_is_another_machine(measured_small, fixtures_root, monkeypatch):
+    cpu = torch.device("cpu")
+    before = kernels.decision_key(cpu, torch.float32, SHAPES)
+    load_model(fixtures_root / "axiom", dtype="float32")
+    n = len(measured_small)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    assert kernels.decision_key(cpu, torch.float32, SHAPES) != before
+    assert load_model(fixtures_root / "axiom", dtype="float32").kernel_choice.source == "measured"
+    assert len(measured_small) > n
+    assert len(json.loads((locations.cache_dir() / "kernels.json").read_text())) == 2
+
+
+def test_threads_and_dtype_are_part_of_the_key(monkeypatch):
+    cpu = torch.device("cpu")
+    key = kernels.decision_key(cpu, torch.float32, SHAPES)
+    assert kernels.decision_key(cpu, torch.bfloat16, SHAPES) != key
+    before = torch.get_num_threads()
+    torch.set_num_threads(before + 1)
+    try:
+        assert kernels.decision_key(cpu, torch.float32, SHAPES) != key
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_small_models_take_the_default_and_eager_the_reference(fixtures_root, monkeypatch):
+    fp32 = load_model(fixtures_root / "byrne", dtype="float32")
+    assert fp32.kernel_choice == kernels.default(torch.float32) and fp32.kernel_choice.source == "default"
+    ref = load_model(fixtures_root / "byrne", dtype="float32", kernels="reference")
+    assert ref.kernel_choice.label == "widening row/linear/linear, narrowing row/linear/linear (reference)"
+    assert all(p.is_contiguous() for p in ref.parameters())
+    assert all(type(m) is torch.nn.Linear for m in ref.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(kernels, "cpu_has_native_bf16", lambda: True)
+    assert str(kernels.default(torch.bfloat16).widening) == "row/linear/linear"
+
+
+def test_a_recorded_choice_is_forced_and_checked(fixtures_root):
+    rec = {"dtype": "bfloat16", "widening": "row/tiles/tiles", "narrowing": "column/linear/linear", "source": "measured"}
+    model = load_model(fixtures_root / "axiom", dtype="bfloat16", kernels=rec)
+    assert model.kernel_choice.source == "recorded" and model.kernel_choice.as_dict()["widening"] == "row/tiles/tiles"
+    w13, w2 = model.layers[0].ffn.w13, model.layers[0].ffn.w2
+    assert type(w13) is CpuBf16Linear and w13.decode_tiles and w13.prefill_tiles and w13.weight.is_contiguous()
+    assert type(w2) is torch.nn.Linear and not w2.weight.is_contiguous()
+    assert model.head_product.keywords == {"decode_tiles": True, "prefill_tiles": True}  # the tied head widens
+    with pytest.raises(LoadError, match="made for bfloat16, the model is float32"):
+        load_model(fixtures_root / "axiom", dtype="float32", kernels=rec)
+    with pytest.raises(LoadError, match="layout/decode/prefill"):
+        load_model(fixtures_root / "axiom", dtype="bfloat16", kernels={**rec, "widening": "row"})
+    with pytest.raises(ValueError, match="unknown matrix path"):
+        MatrixPath.parse("diagonal/linear/linear")
+
+
+def test_the_engine_reports_its_choice():
+    engine = load_engine(get_entry("axiom-tiny"), device="cpu", dtype="float32", compile="off")
+    assert engine.info()["kernels"] == {"dtype": "float32", "widening": "column/linear/linear",
+                                        "narrowing": "row/linear/linear", "source": "default"}
+    eager = load_engine(get_entry("axiom-tiny"), device="cpu", dtype="float32", compile="off", kernels="reference")
+    assert eager.info()["kernels"]["source"] == "reference"
+
+
+PATHS = {torch.float32: ["column/linear/linear"],
+         torch.bfloat16: ["row/tiles/tiles", "column/linear/linear", "row/linear/tiles"]}
+
+
+def _prefill_then_decode(model, ids: torch.Tensor, dtype: torch.dtype, decoded: int = 4) -> torch.Tensor:
+    """Logits of a prefill of all but the last `decoded` ids (many-row products) and of one-token steps."""
+    controls = ZERO if "huginn" in type(model).__module__ else None
+    state = model.make_state(ids.shape[1], "cpu", dtype)
+    with torch.inference_mode():
+        out = [model.infer(ids[:, :-decoded], state, controls).logits]
+        out += [model.infer(ids[:, i:i + 1], state, controls).logits for i in range(ids.shape[1] - decoded, ids.shape[1])]
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("arch", ["axiom", "byrne", "genesis", "odinnext", "huginn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_path_gives_the_reference_logits(fixtures_root, arch, dtype):
+    d = fixtures_root / arch
+    if not d.is_dir():
+        pytest.skip(f"no {arch} fixture")
+    ids = load_file(str(d / "golden.safetensors"))["input_ids"]
+    ref = _prefill_then_decode(load_model(d, dtype=dtype, kernels="reference"), ids, dtype)
+    name = str(dtype).removeprefix("torch.")
+    for path in PATHS[dtype]:
+        model = load_model(d, dtype=dtype, kernels={"dtype": name, "widening": path, "narrowing": path})
+        got = _prefill_then_decode(model, ids, dtype)
+        assert_close(got, ref, dtype=dtype, what=f"{arch} {name} {path}")
+        # The greedy choice agrees wherever the reference's top two are further apart than the tolerance.
+        top2 = ref.float().topk(2, dim=-1).values
+        rel = dtype_tolerance(dtype)
+        clear = (top2[..., 0] - top2[..., 1]) > 2 * (rel + rel * ref.float().abs().max().item())
+        assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear]), f"{arch} {name} {path}"
+
