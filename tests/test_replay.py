@@ -100,3 +100,32 @@ def test_huginn_depth_changed_mid_reply_takes_effect_at_the_next_token_and_repla
     channel = ControlChannel(schedule={2: {"cache_strategy": "latest-m4"}})
     with pytest.raises(ValueError, match="cache_strategy cannot change"):
         list(session.engine.generate([1, 2, 3], None, fixed, channel=channel))
+
+
+def test_the_kernel_choice_and_threads_are_recorded_forced_on_replay_and_named_when_they_differ(tmp_path, capsys,
+                                                                                                   monkeypatch):
+    from chatapp.engine import runtime
+
+    engine, session, conv, reply, _ = _chat("axiom-tiny", {"temperature": 0.0, "max_new_tokens": 6})
+    card = reply.run["engine"]
+    assert card["kernels"] == engine.info()["kernels"] and card["kernels"]["source"] == "default"
+    assert card["threads"] == engine.info()["threads"] == 1  # the tests' $SMOLLCHAT_THREADS
+    # The replay loads the recorded path: the kernel choice forced, the same thread count.
+    loads = []
+    real = runtime.load_engine
+    monkeypatch.setattr(runtime, "load_engine", lambda *a, **kw: loads.append(kw) or real(*a, **kw))
+    assert _replay(tmp_path, conv) == 0 and "identical" in capsys.readouterr().out
+    assert loads[0]["kernels"] == card["kernels"] and loads[0]["threads"] == 1
+    # Recorded on another path: named as the likely reasons (how a choice was reached is not a difference).
+    now = dict(card["kernels"])
+    reply.run["engine"]["kernels"] = {**now, "widening": "column/linear/linear"}
+    reply.run["engine"]["threads"] = 2
+    reply.token_ids[2] = (reply.token_ids[2] + 1) % 1000
+    result = replay(session, conv, reply)
+    assert result.index == 2 and result.reasons == [
+        f"different kernel choice (recorded {now['dtype']} widening column/linear/linear, narrowing "
+        f"{now['narrowing']}, now {now['dtype']} widening {now['widening']}, narrowing {now['narrowing']})",
+        "different thread count (recorded 2, now 1)"]
+    reply.run["engine"]["kernels"] = {**now, "source": "measured"}
+    reply.run["engine"]["threads"] = 1
+    assert replay(session, conv, reply).reasons[0].startswith("nothing recorded differs")

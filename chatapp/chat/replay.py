@@ -2,7 +2,8 @@
 *identical*, or name the first token that differs and the likely reason.
 
 The run card (chat/session.py) records the model and revision, the checkpoint's sha256, dtype,
-quantization, compiled or eager decode, the kernel family and machine, the seed and every sampling
+quantization, compiled or eager decode, the kernel choice (weight layouts and products, engine/kernels.py)
+and thread count, the kernel family and machine, the seed and every sampling
 setting, the complete controls (and any changed while the reply streamed, with the token where each
 began) and the sha256 of the prompt ids. The replay renders the same conversation up to the reply's
 parent (spliced reply ids included), checks that it gives the same prompt ids, and generates with the
@@ -57,12 +58,14 @@ def pick_reply(conv: Conversation, message_id: str | None) -> Message:
 
 
 def recorded_path(card: dict[str, Any]) -> dict[str, Any]:
-    """How to load the engine as the run card says: model id, device kind, dtype, quantization, compile."""
+    """How to load the engine as the run card says: model id, device kind, dtype, quantization, compile, the
+    kernel choice ("auto" where the card has none) and the thread count (None: the default)."""
     engine = card.get("engine", {})
     compiled = str(engine.get("compile", "")).startswith("compiled")
     return {"model_id": card.get("model_id"), "device": str(engine.get("device", "cpu")).split(":")[0] or "cpu",
             "dtype": engine.get("dtype") or "auto", "quantize": engine.get("quantize", "none"),
-            "compile": "on" if compiled else "off"}
+            "compile": "on" if compiled else "off", "kernels": engine.get("kernels") or "auto",
+            "threads": engine.get("threads")}
 
 
 def replay(session: Session, conv: Conversation, msg: Message) -> ReplayResult:
@@ -140,7 +143,16 @@ def _differences(card: dict[str, Any], info: dict[str, Any], prompt_same: bool) 
     differ("dtype", was.get("dtype"), info.get("dtype"))
     differ("quantization", was.get("quantize"), info.get("quantize"))
     differ("kernel family", machine_was.get("kernels"), machine_now.get("kernels"))
+    differ("kernel choice", _paths(was.get("kernels")), _paths(info.get("kernels")))
     differ("decode step", str(was.get("compile", "")).split(" ")[0], str(info.get("compile", "")).split(" ")[0])
+    differ("thread count", was.get("threads"), info.get("threads"))
     differ("machine", machine_was.get("cpu"), machine_now.get("cpu"))
     differ("torch", machine_was.get("torch"), machine_now.get("torch"))
     return out
+
+
+def _paths(kernels: Any) -> str | None:
+    """A kernel choice's paths without how it was reached (a measured and a cached choice are the same path)."""
+    if not isinstance(kernels, dict) or "widening" not in kernels:
+        return None
+    return f"{kernels.get('dtype')} widening {kernels['widening']}, narrowing {kernels.get('narrowing')}"

@@ -487,10 +487,11 @@ class Session:
             **({"demo_seed": e.demo_seed} if e.demo else {}),
             "app_version": _app_version(),
             # What else decides the tokens, for an exact replay (chat/replay.py): the weights, their
-            # quantization, compiled or eager decode, the kernel family and machine.
+            # quantization, compiled or eager decode, the kernel choice and threads, the kernel family and machine.
             "engine": {"device": info.get("device", ""), "dtype": info.get("dtype", ""),
                        "context_limit": eng.context_limit, "quantize": info.get("quantize", "none"),
-                       "compile": info.get("compile", ""), "checkpoint_sha256": info.get("checkpoint_sha256", ""),
+                       "compile": info.get("compile", ""), "kernels": dict(info.get("kernels") or {}),
+                       "threads": info.get("threads"), "checkpoint_sha256": info.get("checkpoint_sha256", ""),
                        "machine": dict(info.get("machine", {}))},
             "settings": _jsonable(asdict(settings)),
             "seed": settings.seed,

@@ -43,8 +43,10 @@ def run(args) -> int:
     entry = resolve_entry(path["model_id"])
     # The recorded device when this machine has one, else the CPU (the report then names the machine).
     device = "cuda" if path["device"] == "cuda" and torch.cuda.is_available() else "cpu"
+    # The recorded kernel choice only on the recorded device kind (a CUDA run's says "reference").
+    kernels = path["kernels"] if device == path["device"] else "auto"
     engine = load_engine(entry, device=device, dtype=path["dtype"], quantize=path["quantize"],
-                         compile=path["compile"])
+                         compile=path["compile"], kernels=kernels, threads=path["threads"])
     result = replay(Session(engine, inspect=None), conv, msg)
     if args.replay_json:
         print(json.dumps({"message": msg.id, **result.__dict__}, ensure_ascii=False))
