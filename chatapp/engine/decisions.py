@@ -121,8 +121,9 @@ def physical_cores() -> int:
 
 def default_threads(cores: int | None = None) -> int:
     """Intra-op threads when none is asked: all physical cores but one, which the UI (and the OS) keep.
-    On two cores or fewer, every core: one decode thread halves the GEMV bandwidth, and the UI's work is
-    a few per cent of one core (bench/README.md, "Kernel choice and threads")."""
+    On two cores or fewer, every core: Axiom's bf16 decode (the catalog's CPU dtype) ran 10.7 tok/s on one
+    thread and 18 on two on a 2-vCPU EPYC (bench/axiom.md; fp32 the same on both), a loss the UI's few per
+    cent of a core does not repay."""
     cores = physical_cores() if cores is None else cores
     return cores - 1 if cores > 2 else max(1, cores)
 

@@ -42,10 +42,13 @@ from .state import StateList
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "on", "off")
-#: Architectures whose one-token forward compiles as one graph (fullgraph=True) and matches eager. Not yet:
-#: spike_whale (its engram cache key calls Tensor.is_inference(), which dynamo cannot trace), Huginn (Python
-#: control flow inside a step: adaptive exit), OdinNext/Genesis (recurrences not yet measured under inductor).
-COMPILABLE = frozenset({"axiom"})
+#: Architectures whose one-token forward compiles as one graph (fullgraph=True) and matches eager; "auto" still
+#: compiles one only where "on" measured it faster here. Byrne's derived caches are read unchecked inside a
+#: compiled step (spike_whale_parts.param_key). Measured with inductor on the demos (fp32, 1 thread, load ~7):
+#: byrne-tiny 13.5 -> 7.6 ms a step, odinnext-tiny 15.0 -> 4.9, genesis-tiny 14.0 -> 2.2 (bench/compile.md),
+#: logits within 1e-6. Not Huginn: Python
+#: control flow inside a step (adaptive exit, speculative drafts).
+COMPILABLE = frozenset({"axiom", "spike_whale", "odinnext", "genesis"})
 #: Timed steps per path when "on" measures compiled against eager (alternating, medians).
 MEASURE_STEPS = 7
 

@@ -136,9 +136,9 @@ def test_auto_follows_the_recorded_measurement(monkeypatch):
 
 def test_uncompiled_architecture_and_bad_mode():
     engine = load_engine(get_entry("axiom-tiny"), device="cpu", dtype="float32", compile="off")
-    step, report = graphs.decode_step(engine.model, "odinnext", engine.state, engine.device, engine.dtype, "on")
+    step, report = graphs.decode_step(engine.model, "huginn_raven", engine.state, engine.device, engine.dtype, "on")
     assert step == engine.model.infer
-    assert not report.active and report.reason == "the odinnext step is not compiled"
+    assert not report.active and report.reason == "the huginn_raven step is not compiled"
     with pytest.raises(LoadError, match="compile must be one of auto, on, off"):
         load_engine(get_entry("axiom-tiny"), device="cpu", compile="fast")
 
@@ -152,3 +152,40 @@ def test_cuda_graph_step_gives_eager_tokens():
     assert greedy(graphed) == greedy(eager)
     # The prompt cache restores into the same buffers, so a second reply still runs on the captured graphs.
     assert greedy(graphed) == greedy(eager)
+
+
+def test_byrne_s_derived_caches_trace_without_a_graph_break():
+    # The engram's code weight and the static hyper-connection mixes are cached against their parameters' version
+    # (is_inference(), _version: untraceable); a compiled step reads what the eager prefill cached, unchanged.
+    from chatapp.engine.arch.spike_whale_parts import EngramMemory, HyperConnection
+
+    engine = load_engine(get_entry("byrne-tiny"), device="cpu", dtype="float32", compile="off")
+    engram = next(m for m in engine.model.modules() if isinstance(m, EngramMemory))
+    hc = next(m for m in engine.model.modules() if isinstance(m, HyperConnection) and not m.dynamic)
+    with torch.inference_mode():
+        engine.model.infer(torch.tensor([[1, 2, 3]]), engine.state)
+        want = (engram.code_weight(engine.device), *hc.static_mixes(engine.dtype))
+        traced = torch.compile(lambda: (engram.code_weight(engine.device), *hc.static_mixes(engine.dtype)),
+                               fullgraph=True, backend="eager")
+        got = traced()
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry_id", ["byrne-tiny", "odinnext-tiny", "genesis-tiny"])
+def test_the_newly_compilable_steps_trace_as_one_graph_with_eager_logits(entry_id):
+    # Dynamo alone (backend="eager": the captured graph runs the same kernels), so equality holds by construction;
+    # the state the traced steps write is what the next eager step reads.
+    engine = load_engine(get_entry(entry_id), device="cpu", dtype="float32", compile="off")
+    assert engine.entry.architecture in graphs.COMPILABLE
+    model, state = engine.model, engine.state
+    traced = torch.compile(lambda ids, s: model(ids, s, last_only=True), fullgraph=True, backend="eager")
+    with torch.inference_mode():
+        model.infer(torch.tensor([[1, 2, 3, 4, 5]]), state)
+        tok = torch.tensor([[7]])
+        for _ in range(4):
+            snap = state.snapshot()
+            ref = model.infer(tok, state, last_only=True).logits
+            state.restore(snap)
+            assert torch.equal(traced(tok, state), ref)
+            tok = ref[0, -1].argmax().view(1, 1)

@@ -17,7 +17,12 @@ from ..state import LayerState
 
 def param_key(*params: torch.Tensor) -> tuple:
     """Identity of parameter values, for caches derived from them: a reload replaces the tensors, an
-    in-place edit bumps their version (inference tensors, from a load under inference_mode, keep none)."""
+    in-place edit bumps their version (inference tensors, from a load under inference_mode, keep none).
+
+    Inside a compiled decode step (graphs.py) the caches are read as they are, unchecked:
+    dynamo cannot trace is_inference() or a version counter, and the step only ever runs after an eager
+    prefill has filled them, on weights that do not change while the compiled step lives (a reload builds a
+    new model and a new step). Same tensors, so the same numerics as eager."""
     return tuple((id(p), p.data_ptr(), p.dtype, p.device, 0 if p.is_inference() else p._version) for p in params)
 
 
@@ -94,6 +99,8 @@ class EngramMemory(nn.Module):
     def code_weight(self, device: torch.device) -> torch.Tensor:
         """proj placed on the window slots, [C * W, L * bits]: one GEMM computes every lookup's code.
         Cached: it changes only with the weights or the reading options."""
+        if torch.compiler.is_compiling() and self._weight is not None:
+            return self._weight[1]  # a compiled step reads the cache as it is (param_key)
         sel, _, _ = self._select(device)
         key = (self._selector[0], param_key(self.proj))
         if self._weight is None or self._weight[0] != key:
@@ -168,6 +175,8 @@ class HyperConnection(nn.Module):
     def static_mixes(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """pre [n], post [n, 1], res [n, n] in `dtype`, rebuilt only when the parameters change:
         thirty-two Sinkhorn loops per decode step would cost more than the layers' matmuls."""
+        if torch.compiler.is_compiling() and self._mix is not None and self._mix[0][0] == dtype:
+            return self._mix[1:]  # a compiled step reads the cache as it is (param_key)
         key = (dtype, param_key(self.pre_logits, self.post_logits, self.res_logits))
         if self._mix is None or self._mix[0] != key:
             with torch.inference_mode(False), torch.no_grad():
