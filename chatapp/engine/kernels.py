@@ -13,11 +13,14 @@ such as q|k|v, gate|up and the head; narrowing: the rest), since the two classes
 The measurement runs once per machine (decisions.machine_key: CPU model and flags, ATEN_CPU_CAPABILITY and
 the MKL/oneDNN variables, torch, threads), dtype and model shape, at load, on random matrices of the model's
 own most common shape per class (at most ~16 MB each, rotated through several copies so that each call
-reads memory as a decode step does), the candidates alternating, median per candidate; one three times
-slower than the best after the first round drops out, so a load spends well under 2 s on it. The result is
-kept in `<cache>/kernels.json`; later loads read it. A model with under MIN_MEASURE_BYTES of matrices (the
-demos) gets DEFAULT without measuring, and "reference" (--eager) is row-major plain F.linear: the reference
-numerics. A replay forces the choice its run card recorded (`KernelChoice.from_dict`).
+reads memory as a decode step does; all of them within an eighth of the model's matrix bytes), the
+candidates alternating, median per candidate; one three times slower than the best after the first round
+drops out, and rounds stop once ~0.35 s per case is spent, so a load spends well under 2 s on it. The result
+is kept in `<cache>/kernels.json`; later loads read it. A model with under MIN_MEASURE_BYTES of matrices
+(the demos) gets `default()` without measuring, and "reference" (--eager) is row-major plain F.linear: the
+reference numerics. A replay forces the choice its run card recorded (`KernelChoice.from_dict`). Moving a
+matrix to column-major copies it; the mapped checkpoint pages it leaves are released (release_mapped), so a
+float32 load that maps its file still holds one copy of the weights.
 
 Not a candidate: oneDNN prepacked bf16 weights (torch.ops.mkldnn._reorder_linear_weight with
 _linear_pointwise, or torch._C._nn.mkldnn_linear on to_mkldnn() tensors). torch 2.13 refuses both for bf16
@@ -27,9 +30,12 @@ the same ops ran 3.5-4x slower than F.linear here (5632 x 1024 GEMV: 12.0 agains
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
+import mmap
 import statistics
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,7 +56,8 @@ CLASSES = ("widening", "narrowing")
 #: Models with fewer matrix bytes than this are not measured (DEFAULT): the demos, and the tests' models.
 MIN_MEASURE_BYTES = 64 * 2**20
 #: A measured matrix is cut to at most this many bytes (its input width kept), and rotated through copies
-#: totalling POOL_BYTES so that calls read memory rather than cache.
+#: totalling POOL_BYTES per layout (at most an eighth of the model's matrices in all) so that calls read
+#: memory rather than cache.
 MATRIX_BYTES = 16 * 2**20
 POOL_BYTES = 48 * 2**20
 #: Rows of a measured prefill product, and timed rounds per case.
@@ -166,12 +173,12 @@ def representative_shapes(mats: list[torch.Tensor]) -> dict[str, tuple[int, int]
     return {c: count.most_common(1)[0][0] for c, count in by_class.items() if count}
 
 
-def _pool(shape: tuple[int, int], dtype: torch.dtype, layout: str, itemsize: int) -> list[torch.Tensor]:
-    """Random matrices of `shape`, cut to MATRIX_BYTES (rows dropped, the input width kept), in `layout`,
-    enough copies to fill POOL_BYTES (at least two)."""
+def _pool(shape: tuple[int, int], dtype: torch.dtype, layout: str, itemsize: int, pool_bytes: int) -> list[torch.Tensor]:
+    """Random matrices of `shape`, cut to MATRIX_BYTES or half of `pool_bytes` (rows dropped, the input width
+    kept), in `layout`, enough copies to fill `pool_bytes` (at least two)."""
     out_f, in_f = shape
-    rows = max(1, min(out_f, MATRIX_BYTES // (in_f * itemsize)))
-    copies = max(2, min(8, POOL_BYTES // (rows * in_f * itemsize)))
+    rows = max(1, min(out_f, min(MATRIX_BYTES, pool_bytes // 2) // (in_f * itemsize)))
+    copies = max(2, min(8, pool_bytes // (rows * in_f * itemsize)))
     gen = torch.Generator().manual_seed(0)
     pool = []
     for _ in range(copies):
@@ -210,14 +217,15 @@ def _race(case: str, paths: list[MatrixPath], calls: dict[MatrixPath, Callable[[
 
 
 def measure(shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype, timer: Timer = wall_timer,
-            budget_s: float = 0.35) -> tuple[dict[str, MatrixPath], dict[str, dict[str, float]]]:
-    """The fastest path per class on this machine, and the medians (ms) each case measured."""
+            budget_s: float = 0.35, memory: int = 2 * POOL_BYTES) -> tuple[dict[str, MatrixPath], dict[str, dict[str, float]]]:
+    """The fastest path per class on this machine, and the medians (ms) each case measured. The random
+    matrices take at most about `memory` bytes at a time (both layouts' pools)."""
     item = torch.empty((), dtype=dtype).element_size()
     chosen: dict[str, MatrixPath] = {}
     timings: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
         for cls, shape in shapes.items():
-            pools = {layout: _pool(shape, dtype, layout, item) for layout in LAYOUTS}
+            pools = {layout: _pool(shape, dtype, layout, item, memory // 2) for layout in LAYOUTS}
             one = torch.randn(1, shape[1]).to(dtype)
             paths = candidates(dtype, "decode")
             case = f"{cls} decode {shape[0]}x{shape[1]}"
@@ -278,7 +286,9 @@ def choose(model: nn.Module, dtype: torch.dtype, device: torch.device, kernels: 
         except ValueError:
             pass  # written by another version: measure again
     t = time.perf_counter()
-    chosen, timings = measure(shapes, dtype, timer or wall_timer)
+    # The measurement's matrices stay within an eighth of the model's: the load's peak memory barely moves.
+    memory = min(2 * POOL_BYTES, sum(w.numel() * w.element_size() for w in mats) // 8)
+    chosen, timings = measure(shapes, dtype, timer or wall_timer, memory=memory)
     fallback = default(dtype)
     choice = KernelChoice(_dtype_name(dtype), chosen.get("widening", fallback.widening),
                           chosen.get("narrowing", fallback.narrowing), "measured", timings)
@@ -288,6 +298,38 @@ def choose(model: nn.Module, dtype: torch.dtype, device: torch.device, kernels: 
     return choice
 
 
+def _file_mapping(ptr: int) -> bool:
+    """Whether address `ptr` lies in a file mapping of this process (/proc/self/maps names a path)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= ptr < hi:
+                return len(parts) == 6 and parts[5].startswith("/")
+    return False
+
+
+def release_mapped(t: torch.Tensor) -> bool:
+    """Drop the pages of a tensor that is a view of a mapped checkpoint file once its values have been copied
+    (madvise DONTNEED; Linux). A float32 load uses the safetensors mapping in place, and the mapping lives
+    while any of its tensors does, so without this a re-laid-out matrix would be held twice (its mapped pages
+    and the copy): 2.2x the weights at the peak instead of one matrix more. File pages, so a later read of the
+    old view would find the file's bytes again; anonymous memory is never touched. True when released."""
+    n = t.numel() * t.element_size()
+    if not sys.platform.startswith("linux") or n < 16 * mmap.PAGESIZE:
+        return False
+    try:
+        if not _file_mapping(t.data_ptr()):
+            return False
+        lo = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = (t.data_ptr() + n) // mmap.PAGESIZE * mmap.PAGESIZE
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc.madvise(lo, hi - lo, mmap.MADV_DONTNEED) == 0
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def apply(model: nn.Module, choice: KernelChoice) -> None:
     """Store the model's matrices in the chosen layouts and route its bf16 products; remembers the choice
     as `model.kernel_choice` (Engine.info, run cards)."""
@@ -295,7 +337,9 @@ def apply(model: nn.Module, choice: KernelChoice) -> None:
     for w in model.matrices():
         if w.dtype == dtype and w.dim() == 2 and w.is_contiguous() and choice.path_for(w).layout == "column":
             # Same shape, transposed strides: a one-row F.linear then runs MKL's x @ W GEMV.
-            w.data = w.data.t().contiguous().t()
+            old = w.data
+            w.data = old.t().contiguous().t()
+            release_mapped(old)
     if dtype == torch.bfloat16:
         for m in model.modules():
             if isinstance(m, nn.Linear) and m.weight.dtype == dtype:
