@@ -187,3 +187,20 @@ def test_every_path_gives_the_reference_logits(fixtures_root, arch, dtype):
         clear = (top2[..., 0] - top2[..., 1]) > 2 * (rel + rel * ref.float().abs().max().item())
         assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear]), f"{arch} {name} {path}"
 
+
+
+def test_only_file_mapped_pages_are_released_and_the_values_stay(tmp_path):
+    import sys
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(512, 256)}, str(tmp_path / "w.safetensors"))
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt", device="cpu") as f:
+        w = f.get_tensor("w")
+    ref = w.clone()
+    assert kernels.release_mapped(w) == sys.platform.startswith("linux")
+    assert torch.equal(w, ref)  # dropped pages of a file read back as the file's bytes
+    anon = torch.randn(512, 256)
+    kept = anon.clone()
+    assert not kernels.release_mapped(anon) and torch.equal(anon, kept)
