@@ -15,7 +15,7 @@ the MKL/oneDNN variables, torch, threads), dtype and model shape, at load, on ra
 own most common shape per class (at most ~16 MB each, rotated through several copies so that each call
 reads memory as a decode step does; all of them within an eighth of the model's matrix bytes), the
 candidates alternating, median per candidate; one three times slower than the best after the first round
-drops out, and rounds stop once ~0.35 s per case is spent, so a load spends well under 2 s on it. The result
+drops out, and rounds stop once ~0.25 s per case is spent, so a load spends well under 2 s on it. The result
 is kept in `<cache>/kernels.json`; later loads read it. A model with under MIN_MEASURE_BYTES of matrices
 (the demos) gets `default()` without measuring, and "reference" (--eager) is row-major plain F.linear: the
 reference numerics. A replay forces the choice its run card recorded (`KernelChoice.from_dict`). Moving a
@@ -179,11 +179,12 @@ def _pool(shape: tuple[int, int], dtype: torch.dtype, layout: str, itemsize: int
     out_f, in_f = shape
     rows = max(1, min(out_f, min(MATRIX_BYTES, pool_bytes // 2) // (in_f * itemsize)))
     copies = max(2, min(8, pool_bytes // (rows * in_f * itemsize)))
-    gen = torch.Generator().manual_seed(0)
     pool = []
-    for _ in range(copies):
-        w = (torch.randn(rows, in_f, generator=gen) * 0.02).to(dtype)
-        pool.append(w.t().contiguous().t() if layout == "column" else w)
+    for i in range(copies):
+        # A constant fill: the kernels' time does not depend on the values, and drawing random ones cost more
+        # than the timing under load.
+        w = torch.full((in_f, rows) if layout == "column" else (rows, in_f), 0.01 * (i + 1), dtype=dtype)
+        pool.append(w.t() if layout == "column" else w)
     return pool
 
 
@@ -197,10 +198,10 @@ def _product(path: MatrixPath, x: torch.Tensor, pool: list[torch.Tensor]) -> Cal
 
 
 def _race(case: str, paths: list[MatrixPath], calls: dict[MatrixPath, Callable[[], Any]], timer: Timer,
-          budget_s: float) -> dict[str, float]:
-    """Time the paths alternately, round by round; ms per call by path (median of the rounds after the
-    first, which warms up). A path DROP_RATIO times slower than the best in the first round stops; rounds
-    stop at ROUNDS, or after two once `budget_s` of timed calls is spent."""
+          budget_s: float, per: int = 1) -> dict[str, float]:
+    """Time the paths alternately, round by round; ms per matrix by path (median of the rounds after the
+    first, which warms up; a call multiplies by `per` matrices). A path DROP_RATIO times slower than the best
+    in the first round stops; rounds stop at ROUNDS, or once `budget_s` of timed calls is spent."""
     seen: dict[MatrixPath, list[float]] = {p: [] for p in paths}
     spent = 0.0
     for r in range(ROUNDS):
@@ -211,13 +212,13 @@ def _race(case: str, paths: list[MatrixPath], calls: dict[MatrixPath, Callable[[
         if r == 0:
             best = min(v[0] for v in seen.values())
             seen = {p: v for p, v in seen.items() if v[0] <= DROP_RATIO * best}
-        elif spent > budget_s:
+        if spent > budget_s:
             break
-    return {str(p): 1000 * statistics.median(v[1:] or v) for p, v in seen.items()}
+    return {str(p): 1000 * statistics.median(v[1:] or v) / per for p, v in seen.items()}
 
 
 def measure(shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype, timer: Timer = wall_timer,
-            budget_s: float = 0.35, memory: int = 2 * POOL_BYTES) -> tuple[dict[str, MatrixPath], dict[str, dict[str, float]]]:
+            budget_s: float = 0.25, memory: int = 2 * POOL_BYTES) -> tuple[dict[str, MatrixPath], dict[str, dict[str, float]]]:
     """The fastest path per class on this machine, and the medians (ms) each case measured. The random
     matrices take at most about `memory` bytes at a time (both layouts' pools)."""
     item = torch.empty((), dtype=dtype).element_size()
@@ -229,14 +230,17 @@ def measure(shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype, timer: Ti
             one = torch.randn(1, shape[1]).to(dtype)
             paths = candidates(dtype, "decode")
             case = f"{cls} decode {shape[0]}x{shape[1]}"
-            timings[case] = _race(case, paths, {p: _product(p, one, pools[p.layout]) for p in paths}, timer, budget_s)
+            calls = {p: _product(p, one, pools[p.layout]) for p in paths}
+            timings[case] = _race(case, paths, calls, timer, budget_s, len(pools["row"]))
             best = MatrixPath.parse(min(timings[case], key=timings[case].get))
             if dtype == torch.bfloat16:
                 rows = torch.randn(PREFILL_ROWS, shape[1]).to(dtype)
                 paths = candidates(dtype, "prefill", best)
                 case = f"{cls} prefill {PREFILL_ROWS} rows"
-                # One matrix: a several-row product reads its weight once for many rows.
-                calls = {p: _product(p, rows, pools[p.layout][:1]) for p in paths}
+                # A quarter of one matrix: a several-row product reads its weight once for many rows, and a
+                # slow path here can take hundreds of ms a call on a busy machine.
+                part = {k: v[0][:max(1, v[0].shape[0] // 4)] for k, v in pools.items()}
+                calls = {p: _product(p, rows, [part[p.layout]]) for p in paths}
                 timings[case] = _race(case, paths, calls, timer, budget_s)
                 best = MatrixPath.parse(min(timings[case], key=timings[case].get))
             chosen[cls] = best
