@@ -81,13 +81,17 @@ def test_the_one_shot_answer_runs_on_the_asked_threads(capsys):
         torch.set_num_threads(before)
 
 
-def test_the_tui_hands_the_count_to_the_engine_through_the_environment(monkeypatch):
-    # The TUI process never imports torch at start-up: the count travels in $SMOLLCHAT_THREADS to wherever the
-    # engine loads.
-    from chatapp.tui import app
+def test_the_tui_loads_its_engines_on_the_asked_threads(monkeypatch):
+    # The TUI never imports torch itself: the count rides in its load options to wherever the engine loads
+    # (the engine process, or this one), and --eager asks for the reference kernels there too.
+    from chatapp.tui import app, backend
 
-    monkeypatch.setenv(THREADS_ENV, "1")  # restored after the test
     started = []
     monkeypatch.setattr(app, "make_app", lambda **kw: type("App", (), {"run": lambda self: started.append(kw)})())
-    assert main(["--fake", "--threads", "3"]) == 0
-    assert started and os.environ[THREADS_ENV] == "3"
+    assert main(["--fake", "--threads", "3", "--eager"]) == 0
+    options = started[0]["load_options"]
+    assert options.threads == 3 and options.eager
+    loads = []
+    monkeypatch.setattr("chatapp.engine.runtime.load_engine", lambda entry, **kw: loads.append(kw))
+    backend.LoadOptions(threads=3, eager=True, engine_process=False).loader()("axiom-tiny", lambda _m: None)
+    assert loads[0]["threads"] == 3 and loads[0]["kernels"] == "reference"
