@@ -168,8 +168,7 @@ class EngineHost:
 
     def cancel(self) -> None:
         """Stop the call that is running now in the child."""
-        if self._link.dead is None:
-            self._link.send(("cancel", None))
+        self._link.send_quietly(("cancel", None))
 
     def close(self) -> None:
         """End the child (open calls end with EngineProcessError); idempotent."""
@@ -189,7 +188,7 @@ class EngineHost:
         try:
             relay = None
             if channel is not None:
-                relay = channel.relay(lambda values: link.send(("control", call, dict(values))))
+                relay = channel.relay(lambda values: link.send_quietly(("control", call, dict(values))))
             link.send(("generate", call, list(ids), settings, None if controls is None else dict(controls), detail,
                        relay))
             while True:
@@ -212,12 +211,9 @@ class EngineHost:
             link.calls.pop(call, None)
             if channel is not None:
                 channel.relay(None)
-            if not finished and link.dead is None:
+            if not finished:
                 # The consumer stopped listening (or failed) before the end: the child stops this call too.
-                try:
-                    link.send(("cancel", call))
-                except EngineProcessError:
-                    pass
+                link.send_quietly(("cancel", call))
 
 
 class _Link:
@@ -266,6 +262,13 @@ class _Link:
                 self.conn.send(msg)
         except (OSError, ValueError):
             raise EngineProcessError(self.dead or "the engine process is gone") from None
+
+    def send_quietly(self, msg: tuple) -> None:
+        """Send where a child that is gone needs no word here: the open call reports it."""
+        try:
+            self.send(msg)
+        except EngineProcessError:
+            pass
 
     def ask(self, what: str, arg: Any, timeout: float = ASK_TIMEOUT_S) -> tuple[bool, Any]:
         req = next(self.ids)
@@ -360,8 +363,9 @@ class _Link:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
         self.conn.close()
-        if threading.current_thread() is not self.reader:
-            self.reader.join(timeout=5)
+        reader = getattr(self, "reader", None)  # none yet when the recipe could not be sent
+        if reader is not None and threading.current_thread() is not reader:
+            reader.join(timeout=5)
         self.log.close()
 
 
