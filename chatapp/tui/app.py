@@ -2,8 +2,8 @@
 
 `make_app(...)` builds the app from explicit inputs (posting's factory pattern): the CLI calls it
 with a model id and system prompt, the tests with a FakeEngine, a temporary Store and a
-FakeDownloader. Nothing here imports torch: the real engine is imported by the load worker, only
-when a model is actually loaded.
+FakeDownloader. Nothing here imports torch: a model loads into its own process (chat/engine_host.py),
+or with --no-engine-process the load worker imports the engine, only when a model is actually loaded.
 """
 from __future__ import annotations
 
