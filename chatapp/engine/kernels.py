@@ -174,7 +174,7 @@ def representative_shapes(mats: list[torch.Tensor]) -> dict[str, tuple[int, int]
 
 
 def _pool(shape: tuple[int, int], dtype: torch.dtype, layout: str, itemsize: int, pool_bytes: int) -> list[torch.Tensor]:
-    """Random matrices of `shape`, cut to MATRIX_BYTES or half of `pool_bytes` (rows dropped, the input width
+    """Constant-filled matrices of `shape`, cut to MATRIX_BYTES or half of `pool_bytes` (rows dropped, the input width
     kept), in `layout`, enough copies to fill `pool_bytes` (at least two)."""
     out_f, in_f = shape
     rows = max(1, min(out_f, min(MATRIX_BYTES, pool_bytes // 2) // (in_f * itemsize)))
