@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 LAYOUTS = ("row", "column")
 PRODUCTS = ("linear", "tiles")
 CLASSES = ("widening", "narrowing")
-#: Models with fewer matrix bytes than this are not measured (DEFAULT): the demos, and the tests' models.
+#: Models with fewer matrix bytes than this are not measured (default()): the demos, and the tests' models.
 MIN_MEASURE_BYTES = 64 * 2**20
 #: A measured matrix is cut to at most this many bytes (its input width kept), and rotated through copies
 #: totalling POOL_BYTES per layout (at most an eighth of the model's matrices in all) so that calls read
@@ -262,7 +262,7 @@ def choose(model: nn.Module, dtype: torch.dtype, device: torch.device, kernels: 
            quantize: str | None = None, timer: Timer | None = None) -> KernelChoice:
     """The kernel choice for a loaded model (before `apply`).
 
-    `kernels`: "auto" (measured once per machine, dtype and shape; DEFAULT for small models), "reference"
+    `kernels`: "auto" (measured once per machine, dtype and shape; default() for small models), "reference"
     (--eager), or a KernelChoice / run-card dict to force (replay). Quantized models are not measured: their
     large matrices are swapped for packed ones.
     """
