@@ -67,8 +67,10 @@ def run_peers(run: PeerRun, say: Callable[[str], None]) -> dict[str, Any]:
     if run.architecture == "axiom":
         say("peer: llama.cpp llama-bench")
         out["llama.cpp"] = _guard(lambda: llama_cpp(run, say))
+        say("peer: HF transformers LlamaForCausalLM (eager attention)")
         out["hf-transformers-llama"] = _optional("transformers", lambda: hf_llama(run))
     elif run.architecture == "genesis":
+        say("peer: genesis-llm")
         out["genesis-llm"] = _optional("genesis", lambda: genesis_llm(run), "pip install --no-deps genesis-llm")
     elif run.architecture == "odinnext":
         say("peer: plain eager HGRN2")

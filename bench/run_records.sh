@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The real-size records of bench/README.md, one process at a time (never two at once on a 2-core machine),
+# each with its peers, the load average before each run kept beside its record.
+#   LLAMA_BENCH=/work/llama-build/bin/llama-bench THREADS=2 bash bench/run_records.sh [axiom|genesis|...]
+# Records: bench/results/<model>-<dtype>-<quantize>-t<threads>.json, uptime lines in bench/results/uptime.log.
+set -u
+cd "$(dirname "$0")/.."
+THREADS=${THREADS:-2}
+OUT=bench/results
+mkdir -p "$OUT"
+run() {  # run NAME ARGS...: one record
+  local name=$1; shift
+  echo "$(date -u +%H:%M:%S) $name: $(uptime)" | tee -a "$OUT/uptime.log"
+  python -m chatapp bench "$@" --threads "$THREADS" --json "$OUT/$name-t$THREADS.json" 2>&1 | grep -v "^\[bench"
+}
+want=${1:-all}
+if [[ $want == all || $want == axiom ]]; then
+  for q in none int8 int4; do
+    run "axiom-bfloat16-$q" axiom --dtype bfloat16 --quantize "$q" ${LLAMA_BENCH:+--llama-bench "$LLAMA_BENCH"}
+  done
+fi
+[[ $want == all || $want == genesis ]] && run genesis-bfloat16-none genesis --dtype bfloat16
+[[ $want == all || $want == odinnext ]] && run odinnext-bfloat16-none odinnext --dtype bfloat16
+[[ $want == all || $want == byrne ]] && run byrne-float32-none-quick byrne --quick
+[[ $want == all || $want == huginn ]] && run huginn-bfloat16-none-quick huginn --quick
+exit 0
