@@ -21,6 +21,7 @@ alternatives are computed by engine/token_detail.py, only when a TokenDetail ask
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -32,6 +33,8 @@ from ..contract import SamplingSettings
 CANDIDATES = 256
 #: Top-k takes this many extra candidates so that ties at the k-th score stay on the candidate path.
 TIE_MARGIN = 16
+#: Rows up to this long go to the host whole instead of through topk (the demo vocabularies are ~260 ids).
+_HOST_ROW = 4096
 #: Ids per block of the CPU candidate search (`top_candidates`): a 100k row has ~1,600 blocks.
 _BLOCK = 64
 #: Probability buckets of the exact top-p: 1/32-logit wide, 128 logits deep (the rest share the last).
@@ -51,6 +54,11 @@ def banned_ngram_tokens(history: list[int], n: int, table: dict[tuple[int, ...],
     return {history[i + n - 1] for i in range(len(history) - n + 1) if tuple(history[i:i + n - 1]) == key}
 
 
+@functools.lru_cache(maxsize=4)
+def _arange(n: int) -> torch.Tensor:
+    return torch.arange(n)
+
+
 def top_candidates(scores: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`torch.topk(scores, c)` of a [V] row: the same values, descending (ids of equal values may come in
     another order). On CPU, for a row much longer than c, through block maxima: torch.topk first copies the
@@ -62,13 +70,13 @@ def top_candidates(scores: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Te
     nb = n // _BLOCK
     if scores.device.type != "cpu" or nb < 8 * c:
         return torch.topk(scores, c)
-    body = scores[:nb * _BLOCK].view(nb, _BLOCK)
+    cut = nb * _BLOCK
+    body = scores[:cut].view(nb, _BLOCK)
     rows = torch.topk(body.amax(1), c, sorted=False).indices
-    vals, j = torch.topk(torch.cat((body.index_select(0, rows).view(-1), scores[nb * _BLOCK:])), c)
-    # Position j among the gathered ids -> the id: block rows[j // 64], or the tail after c whole blocks.
-    jb = j // _BLOCK
-    ids = torch.where(jb < c, rows[jb.clamp(max=c - 1)] * _BLOCK + j % _BLOCK, j + (nb - c) * _BLOCK)
-    return vals, ids
+    vals, j = torch.topk(torch.cat((body.index_select(0, rows).view(-1), scores[cut:])), c)
+    # The same gather on the ids themselves maps a position among the candidates back to its id.
+    ids = _arange(n)
+    return vals, torch.cat((ids[:cut].view(nb, _BLOCK).index_select(0, rows).view(-1), ids[cut:]))[j]
 
 
 def filter_candidates(scores: torch.Tensor, s: SamplingSettings) -> tuple[np.ndarray, np.ndarray, bool] | None:
@@ -86,13 +94,28 @@ def filter_candidates(scores: torch.Tensor, s: SamplingSettings) -> tuple[np.nda
     if not k and s.top_p >= 1.0 and s.min_p <= 0.0:
         return None
     c = min(v_size, k + TIE_MARGIN if k else CANDIDATES)
-    vals_t, ids_t = top_candidates(scores, c)
-    parts = [vals_t.double(), ids_t.double()]
-    if not k and s.top_p < 1.0:
-        # Top-p without top-k measures mass against the whole row's normaliser.
-        parts.append((scores / s.temperature).logsumexp(0).double().view(1))
-    host = torch.cat(parts).cpu().numpy()
-    vals, ids = host[:c].astype(np.float32), host[c:2 * c].astype(np.int64)
+    # Top-p without top-k measures mass against the whole row's normaliser.
+    whole_lse = not k and s.top_p < 1.0
+    if v_size <= _HOST_ROW:
+        # A short row crosses whole and is ordered there (a sort of a few hundred floats is microseconds):
+        # every id is a candidate, so the answer is always exact.
+        c = v_size
+        row = scores.cpu().numpy()
+        ids = np.argsort(-row, kind="stable")
+        vals = row[ids]
+        if whole_lse:
+            zr = row / np.float32(s.temperature)
+            top = zr.max()
+            lse = top + np.log(np.exp(zr - top).sum(dtype=np.float32))
+    else:
+        vals_t, ids_t = top_candidates(scores, c)
+        parts = [vals_t.double(), ids_t.double()]
+        if whole_lse:
+            parts.append((scores / s.temperature).logsumexp(0).double().view(1))
+        host = torch.cat(parts).cpu().numpy()
+        vals, ids = host[:c].astype(np.float32), host[c:2 * c].astype(np.int64)
+        if whole_lse:
+            lse = np.float32(host[-1])
     z = vals / np.float32(s.temperature)
     if k:
         kth = vals[k - 1]
@@ -103,7 +126,6 @@ def filter_candidates(scores: torch.Tensor, s: SamplingSettings) -> tuple[np.nda
         lse = top + np.log(np.exp(z - top).sum(dtype=np.float32))
     else:
         exact = None
-        lse = np.float32(host[-1])
     if s.top_p < 1.0:
         # Keep an id iff the mass of the ids ranked above it is < p (the first always stays).
         probs = np.exp(z - lse)
@@ -181,8 +203,11 @@ class Sampler:
         self.vocab_size = vocab_size
         self.history: list[int] = []
         self._ngrams: dict[tuple[int, ...], set[int]] = {}
-        # Ids seen so far, for the repetition penalty; repeats are harmless (the same value is written twice).
-        self._seen = torch.empty(max(64, 2 * len(history)), dtype=torch.long, device=self.device)
+        # The distinct ids seen so far, for the repetition penalty: a host array (a CPU row reads it without a
+        # copy) and, on another device, its copy there, both appended as tokens come.
+        self._seen_set: set[int] = set()
+        self._seen = np.empty(max(64, 2 * len(history)), dtype=np.int64)
+        self._seen_device = None if self.device.type == "cpu" else torch.empty(0, dtype=torch.long, device=self.device)
         self._n_seen = 0
         self._synced = 0  # how much of history is in _seen
         self.generator = torch.Generator(device=self.device)
@@ -206,35 +231,56 @@ class Sampler:
                 self._ngrams.setdefault(tuple(gram[:-1]), set()).add(gram[-1])
 
     def _seen_ids(self) -> torch.Tensor:
-        new = [i for i in self.history[self._synced:] if 0 <= i < self.vocab_size]
+        fresh = [i for i in self.history[self._synced:] if 0 <= i < self.vocab_size and i not in self._seen_set]
         self._synced = len(self.history)
-        if new:
-            end = self._n_seen + len(new)
-            if end > self._seen.numel():
-                grown = torch.empty(2 * end, dtype=torch.long, device=self.device)
+        if fresh:
+            fresh = list(dict.fromkeys(fresh))
+            self._seen_set.update(fresh)
+            end = self._n_seen + len(fresh)
+            if end > self._seen.shape[0]:
+                grown = np.empty(2 * end, dtype=np.int64)
                 grown[:self._n_seen] = self._seen[:self._n_seen]
                 self._seen = grown
-            self._seen[self._n_seen:end] = torch.tensor(new).to(self.device, non_blocking=True)
+            self._seen[self._n_seen:end] = fresh
+            if self._seen_device is not None:
+                new = torch.from_numpy(self._seen[self._n_seen:end]).to(self.device, non_blocking=True)
+                self._seen_device = torch.cat((self._seen_device, new))
             self._n_seen = end
-        return self._seen[:self._n_seen]
+        if self._seen_device is not None:
+            return self._seen_device
+        return torch.from_numpy(self._seen[:self._n_seen])
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """Penalties (repetition, no-repeat n-gram) on a [V] row; returns fp32 scores (never the input
-        tensor modified: a changed row is a copy, one per call)."""
+        tensor modified: a changed row is a copy)."""
         scores = logits.float()
-        copied = False
+        if scores.data_ptr() == logits.data_ptr():
+            scores = scores.clone()
+        self._penalise(scores, None)
+        return scores
+
+    def _penalise(self, scores: torch.Tensor, undo: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+        """The penalties, in place on fp32 `scores`; with `undo`, each overwritten (ids, values) is kept so that
+        `_restore` can put the caller's row back (two small scatters instead of a copy of the whole row)."""
         if self.s.repetition_penalty != 1.0:
             seen = self._seen_ids()
             if seen.numel():
                 got = scores[seen]
+                if undo is not None:
+                    undo.append((seen, got))
                 pen = self.s.repetition_penalty
-                scores = scores.index_put((seen,), torch.where(got > 0, got / pen, got * pen))
-                copied = True
+                scores.index_put_((seen,), torch.where(got > 0, got / pen, got * pen))
         banned = banned_ngram_tokens(self.history, self.s.no_repeat_ngram, self._ngrams)
         if banned:
             idx = torch.tensor(sorted(banned)).to(scores.device, non_blocking=True)
-            scores = scores.index_fill_(-1, idx, _NEG) if copied else scores.index_fill(-1, idx, _NEG)
-        return scores
+            if undo is not None:
+                undo.append((idx, scores[idx]))
+            scores.index_fill_(-1, idx, _NEG)
+
+    @staticmethod
+    def _restore(scores: torch.Tensor, undo: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for ids, values in reversed(undo):
+            scores.index_put_((ids,), values)
 
     def final_scores(self, logits: torch.Tensor) -> torch.Tensor:
         """The [V] logits of the distribution `draw` samples this step from (call it before `extend`):
@@ -244,8 +290,18 @@ class Sampler:
 
     def draw(self, logits: torch.Tensor) -> int:
         """Choose the next token id from a [V] row (one host round trip). Its log-probability, the row's
-        entropy and the alternatives, when asked for, are engine/token_detail.py's."""
-        scores = self.process(logits)
+        entropy and the alternatives, when asked for, are engine/token_detail.py's. An fp32 row is penalised
+        in place and put back before this returns."""
+        scores = logits.float()
+        undo: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if scores.data_ptr() == logits.data_ptr() else None
+        try:
+            self._penalise(scores, undo)
+            return self._choose(scores)
+        finally:
+            if undo:
+                self._restore(scores, undo)
+
+    def _choose(self, scores: torch.Tensor) -> int:
         if self.s.temperature == 0:
             return int(scores.argmax())
         cand = filter_candidates(scores, self.s)
@@ -254,7 +310,5 @@ class Sampler:
             if exact:
                 u = float(torch.rand((), generator=self._host_generator, dtype=torch.float64))
                 return int(ids[pick_host(z, u)])
-            scores = filter_dense(scores, self.s)
-        else:
-            scores = scores / self.s.temperature
-        return _pick(scores, self.generator)
+            return _pick(filter_dense(scores, self.s), self.generator)
+        return _pick(scores / self.s.temperature, self.generator)

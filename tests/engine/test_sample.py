@@ -92,12 +92,13 @@ def _cases():
     return [(name, scale, dt, kw) for name, scale, dt in rows for kw in settings]
 
 
+@pytest.mark.parametrize("n", [5000, 300])  # the topk path of a long row; a short row sorted on the host
 @pytest.mark.parametrize("name,scale,dt,kw", _cases(), ids=lambda v: str(v))
-def test_partial_selection_keeps_the_oracles_set_and_scores(name, scale, dt, kw):
+def test_partial_selection_keeps_the_oracles_set_and_scores(name, scale, dt, kw, n):
     g = torch.Generator().manual_seed(len(str(kw)) + int(scale * 10))
     for trial in range(3):
-        scores = (torch.randn(5000, generator=g) * scale).to(dt).float()
-        scores[torch.randint(0, 5000, (20,), generator=g)] = NEG  # banned ids
+        scores = (torch.randn(n, generator=g) * scale).to(dt).float()
+        scores[torch.randint(0, n, (20,), generator=g)] = NEG  # banned ids
         s = SamplingSettings(temperature=0.7, **kw)
         # Which of several ids tied at a top-p cut survives follows the sort's order of ties, arbitrary in the
         # oracle too: with ties, the kept scores are compared as a multiset.
@@ -217,17 +218,20 @@ def test_seeded_sampling_reproduces_and_follows_the_distribution():
     assert math.isclose(token_detail(logits, tok, FINAL, s)["logprob"], float(logits.log_softmax(-1)[tok]), rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("candidates", [sample.CANDIDATES, 3])  # 3: top-p needs more mass -> the exact fallback
-def test_filtered_sampling_follows_the_oracles_distribution(monkeypatch, candidates):
+# 3 candidates: top-p needs more mass -> the exact fallback. host_row 0: the topk path a long row takes;
+# otherwise this 12-id row crosses to the host whole (always exact).
+@pytest.mark.parametrize("candidates,host_row", [(sample.CANDIDATES, 0), (3, 0), (3, sample._HOST_ROW)])
+def test_filtered_sampling_follows_the_oracles_distribution(monkeypatch, candidates, host_row):
     monkeypatch.setattr(sample, "CANDIDATES", candidates)
+    monkeypatch.setattr(sample, "_HOST_ROW", host_row)
     logits = torch.randn(12, generator=torch.Generator().manual_seed(5)) * 1.5
     settings = SamplingSettings(temperature=0.8, top_p=0.9, min_p=0.02, seed=7)
     want = naive_warp(logits, settings).softmax(-1)
     assert 2 < int((want > 0).sum()) < 12  # both filters bite
-    assert bool(filter_candidates(logits, settings)[2]) == (candidates > 12)
+    assert bool(filter_candidates(logits, settings)[2]) == (candidates > 12 or host_row > 0)
     s = Sampler(settings, 12, "cpu", [])
     # Frequencies on the candidate path; the fallback shares _pick, so it is checked on fewer draws.
-    n = 2500 if candidates > 12 else 300
+    n = 2500 if candidates > 12 or host_row else 300
     draws = [s.draw(logits) for _ in range(n)]
     freq = torch.bincount(torch.tensor(draws), minlength=12).float() / n
     # 4.5 standard errors of a binomial frequency per id; ids the oracle removes are never drawn.
@@ -281,3 +285,20 @@ def test_top_candidates_are_topk_values(v):
             vals, ids = sample.top_candidates(x, c)
             assert torch.equal(vals, want) and torch.equal(x[ids], vals)
             assert len(set(ids.tolist())) == c
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_a_draw_leaves_the_callers_row_as_it_was(dt):
+    """An fp32 row is penalised in place during a draw and put back; the draw equals one on a copy."""
+    g = torch.Generator().manual_seed(4)
+    history = [3, 9, 3, 9, 7, 3, 9]  # repeats, and the 2-gram (3, 9) bans 7 after (3, 9)
+    for settings in (CARD.with_overrides(seed=1), CARD.with_overrides(temperature=0.0)):
+        for _ in range(5):
+            logits = (torch.randn(300, generator=g) * 3).to(dt)
+            logits[[3, 9, 7]] = torch.tensor([4.0, -2.0, 6.0], dtype=dt)
+            before = logits.clone()
+            a, b = Sampler(settings, 300, "cpu", history), Sampler(settings, 300, "cpu", history)
+            tok = a.draw(logits)
+            assert torch.equal(logits, before)
+            assert tok == b.draw(logits.clone())
+            assert tok != 7  # banned by the n-gram rule
