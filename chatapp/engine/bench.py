@@ -26,16 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..catalog import ModelEntry
-<<<<<<< HEAD
-from .decisions import cpu_info, resolve_threads
-=======
 from .bench_peers import PeerRun, run_peers, seeded
->>>>>>> d0c8de9 (bench: import order)
+from .decisions import cpu_info, resolve_threads
 from .generate import feed
 from .graphs import decode_step
 from .loader import build_model, prepare_for_inference, resolve_dtype
 from .quant import head_weight
 from .sample import Sampler
+
 
 @dataclass(frozen=True)
 class BenchOptions:
