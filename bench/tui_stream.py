@@ -104,8 +104,7 @@ async def run_app(engine, tokens: int, size: tuple[int, int]) -> dict:
     app = make_app(engine=timed, store=Store(Path(home) / "chats.sqlite3"), downloader=FakeDownloader())
     samples: list[tuple[int, int]] = []
     async with app.run_test(size=size) as pilot:
-        # Let start-up finish first: the chat screen re-shows the chat once the model is in, and a rebuild
-        # of the message list under a streaming reply drops its live view (a TUI race, not measured here).
+        # Let start-up finish first (the chat screen shows the chat again once the model is in).
         while app.chat_screen is None or not app.chat_screen.is_mounted:
             await pilot.pause(0.05)
         for _ in range(5):
@@ -136,6 +135,8 @@ async def run_app(engine, tokens: int, size: tuple[int, int]) -> dict:
                 raise TimeoutError("the stream did not finish in 10 minutes")
         end_ns = time.monotonic_ns()
         timer.stop()
+        while screen.composer.busy:  # the screen takes the end: leaving before would tear the reply's view down
+            await asyncio.sleep(0.05)
         reply = screen.conv.path()[-1]
         shown = screen.view.view_for(reply.id).body.source
     timeline = timed.timeline

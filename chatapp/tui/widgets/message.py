@@ -183,6 +183,4 @@ class MessageView(Vertical):
         self.live = False
         if self.message.role == "assistant":
             await self.body.update(displayable(self.message.content or ""))
-        if self.is_attached and self.query(".header"):
-            # Else the list was rebuilt meanwhile (the chat shown anew, children removed first): nothing to redraw.
-            self.refresh_message()
+        self.refresh_message()
