@@ -31,7 +31,7 @@ from .decisions import cpu_info, resolve_threads
 from .generate import feed
 from .graphs import decode_step
 from .loader import build_model, prepare_for_inference, resolve_dtype
-from .quant import head_weight
+from .quant import QuantEmbedding, head_weight
 from .sample import Sampler
 
 
@@ -101,9 +101,14 @@ def bytes_per_token(model: nn.Module) -> int:
     gathered), except an embedding that is also the float output head."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     head = None if getattr(model, "quant_head", None) is not None else head_weight(model)
+    qhead = getattr(model, "quant_head", None)
     for m in model.modules():
         if isinstance(m, nn.Embedding) and (head is None or m.weight is not head[1]):
             total -= m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, QuantEmbedding):
+            # Its residual is only gathered; its int8 rows too, unless they are the quantized head's own.
+            shared = qhead is not None and m.packed is qhead.packed
+            total -= sum(t.nbytes for t in (m.residual, *(() if shared else (m.packed, m.scales))) if t is not None)
     return total
 
 

@@ -8,7 +8,16 @@ int8 0.41 ms bf16 against 2.4 ms fp32), so a QuantLinear casts its input to bf16
 Scales and zero points are rounded to bf16 before the weights are rounded to the grid, so the stored
 grid is the one the kernel applies. Linears whose weights an architecture reads directly
 (`QUANT_SKIP`) and layers too small to gain stay float, each with its reason in the report; the output
-head (tied or not) is swapped through `ArchModel.project_head` where the architecture calls it.
+head (tied or not) is swapped through `ArchModel.project_head` where the architecture calls it. Token
+embeddings become row lookups in an int8 table with one bf16 scale per row (`QuantEmbedding`), their float
+table released: with a tied head in int8 the table *is* the head's packed weight (the same parameters, held
+once); otherwise (int4, whose packed layout permutes each row, or an untied head) it is its own int8 copy.
+In int8 mode the lookup adds a 4-bit residual (half a byte a value) so that it stays below the linears'
+error: the golden fixtures' random-weight models amplify input noise ~10-20x, and a plain int8 lookup alone
+moved Genesis's logits by 5 % (past its int8 bound); with the residual a looked-up value is within 1/32 of a
+grid step (1/16 where a row's extreme value clamps). int4's own error is ten times larger, so there the plain
+int8 rows suffice. The lookup thus holds 0.5 (tied int8), 1.5 (untied int8) or 1 (int4) bytes a value where
+bf16 held 2. Embeddings an architecture reads directly (`QUANT_SKIP`) stay float.
 
 The packed tensors are cached under smollchat's cache folder (never beside a checkpoint) keyed by the
 checkpoint's sha256, the mode, the torch version and the CPU capability, so a second load skips the
@@ -35,8 +44,9 @@ ACT = torch.bfloat16
 GROUPS = (128, 64, 32)
 #: Layers with fewer weights stay float: the kernel call costs more than the bytes it saves.
 MIN_WEIGHTS = 4096
-#: Bumped when the packed layout or the rounding changes, so old cache entries are not reused.
-FORMAT = 1
+#: Bumped when the packed layout, the rounding or what is cached changes, so old cache entries are not reused
+#: (2: int8 row tables of the token embeddings).
+FORMAT = 2
 HEAD = "<head>"
 
 
@@ -80,6 +90,36 @@ class QuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.kind}"
 
 
+class QuantEmbedding(nn.Module):
+    """Token embedding read from an int8 table: row i is (packed[i] + r[i] / 16) * scales[i], returned in the
+    float embedding's dtype. `packed` int8 [V, D] and `scales` bf16 [V] are quantize_int8's (the int8
+    QuantLinear layout), so a tied int8 head and this lookup can hold the same two parameters; the optional
+    `residual` uint8 [V, ceil(D/2)] holds r + 8 two to a byte, r in [-8, 7] (quantize_residual; r = 0 without).
+
+    `weight` is an empty tensor of the float table's dtype: code that asks the embedding for its dtype still
+    works, and anything that still reads the released float values fails loudly on its shape.
+    """
+
+    def __init__(self, packed: nn.Parameter, scales: nn.Parameter, residual: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = packed.shape
+        self.packed, self.scales = packed, scales
+        self.residual = None if residual is None else nn.Parameter(residual, requires_grad=False)
+        self.register_buffer("weight", torch.empty(0, dtype=dtype, device=packed.device), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.packed).float()
+        if self.residual is not None:
+            nib = F.embedding(ids, self.residual)
+            rows += (torch.stack((nib & 15, nib >> 4), -1).flatten(-2)[..., :self.embedding_dim].float() - 8.0) / 16
+        return (rows * self.scales[ids].float().unsqueeze(-1)).to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        extra = " + 4-bit residual" if self.residual is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows{extra}"
+
+
 def project_head(model: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """An architecture's output projection, fp32 logits: its float head (F.linear, or the product the kernel
     choice installed as `model.head_product`), or the quantized copy `quantize_model` installed as
@@ -96,6 +136,16 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (w.abs().amax(1) / 127).clamp(min=1e-12).to(ACT)
     q = (w / scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q.contiguous(), scale
+
+
+def quantize_residual(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What int8 rows (q, scale) leave of w, in sixteenths of a grid step: uint8 [N, ceil(K/2)], two 4-bit
+    values r + 8 a byte (even columns in the low nibble), r = round(16 (w - q scale) / scale) in [-8, 7]."""
+    s = scale.float()[:, None]
+    r = ((w.detach().float() - q.float() * s) * 16 / s).round_().clamp_(-8, 7).to(torch.uint8) + 8
+    if r.shape[1] % 2:
+        r = torch.cat([r, torch.full_like(r[:, :1], 8)], 1)
+    return (r[:, 0::2] | (r[:, 1::2] << 4)).contiguous()
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,14 +192,16 @@ class QuantReport:
         return f"{self.mode}: {made or 'nothing'} quantized; {len(self.kept)} kept float; cache {self.cache}"
 
 
-def _targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module, str, nn.Linear]], dict[str, str]]:
-    """The linears to swap as (name, parent, attribute, module), and the ones kept with their reasons."""
+def _targets(model: nn.Module, kind: type = nn.Linear) -> tuple[list[tuple[str, nn.Module, str, nn.Module]],
+                                                                 dict[str, str]]:
+    """The linears (or embeddings: `kind`) to swap as (name, parent, attribute, module), and the ones kept with
+    their reasons."""
     skip = tuple(getattr(model, "QUANT_SKIP", ()))
     out, kept = [], {}
     for pname, parent in model.named_modules():
         for attr, child in parent.named_children():
             name = f"{pname}.{attr}" if pname else attr
-            if not isinstance(child, nn.Linear) or name == "lm_head":
+            if not isinstance(child, kind) or name == "lm_head":
                 continue
             if name.startswith(skip):
                 kept[name] = "the architecture reads this weight directly (QUANT_SKIP)"
@@ -227,7 +279,7 @@ def quantize_model(model: nn.Module, mode: str, files: list[Path] | None = None,
     fresh: dict[str, torch.Tensor] = {}
     meta: dict[str, str] = {}
 
-    def make(name: str, w: torch.Tensor, bias: torch.Tensor | None) -> QuantLinear:
+    def make(name: str, w: torch.Tensor, bias: torch.Tensor | None, mode: str = mode) -> QuantLinear:
         n, k = w.shape
         hit = _from_cache(cached, name, n, k)
         if hit is not None:
@@ -253,6 +305,35 @@ def quantize_model(model: nn.Module, mode: str, files: list[Path] | None = None,
         if hname == "lm_head":
             # The float head is no longer read: release it (a zero-size weight fails loudly if anything does).
             model.lm_head.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
+        release = getattr(model, "release_float_head", None)
+        if release is not None:
+            release()  # a derived float copy of the head the architecture keeps (Byrne's bf16 tied head)
+    embeds, kept = _targets(model, nn.Embedding)
+    report.kept.update(kept)
+    for name, parent, attr, emb in embeds:
+        shared = model._modules.get("quant_head")
+        if head is not None and head[1] is emb.weight and shared.mode == "int8":
+            packed, scales = shared.packed, shared.scales  # the tied int8 head's table: no second copy
+            report.layers[name] = f"int8 rows (the {HEAD} table) + 4-bit residual"
+        else:
+            table = make(name, emb.weight, None, "int8")
+            packed, scales = table.packed, table.scales
+            report.layers[name] = "int8 rows" + (" + 4-bit residual" if mode == "int8" else "")
+            if mode != "int8":
+                report.kept[name] = "int8 rows: a lookup reads whole rows, which the int4 packed layout permutes"
+        key = name + ":residual"
+        hit = cached.get(key)
+        if mode != "int8":
+            residual = None
+        elif hit is not None and hit[1].shape[0] == emb.num_embeddings and torch.equal(hit[2], scales):
+            residual = hit[1]
+        else:
+            residual = quantize_residual(emb.weight, packed, scales)
+            # The scales it was made against (a copy: safetensors stores no tensor twice), checked on a hit.
+            fresh[key + ".packed"], fresh[key + ".scales"] = residual, scales.detach().clone()
+            meta[key] = json.dumps({"mode": "residual4", "n": emb.num_embeddings, "k": emb.embedding_dim})
+        setattr(parent, attr, QuantEmbedding(packed, scales, residual, emb.weight.dtype))
+        del emb
     if path is not None and fresh and not cached:
         _write_cache(path, fresh, meta)
         report.cache = "written"

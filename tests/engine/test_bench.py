@@ -43,12 +43,12 @@ def test_bytes_per_token_counts_a_float_tied_head_once():
     import torch
 
     model, _ = random_model(entry, torch.float32)
-    embed = model.embed.weight.numel() * 4
     total = model.weight_bytes()
     assert bytes_per_token(model) == total  # the tied embedding is the head: read whole every token
     from chatapp.engine.quant import quantize_model
     quantize_model(model, "int8")
-    assert bytes_per_token(model) == model.weight_bytes() - embed  # the int8 head is read; the table is gathered
+    # The int8 head (its table shared with the lookup) is read whole; the lookup's residual is only gathered.
+    assert bytes_per_token(model) == model.weight_bytes() - model.embed.residual.nbytes
 
 
 def test_every_real_entry_carries_a_bench_config_that_builds():

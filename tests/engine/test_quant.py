@@ -10,7 +10,7 @@ from torch import nn
 
 from chatapp.engine import quant
 from chatapp.engine.loader import load_model, safetensors_files
-from chatapp.engine.quant import QuantError, QuantLinear, dequantize, quantize_model
+from chatapp.engine.quant import QuantEmbedding, QuantError, QuantLinear, dequantize, quantize_model
 
 FIXTURES = ("axiom", "byrne", "genesis", "huginn", "odinnext")
 # Relative logit error |q - fp32| / |fp32| over the fixture's prompt, measured when this was written
@@ -151,6 +151,7 @@ def test_cache_round_trip_is_keyed_and_never_beside_the_checkpoint(fixtures_root
 def test_weight_bytes_show_the_quantized_size(fixtures_root, mode, most):
     model = load_model(fixtures_root / "odinnext")
     fp32 = {n: m.weight.numel() * 4 for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    embed = model.model.embeddings.weight
     before = model.weight_bytes()
     report = quantize_model(model, mode)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -159,9 +160,49 @@ def test_weight_bytes_show_the_quantized_size(fixtures_root, mode, most):
     for n in fp32:
         if n in held:
             assert held[n] <= most * fp32[n], n
-    # The memory report's figure: the float linears are gone, the packed bytes (tied head copy included) counted.
+    # The tied embedding's lookup: in int8 the head's own int8 rows plus a 4-bit residual, in int4 its own int8 rows.
+    lookup = model.model.embeddings
+    assert isinstance(lookup, QuantEmbedding) and lookup.weight.numel() == 0 and lookup.weight.dtype == embed.dtype
+    shared = lookup.packed is model.quant_head.packed and lookup.scales is model.quant_head.scales
+    assert shared == (mode == "int8") == (lookup.residual is not None)
+    extra = lookup.residual.nbytes if shared else lookup.packed.nbytes + lookup.scales.nbytes
+    assert extra <= 0.26 * embed.nbytes  # a nibble or a byte a value against fp32's four, plus the row scales
+    # The memory report's figure: the float linears and the float embedding are gone, the packed bytes (tied
+    # head copy and lookup table included) counted once each.
     assert report.layers[quant.HEAD].startswith(mode) and "quant_head" in layers
-    assert model.weight_bytes() == before - sum(fp32[n] for n in held if n in fp32) + sum(held.values())
+    freed = sum(fp32[n] for n in held if n in fp32) + embed.nbytes
+    assert model.weight_bytes() == before - freed + sum(held.values()) + extra
+
+
+@torch.inference_mode()
+def test_embedding_lookup_reads_the_rows_within_a_sixteenth_of_a_step(fixtures_root):
+    model = load_model(fixtures_root / "genesis")
+    w = model.tok_emb.weight.detach().clone()
+    quantize_model(model, "int8")
+    ids = torch.tensor([[0, 5, w.shape[0] - 1], [7, 7, 3]])
+    step = w.abs().amax(1) / 127
+    got = model.tok_emb(ids)
+    assert got.dtype == w.dtype and got.shape == (2, 3, w.shape[1])
+    # 1/32 of a grid step from the residual (1/16 where the 4 bits clamp at a row's extreme value), plus the
+    # bf16 rounding of the row's scale (2^-8 relative).
+    bound = step[ids, None] * (1 / 16 + 2 ** -7) + 2 ** -8 * w[ids].abs() + 1e-7
+    assert ((got - w[ids]).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_tied_model_holds_fewer_bytes_than_bf16(mode):
+    from chatapp.catalog import get_entry
+    from chatapp.engine.runtime import load_engine
+
+    entry = get_entry("axiom-tiny")
+    bf16 = load_engine(entry, device="cpu", dtype="bfloat16").memory().weights
+    quantized = load_engine(entry, device="cpu", dtype="bfloat16", quantize=mode)
+    assert not any(isinstance(m, nn.Embedding) for m in quantized.model.modules())
+    # Byte counts (exact): axiom-tiny's weights are mostly its tied 100k-row embedding, two bytes a value in
+    # bf16. int8: a byte for the shared table plus the lookup's nibble; int4: the head's half byte plus the
+    # lookup's own byte; scales and the small linears on top. Before the lookup was quantized both held more
+    # than bf16 (the bf16 table stayed beside the head's packed copy).
+    assert quantized.memory().weights <= 0.8 * bf16
 
 
 @pytest.mark.parametrize("bad,match", [(dict(mode="int3"), "unknown quantization"),
@@ -200,3 +241,43 @@ def test_quantize_choice_errors_say_what_to_do():
     with pytest.raises(LoadError, match="--device cpu"):
         _quantization(entry, "int4", torch.device("cuda"))
     assert _quantization(entry, None, torch.device("cuda")) == "none"
+
+
+class _Untied(nn.Module):
+    vocab_size = 300
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(300, 64)
+        self.lm_head = nn.Linear(64, 300, bias=False)
+
+    def forward(self, ids):
+        return quant.project_head(self, self.embed(ids), self.lm_head.weight)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@torch.inference_mode()
+def test_an_untied_embedding_gets_its_own_int8_rows(mode):
+    torch.manual_seed(0)
+    model = _Untied()
+    w = model.embed.weight.detach().clone()
+    report = quantize_model(model, mode)
+    lookup = model.embed
+    assert isinstance(lookup, QuantEmbedding) and lookup.packed is not model.quant_head.packed
+    assert lookup.packed.dtype == torch.int8 and (lookup.residual is not None) == (mode == "int8")
+    assert report.layers["embed"].startswith("int8 rows") and model.lm_head.weight.numel() == 0
+    ids = torch.tensor([[1, 299, 42]])
+    step = w.abs().amax(1) / 127
+    room = (1 / 16 if mode == "int8" else 1 / 2) + 2 ** -7  # the residual's 1/16 step at most, or int8's half
+    assert ((lookup(ids)[0] - w[ids[0]]).abs() <= step[ids[0], None] * room + 1e-6).all()
+    assert model(ids).shape == (1, 3, 300)
+
+
+@torch.inference_mode()
+def test_byrne_bf16_releases_its_float_head_copy(fixtures_root):
+    d = fixtures_root / "byrne"
+    ids = load_file(str(d / "golden.safetensors"))["input_ids"]
+    model = load_model(d, dtype=torch.bfloat16)
+    assert model._head is not None  # the bf16 copy of the fp32 tied embedding (the engram reads fp32)
+    quantize_model(model, "int8")
+    assert model._head is None and torch.isfinite(_logits(model, ids)).all()

@@ -281,6 +281,10 @@ class Model(ArchModel):
         # The head reads its model-dtype copy where the embedding stays fp32 for the engram.
         return self._head if self._head is not None else super().head_matrix()
 
+    def release_float_head(self) -> None:
+        """quant.quantize_model installed a quantized head: the bf16 copy of the tied head is no longer read."""
+        self._head = None
+
     init_demo_weights = init_demo_normal  # the reference's init was never seen
 
     def forward(self, ids: torch.Tensor, state: StateList | None = None, last_only: bool = False) -> torch.Tensor:
