@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import RMSNorm, RopeTable, apply_rope_interleaved, causal_attention, fuse
+from ..ops.norm import add_rms_norm
 from ..quant import project_head
 from ..state import KVState, StateList
 from .base import MAX_LAYERS, ArchArgs, ArchModel
@@ -79,8 +80,9 @@ class Block(nn.Module):
         self.ffn = FeedForward(a)
 
     def forward(self, x, cos, sin, kv):
-        h = x + self.attn(self.attn_norm(x), cos, sin, kv)
-        return h + self.ffn(self.ffn_norm(h))
+        n = self.ffn_norm  # the residual add and the FFN's norm: one fused kernel on CUDA (ops/norm)
+        h, hn = add_rms_norm(x, self.attn(self.attn_norm(x), cos, sin, kv), n.weight, n.eps, n.zero_centered)
+        return h + self.ffn(hn)
 
 
 class Model(ArchModel):

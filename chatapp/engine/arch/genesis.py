@@ -22,6 +22,7 @@ from ..quant import project_head
 from ..ops.forgetting_attn import forgetting_attn_chunk, forgetting_attn_step
 from ..ops.forgetting_attn.cache import ForgettingKVCache
 from ..ops.gla import gla_chunk, gla_step
+from ..ops.norm import add_rms_norm, rms_norm_gated
 from ..state import CompositeState, ConvState, RecurrentState, StateList
 from .base import MAX_LAYERS, ArchArgs, ArchModel
 
@@ -158,7 +159,7 @@ class GatedDeltaNet(nn.Module):
         else:
             o, s = gla_chunk(q, k, v, g, scale, st.recurrent.state)
             st.recurrent.state.copy_(s)
-        o = rms_norm(o, self.g_norm_swish_gate.weight, 1e-5) * F.silu(gate.view(b, t, a.n_head, a.dv))
+        o = rms_norm_gated(o, self.g_norm_swish_gate.weight, gate.view(b, t, a.n_head, a.dv), 1e-5)
         return self.o_proj(o.reshape(b, t, -1))
 
 
@@ -196,7 +197,7 @@ class ForgettingAttention(nn.Module):
         else:
             k_all, v_all, c_all = st.kv.update(k, v, log_f)
             o = (forgetting_attn_step if t == 1 else forgetting_attn_chunk)(q, k_all, v_all, c_all)
-        o = rms_norm(o, self.output_norm.weight, 1e-6) * F.silu(gate.view(b, t, h, d))
+        o = rms_norm_gated(o, self.output_norm.weight, gate.view(b, t, h, d), 1e-6)
         return self.o_proj(o.reshape(b, t, -1))
 
 
@@ -229,8 +230,9 @@ class Block(nn.Module):
 
     def forward(self, x, rope, st):
         h = self.attn_norm(x)
-        x = x + (self.attn(h, st) if self.fox else self.attn(h, rope, st))
-        return x + self.ffn(self.ffn_norm(x))
+        n = self.ffn_norm  # the residual add and the FFN's norm: one fused kernel on CUDA (ops/norm)
+        x, h = add_rms_norm(x, self.attn(h, st) if self.fox else self.attn(h, rope, st), n.weight, n.eps)
+        return x + self.ffn(h)
 
 
 class _Scale(nn.Module):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import RMSNorm, RopeTable, apply_rope_interleaved, causal_attention
+from ..ops.norm import add_rms_norm
 from ..quant import project_head
 from ...contract import resolve_controls
 from .base import MAX_LAYERS, ArchArgs, ArchModel, ControlSpec, Forward, Interrupted, check_cancel
@@ -110,8 +111,10 @@ class SandwichBlock(nn.Module):
         self.norm_4 = RMSNorm(a.n_embd, a.norm_eps)
 
     def forward(self, x, cos, sin, cache, slot):
-        x = self.norm_2(self.attn(self.norm_1(x), cos, sin, cache, slot) + x)
-        return self.norm_4(self.mlp(self.norm_3(x)) + x)
+        # norm(sublayer + x): the add and the norm are one fused kernel on CUDA (ops/norm); only the norm is kept.
+        n2, n4 = self.norm_2, self.norm_4
+        x = add_rms_norm(x, self.attn(self.norm_1(x), cos, sin, cache, slot), n2.weight, n2.eps)[1]
+        return add_rms_norm(x, self.mlp(self.norm_3(x)), n4.weight, n4.eps)[1]
 
 
 _STRATEGIES = (*LOOKUPS, "compress-s*", "compress-r*", "compress-anchor", *(f"{lk}-compress-*" for lk in LOOKUPS))

@@ -22,6 +22,7 @@ from torch import nn
 from ..layers import RopeTable, apply_rope_half, apply_rope_interleaved, fuse, init_demo_normal, rename, rms_norm
 from ..quant import project_head
 from ..ops.gla import gla_chunk, gla_step
+from ..ops.norm import add_rms_norm, rms_norm as fused_rms_norm
 from ..state import ContextFull, RecurrentState, StateList
 from .base import MAX_LAYERS, ArchArgs, ArchModel, check_options
 
@@ -139,8 +140,8 @@ class HGRN2Attention(nn.Module):
             return o.reshape(b, t, -1)
         w, zc = self.g_norm.weight, a.g_norm == "zero_centered"
         if a.g_norm_group == "per_head":
-            return rms_norm(o, w.view(a.num_heads, a.head_i_dim), a.norm_eps, zc).reshape(b, t, -1)
-        return rms_norm(o.reshape(b, t, -1), w, a.norm_eps, zc)  # all heads jointly (FLA)
+            return fused_rms_norm(o, w.view(a.num_heads, a.head_i_dim), a.norm_eps, zc).reshape(b, t, -1)
+        return fused_rms_norm(o.reshape(b, t, -1), w, a.norm_eps, zc)  # all heads jointly (FLA)
 
 
 class MLP(nn.Module):
@@ -190,8 +191,10 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, state):
         # Scalar gates: sigmoid in fp32, then the activation dtype (spec §4 step 2).
         g_attn, g_ffn = (torch.sigmoid(p.float()).to(x.dtype) for p in (self.gate_attn, self.gate_ffn))
-        x = torch.addcmul(x, g_attn, self.attn(self.attn_norm(x), cos, sin, state))
-        return torch.addcmul(x, g_ffn, self.mlp(self.mlp_norm(x)))
+        n = self.mlp_norm  # the gated residual add and the MLP's norm: one fused kernel on CUDA (ops/norm)
+        x, h = add_rms_norm(x, self.attn(self.attn_norm(x), cos, sin, state), n.weight, n.a.norm_eps,
+                            n.a.block_norm == "zero_centered", gate=g_attn)
+        return torch.addcmul(x, g_ffn, self.mlp(h))
 
 
 class Backbone(nn.Module):

@@ -21,9 +21,11 @@ def test_triton_paths_in_a_fresh_interpreter():
         pytest.skip("the Triton tests run in this process")
     here = Path(__file__).parent
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here / "test_gla.py"),
-                          str(here / "test_forgetting_attn.py"), "-k", "triton_"], env=env, capture_output=True,
-                         text=True, timeout=900)
+    # Slow tests (whole models under the interpreter) are deselected, not skipped, unless slow tests are asked for.
+    marks = [] if os.environ.get("SMOLLCHAT_SLOW") == "1" else ["-m", "not slow"]
+    files = [str(here / f) for f in ("test_gla.py", "test_forgetting_attn.py", "test_norm.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k", "triton_", *marks]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout[-1000:]
 
