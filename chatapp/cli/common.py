@@ -110,3 +110,15 @@ def thread_count(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
     return n
+
+
+def memory_budget(text: str | None) -> int | None:
+    """--memory-budget SIZE -> bytes (None: the pool's default from the memory available)."""
+    if text is None:
+        return None
+    from ..chat.pool import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise CliError(f"--memory-budget: {e}", EXIT_USAGE) from None

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import EXIT_OK, EXIT_USAGE, CliError, catalog, thread_count
+from ..chat.pool import DEFAULT_SHARE
+from .common import EXIT_OK, EXIT_USAGE, CliError, catalog, memory_budget, thread_count
 
 ORDER = 50
 
@@ -21,7 +22,10 @@ def register(sub) -> None:
     s.add_argument("--api-key-file", help="file whose first line is the API key (else $SMOLLCHAT_API_KEY)")
     s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from this origin, e.g. http://localhost:3000 (repeatable; default none)")
-    s.add_argument("--max-models", type=int, default=2, help="models loaded at once (least recently used unloads)")
+    s.add_argument("--memory-budget", metavar="SIZE", help="memory the loaded models may take, e.g. 8GiB (default: "
+                   f"{int(DEFAULT_SHARE * 100)}%% of the memory available at start); the least recently used idle "
+                   "model unloads to make room")
+    s.add_argument("--max-models", type=int, default=None, help="also cap the number of models loaded at once")
     s.add_argument("--record", action="store_true", help="save served chats in the chat store (they open in the TUI)")
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     s.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
@@ -47,8 +51,9 @@ def run(args) -> int:
 
     if not 0 < args.port < 65536:
         raise CliError(f"--port must be in 1..65535, got {args.port}", EXIT_USAGE)
-    if args.max_models < 1:
+    if args.max_models is not None and args.max_models < 1:
         raise CliError("--max-models must be at least 1", EXIT_USAGE)
+    budget = memory_budget(args.memory_budget)
     try:
         key = key_for_bind(args.host, args.api_key_file)
     except KeyRequired as e:
@@ -59,6 +64,8 @@ def run(args) -> int:
         raise CliError(f"smollchat serve needs uvicorn and starlette ({e}); install smollchat with its dependencies")
     from ..engine.loader import LoadError
     from ..engine.runtime import load_engine
+    from ..chat.pool import PoolError, human
+    from ..engine.runtime import footprint
     from ..server import ModelPool, create_app
 
     entries = served_entries()
@@ -67,25 +74,30 @@ def run(args) -> int:
             known = ", ".join(sorted(entries))
             raise CliError(f"--model {mid}: not a downloaded catalog model or demo (served here: {known}); "
                            f"`smollchat download {mid}` first", EXIT_USAGE)
-    if len(args.serve_models) > args.max_models:
+    if args.max_models is not None and len(args.serve_models) > args.max_models:
         raise CliError(f"{len(args.serve_models)} --model flags but --max-models {args.max_models}", EXIT_USAGE)
 
-    def load(entry):
+    def load(entry, progress):
         options = dict(device=args.device, dtype=args.dtype, quantize=args.quantize, threads=args.threads)
         if getattr(args, "engine_process", True):
             # The same engine process as the TUI's (chat/engine_host.py); in this process where none starts.
             from ..chat.engine_host import EngineProcessUnavailable, load_engine_process
             try:
-                return load_engine_process(entry, **options)
+                return load_engine_process(entry, progress, **options)
             except EngineProcessUnavailable as e:
                 print(f"smollchat serve: {e}; {entry.id} runs in the server's process", file=sys.stderr)
-        return load_engine(entry, **options)
+        return load_engine(entry, progress=progress, **options)
 
-    pool = ModelPool(entries, load, max_loaded=args.max_models)
+    def estimate(entry):
+        return footprint(entry, device=args.device, dtype=args.dtype, quantize=args.quantize)
+
+    pool = ModelPool(entries, load, budget=budget, estimate=estimate, max_loaded=args.max_models)
     for mid in args.serve_models:
         print(f"smollchat serve: loading {mid}...", file=sys.stderr)
         try:
             pool.preload(mid)
+        except PoolError as e:
+            raise CliError(f"--model {mid}: {e}", EXIT_USAGE) from None
         except (LoadError, ValueError, OSError) as e:
             raise CliError(f"{mid} failed to load: {e}") from None
     recorder = None
@@ -98,7 +110,8 @@ def run(args) -> int:
             raise CliError(f"--record: {e}") from None
     app = create_app(pool, key=key, cors_origins=tuple(args.cors_origin), recorder=recorder)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"smollchat serve: OpenAI API at http://{host}:{args.port}/v1 ({len(entries)} models; "
+    print(f"smollchat serve: OpenAI API at http://{host}:{args.port}/v1 ({len(entries)} models, "
+          f"memory budget {human(pool.budget)}; "
           f"{'API key required' if key else 'no key: this machine only'}); Ctrl+C stops", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)

@@ -241,6 +241,16 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
+def meta_bytes(model: ArchModel, dtype: torch.dtype, keep_fp32: set[str], state_tokens: int) -> tuple[int, int]:
+    """(weight bytes in `dtype`, state bytes for `state_tokens` tokens) of a model still on the meta device."""
+    weights = sum(t.numel() * (t.element_size() if not t.is_floating_point()
+                               else 4 if name in keep_fp32 else dtype.itemsize)
+                  for name, t in [*model.named_parameters(), *model.named_buffers()])
+    tokens = min(state_tokens, model.max_context) if state_tokens > 0 else 0
+    state = sum(model.make_state(tokens, torch.device("meta"), dtype).bytes().allocated.values()) if tokens else 0
+    return weights, state
+
+
 def check_fits(model: ArchModel, device: torch.device, dtype: torch.dtype, keep_fp32: set[str],
                state_tokens: int) -> None:
     """Refuse, before anything is allocated, a model whose weights (in `dtype`) plus a state for
@@ -248,11 +258,8 @@ def check_fits(model: ArchModel, device: torch.device, dtype: torch.dtype, keep_
     avail = available_memory(device)
     if avail is None:
         return
-    weights = sum(t.numel() * (t.elementhuman_bytes() if not t.is_floating_point()
-                               else 4 if name in keep_fp32 else dtype.itemsize)
-                  for name, t in [*model.named_parameters(), *model.named_buffers()])
+    weights, state = meta_bytes(model, dtype, keep_fp32, state_tokens)
     tokens = min(state_tokens, model.max_context) if state_tokens > 0 else 0
-    state = sum(model.make_state(tokens, torch.device("meta"), dtype).bytes().allocated.values()) if tokens else 0
     if weights + state > avail:
         where = "MemAvailable" if device.type == "cpu" else f"free on {device}"
         raise LoadError(f"the model needs {human_bytes(weights + state)} ({human_bytes(weights)} of weights in "

@@ -321,3 +321,48 @@ def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", mo
     engine.step, engine.compile = decode_step(model, entry.architecture, engine.state, dev, dt, compile)
     return engine
 
+
+
+def footprint(entry: ModelEntry, device: str = "auto", dtype: str = "auto", quantize: str | None = None):
+    """The bytes `load_engine(entry, ...)` would hold, before loading (the model pool's estimate): the model
+    built on the meta device from its config (the downloaded one, else the catalog's demo or bench config),
+    weights in the load dtype with quantized linears at their packed size, its state for the whole context,
+    plus the prompt cache's budget. Returns chat.pool.Footprint."""
+    from ..chat.pool import Footprint
+    from .loader import build_model, meta_bytes
+    from .quant import _calls_project_head, _targets, head_weight
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, entry.cpu_dtype)
+    quant = _quantization(entry, quantize, dev)
+    config: dict[str, Any] = dict(entry.demo_config if entry.demo else entry.bench_config)
+    if not entry.demo:
+        from .. import hub
+        directory = entry.path if entry.path and entry.path.is_dir() else hub.local_dir(entry)
+        if directory is not None:
+            config = read_config(directory)
+    if not config:
+        from ..chat.pool import rough_footprint
+        return rough_footprint(entry)
+    model = build_model(config, entry.options)
+    weights, state = meta_bytes(model, dt, set(getattr(model, "FP32_TENSORS", ())), min(entry.context, model.max_context))
+    if quant != "none":
+        mats = [linear.weight.shape for _n, _p, _a, linear in _targets(model)[0]]
+        for n, k in mats:
+            weights += _packed_bytes(quant, n, k) - n * k * dt.itemsize
+        head = head_weight(model) if _calls_project_head(model) else None
+        if head is not None:  # a quantized copy of the head; an untied float head is released
+            weights += _packed_bytes(quant, *head[1].shape) - (head[1].numel() * dt.itemsize if head[0] == "lm_head" else 0)
+    return Footprint(weights, state + DEFAULT_BUDGET)
+
+
+def _packed_bytes(quant: str, n: int, k: int) -> int:
+    """Bytes of one [n, k] weight packed by engine/quant.py: int8 with a bf16 scale per row; int4 two to a
+    byte with a bf16 scale and zero point per group of the input (rows rounded up to 16), else int8."""
+    from .quant import GROUPS
+
+    group = next((g for g in GROUPS if k % g == 0), 0) if quant == "int4" else 0
+    if not group:
+        return n * k + 2 * n
+    n16 = -(-n // 16) * 16
+    return n16 * k // 2 + (k // group) * n16 * 4

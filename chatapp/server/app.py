@@ -22,10 +22,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.concurrency import run_in_threadpool
 
+from ..chat.pool import Job, ModelPool, PoolError
 from ..contract import Done, StepEvent
 from ..netsafe import key_matches, local_host_header
 from .generation import Prepared, prepare_chat, prepare_completion
-from .pool import Job, ModelPool, PoolError
 from .record import Recorder
 from .schema import MAX_BODY_BYTES, ApiError, parse_chat, parse_completion
 
@@ -69,7 +69,9 @@ def create_app(pool: ModelPool, *, key: str | None = None, cors_origins: tuple[s
         return JSONResponse({"object": "list", "data": data})
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "models": pool.health()})
+        usage = pool.usage()
+        return JSONResponse({"status": "ok", "memory": {"budget": usage.budget, "used": usage.used},
+                             "models": pool.health()})
 
     async def chat(request: Request) -> Response:
         req = parse_chat(await _json(request))

@@ -72,7 +72,7 @@ def served(tmp_path_factory):
         from chatapp.server.record import Recorder
 
         entries = {k: e for k, e in load_catalog().items() if k in ("axiom-tiny", "huginn-tiny")}
-        pool = ModelPool(entries, lambda e: load_engine(e, device="cpu"), max_loaded=2)
+        pool = ModelPool(entries, lambda e, _p: load_engine(e, device="cpu"), budget=2**30)
         pool.preload("axiom-tiny")
         store = Store(home / "served.sqlite3")
         server = Uvicorn(create_app(pool, recorder=Recorder(store)))

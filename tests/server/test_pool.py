@@ -11,7 +11,7 @@ import time
 import pytest
 
 from chatapp.chat.fake import FakeEngine, fake_entry
-from chatapp.server.pool import Job, ModelPool, PoolError
+from chatapp.chat.pool import Job, ModelPool, PoolError
 
 
 def _entries(*ids: str) -> dict:
@@ -29,7 +29,7 @@ def _ready(pool: ModelPool, model_id: str, seconds: float = 10):
 
 
 def test_jobs_run_in_arrival_order_and_cancelled_ones_are_skipped():
-    pool = ModelPool(_entries("a"), lambda e: FakeEngine(entry=e))
+    pool = ModelPool(_entries("a"), lambda e, _p: FakeEngine(entry=e))
     pool.preload("a")
     slot = pool.slot("a")
     gate, order, skipped = threading.Event(), [], []
@@ -49,7 +49,7 @@ def test_jobs_run_in_arrival_order_and_cancelled_ones_are_skipped():
 
 
 def test_unknown_model_is_404():
-    pool = ModelPool(_entries("a"), lambda e: FakeEngine(entry=e))
+    pool = ModelPool(_entries("a"), lambda e, _p: FakeEngine(entry=e))
     with pytest.raises(PoolError) as e:
         pool.slot("b")
     assert e.value.status == 404 and e.value.code == "model_not_found"
@@ -58,7 +58,7 @@ def test_unknown_model_is_404():
 def test_lazy_load_answers_503_until_ready_and_a_failed_load_is_retried():
     release, attempts = threading.Event(), []
 
-    def load(entry):
+    def load(entry, progress):
         attempts.append(entry.id)
         release.wait(10)
         if len(attempts) == 1:
@@ -83,7 +83,7 @@ def test_lazy_load_answers_503_until_ready_and_a_failed_load_is_retried():
 
 
 def test_least_recently_used_idle_model_unloads_to_make_room():
-    pool = ModelPool(_entries("a", "b", "c"), lambda e: FakeEngine(entry=e), max_loaded=2)
+    pool = ModelPool(_entries("a", "b", "c"), lambda e, _p: FakeEngine(entry=e), max_loaded=2)
     pool.preload("a")
     pool.preload("b")
     pool.slot("a")  # a is now the most recently used
