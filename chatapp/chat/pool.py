@@ -268,11 +268,14 @@ class ModelPool:
         return self.estimate(self._entry(key)).total
 
     def fits_together(self, keys: list[str]) -> bool:
-        """Whether these engines can all be loaded at once within the budget (and max_loaded)."""
+        """Whether these engines can all be held at once, beside the ones in use now (which cannot unload),
+        within the budget and max_loaded."""
         keys = list(dict.fromkeys(keys))
-        if self.max_loaded is not None and len(keys) > self.max_loaded:
+        with self._lock:
+            busy = [s for k, s in self.slots.items() if k not in keys and s.held and not s.idle]
+        if self.max_loaded is not None and len(keys) + len(busy) > self.max_loaded:
             return False
-        return sum(self.cost(k) for k in keys) <= self.budget
+        return sum(self.cost(k) for k in keys) + sum(s.cost for s in busy) <= self.budget
 
     # The TUI's way in: load on this thread, pinned while used.
     def acquire(self, key: str, progress: Callable[[str], None] | None = None) -> Any:

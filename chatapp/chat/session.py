@@ -438,6 +438,32 @@ class Session:
             branch["steps"] = list(steps[:index + len(chosen)])
         return self.stream(conv, src.parent_id, continue_from=new.id, channel=channel, _branch=branch)
 
+    def keep(self, conv: Conversation, reply: Message, store: Any = None, note: Mapping[str, Any] | None = None
+             ) -> Message:
+        """Put a finished reply this session streamed on a scratch copy of `conv` (a compare run) into `conv`
+        under the same parent: a new sibling with its text, token ids, run card (plus `note` as the card's
+        "compare" entry) and token record, saved to `store` (this session's when None); the new current leaf."""
+        if reply.role != "assistant" or reply.status == "streaming":
+            raise ValueError("only a finished reply can be kept")
+        if reply.parent_id is None or reply.parent_id not in conv.messages:
+            raise ValueError("the reply answers a message this chat does not have (any more)")
+        run = {**reply.run, **({"compare": dict(note)} if note else {})}
+        kept = conv.add(reply.parent_id, "assistant", reply.content, status=reply.status, run=run,
+                        token_ids=None if reply.token_ids is None else list(reply.token_ids),
+                        **({} if reply.id in conv.messages else {"id": reply.id}))
+        if conv.model_id is None:
+            conv.model_id = self.entry.id
+        conv.touch()
+        store = store if store is not None else self.store
+        record = self._records.get(reply.id)
+        if store is not None:
+            store.save(conv)
+            if record is not None:
+                store.save_token_record(kept.id, record)
+        if record is not None:
+            self._remember(kept.id, record)
+        return kept
+
     def regenerate(self, conv: Conversation, message_id: str) -> Iterator[StepEvent | Done]:
         """A new sibling reply for the assistant message `message_id` (the old one stays)."""
         msg = conv.get(message_id)
