@@ -15,8 +15,9 @@ from typing import Any, Callable, Iterator
 
 from ..catalog import QUANTIZE
 from ..contract import Done, SamplingSettings, StepEvent
+from ..units import human_bytes
 from .conversation import Conversation, Message
-from .pool import ModelPool, human
+from .pool import ModelPool
 from .session import Session
 
 _SETTINGS = {f.name: f for f in fields(SamplingSettings)}
@@ -37,7 +38,8 @@ class Side:
 
     def describe(self) -> str:
         words = [*(f"{k}={v}" for k, v in self.settings.items()), *(f"{k}={v}" for k, v in self.controls.items()),
-                 *([f"quantize={self.quantize}"] if self.quantize else []), *([f"dtype={self.dtype}"] if self.dtype else [])]
+                 *([f"quantize={self.quantize}"] if self.quantize else []),
+                 *([f"dtype={self.dtype}"] if self.dtype else [])]
         return " ".join([self.model_id, *words])
 
 
@@ -101,12 +103,13 @@ def plan(pool: ModelPool, a: Side, b: Side) -> Plan:
         return Plan(keys, False, f"One after the other: both sides use one engine ({keys[0]}), which runs one reply "
                                  "at a time.")
     cost = [pool.cost(k) for k in keys]
-    budget = human(pool.budget)
+    budget = human_bytes(pool.budget)
     if pool.fits_together(list(keys)):
         return Plan(keys, True, f"Side by side: both engines fit the {budget} memory budget together "
-                                f"({human(cost[0])} + {human(cost[1])}).")
-    return Plan(keys, False, f"One after the other: {keys[0]} ({human(cost[0])}) and {keys[1]} ({human(cost[1])}) "
-                             f"do not fit the {budget} memory budget together, beside the engines in use.")
+                                f"({human_bytes(cost[0])} + {human_bytes(cost[1])}).")
+    return Plan(keys, False, f"One after the other: {keys[0]} ({human_bytes(cost[0])}) and {keys[1]} "
+                             f"({human_bytes(cost[1])}) do not fit the {budget} memory budget together, beside the "
+                             "engines in use.")
 
 
 def last_user_turn(conv: Conversation) -> Message:
@@ -118,7 +121,8 @@ def last_user_turn(conv: Conversation) -> Message:
     return user
 
 
-def scratch(conv: Conversation, side: Side, parent_id: str, presets: Callable[[str], dict | None] | None) -> Conversation:
+def scratch(conv: Conversation, side: Side, parent_id: str,
+            presets: Callable[[str], dict | None] | None) -> Conversation:
     """A copy of `conv` (same ids) whose settings and controls are the chat's with the side's on top (the
     chat's preset resolved here: the scratch session has no store)."""
     copy = Conversation.from_dict(conv.to_dict())
@@ -189,10 +193,9 @@ def run_side(pool: ModelPool, result: Result, conv: Conversation, parent_id: str
         session = result.session = Session(engine, entry=pool.entries[result.key])
         session.controls_for(result.conv, result.side.controls)  # a control this model lacks fails here, clearly
         say("streaming")
-        events = session.stream(result.conv, parent_id)
-        watcher = threading.Thread(target=_stop_when, args=(cancel, session), daemon=True)
-        watcher.start()
-        for ev in events:
+        for ev in session.stream(result.conv, parent_id):
+            if cancel.is_set():
+                session.cancel()  # stops before the next token; the stream ends with Done("cancelled")
             if result.message_id is None:
                 result.message_id = result.conv.current_leaf
             if isinstance(ev, StepEvent) and ev.steps is not None:
@@ -204,13 +207,7 @@ def run_side(pool: ModelPool, result: Result, conv: Conversation, parent_id: str
     except Exception as e:
         result.error = _error(e)
     finally:
-        cancel.set()  # ends the watcher (the run is over either way)
         pool.release(result.key)
-
-
-def _stop_when(cancel: threading.Event, session: Session) -> None:
-    cancel.wait()
-    session.cancel()
 
 
 def _error(e: BaseException) -> str:

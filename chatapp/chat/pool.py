@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, NamedTuple
 
 from ..catalog import ModelEntry
+from ..units import human_bytes
 
 #: The share of the memory available at start that the default budget takes: the rest is left to the
 #: app itself, the other programs and the transient copies a load makes.
@@ -74,13 +75,6 @@ def parse_bytes(text: str) -> int:
     if value <= 0:
         raise ValueError(f"memory size {text!r} must be more than zero")
     return value
-
-
-def human(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def available_memory() -> int | None:
@@ -215,7 +209,7 @@ class Usage:
     loaded: tuple[tuple[str, str, int, str], ...]  # (key, model name, bytes, state)
 
     def line(self) -> str:
-        return f"{human(self.used)} of {human(self.budget)} in {len(self.loaded)} engine(s)"
+        return f"{human_bytes(self.used)} of {human_bytes(self.budget)} in {len(self.loaded)} engine(s)"
 
 
 class ModelPool:
@@ -322,17 +316,33 @@ class ModelPool:
                 slot.pins -= 1
                 slot.last_used = time.monotonic()
 
-    def add_engine(self, engine: Any, key: str | None = None) -> str:
-        """Hold an engine that is already loaded (under its entry's id unless `key` says otherwise)."""
+    def add_entry(self, entry: ModelEntry) -> str:
+        """Make a model the catalog does not list (a local directory) loadable; returns its key."""
+        with self._lock:
+            self.entries.setdefault(entry.id, entry)
+        return entry.id
+
+    def add_engine(self, engine: Any, key: str | None = None, pin: bool = False) -> str:
+        """Hold an engine loaded elsewhere (under its entry's id unless `key` says otherwise), charged what it
+        reports; idle engines unload to make room for it where they can (it is here already either way)."""
         key = key or engine.entry.id
         with self._lock:
             self.entries.setdefault(key, engine.entry)
             slot = self.slots.get(key)
             if slot is None or slot.engine is not engine:
+                try:
+                    self._make_room(key, Footprint(measured_bytes(engine), 0), engine.entry)
+                except PoolError:
+                    pass  # over the budget while the others are in use: usage() shows it
                 slot = self.slots[key] = Slot(key, engine.entry, 0)
                 slot.start(engine)
-            slot.worker()
+            slot.pins += pin
         return key
+
+    def holds(self, engine: Any) -> bool:
+        """Whether `engine` is still loaded here (not unloaded to make room)."""
+        with self._lock:
+            return any(s.engine is engine for s in self.slots.values())
 
     # The server's way in: background loads and a queue per model.
     def preload(self, key: str) -> None:
@@ -384,8 +394,9 @@ class ModelPool:
                or (self.max_loaded is not None and len(held) >= self.max_loaded)):
             idle = [s for s in held if s.idle]
             if not idle:
-                busy = ", ".join(f"{s.key} ({human(s.cost)})" for s in held)
-                raise PoolError(f"{entry.name} needs about {human(need.total)}, but the {human(self.budget)} memory "
+                busy = ", ".join(f"{s.key} ({human_bytes(s.cost)})" for s in held)
+                raise PoolError(f"{entry.name} needs about {human_bytes(need.total)}, but the "
+                                f"{human_bytes(self.budget)} memory "
                                 f"budget is held by models in use: {busy}. Retry when one finishes, or raise the "
                                 "budget (--memory-budget).", 503, "pool_busy", retry_after=5)
             victim = min(idle, key=lambda s: s.last_used)
@@ -415,5 +426,6 @@ def too_big(entry: ModelEntry, need: Footprint, budget: int) -> str:
     advice = f"start with --memory-budget {max(1, -(-need.total // 2**30))}GiB or more"
     if entry.quantize == "none" and entry.params:
         advice += ", load it quantized (int8 or int4)"
-    return (f"{entry.name} needs about {human(need.total)} ({human(need.weights)} of weights + {human(need.state)} "
-            f"of state and prompt cache) but the memory budget is {human(budget)}: {advice}, or choose a smaller model.")
+    return (f"{entry.name} needs about {human_bytes(need.total)} ({human_bytes(need.weights)} of weights + "
+            f"{human_bytes(need.state)} of state and prompt cache) but the memory budget is {human_bytes(budget)}: "
+            f"{advice}, or choose a smaller model.")

@@ -10,7 +10,7 @@ import sys
 from typing import Any, Sequence
 
 from ..contract import THREADS_ENV
-from .common import EXIT_OK, EXIT_USAGE, CliError, read_text, resolve_entry, thread_count
+from .common import EXIT_OK, EXIT_USAGE, CliError, memory_budget, read_text, resolve_entry, thread_count
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-engine-process", dest="engine_process", action="store_false",
                    help="TUI: run the model in the app's own process (by default it runs in a child process, "
                         "so drawing the screen never slows generation)")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="TUI: memory the loaded models may take together, e.g. 8GiB (default: 60%% of the memory "
+                        "available at start); compare loads a second model only within it")
     g = p.add_argument_group("generation (defaults come from the model's catalog entry)")
     g.add_argument("--temperature", type=float, help="0 = greedy")
     g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
@@ -180,5 +183,5 @@ def run_tui(args) -> int:
     options = LoadOptions(device=args.device, dtype=args.dtype, compile=args.compile, eager=args.eager,
                           quantize=args.quantize, engine_process=args.engine_process, threads=args.threads)
     make_app(engine=engine, model_id=None if args.fake else args.model, system_prompt=args.system,
-             load_options=options).run()
+             load_options=options, memory_budget=memory_budget(args.memory_budget)).run()
     return EXIT_OK

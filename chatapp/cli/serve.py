@@ -64,7 +64,8 @@ def run(args) -> int:
         raise CliError(f"smollchat serve needs uvicorn and starlette ({e}); install smollchat with its dependencies")
     from ..engine.loader import LoadError
     from ..engine.runtime import load_engine
-    from ..chat.pool import PoolError, human
+    from ..chat.pool import PoolError
+    from ..units import human_bytes
     from ..engine.runtime import footprint
     from ..server import ModelPool, create_app
 
@@ -111,7 +112,7 @@ def run(args) -> int:
     app = create_app(pool, key=key, cors_origins=tuple(args.cors_origin), recorder=recorder)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"smollchat serve: OpenAI API at http://{host}:{args.port}/v1 ({len(entries)} models, "
-          f"memory budget {human(pool.budget)}; "
+          f"memory budget {human_bytes(pool.budget)}; "
           f"{'API key required' if key else 'no key: this machine only'}); Ctrl+C stops", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)

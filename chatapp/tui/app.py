@@ -19,6 +19,7 @@ from textual.screen import Screen
 from .. import locations
 from ..textsafe import displayable
 from ..catalog import CatalogError, ModelEntry, load_catalog
+from ..chat.pool import Footprint, ModelPool, rough_footprint
 from ..chat.session import Session
 from ..contract import INSPECT_DETAIL
 from ..chat.store import Store, StoreError
@@ -26,6 +27,7 @@ from .backend import Loader, LoadOptions, default_downloader, error_text
 from .keys import KEYS, KeymapError, bindings, keys_for, load_keymap
 from .messages import ModelLoaded, ModelLoadFailed, ModelLoading
 from .screens.chat import ChatScreen
+from .screens.compare import CompareScreen, default_words
 from .widgets.inspector_actions import recorded_final
 from .screens.help import HelpScreen
 from .screens.models import ModelsScreen
@@ -33,7 +35,10 @@ from .themes import DEFAULT_THEME, VARIABLE_DEFAULTS, load_themes, shipped_theme
 
 
 class SmollChat(App):
-    """The app: holds the services (catalog, store, downloader, loader) and the loaded model."""
+    """The app: holds the services (catalog, store, downloader, model pool) and the chat's model.
+
+    The chat's engine comes from the model pool (chat/pool.py), pinned while it is the chat's; the compare
+    screen takes its engines from the same pool, within the same memory budget."""
 
     CSS_PATH = "app.tcss"
     TITLE = "smollchat"
@@ -43,7 +48,8 @@ class SmollChat(App):
                  engine: Any = None, entry: ModelEntry | None = None, model_id: str | None = None,
                  system_prompt: str | None = None, keymap: dict[str, str] | None = None,
                  theme_dirs: Iterable[Path] = (), clock: Callable[[], float] = time.time,
-                 notices: Iterable[str] = (), load_options: LoadOptions = LoadOptions()) -> None:
+                 notices: Iterable[str] = (), load_options: LoadOptions = LoadOptions(),
+                 memory_budget: int | None = None, estimate: Callable[[ModelEntry], Footprint] | None = None) -> None:
         super().__init__()
         self.catalog = catalog
         self.store = store
@@ -52,6 +58,9 @@ class SmollChat(App):
         self.load_options = load_options
         """The command line's device, dtype, compile, --eager and --quantize (the models screen offers
         quantization only where they allow it)."""
+        self.pool = ModelPool(catalog, self._pool_load, budget=memory_budget, estimate=estimate or self._estimate)
+        """Every engine the app holds (the chat's, pinned as `_main_key`; compare's), within one memory budget."""
+        self._main_key: str | None = None
         self.clock = clock
         """Wall clock for ages in the chat list (fixed in snapshot tests)."""
         self.keymap = dict(keymap or {})
@@ -128,6 +137,23 @@ class SmollChat(App):
             self.store.set_setting("theme", theme)
 
     # Models.
+    def _pool_load(self, entry: ModelEntry, progress: Callable[[str], None]) -> Any:
+        """The pool's loader: a variant's quantization (an entry whose quantize differs from the catalog's) is
+        asked for explicitly; otherwise the loader applies the entry's default."""
+        base = self.catalog.get(entry.id)
+        return self.loader(entry, progress, entry.quantize if base is None or base.quantize != entry.quantize else None)
+
+    def _estimate(self, entry: ModelEntry) -> Footprint:
+        """A model's bytes before it loads. With the engine in a child process this process stays torch-free,
+        so the catalog's figure (chat.pool.rough_footprint); in-process, the engine's own (exact weights and
+        state under the command line's load options; it imports torch, as the load right after it does)."""
+        opts = self.load_options
+        if opts.engine_process:
+            return rough_footprint(entry)
+        from ..engine.runtime import footprint
+
+        return footprint(entry, device=opts.device, dtype=opts.dtype, quantize="none" if opts.eager else None)
+
     def _open_model(self, model_id: str) -> None:
         entry = self.catalog.get(model_id)
         if entry is not None and not entry.demo and not self.downloader.is_downloaded(entry):
@@ -146,36 +172,61 @@ class SmollChat(App):
         `quantize` (none/int8/int4) overrides the entry's default quantization."""
         name = entry.name if isinstance(entry, ModelEntry) else str(entry)
         self.chat_screen.model_loading(name, "starting")
+        if self._main_key is not None:
+            # The chat's model no longer needs pinning: it may unload if the new one needs its room.
+            self.pool.release(self._main_key)
+            self._main_key = None
         self._load(entry, quantize)
 
     @work(thread=True, exclusive=True, group="load")
     def _load(self, entry: ModelEntry | Path, quantize: str | None) -> None:
         entry_id = entry.id if isinstance(entry, ModelEntry) else str(entry)
         try:
-            # A local directory goes to the loader as it is: the engine's side reads its config.
-            engine = self.loader(entry, lambda stage: self.post_message(ModelLoading(entry_id, stage)), quantize)
+            if isinstance(entry, Path):
+                # A local directory goes to the loader as it is (the engine's side reads its config); the pool
+                # holds it from then on, charged what it reports.
+                engine = self.loader(entry, lambda stage: self.post_message(ModelLoading(entry_id, stage)), quantize)
+                entry = engine.entry
+                key = self.pool.add_engine(engine, entry_id, pin=True)
+            else:
+                key = self.pool.add_entry(entry)
+                if quantize is not None and quantize != entry.quantize:
+                    key = self.pool.variant(key, quantize=quantize)
+                engine = self.pool.acquire(key, lambda stage: self.post_message(ModelLoading(entry_id, stage)))
         except Exception as e:  # any load failure is shown as one message; the app keeps running
             self.post_message(ModelLoadFailed(entry_id, error_text(e)))
             return
-        self.post_message(ModelLoaded(engine, entry if isinstance(entry, ModelEntry) else engine.entry))
+        self.post_message(ModelLoaded(engine, entry, key))
 
     def on_model_loading(self, event: ModelLoading) -> None:
         entry = self.catalog.get(event.entry_id)
         self.chat_screen.model_loading(entry.name if entry else event.entry_id, event.stage)
 
     def on_model_loaded(self, event: ModelLoaded) -> None:
-        self.use_engine(event.engine, event.entry)
+        self.use_engine(event.engine, event.entry, key=event.key)
         self.notify(f"{event.entry.name} is ready on {self.info.get('device', '?')}.")
 
     def on_model_load_failed(self, event: ModelLoadFailed) -> None:
+        if self.session is not None and self._main_key is None:
+            if self.pool.holds(self.session.engine):  # the chat keeps its model: pin it again
+                self._main_key = self.pool.add_engine(self.session.engine, self.entry.id, pin=True)
+            else:  # it was unloaded to make room for the one that failed
+                self.session, self.entry, self.info = None, None, {}
+                self.chat_screen.model_changed()
         self.chat_screen.model_loading("", "", error=event.error)
         self.notify(event.error, title="The model did not load", severity="error", timeout=10)
 
-    def use_engine(self, engine: Any, entry: ModelEntry | None = None) -> None:
-        """Make `engine` the model the chats talk to; the app reaches it only through the session."""
-        old = self.session.engine if self.session is not None else None
-        if old is not None and old is not engine and hasattr(old, "close"):
-            old.close()  # an engine process: end it now rather than when it is collected
+    def use_engine(self, engine: Any, entry: ModelEntry | None = None, key: str | None = None) -> None:
+        """Make `engine` the model the chats talk to; the app reaches it only through the session. `key`: its
+        pool key when the pool loaded it (pinned already), else the pool takes it in. The chat's previous
+        engine stays in the pool (switching back is instant) until its room is needed: then it is closed."""
+        if key is None:
+            key = self.pool.add_engine(engine, (entry or engine.entry).id, pin=True)
+        if self._main_key is not None and self._main_key != key:
+            self.pool.release(self._main_key)
+        elif self._main_key == key:
+            self.pool.release(key)  # pinned once per holder: the chat holds it once
+        self._main_key = key
         self.entry = entry or engine.entry
         self.session = Session(engine, entry=self.entry, store=self.store)
         self.session.inspect = replace(INSPECT_DETAIL, final=recorded_final(self.store))  # the inspector's setting
@@ -185,6 +236,9 @@ class SmollChat(App):
                      "architecture": entry.architecture, "demo": entry.demo}
         self.chat_screen.model_changed()
 
+    def on_unmount(self) -> None:
+        self.pool.close()  # engines in child processes end with the app
+
     # Actions and commands.
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
@@ -192,6 +246,31 @@ class SmollChat(App):
     def action_models(self) -> None:
         if not isinstance(self.screen, ModelsScreen):
             self.push_screen(ModelsScreen(select=self.suggested_model()))
+
+    def action_compare(self) -> None:
+        """The chat's last question answered twice, side by side (screens/compare.py)."""
+        chat = self.chat_screen
+        if isinstance(self.screen, CompareScreen):
+            return
+        if self.screen is not chat or chat.conv is None:
+            self.notify("Compare works from a chat: open one first.", severity="warning")
+            return
+        if chat.live.busy:
+            self.notify("A reply is streaming; Esc stops it first.", severity="warning")
+            return
+        models = list(dict.fromkeys([*([self.entry_id] if self.entry_id else []), *(
+            k for k, e in sorted(self.catalog.items()) if e.demo or self.downloader.is_downloaded(e))]))
+        words = default_words(self.session.controls if self.session is not None else ())
+        try:
+            screen = CompareScreen(chat.conv, models, self.entry_id, words)
+        except ValueError as e:
+            self.notify(str(e), severity="warning")
+            return
+        self.push_screen(screen, self._compared)
+
+    def _compared(self, kept: list[str] | None) -> None:
+        if kept:
+            self.call_later(self.chat_screen.actions.show, kept[-1])
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """Every action of the screen in front, with its keys, plus Textual's own commands."""
@@ -204,6 +283,8 @@ class SmollChat(App):
                 targets["inspector"] = screen.inspector.current
         elif isinstance(screen, ModelsScreen):
             targets["models"] = screen
+        elif isinstance(screen, CompareScreen):
+            targets["compare"] = screen
         # Textual lists its own palette, quit and theme commands; one entry per description besides
         # (the chat list's Delete and the screen's F8 both delete a chat).
         seen = {"command_palette", "quit", "change_theme"}
@@ -217,10 +298,14 @@ class SmollChat(App):
 def make_app(engine: Any = None, catalog: dict[str, ModelEntry] | None = None, store: Store | None = None,
              downloader: Any = None, model_id: str | None = None, system_prompt: str | None = None, *,
              loader: Loader | None = None, entry: ModelEntry | None = None, keymap: dict[str, str] | None = None,
-             clock: Callable[[], float] = time.time, load_options: LoadOptions = LoadOptions()) -> SmollChat:
+             clock: Callable[[], float] = time.time, load_options: LoadOptions = LoadOptions(),
+             memory_budget: int | None = None) -> SmollChat:
     """Build the app. Everything left None comes from the user's environment:
     the catalog from models/*.toml, the store from the data dir, downloads from `hub`,
-    the keymap from keys.toml, themes from themes/ and the config dir; models load as `load_options` say."""
+    the keymap from keys.toml, themes from themes/ and the config dir; models load as `load_options` say,
+    within the model pool's memory budget (None: from the memory available, chat.pool.default_budget).
+    A `loader` given (tests) comes with the catalog-only estimate of a model's bytes; the real loader
+    with the engine's own."""
     notices: list[str] = []
     if catalog is None:
         try:
@@ -253,4 +338,5 @@ def make_app(engine: Any = None, catalog: dict[str, ModelEntry] | None = None, s
     return SmollChat(catalog=catalog, store=store, downloader=downloader or default_downloader(),
                      loader=loader or load_options.loader(), engine=engine, entry=entry, model_id=model_id,
                      system_prompt=system_prompt, keymap=keymap, theme_dirs=themes, clock=clock, notices=notices,
-                     load_options=load_options)
+                     load_options=load_options, memory_budget=memory_budget,
+                     estimate=rough_footprint if loader is not None else None)

@@ -7,7 +7,8 @@
   `LoadOptions`: by default the engine runs in a child process (chat/engine_host.py: the UI then
   cannot slow it, bench/tui.md) and this process never imports torch; in-process (--no-engine-process,
   or where no child can start) it imports `chatapp.engine.runtime` (and so torch) only when a model
-  is actually loaded, never at start-up.
+  is actually loaded, never at start-up. The app's model pool calls it,
+  after an estimate of the model's bytes sized it for the memory budget.
 """
 from __future__ import annotations
 

@@ -49,6 +49,7 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec("app.palette", "ctrl+p", "command_palette", "Commands", show=False),
     KeySpec("app.theme", "f9", "change_theme", "Theme", show=False),
     KeySpec("app.quit", "ctrl+q", "quit", "Quit", show=False),
+    KeySpec("app.compare", "f3", "compare", "Compare two answers", show=False),
     KeySpec("chat.stop", "escape", "stop", "Stop", priority=True),
     KeySpec("chat.new", "ctrl+n", "new_chat", "New chat"),
     KeySpec("chat.search", "ctrl+f", "search_chats", "Search chats", show=False),
@@ -99,6 +100,11 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec("models.delete", "delete", "delete_model", "Delete files"),
     KeySpec("models.close", "escape", "close", "Back"),
     KeySpec("help.close", "escape,f1,q", "close", "Close"),
+    KeySpec("compare.run", "ctrl+r", "run", "Run both", priority=True),
+    KeySpec("compare.keep_a", "a", "keep('A')", "Keep A"),
+    KeySpec("compare.keep_b", "b", "keep('B')", "Keep B"),
+    KeySpec("compare.keep_both", "k", "keep('AB')", "Keep both"),
+    KeySpec("compare.close", "escape", "close", "Stop / Back", priority=True),
     KeySpec("dialog.save", "ctrl+s", "save", "Save"),
     KeySpec("dialog.cancel", "escape", "cancel", "Cancel"),
 )
@@ -112,6 +118,7 @@ SCOPES = {
     "inspector": "Token inspector (t on a reply; Esc closes it too)",
     "models": "Models screen",
     "help": "Help screen",
+    "compare": "Compare screen (F3: the last question answered twice, side by side)",
     "dialog": "Dialogs (rename, edit, settings, export)",
 }
 

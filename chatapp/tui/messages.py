@@ -78,10 +78,12 @@ class ModelLoading(Message):
 class ModelLoaded(Message):
     """A model is ready; `engine` fits EngineProtocol."""
 
-    def __init__(self, engine: Any, entry: Any) -> None:
+    def __init__(self, engine: Any, entry: Any, key: str | None = None) -> None:
         super().__init__()
         self.engine = engine
         self.entry = entry
+        #: Its model pool key (pinned for the chat), None for an engine from elsewhere.
+        self.key = key
 
 
 class ModelLoadFailed(Message):

@@ -104,3 +104,52 @@ def test_serve_refuses_a_non_loopback_bind_without_a_key():
     r = subprocess.run([sys.executable, "-m", "chatapp", "serve", "--host", "0.0.0.0"], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "SMOLLCHAT_API_KEY" in r.stderr and "--api-key-file" in r.stderr
+
+
+def test_the_server_loads_within_the_memory_budget_and_refuses_a_model_too_big_for_it():
+    import json
+    import urllib.error
+    import urllib.request
+
+    from chatapp.chat.pool import Footprint
+    from chatapp.server import create_app
+
+    from .conftest import Uvicorn
+
+    sizes = {"small": 40, "other": 40, "big": 200}
+    pool = ModelPool(_entries(*sizes), lambda e, _p: FakeEngine(entry=e), budget=100 * 2**20,
+                     estimate=lambda e: Footprint(sizes[e.id] * 2**20, 0))
+    server = Uvicorn(create_app(pool))
+    base = f"http://127.0.0.1:{server.port}"
+
+    def chat(model: str) -> tuple[int, dict]:
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"{base}/v1/chat/completions", body), timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        status, body = chat("big")
+        assert status == 507 and body["error"]["code"] == "model_too_large"
+        assert "budget is 100.0 MiB" in body["error"]["message"] and "--memory-budget" in body["error"]["message"]
+        for model in ("small", "other", "small"):
+            deadline = time.monotonic() + 10
+            while (got := chat(model))[0] == 503:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert got[0] == 200, got
+        with urllib.request.urlopen(f"{base}/health", timeout=60) as r:
+            health = json.loads(r.read())
+        assert health["memory"] == {"budget": 100 * 2**20, "used": pool.usage().used}
+        assert set(health["models"]) == {"small", "other"}  # 80 of 100 MiB: both stay loaded
+    finally:
+        server.stop()
+        pool.close()
+
+
+def test_serve_says_how_to_write_a_memory_budget():
+    r = subprocess.run([sys.executable, "-m", "chatapp", "serve", "--memory-budget", "lots"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--memory-budget" in r.stderr and "8GiB" in r.stderr

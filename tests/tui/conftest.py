@@ -19,6 +19,8 @@ from chatapp.tui.app import make_app
 SIZE = (120, 36)
 #: The chat list's clock in tests: every chat reads "now".
 FIXED_CLOCK = 0.0
+#: The model pool's memory budget in tests (the default follows the machine's memory).
+BUDGET = 8 * 2**30
 
 
 def ghost_fake(*args: Any, n_layers: int = 12, hidden_size: int = 768, **kw: Any) -> FakeEngine:
@@ -47,6 +49,7 @@ def build(store, catalog):
         kw.setdefault("downloader", FakeDownloader())
         kw.setdefault("keymap", {})
         kw.setdefault("clock", lambda: FIXED_CLOCK)
+        kw.setdefault("memory_budget", BUDGET)
         return make_app(engine=engine, catalog=kw.pop("catalog", catalog), store=kw.pop("store", store), **kw)
     return factory
 

@@ -1,5 +1,6 @@
-"""The memory panel: bytes by kind, context used / limit, and state bytes over the conversation's
-tokens drawn next to a "ghost" line of what a same-size dense transformer's KV cache would hold.
+"""The memory panel: bytes by kind, the model pool's use of its memory budget, context used / limit, and
+state bytes over the conversation's tokens drawn next to a "ghost" line of what a same-size dense
+transformer's KV cache would hold.
 
 Every figure comes from the engine's `MemoryReport` (updated as tokens stream) and `Engine.info()`
 (layer count and hidden size for the ghost: 2 x layers x hidden x 2 bytes per token, bf16 K and V;
@@ -101,6 +102,10 @@ class MemoryPanel(Widget):
         dtype, quant = self.info.get("dtype"), self.info.get("quantize")
         text.append(f"  {report.device}{' · ' + dtype if dtype else ''}\n", self._style("muted"))
         self._row(text, "weights", human_bytes(report.weights), f" {quant}" if quant and quant != "none" else "")
+        pool = getattr(self.app, "pool", None)
+        if pool is not None:  # every engine the app holds (the chat's, compare's) against the memory budget
+            usage = pool.usage()
+            self._row(text, "pool", human_bytes(usage.used), f" of {human_bytes(usage.budget)}")
         for kind, label in KIND_LABELS:
             alloc, used = report.allocated.get(kind, 0), report.used.get(kind, 0)
             if alloc or used:
