@@ -18,6 +18,7 @@ from ..contract import Done, SamplingSettings, StepEvent
 from ..units import human_bytes
 from .conversation import Conversation, Message
 from .pool import ModelPool
+from .presets import builtin_preset
 from .session import Session
 
 _SETTINGS = {f.name: f for f in fields(SamplingSettings)}
@@ -124,13 +125,15 @@ def last_user_turn(conv: Conversation) -> Message:
 def scratch(conv: Conversation, side: Side, parent_id: str,
             presets: Callable[[str], dict | None] | None) -> Conversation:
     """A copy of `conv` (same ids) whose settings and controls are the chat's with the side's on top (the
-    chat's preset resolved here: the scratch session has no store)."""
+    chat's preset, built-in or saved, resolved here: the scratch session has no store)."""
     copy = Conversation.from_dict(conv.to_dict())
     own = dict(conv.settings)
     preset = own.pop("preset", None)
     base: dict[str, Any] = {}
     if preset:
-        found = presets(preset) if presets is not None else None
+        found = builtin_preset(preset)
+        if found is None and presets is not None:
+            found = presets(preset)
         if found is None:
             raise ValueError(f"this chat uses preset {preset!r}, which does not exist (any more); pick another "
                              "in the chat settings")

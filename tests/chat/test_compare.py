@@ -64,8 +64,12 @@ def test_one_engine_runs_one_after_the_other_two_that_fit_at_once_two_that_do_no
 
 
 def _run(pool: ModelPool, conv: Conversation, parent: str, side: Side) -> Result:
+    return _run_with(pool, conv, parent, side, None)
+
+
+def _run_with(pool: ModelPool, conv: Conversation, parent: str, side: Side, presets) -> Result:
     result = Result(side, pool.variant(side.model_id, side.quantize, side.dtype))
-    events = list(run_side(pool, result, conv, parent, cancel=threading.Event()))
+    events = list(run_side(pool, result, conv, parent, cancel=threading.Event(), presets=presets))
     assert isinstance(events[-1], Done) and result.error is None, result.error
     return result
 
@@ -120,3 +124,25 @@ def store(tmp_path):
     s = Store(tmp_path / "chats.sqlite3")
     yield s
     s.close()
+
+
+def test_a_chat_preset_built_in_or_saved_lies_under_each_side(store):
+    pool = _pool()
+    conv, user = _chat()
+    from chatapp.chat.presets import BUILTIN_PRESETS
+    name = next(n for n, values in BUILTIN_PRESETS.items() if values)
+    conv.settings = {"preset": name}
+    a = _run(pool, conv, user, Side("A", "a", settings={"seed": 3}))
+    for setting, value in BUILTIN_PRESETS[name].items():
+        assert a.reply.run["settings"][setting] == value
+    assert a.reply.run["seed"] == 3
+    store.save_preset("mine", {"top_k": 5})
+    conv.settings = {"preset": "mine", "temperature": 0.25}
+    b = _run_with(pool, conv, user, Side("B", "a"), store.get_preset)
+    assert b.reply.run["settings"]["top_k"] == 5 and b.reply.run["settings"]["temperature"] == 0.25
+    conv.settings = {"preset": next(n for n, values in BUILTIN_PRESETS.items() if not values)}  # the card's own
+    assert _run(pool, conv, user, Side("C", "a")).reply.run["settings"]["temperature"] == 0.7
+    conv.settings = {"preset": "gone"}
+    result = Result(Side("B", "a"), "a")
+    list(run_side(pool, result, conv, user, cancel=threading.Event(), presets=lambda name: None))
+    assert "preset 'gone'" in result.error
