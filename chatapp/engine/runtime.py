@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
+from torch import nn
 
 from ..catalog import CatalogError, ModelEntry, load_catalog
 from ..units import human_bytes
@@ -353,6 +354,13 @@ def footprint(entry: ModelEntry, device: str = "auto", dtype: str = "auto", quan
         head = head_weight(model) if _calls_project_head(model) else None
         if head is not None:  # a quantized copy of the head; an untied float head is released
             weights += _packed_bytes(quant, *head[1].shape) - (head[1].numel() * dt.itemsize if head[0] == "lm_head" else 0)
+        for _n, _p, _a, emb in _targets(model, nn.Embedding)[0]:
+            # Token embeddings become int8 row lookups (engine/quant.py): the float table goes; the tied int8
+            # head's table is shared, plus a 4-bit residual in int8 mode; else an own int8 copy with row scales.
+            v, d = emb.weight.shape
+            tied = head is not None and head[1] is emb.weight and quant == "int8"
+            own = 0 if tied else v * d + 2 * v
+            weights += own + (v * d // 2 if quant == "int8" else 0) - v * d * dt.itemsize
     return Footprint(weights, state + DEFAULT_BUDGET)
 
 
