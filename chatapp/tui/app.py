@@ -28,10 +28,10 @@ from .keys import KEYS, KeymapError, bindings, keys_for, load_keymap
 from .messages import ModelLoaded, ModelLoadFailed, ModelLoading
 from .screens.chat import ChatScreen
 from .screens.compare import CompareScreen, default_words
-from .widgets.inspector_actions import recorded_final
 from .screens.help import HelpScreen
 from .screens.models import ModelsScreen
 from .themes import DEFAULT_THEME, VARIABLE_DEFAULTS, load_themes, shipped_theme_dir
+from .widgets.inspector_actions import recorded_final
 
 
 class SmollChat(App):

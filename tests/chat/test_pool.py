@@ -155,6 +155,6 @@ def test_variants_load_the_same_model_with_other_options_under_their_own_key():
 
 def test_the_pool_reserves_what_the_engine_prompt_cache_may_hold():
     from chatapp.chat.pool import PROMPT_CACHE_BYTES
-    torch = pytest.importorskip("torch")  # noqa: F841 - the engine constant lives beside torch code
+    pytest.importorskip("torch")  # the engine constant lives beside torch code
     from chatapp.engine.prompt_cache import DEFAULT_BUDGET
     assert PROMPT_CACHE_BYTES == DEFAULT_BUDGET
