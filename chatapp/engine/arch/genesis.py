@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import PartialRope, RMSNorm, apply_rope_matrices, fuse, rename, rms_norm
+from ..layers import PartialRope, RMSNorm, apply_rope_matrices, fuse, rename
 from ..quant import project_head
 from ..ops.forgetting_attn import forgetting_attn_chunk, forgetting_attn_step
 from ..ops.forgetting_attn.cache import ForgettingKVCache
 from ..ops.gla import gla_chunk, gla_step
-from ..ops.norm import add_rms_norm, rms_norm_gated
+from ..ops.norm import add_rms_norm, rms_norm, rms_norm_gated
 from ..state import CompositeState, ConvState, RecurrentState, StateList
 from .base import MAX_LAYERS, ArchArgs, ArchModel
 
@@ -187,7 +187,7 @@ class ForgettingAttention(nn.Module):
         q, kv, gate, f = self.in_proj(x).split([self.splits[0], sum(self.splits[1:3]), *self.splits[3:]], dim=-1)
         kv = short_conv(kv, self.conv_weight, st.conv.state if st is not None else None)
         k, v = kv.split(self.splits[1:3], dim=-1)
-        # Per-head RMS norm, each head with its own slice of the [H * D] weight.
+        # Per-head RMS norm, each head with its own slice of the [H * D] weight (one kernel on CUDA: ops/norm).
         q = rms_norm(q.view(b, t, h, d), self.q_norm.weight.view(h, d), 1e-6)
         k = rms_norm(k.view(b, t, hkv, d), self.k_norm.weight.view(hkv, d), 1e-6)
         v = v.view(b, t, h, d)
