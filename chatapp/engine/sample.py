@@ -293,7 +293,13 @@ class Sampler:
         entropy and the alternatives, when asked for, are engine/token_detail.py's. An fp32 row is penalised
         in place and put back before this returns."""
         scores = logits.float()
-        undo: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if scores.data_ptr() == logits.data_ptr() else None
+        undo: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if scores.data_ptr() == logits.data_ptr():
+            # In place only where that is allowed (autograd, or an inference tensor outside inference mode: copy).
+            if logits.requires_grad or (logits.is_inference() and not torch.is_inference_mode_enabled()):
+                scores = scores.clone()
+            else:
+                undo = []
         try:
             self._penalise(scores, undo)
             return self._choose(scores)

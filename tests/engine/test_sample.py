@@ -302,3 +302,10 @@ def test_a_draw_leaves_the_callers_row_as_it_was(dt):
             assert torch.equal(logits, before)
             assert tok == b.draw(logits.clone())
             assert tok != 7  # banned by the n-gram rule
+
+
+def test_a_draw_outside_inference_mode_takes_an_inference_row():
+    with torch.inference_mode():
+        logits = torch.tensor([1.0, 3.0, 2.0])
+    s = Sampler(SamplingSettings(temperature=0, repetition_penalty=2.0), 3, "cpu", [1])
+    assert s.draw(logits) == 2 and logits.tolist() == [1.0, 3.0, 2.0]
