@@ -14,6 +14,12 @@ run() {  # run NAME ARGS...: one record
   python -m chatapp bench "$@" --threads "$THREADS" --json "$OUT/$name-t$THREADS.json" 2>&1 | grep -v "^\[bench"
 }
 want=${1:-all}
+if [[ $want == all || $want == demos ]]; then  # time outside the model on the demos: one thread, short runs
+  for m in axiom-tiny byrne-tiny genesis-tiny odinnext-tiny huginn-tiny; do
+    echo "$(date -u +%H:%M:%S) $m quick: $(uptime)" | tee -a "$OUT/uptime.log"
+    python -m chatapp bench "$m" --quick --threads 1 --json "$OUT/$m-quick.json" 2>/dev/null | grep decode
+  done
+fi
 if [[ $want == all || $want == axiom ]]; then
   for q in none int8 int4; do
     run "axiom-bfloat16-$q" axiom --dtype bfloat16 --quantize "$q" ${LLAMA_BENCH:+--llama-bench "$LLAMA_BENCH"}
