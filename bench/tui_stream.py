@@ -1,10 +1,11 @@
 """How far the TUI's display lags behind generation, and how much the UI slows the engine: stream
 20,000 tokens from the FakeEngine at 2,000 tok/s (really paced, not instant) through the app and
-compare, every 10 ms, what the engine had produced with what the reply's Markdown widget held.
+compare, every 10 ms, what the engine had produced with what the reply's view held (its frozen
+blocks and its Markdown tail, MessageView.shown_chars).
 
     python bench/tui_stream.py [--tokens 20000] [--rate 2000] [--size 120x36] [--path all] [--json out.json]
 
-Runs the real app (make_app, chat screen, generation worker, MarkdownStream) under Textual's
+Runs the real app (make_app, chat screen, generation worker, the reply's streaming view) under Textual's
 headless driver: layout and rendering happen as in a terminal, only the bytes are not written.
 Lag at a sample = now - the moment the engine had produced as much text as the widget shows (the
 engine's own per-token time stamps; CLOCK_MONOTONIC is one clock for every process).
@@ -116,7 +117,7 @@ async def run_app(engine, tokens: int, size: tuple[int, int]) -> dict:
         def sample() -> None:
             view = screen.view.view_for(screen.streaming) if screen.streaming else None
             if view is not None:
-                samples.append((time.monotonic_ns(), len(view.body.source)))
+                samples.append((time.monotonic_ns(), view.shown_chars))
 
         timer = app.set_interval(0.01, sample)
         screen.composer.action_send()

@@ -8,7 +8,8 @@ for the panels and `Finished` when the reply ended; it never touches the tree or
 Why pace: every paint that grows the reply re-lays out the whole screen, whose cost grows with the
 number of Markdown blocks on it; painting per worker batch kept the UI thread busy all the time,
 and a busy UI thread starves the generation thread of the GIL (the engine slowed to a tenth of its
-rate in bench/tui_stream.py). Text still goes through MarkdownStream, which coalesces further.
+rate in bench/tui_stream.py). What one paint re-renders is bounded too: the reply's view freezes its
+finished Markdown blocks into a few Statics and keeps only the tail live (widgets/streaming_body.py).
 """
 from __future__ import annotations
 

@@ -13,11 +13,12 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.message import Message
 from textual.widget import Widget
+from markdown_it import MarkdownIt
 from textual.widgets import Markdown, Static
-from textual.widgets.markdown import MarkdownStream
 
 from ...textsafe import displayable, plain
 from ..figures import human_duration, run_line
+from .streaming_body import FREEZE_CHARS, FrozenBlocks, FrozenText, finished_prefix
 
 ROLE_LABELS = {"user": "You", "assistant": "Model", "system": "System"}
 STATUS_LABELS = {"streaming": "● streaming", "stopped": "■ stopped", "error": "✕ error"}
@@ -33,7 +34,9 @@ def failed_send(message) -> bool:
 
 
 class MessageView(Vertical):
-    """Shows one `chat.conversation.Message`; the live reply streams into it through MarkdownStream."""
+    """Shows one `chat.conversation.Message`; the live reply streams into it through `write`: finished
+    blocks are frozen into a few Statics above the Markdown body, which holds only the tail
+    (widgets/streaming_body.py)."""
 
     DEFAULT_CSS = """
     MessageView {
@@ -72,7 +75,9 @@ class MessageView(Vertical):
         self.sibling = sibling
         """(index, count) among the message's siblings: a branch point when count > 1."""
         self.selected = False
-        self._stream: MarkdownStream | None = None
+        self._frozen: FrozenBlocks | None = None
+        self._frozen_chars = 0
+        self._parser: MarkdownIt | None = None
         self._live_figures = ""
 
     def compose(self) -> ComposeResult:
@@ -168,19 +173,42 @@ class MessageView(Vertical):
         # One line whatever it says: repaint without a layout pass.
         self.query_one(".header", Static).update(self._header(), layout=False)
 
+    @property
+    def shown_chars(self) -> int:
+        """Characters of the reply's text on screen (frozen blocks and the Markdown body)."""
+        return self._frozen_chars + len(self.body.source)
+
     async def write(self, text: str) -> None:
-        """Append streamed text; MarkdownStream batches appends when rendering falls behind."""
-        if self._stream is None:
-            self._stream = Markdown.get_stream(self.body)
-        await self._stream.write(displayable(text))
+        """Append streamed text. When the body's finished blocks hold FREEZE_CHARS or more they move
+        into one FrozenText and the body keeps only the rest, so what a paint re-renders stays bounded."""
+        text = displayable(text)
+        body = self.body
+        if self._parser is None:
+            self._parser = MarkdownIt("gfm-like")
+        tail = body.source + text
+        cut = finished_prefix(tail, self._parser) if len(tail) >= FREEZE_CHARS else 0
+        if cut < FREEZE_CHARS:
+            await body.append(text)
+            return
+        with self.app.batch_update():
+            if self._frozen is None:
+                self._frozen = FrozenBlocks()
+                await self.mount(self._frozen, before=body)
+            await self._frozen.mount(FrozenText(tail[:cut]))
+            self._frozen_chars += cut
+            # Emptied, then appended to: append (unlike update) notes where the open block starts.
+            await body.update("")
+            await body.append(tail[cut:])
 
     async def finish(self) -> None:
-        """Stop the stream and render the stored text once in full (an append-only render can
-        leave a block that closed late, such as a code fence, showing stale content)."""
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
+        """Render the stored text once in full in the Markdown body, in place of the frozen blocks and
+        the streamed tail (an append-only render can leave a block that closed late, such as a code
+        fence, showing stale content)."""
         self.live = False
         if self.message.role == "assistant":
-            await self.body.update(displayable(self.message.content or ""))
+            with self.app.batch_update():
+                if self._frozen is not None:
+                    await self._frozen.remove()
+                    self._frozen, self._frozen_chars = None, 0
+                await self.body.update(displayable(self.message.content or ""))
         self.refresh_message()
