@@ -8,7 +8,6 @@ from markdown_it import MarkdownIt
 from textual.app import App, ComposeResult
 from textual.containers import VerticalScroll
 from textual.geometry import Region
-from textual.widgets import Markdown
 
 from chatapp.chat.conversation import Message
 from chatapp.tui.widgets.message import MessageView

@@ -2,7 +2,7 @@
 widgets, only the tail that can still change in the live Markdown widget.
 
 Why: Textual's Markdown widget is one widget per block (and per list item, and per code block). In
-bench/tui_stream.py a 20,000-token reply grew to ~1,300 of them, and every paint of the growing
+bench/tui_stream.py a 20,000-token reply grew to over a thousand of them, and every paint of the growing
 reply re-laid out, restyled and re-arranged all of them: a paint cost more the longer the reply
 was, and the display fell seconds behind. Here a block is frozen once a later top-level block has
 started (CommonMark never changes a block after that), in pieces of at least FREEZE_CHARS, each
@@ -53,7 +53,3 @@ class FrozenBlocks(Vertical):
     """The frozen pieces, above the live Markdown tail, while the reply streams."""
 
     DEFAULT_CSS = "FrozenBlocks { height: auto; }"
-
-    @property
-    def text(self) -> str:
-        return "".join(piece.text for piece in self.query_children(FrozenText))
