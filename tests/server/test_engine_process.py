@@ -21,7 +21,7 @@ def test_a_served_model_answers_from_its_own_process_and_unloading_ends_it():
     entry = fake_entry("fake-served")
     hosts: list[EngineHost] = []
 
-    def load(e):
+    def load(e, _progress):
         hosts.append(EngineHost(Build(FakeEngine, ([REPLY],), {"entry": e, "tokenizer": FakeTokenizer("bytes")})))
         return hosts[-1]
 
