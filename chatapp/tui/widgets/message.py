@@ -34,9 +34,8 @@ def failed_send(message) -> bool:
 
 
 class MessageView(Vertical):
-    """Shows one `chat.conversation.Message`; the live reply streams into it through `write`: finished
-    blocks are frozen into a few Statics above the Markdown body, which holds only the tail
-    (widgets/streaming_body.py)."""
+    """Shows one `chat.conversation.Message`; the live reply streams into it through `write`, shown by a
+    few Statics in place of the Markdown body until it ends (widgets/streaming_body.py)."""
 
     DEFAULT_CSS = """
     MessageView {
@@ -77,6 +76,7 @@ class MessageView(Vertical):
         self.selected = False
         self._frozen: FrozenBlocks | None = None
         self._frozen_chars = 0
+        self._tail = ""
         self._parser: MarkdownIt | None = None
         self._live_figures = ""
 
@@ -175,30 +175,29 @@ class MessageView(Vertical):
 
     @property
     def shown_chars(self) -> int:
-        """Characters of the reply's text on screen (frozen blocks and the Markdown body)."""
-        return self._frozen_chars + len(self.body.source)
+        """Characters of the reply's text on screen (while streaming: the frozen pieces and the tail)."""
+        return self._frozen_chars + len(self._tail) if self._frozen is not None else len(self.body.source)
 
     async def write(self, text: str) -> None:
-        """Append streamed text. When the body's finished blocks hold FREEZE_CHARS or more they move
-        into one FrozenText and the body keeps only the rest, so what a paint re-renders stays bounded."""
+        """Append streamed text. It is shown by FrozenText pieces in place of the Markdown body: the
+        last piece (the tail) is re-rendered; once its finished blocks hold FREEZE_CHARS or more they
+        stay in it and a new tail piece starts, so what a paint re-renders stays bounded."""
         text = displayable(text)
-        body = self.body
-        if self._parser is None:
-            self._parser = MarkdownIt("gfm-like")
-        tail = body.source + text
-        cut = finished_prefix(tail, self._parser) if len(tail) >= FREEZE_CHARS else 0
-        if cut < FREEZE_CHARS:
-            await body.append(text)
-            return
-        with self.app.batch_update():
-            if self._frozen is None:
-                self._frozen = FrozenBlocks()
-                await self.mount(self._frozen, before=body)
-            await self._frozen.mount(FrozenText(tail[:cut]))
+        if self._frozen is None:
+            self._frozen, self._tail, self._parser = FrozenBlocks(), self.body.source, MarkdownIt("gfm-like")
+            self.body.display = False
+            await self.mount(self._frozen, before=self.body)
+            await self._frozen.mount(FrozenText())
+        self._tail += text
+        tail = self._frozen.children[-1]
+        cut = finished_prefix(self._tail, self._parser) if len(self._tail) >= FREEZE_CHARS else 0
+        if cut >= FREEZE_CHARS:
+            tail.show(self._tail[:cut])
             self._frozen_chars += cut
-            # Emptied, then appended to: append (unlike update) notes where the open block starts.
-            await body.update("")
-            await body.append(tail[cut:])
+            self._tail = self._tail[cut:]
+            tail = FrozenText()
+            await self._frozen.mount(tail)
+        tail.show(self._tail)
 
     async def finish(self) -> None:
         """Render the stored text once in full in the Markdown body, in place of the frozen blocks and
@@ -209,6 +208,7 @@ class MessageView(Vertical):
             with self.app.batch_update():
                 if self._frozen is not None:
                     await self._frozen.remove()
-                    self._frozen, self._frozen_chars = None, 0
+                    self._frozen, self._frozen_chars, self._tail = None, 0, ""
+                    self.body.display = True
                 await self.body.update(displayable(self.message.content or ""))
         self.refresh_message()
