@@ -1,6 +1,7 @@
 """The TUI on an engine in its own process (chat/engine_host.py), loaded by the load worker as a real
 model is: the reply streams and stops as in-process, the memory panel reads the child, loading
-another model ends the first child, and a child killed mid-reply leaves the reply marked with the error."""
+another model ends the first child when the pool's budget has no room for both (and keeps it loaded
+when it has: chat/pool.py), and a child killed mid-reply leaves the reply marked with the error."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ import pytest
 
 from chatapp.chat.engine_host import Build, EngineHost
 from chatapp.chat.fake import FakeEngine, FakeTokenizer
+from chatapp.chat.pool import rough_footprint
 
 from .conftest import SIZE, wait_until
 from .test_tui_models import open_models
@@ -19,7 +21,9 @@ pytestmark = pytest.mark.asyncio
 LONG = " ".join(f"word{i}" for i in range(400))
 
 
-async def test_a_model_in_its_own_process_streams_stops_and_is_ended_when_another_loads(build, store):
+@pytest.mark.parametrize("room_for_both", [False, True])
+async def test_a_model_in_its_own_process_streams_stops_and_is_ended_when_another_needs_its_room(
+        build, store, catalog, room_for_both):
     hosts: list[EngineHost] = []
 
     def loader(entry, progress, quantize=None):
@@ -29,7 +33,8 @@ async def test_a_model_in_its_own_process_streams_stops_and_is_ended_when_anothe
         hosts.append(EngineHost(build_fake, progress))
         return hosts[-1]
 
-    app = build(engine=None, loader=loader)
+    need = max(rough_footprint(catalog[m]).total for m in ("genesis-tiny", "odinnext-tiny"))
+    app = build(engine=None, loader=loader, memory_budget=need * (3 if room_for_both else 1) + need // 2)
     try:
         async with app.run_test(size=SIZE) as pilot:
             await open_models(pilot, "genesis-tiny")
@@ -54,8 +59,12 @@ async def test_a_model_in_its_own_process_streams_stops_and_is_ended_when_anothe
             await open_models(pilot, "odinnext-tiny")
             await pilot.press("enter")
             await wait_until(pilot, lambda: app.entry_id == "odinnext-tiny", timeout=60, what="the second load")
-            with pytest.raises(ProcessLookupError):
-                os.kill(first, 0)  # the first model's process ended
+            if room_for_both:
+                os.kill(first, 0)  # the pool keeps the first model loaded (idle, within the budget)
+                assert app.pool.holds(hosts[0])
+            else:
+                with pytest.raises(ProcessLookupError):
+                    os.kill(first, 0)  # its room was needed: the first model's process ended
             # The second model's process dies mid-reply: the reply keeps its text, marked with the error.
             app.chat_screen.composer.insert("again")
             app.chat_screen.composer.action_send()
@@ -69,6 +78,8 @@ async def test_a_model_in_its_own_process_streams_stops_and_is_ended_when_anothe
             view = app.chat_screen.view.view_for(reply.id)
             assert "SIGKILL" in str(view.query_one(".stats").render())
             assert app.session.memory().weights == 12_000_000  # the panels still read the last report
+        with pytest.raises(ProcessLookupError):
+            os.kill(first, 0)  # every engine the pool held ends with the app
     finally:
         for h in hosts:
             h.close()
