@@ -16,7 +16,7 @@ def test_serve_loads_with_the_quantization_asked(monkeypatch):
     asked = []
 
     def loader(where):
-        def load(entry, **kw):
+        def load(entry, progress=None, **kw):
             asked.append((where, entry.id, kw.get("quantize")))
             return FakeEngine(entry=entry, quantize=kw.get("quantize") or "none")
         return load
