@@ -129,3 +129,24 @@ def test_the_kernel_choice_and_threads_are_recorded_forced_on_replay_and_named_w
     reply.run["engine"]["kernels"] = {**now, "source": "measured"}
     reply.run["engine"]["threads"] = 1
     assert replay(session, conv, reply).reasons[0].startswith("nothing recorded differs")
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 0.0, "max_new_tokens": 5},
+                                      {"temperature": 0.9, "top_p": 0.9, "max_new_tokens": 5}],
+                         ids=["greedy", "seeded"])
+def test_a_continued_reply_replays_every_part_from_its_own_run_card(settings):
+    engine, session, conv, reply, _ = _chat("axiom-tiny", settings)
+    first = len(reply.token_ids)
+    for _ in range(2):  # two continuations, each a call with its own card (and, unseeded, its own seed)
+        events = list(session.stream(conv, reply.parent_id, continue_from=reply.id))
+        assert isinstance(events[-1], Done) and events[-1].new_tokens > 0
+    parts = reply.run["continued"]
+    assert len(parts) == 2 and len(reply.token_ids) == first + sum(p["new_tokens"] for p in parts)
+    result = replay(session, conv, reply)
+    assert result.identical and result.compared == len(reply.token_ids) and result.prompt_same
+    # A token of the second continuation changed: the replay names it, counted in the whole reply.
+    at = first + parts[0]["new_tokens"] + 1
+    assert at < len(reply.token_ids)
+    reply.token_ids[at] = (reply.token_ids[at] + 1) % 1000
+    result = replay(session, conv, reply)
+    assert not result.identical and result.index == at

@@ -25,8 +25,8 @@ class ReplayResult:
 
     Attributes:
         identical: every recorded token came again, in order.
-        compared: how many recorded tokens were compared (a continued reply: its first part).
-        index: the first differing token (0-based), else None.
+        compared: how many recorded tokens were compared (every generated part of the reply).
+        index: the first differing token (0-based, in the whole reply), else None.
         recorded, replayed: (id, text) at that index; None where one side had ended.
         reasons: recorded path vs this one, most likely first (empty when nothing differs).
         prompt_same: whether the prompt rendered to the recorded ids (by their sha256).
@@ -69,41 +69,65 @@ def recorded_path(card: dict[str, Any]) -> dict[str, Any]:
 
 
 def replay(session: Session, conv: Conversation, msg: Message) -> ReplayResult:
-    """Regenerate `msg` with `session`'s engine on the run card's settings and controls; compare."""
-    card = msg.run
-    settings = _settings(card["settings"])
-    expected = list(msg.token_ids or [])
-    # A continued reply: its first part was one call under this card; later parts have their own cards.
-    later = sum(int(seg.get("new_tokens", 0)) for seg in card.get("continued", []))
-    # A branch (Session.branch_at): its first tokens were chosen, the call generated the rest.
-    start = int(card["branched_from"]["prefix_tokens"]) if card.get("branched_from") else 0
-    expected = expected[start:max(len(expected) - later, start)]
-    if not expected:
+    """Regenerate `msg` with `session`'s engine on its run cards' settings and controls; compare.
+
+    A reply is one call or several: a branch's first tokens were chosen (Session.branch_at), the first call
+    generated the rest of its first part, and each continuation (`continued`, one run card each) resumed
+    from the text so far. Every generated part is replayed from its own prompt under its own card."""
+    ids = list(msg.token_ids or [])
+    compared, prompt_same, reasons = 0, True, []
+    for card, start, end in _parts(msg.run, len(ids)):
+        expected = ids[start:end]
+        settings = _settings(card["settings"])
+        # The prompt under the recorded budget (it decides what trimming leaves room for), the run to the
+        # recorded tokens only.
+        prompt = _branch_prompt(session, conv, msg, start, settings) if start else \
+            session.prompt(conv, leaf=msg.parent_id, settings=settings)
+        same = prompt_hash(prompt.ids) == card.get("prompt_sha256", prompt_hash(prompt.ids))
+        prompt_same = prompt_same and same
+        got = _generate(session, prompt.ids, settings.with_overrides(max_new_tokens=len(expected)), card)
+        for i, want in enumerate(expected):
+            have = got[i] if i < len(got) else None
+            if have != want:
+                tok = session.tokenizer
+                return ReplayResult(False, compared + len(expected), start + i, (want, tok.decode([want])),
+                                    None if have is None else (have, tok.decode([have])),
+                                    _differences(card, session.info(), same) or
+                                    [("nothing recorded differs: the same path chose another token (a "
+                                      "nondeterministic kernel or thread count)")], prompt_same)
+        compared += len(expected)
+        reasons = reasons or _differences(card, session.info(), same)
+    if not compared:
         raise ValueError(f"reply {msg.id} has no recorded tokens to compare")
-    # The prompt under the recorded budget (it decides what trimming leaves room for), the run to the
-    # recorded tokens only.
-    prompt = _branch_prompt(session, conv, msg, start, settings) if start else \
-        session.prompt(conv, leaf=msg.parent_id, settings=settings)
-    settings = settings.with_overrides(max_new_tokens=len(expected))
-    prompt_same = prompt_hash(prompt.ids) == card.get("prompt_sha256", prompt_hash(prompt.ids))
+    return ReplayResult(True, compared, reasons=reasons, prompt_same=prompt_same)
+
+
+def _parts(card: dict[str, Any], total: int) -> list[tuple[dict[str, Any], int, int]]:
+    """(run card, first token, end) of each generated part of a reply of `total` tokens: the first call's
+    part (after a branch's chosen prefix), then one per continuation, in order. A continuation's card holds
+    its own `new_tokens`; the top-level card's `new_tokens` is the sum over every call."""
+    later = [(seg, int(seg.get("new_tokens", 0))) for seg in card.get("continued", [])]
+    start = int(card["branched_from"]["prefix_tokens"]) if card.get("branched_from") else 0
+    end = max(total - sum(n for _, n in later), start)
+    parts = [(card, start, end)] if end > start else []
+    for seg, n in later:
+        if n > 0:
+            parts.append((seg, end, min(end + n, total)))
+        end = min(end + n, total)
+    return parts
+
+
+def _generate(session: Session, prompt_ids: list[int], settings: SamplingSettings, card: dict[str, Any]) -> list[int]:
+    """The ids one call draws with the card's controls and the depth changes it recorded mid-reply."""
     controls = session.controls_for(Conversation(), card.get("controls", {}))
     channel = ControlChannel(schedule={int(c["token"]): dict(c["controls"]) for c in card.get("control_changes", [])})
-    got: list[StepEvent] = []
-    for ev in session.engine.generate(prompt.ids, settings, controls, detail=TokenDetail(), channel=channel):
+    got: list[int] = []
+    for ev in session.engine.generate(prompt_ids, settings, controls, detail=TokenDetail(), channel=channel):
         if isinstance(ev, StepEvent):
-            got.append(ev)
+            got.append(ev.token_id)
         elif isinstance(ev, Done):
             break
-    reasons = _differences(card, session.info(), prompt_same)
-    tok = session.tokenizer
-    for i, want in enumerate(expected):
-        have = got[i].token_id if i < len(got) else None
-        if have != want:
-            return ReplayResult(False, len(expected), i, (want, tok.decode([want])),
-                                None if have is None else (have, tok.decode([have])),
-                                reasons or ["nothing recorded differs: the same path chose another token (a "
-                                            "nondeterministic kernel or thread count)"], prompt_same)
-    return ReplayResult(True, len(expected), reasons=reasons, prompt_same=prompt_same)
+    return got
 
 
 def _branch_prompt(session: Session, conv: Conversation, msg: Message, start: int,
