@@ -3,7 +3,8 @@
 OpenAI clients resend the whole history with every request. A request whose history (system prompt
 and messages before its last one) is exactly a conversation this server recorded, ending in the reply
 it gave, continues that chat (the new turn is added under that reply) instead of starting a new one.
-The index of recorded histories lives in memory: after a restart, a resent history starts a new chat.
+The index of recorded histories is kept in memory and in the store's app settings (one row per history,
+`serve.history.<sha256>`), so a history resent after a restart still continues its chat.
 Recording holds one lock around attach -> stream -> remember, so two requests extending the same chat
 cannot save over each other's turns.
 """
@@ -16,8 +17,10 @@ from typing import Any
 
 from ..chat.conversation import Conversation
 
-#: Recorded histories remembered for continuation (oldest forgotten first).
+#: Recorded histories remembered in memory (oldest forgotten first; the store keeps every one).
 MAX_REMEMBERED = 10_000
+#: The store's app-settings key of a recorded history.
+STORED_KEY = "serve.history.{}"
 
 
 def history_key(system: str | None, turns: list[tuple[str, str]]) -> str:
@@ -35,7 +38,8 @@ class Recorder:
         added), else the request's own conversation as a new chat. Call with `lock` held."""
         path = request_conv.path()
         turns = [(m.role, m.content) for m in path]
-        known = self._known.get(history_key(request_conv.system_prompt, turns[:-1]))
+        key = history_key(request_conv.system_prompt, turns[:-1])
+        known = self._known.get(key) or _pair(self.store.get_setting(STORED_KEY.format(key)))
         if known is not None:
             chat_id, leaf = known
             try:
@@ -55,6 +59,15 @@ class Recorder:
         if conv.current_leaf is None:
             return
         turns = [(m.role, m.content) for m in conv.path()]
-        self._known[history_key(conv.system_prompt, turns)] = (conv.id, conv.current_leaf)
+        key = history_key(conv.system_prompt, turns)
+        self._known[key] = (conv.id, conv.current_leaf)
+        self.store.set_setting(STORED_KEY.format(key), [conv.id, conv.current_leaf])
         while len(self._known) > MAX_REMEMBERED:
             self._known.pop(next(iter(self._known)))
+
+
+def _pair(value: Any) -> tuple[str, str] | None:
+    """A stored (chat id, reply id), or None for a missing or damaged row."""
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+        return value[0], value[1]
+    return None
