@@ -2,7 +2,7 @@
 # The real-size records of bench/README.md, one process at a time (never two at once on a 2-core machine),
 # each with its peers, the load average before each run kept beside its record.
 #   LLAMA_BENCH=/work/llama-build/bin/llama-bench THREADS=2 bash bench/run_records.sh [axiom|genesis|...]
-# Records: bench/results/<model>-<dtype>-<quantize>-t<threads>.json, uptime lines in bench/results/uptime.log.
+# Records: bench/results/<model>-<dtype>-<quantize>-t<threads>.json, uptime lines in bench/results/uptime.txt.
 set -u
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}
@@ -10,18 +10,18 @@ OUT=bench/results
 mkdir -p "$OUT"
 run() {  # run NAME ARGS...: one record
   local name=$1; shift
-  echo "$(date -u +%H:%M:%S) $name: $(uptime)" | tee -a "$OUT/uptime.log"
+  echo "$(date -u +%H:%M:%S) $name: $(uptime)" | tee -a "$OUT/uptime.txt"
   python -m chatapp bench "$@" --threads "$THREADS" --json "$OUT/$name-t$THREADS.json" 2>&1 | grep -v "^\[bench"
 }
 want=${1:-all}
 if [[ $want == all || $want == demos ]]; then  # time outside the model on the demos: one thread, short runs
   for m in axiom-tiny byrne-tiny genesis-tiny odinnext-tiny huginn-tiny; do
-    echo "$(date -u +%H:%M:%S) $m quick: $(uptime)" | tee -a "$OUT/uptime.log"
+    echo "$(date -u +%H:%M:%S) $m quick: $(uptime)" | tee -a "$OUT/uptime.txt"
     python -m chatapp bench "$m" --quick --threads 1 --json "$OUT/$m-quick.json" 2>/dev/null | grep decode
   done
 fi
 if [[ $want == all || $want == axiom ]]; then
-  for q in none int8 int4; do
+  for q in ${QUANTS:-none int8 int4}; do
     run "axiom-bfloat16-$q" axiom --dtype bfloat16 --quantize "$q" ${LLAMA_BENCH:+--llama-bench "$LLAMA_BENCH"}
   done
 fi
