@@ -12,7 +12,6 @@ from chatapp.chat.store import StoreError
 from chatapp.tui.screens.chat import MIN_CHAT
 from chatapp.tui.widgets.chat_list import ChatList
 from chatapp.tui.widgets.compute import ComputePanel
-from chatapp.tui.widgets.conversation import ConversationView
 from chatapp.tui.widgets.memory import MemoryPanel
 from chatapp.tui.widgets.message import SELECTED_MARK, MessageView
 
@@ -331,17 +330,6 @@ async def test_a_restart_offers_the_last_chats_model_without_loading_it(build, s
         await pilot.press("ctrl+o")
         await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ModelsScreen")
         assert app.screen.entry.id == "axiom"
-
-
-async def test_a_chat_from_another_model_says_so_in_the_header(build, store):
-    conv = Conversation(id="old", title="From before", model_id="axiom")
-    conv.add(None, "user", "hello")
-    store.save(conv)
-    app = build(FakeEngine(["ok"]))
-    async with app.run_test(size=SIZE) as pilot:
-        await app.chat_screen.open_chat("old")
-        await pilot.pause()
-        assert "this chat was with axiom" in str(app.chat_screen.query_one("#chat-header").render())
 
 
 async def test_enter_while_a_reply_streams_says_why_and_keeps_the_text(build):
