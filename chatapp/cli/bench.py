@@ -23,6 +23,9 @@ def register(sub) -> None:
                    help="intra-op threads (default: the app's: $SMOLLCHAT_THREADS, else the physical cores but one)")
     b.add_argument("--eager", action="store_true",
                    help="every fast path off: no compiled decode step, the reference kernels")
+    b.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="the decode step: auto (compiled where an earlier 'on' measured it faster on this machine), "
+                        "on (compile, measure against eager and remember which won), off")
     b.add_argument("--quick", action="store_true", help="short prompts and runs: a smoke test, not figures")
     b.add_argument("--json", metavar="FILE", help="write the record here too")
     b.add_argument("--llama-bench", metavar="PATH",
@@ -37,7 +40,8 @@ def run(args) -> int:
     entry = resolve_entry(args.model)
     if args.threads is not None and args.threads < 1:
         raise CliError("--threads must be at least 1", EXIT_USAGE)
-    opts = BenchOptions(args.quantize, args.dtype, args.threads, args.eager, args.quick, args.llama_bench)
+    opts = BenchOptions(args.quantize, args.dtype, args.threads, args.eager, args.quick, compile=args.compile,
+                        llama_bench=args.llama_bench)
     try:
         rec = bench(entry, opts, progress=lambda m: print(f"[bench {entry.id}] {m}", file=sys.stderr))
     except ValueError as e:

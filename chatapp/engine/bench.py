@@ -42,6 +42,8 @@ class BenchOptions:
     threads: int | None = None
     eager: bool = False
     quick: bool = False
+    #: The decode step's compile mode (graphs.MODES); --eager forces "off".
+    compile: str = "auto"
     #: llama.cpp's llama-bench binary for the Axiom peer (else $SMOLLCHAT_LLAMA_BENCH, else PATH).
     llama_bench: str | None = None
 
@@ -147,7 +149,7 @@ def run(entry: ModelEntry, opts: BenchOptions, progress: Callable[[str], None] |
         rec["quant_report"] = model.quant_report.summary()
     context = min(entry.context, model.max_context)
     state = model.make_state(context, dev, dtype)
-    step, report = decode_step(model, entry.architecture, state, dev, dtype, "off" if opts.eager else "auto")
+    step, report = decode_step(model, entry.architecture, state, dev, dtype, "off" if opts.eager else opts.compile)
     rec["compile"] = report.label
     vocab = model.vocab_size
     settings = entry.sampling().with_overrides(seed=0)
