@@ -26,6 +26,9 @@ def register(sub) -> None:
     b.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="the decode step: auto (compiled where an earlier 'on' measured it faster on this machine), "
                         "on (compile, measure against eager and remember which won), off")
+    b.add_argument("--remeasure", action="store_true",
+                   help="measure this machine's kernel choice and compiled step again for this model and keep the new "
+                        "result (for a first measurement taken while the machine was busy)")
     b.add_argument("--quick", action="store_true", help="short prompts and runs: a smoke test, not figures")
     b.add_argument("--json", metavar="FILE", help="write the record here too")
     b.add_argument("--llama-bench", metavar="PATH",
@@ -41,6 +44,7 @@ def run(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise CliError("--threads must be at least 1", EXIT_USAGE)
     opts = BenchOptions(args.quantize, args.dtype, args.threads, args.eager, args.quick, compile=args.compile,
+                        remeasure=args.remeasure,
                         llama_bench=args.llama_bench)
     try:
         rec = bench(entry, opts, progress=lambda m: print(f"[bench {entry.id}] {m}", file=sys.stderr))

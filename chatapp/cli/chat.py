@@ -49,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="the decode step through torch.compile (auto: only where it measured faster on this machine)")
+                   help="the decode step through torch.compile (auto: where it measured faster on this machine; a real-size "
+                        "model's first load measures it, once)")
     g.add_argument("--eager", action="store_true", help="every fast path off: the reference numerics")
     g.add_argument("--quantize", choices=("none", "int8", "int4"), default=None,
                    help="weight-only quantization on CPU (default: the catalog's, none unless it says)")

@@ -44,6 +44,8 @@ class BenchOptions:
     quick: bool = False
     #: The decode step's compile mode (graphs.MODES); --eager forces "off".
     compile: str = "auto"
+    #: Measure the kernel choice and the compiled step again, replacing what this machine had cached.
+    remeasure: bool = False
     #: llama.cpp's llama-bench binary for the Axiom peer (else $SMOLLCHAT_LLAMA_BENCH, else PATH).
     llama_bench: str | None = None
 
@@ -137,7 +139,8 @@ def run(entry: ModelEntry, opts: BenchOptions, progress: Callable[[str], None] |
     model, config = random_model(entry, dtype)
     rec["peak_rss_before_quantize_bytes"] = _peak_rss()
     say("preparing" + (f" ({quant})" if quant else ""))
-    prepare_for_inference(model, dev, dtype, quant, kernels="reference" if opts.eager else "auto")
+    prepare_for_inference(model, dev, dtype, quant,
+                          kernels="reference" if opts.eager else "measure" if opts.remeasure else "auto")
     rec["load_s"] = round(time.perf_counter() - t0, 3)
     rec["peak_rss_bytes"] = _peak_rss()
     rec["config"] = config
@@ -149,7 +152,8 @@ def run(entry: ModelEntry, opts: BenchOptions, progress: Callable[[str], None] |
         rec["quant_report"] = model.quant_report.summary()
     context = min(entry.context, model.max_context)
     state = model.make_state(context, dev, dtype)
-    step, report = decode_step(model, entry.architecture, state, dev, dtype, "off" if opts.eager else opts.compile)
+    step, report = decode_step(model, entry.architecture, state, dev, dtype, "off" if opts.eager else "on" if opts.remeasure else opts.compile,
+                               progress=say)
     rec["compile"] = report.label
     vocab = model.vocab_size
     settings = entry.sampling().with_overrides(seed=0)

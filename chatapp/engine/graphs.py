@@ -14,8 +14,10 @@ is recorded per KV length met (the attention reads the filled prefix); one graph
 the architectures to attend over the whole preallocated cache under a key mask, with the position a tensor.
 
 Modes: "off" is the eager reference; "on" compiles (and records whether it measured faster); "auto" compiles
-only where an earlier "on" measured the compiled step faster for this CPU, torch, architecture, dtype and
-shape. Anything that stops compilation (no C++ compiler, an inductor error) logs one line and the engine
+only where a measurement found the compiled step faster for this CPU, torch, architecture, dtype and shape.
+"auto" takes that measurement itself, once, for a model of AUTO_MEASURE_BYTES or more (the real checkpoints,
+where compiling measured 1.7-2.1x faster on a 2-core AVX2 Zen 3: bench/README.md); a demo stays eager until
+an "on" measured it (a compile costs a minute or more, its step a few ms). Anything that stops compilation (no C++ compiler, an inductor error) logs one line and the engine
 runs eager.
 """
 from __future__ import annotations
@@ -49,8 +51,11 @@ MODES = ("auto", "on", "off")
 #: logits within 1e-6. Not Huginn: Python
 #: control flow inside a step (adaptive exit, speculative drafts).
 COMPILABLE = frozenset({"axiom", "spike_whale", "odinnext", "genesis"})
-#: Timed steps per path when "on" measures compiled against eager (alternating, medians).
-MEASURE_STEPS = 7
+#: Timed steps per path when "on" measures compiled against eager (alternating; the fastest of each decides,
+#: since another process's work only ever adds time, and it landed on single steps of either path here).
+MEASURE_STEPS = 9
+#: "auto" measures by itself (first load, then cached) a model holding at least this many weight bytes.
+AUTO_MEASURE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ class CompileReport:
         active: whether the decode step is compiled.
         reason: one line: why eager, or the backend used.
         compile_s: seconds the first use cost (tracing, inductor, C++ build or cache load), 0 if eager.
-        eager_ms, compiled_ms: median step times measured at load ("on" only), else None.
+        eager_ms, compiled_ms: the fastest step times measured at load (when measured), else None.
     """
 
     mode: str
@@ -180,7 +185,7 @@ def _step_ms(fn: Callable[[], Any], device: torch.device) -> float:
 def warm_up(step: CompiledStep, state: StateList, device: torch.device, measure: bool) -> tuple[float, float, float]:
     """Compile both graphs (the first length, then the length-generic one) on the engine's own empty state,
     then, if asked, time eager and compiled steps alternately. Returns (compile seconds, eager ms, compiled
-    ms) (the times NaN when not measured). Leaves the state empty."""
+    ms: the fastest of MEASURE_STEPS each; NaN when not measured). Leaves the state empty."""
     model = step.model
     eager_ms: list[float] = []
     compiled_ms: list[float] = []
@@ -204,12 +209,12 @@ def warm_up(step: CompiledStep, state: StateList, device: torch.device, measure:
                 compiled_ms.append(_step_ms(lambda: step(tok, state), device))
         state.reset()
     nan = float("nan")
-    return (compile_s, statistics.median(eager_ms) if eager_ms else nan,
-            statistics.median(compiled_ms) if compiled_ms else nan)
+    return compile_s, min(eager_ms, default=nan), min(compiled_ms, default=nan)
 
 
 def decode_step(model, arch: str, state: StateList, device: torch.device, dtype: torch.dtype,
-                mode: str = "auto", freezing: bool = False) -> tuple[Callable[..., Forward], CompileReport]:
+                mode: str = "auto", freezing: bool = False,
+                progress: Callable[[str], None] | None = None) -> tuple[Callable[..., Forward], CompileReport]:
     """The step the decode loop calls for one token (`infer`'s signature) and what became of `mode`.
 
     `state` is the engine's preallocated (empty) state: the graphs are compiled and, under "on", measured on
@@ -223,11 +228,13 @@ def decode_step(model, arch: str, state: StateList, device: torch.device, dtype:
     if arch not in COMPILABLE:
         return eager, CompileReport(mode, False, f"the {arch} step is not compiled")
     key = _decision_key(model, arch, device, dtype)
+    seen = _read_decisions().get(key) if mode == "auto" else None
+    measure = mode == "on"
     if mode == "auto":
-        seen = _read_decisions().get(key)
-        if not seen:
+        if not seen and model.weight_bytes() < AUTO_MEASURE_BYTES:
             return eager, CompileReport(mode, False, "auto: not measured on this machine yet (--compile on measures)")
-        if not seen.get("faster"):
+        measure = not seen
+        if seen and not seen.get("faster"):
             return eager, CompileReport(mode, False, f"auto: compiled measured no faster here "
                                                      f"({seen['compiled_ms']:.1f} vs {seen['eager_ms']:.1f} ms)")
     if device.type == "cpu" and find_cxx() is None:
@@ -237,12 +244,18 @@ def decode_step(model, arch: str, state: StateList, device: torch.device, dtype:
         for buf in (b for s in state for b in s.buffers()):
             torch._dynamo.mark_static_address(buf)
     _point_caches_here()
+    if progress is not None:
+        progress("compiling the decode step" + (" and timing it against eager (once on this machine: a minute or "
+                                                "more; later loads read the cache)" if measure else ""))
     step = CompiledStep(model, device, freezing)
-    compile_s, eager_ms, compiled_ms = warm_up(step, state, device, measure=mode == "on")
+    compile_s, eager_ms, compiled_ms = warm_up(step, state, device, measure=measure)
     if step.failed:
         return eager, CompileReport(mode, False, f"compile failed: {step.failed}")
     backend = "cuda graphs" if device.type == "cuda" else "inductor cpp" + (", frozen" if freezing else "")
-    if mode == "on":
+    if measure:
         _record_decision(key, eager_ms, compiled_ms)
+        if mode == "auto" and not compiled_ms < eager_ms:
+            return eager, CompileReport(mode, False, f"auto: compiled measured no faster here ({compiled_ms:.1f} vs "
+                                                     f"{eager_ms:.1f} ms)", compile_s, eager_ms, compiled_ms)
         return step, CompileReport(mode, True, backend, compile_s, eager_ms, compiled_ms)
     return step, CompileReport(mode, True, backend, compile_s)

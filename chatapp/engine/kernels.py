@@ -262,9 +262,10 @@ def choose(model: nn.Module, dtype: torch.dtype, device: torch.device, kernels: 
            quantize: str | None = None, timer: Timer | None = None) -> KernelChoice:
     """The kernel choice for a loaded model (before `apply`).
 
-    `kernels`: "auto" (measured once per machine, dtype and shape; default() for small models), "reference"
-    (--eager), or a KernelChoice / run-card dict to force (replay). Quantized models are not measured: their
-    large matrices are swapped for packed ones.
+    `kernels`: "auto" (measured once per machine, dtype and shape; default() for small models), "measure" (as
+    auto, but measured again over what is cached: `smollchat bench --remeasure`, after the machine was busy
+    during the first measurement), "reference" (--eager), or a KernelChoice / run-card dict to force (replay).
+    Quantized models are not measured: their large matrices are swapped for packed ones.
     """
     if isinstance(kernels, Mapping):
         kernels = KernelChoice.from_dict(kernels)
@@ -272,8 +273,8 @@ def choose(model: nn.Module, dtype: torch.dtype, device: torch.device, kernels: 
         if kernels.dtype != _dtype_name(dtype):
             raise ValueError(f"the kernel choice was made for {kernels.dtype}, the model is {_dtype_name(dtype)}")
         return kernels
-    if kernels not in ("auto", "reference"):
-        raise ValueError(f"kernels must be auto, reference or a recorded choice, not {kernels!r}")
+    if kernels not in ("auto", "measure", "reference"):
+        raise ValueError(f"kernels must be auto, measure, reference or a recorded choice, not {kernels!r}")
     if device.type != "cpu" or kernels == "reference" or dtype not in (torch.float32, torch.bfloat16):
         return reference(dtype)
     if quantize:
@@ -283,7 +284,7 @@ def choose(model: nn.Module, dtype: torch.dtype, device: torch.device, kernels: 
         return default(dtype)
     shapes = representative_shapes(mats)
     key = decision_key(device, dtype, shapes)
-    seen = _decisions().get(key)
+    seen = _decisions().get(key) if kernels == "auto" else None
     if isinstance(seen, dict):
         try:
             return KernelChoice.from_dict(seen, "cached")

@@ -319,7 +319,7 @@ def load_engine(entry: ModelEntry, device: str = "auto", dtype: str = "auto", mo
     engine.checkpoint_sha256, engine.machine = checkpoint_hash(directory), machine(dev)
     if compile != "off":
         say("preparing the decode step")
-    engine.step, engine.compile = decode_step(model, entry.architecture, engine.state, dev, dt, compile)
+    engine.step, engine.compile = decode_step(model, entry.architecture, engine.state, dev, dt, compile, progress=say)
     return engine
 
 

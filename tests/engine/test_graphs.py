@@ -134,6 +134,37 @@ def test_auto_follows_the_recorded_measurement(monkeypatch):
     assert not load_engine(entry, device="cpu", dtype="bfloat16").compile.active
 
 
+@pytest.mark.parametrize("eager_ms, compiled_ms", [(3.0, 2.0), (2.0, 3.0)])
+def test_auto_measures_a_real_size_model_once(monkeypatch, eager_ms, compiled_ms):
+    # A model above AUTO_MEASURE_BYTES (here: every model) with nothing recorded: "auto" compiles, times the two
+    # paths itself, keeps the faster and records it; the next load reads the record instead of timing again.
+    monkeypatch.setattr(graphs.torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(graphs, "AUTO_MEASURE_BYTES", 0)
+    timed = []
+
+    def clock(fn, device):  # the eager and the compiled step alternate, eager first
+        fn()
+        timed.append(len(timed))
+        return eager_ms if len(timed) % 2 else compiled_ms
+    monkeypatch.setattr(graphs, "_step_ms", clock)
+    said = []
+    entry = get_entry("axiom-tiny")
+    engine = load_engine(entry, device="cpu", dtype="float32", progress=said.append)
+    assert len(timed) == 2 * graphs.MEASURE_STEPS
+    assert any("timing it against eager" in m for m in said)
+    assert (engine.compile.eager_ms, engine.compile.compiled_ms) == (eager_ms, compiled_ms)
+    faster = compiled_ms < eager_ms
+    assert engine.compile.active == faster and isinstance(engine.step, graphs.CompiledStep) == faster
+    if not faster:
+        assert "no faster" in engine.compile.reason and engine.step == engine.model.infer
+    assert engine.state.length == 0
+    key = graphs._decision_key(engine.model, "axiom", engine.device, engine.dtype)
+    assert graphs._read_decisions()[key]["faster"] == faster
+    again = load_engine(entry, device="cpu", dtype="float32")
+    assert len(timed) == 2 * graphs.MEASURE_STEPS  # read back, not timed again
+    assert again.compile.active == faster
+
+
 def test_uncompiled_architecture_and_bad_mode():
     engine = load_engine(get_entry("axiom-tiny"), device="cpu", dtype="float32", compile="off")
     step, report = graphs.decode_step(engine.model, "huginn_raven", engine.state, engine.device, engine.dtype, "on")

@@ -95,6 +95,19 @@ def test_a_measured_choice_is_recorded_and_reused(measured_small, fixtures_root)
     assert len(measured_small) == n  # nothing timed the second time
 
 
+def test_measure_replaces_what_the_machine_had_cached(measured_small, fixtures_root, monkeypatch):
+    # `smollchat bench --remeasure`: a choice cached while the machine was busy is measured again and replaced.
+    first = load_model(fixtures_root / "axiom", dtype="float32")
+    assert str(first.kernel_choice.widening) == "column/linear/linear"
+    monkeypatch.setattr(kernels, "wall_timer", forced({"widening decode": "row/linear/linear",
+                                                       "narrowing decode": "row/linear/linear"}))
+    assert load_model(fixtures_root / "axiom", dtype="float32").kernel_choice.source == "cached"
+    again = load_model(fixtures_root / "axiom", dtype="float32", kernels="measure")
+    assert again.kernel_choice.source == "measured" and str(again.kernel_choice.widening) == "row/linear/linear"
+    later = load_model(fixtures_root / "axiom", dtype="float32")
+    assert later.kernel_choice.source == "cached" and str(later.kernel_choice.widening) == "row/linear/linear"
+
+
 def test_another_aten_cpu_capability_is_another_machine(measured_small, fixtures_root, monkeypatch):
     cpu = torch.device("cpu")
     before = kernels.decision_key(cpu, torch.float32, SHAPES)
