@@ -2,6 +2,7 @@
 # The real-size records of bench/README.md, one process at a time (never two at once on a 2-core machine),
 # each with its peers, the load average before each run kept beside its record.
 #   LLAMA_BENCH=/work/llama-build/bin/llama-bench THREADS=2 bash bench/run_records.sh [axiom|genesis|...]
+# REMEASURE=1: measure the kernel choice and the compiled step again first (a machine busy at the first load).
 # Records: bench/results/<model>-<dtype>-<quantize>-t<threads>.json, uptime lines in bench/results/uptime.txt.
 set -u
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ mkdir -p "$OUT"
 run() {  # run NAME ARGS...: one record
   local name=$1; shift
   echo "$(date -u +%H:%M:%S) $name: $(uptime)" | tee -a "$OUT/uptime.txt"
-  python -m chatapp bench "$@" --threads "$THREADS" --json "$OUT/$name-t$THREADS.json" 2>&1 | grep -v "^\[bench"
+  python -m chatapp bench "$@" --threads "$THREADS" ${REMEASURE:+--remeasure} --json "$OUT/$name-t$THREADS.json" 2>&1 | grep -v "^\[bench"
 }
 want=${1:-all}
 if [[ $want == all || $want == demos ]]; then  # time outside the model on the demos: one thread, short runs
@@ -26,7 +27,9 @@ if [[ $want == all || $want == axiom ]]; then
   done
 fi
 [[ $want == all || $want == genesis ]] && run genesis-bfloat16-none genesis --dtype bfloat16
+[[ $want == all || $want == genesis ]] && run genesis-float32-none genesis --dtype float32
 [[ $want == all || $want == odinnext ]] && run odinnext-bfloat16-none odinnext --dtype bfloat16
 [[ $want == all || $want == byrne ]] && run byrne-float32-none-quick byrne --quick
+[[ $want == all || $want == huginn ]] && run huginn-bfloat16-int4-quick huginn --quick --quantize int4
 [[ $want == all || $want == huginn ]] && run huginn-bfloat16-none-quick huginn --quick
 exit 0

@@ -26,7 +26,6 @@ import hashlib
 import logging
 import os
 import shutil
-import statistics
 import threading
 import time
 from dataclasses import dataclass
