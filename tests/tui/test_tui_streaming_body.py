@@ -1,17 +1,20 @@
-"""A streaming reply's body stays bounded (widgets/streaming_body.py): it is shown by a few Statics of which
-only the tail is re-rendered, nothing is dropped, and the end renders the whole text in the Markdown
-widget as every finished reply is shown."""
+"""A streaming reply's body stays bounded (widgets/streaming_body.py): finished blocks are rendered once into
+lines, only the open block (itself split past OPEN_CHARS) is rendered again, nothing is dropped, and the end
+renders the whole text in the Markdown widget as every finished reply is shown."""
 from __future__ import annotations
 
 import pytest
 from markdown_it import MarkdownIt
+from rich.console import Console
+from rich.markdown import Markdown as RichMarkdown
 from textual.app import App, ComposeResult
 from textual.containers import VerticalScroll
 from textual.geometry import Region
 
 from chatapp.chat.conversation import Message
 from chatapp.tui.widgets.message import MessageView
-from chatapp.tui.widgets.streaming_body import FREEZE_CHARS, FrozenText, finished_prefix
+from chatapp.tui.widgets.streaming_body import (OPEN_CHARS, OpenTail, StreamingBody, StreamMarkdown,
+                                                finished_prefix)
 
 
 def reply_text(blocks: int) -> str:
@@ -50,6 +53,85 @@ def test_the_finished_prefix_never_changes_how_the_text_parses():
         assert top_level(text).__getitem__(slice(len(top_level(part[:cut])))) == top_level(part[:cut])
 
 
+
+
+def test_the_prefix_counts_lines_as_the_parser_does():
+    # U+2028 and U+0085 are text to Markdown (str.splitlines would count a line at each).
+    text = "one\u2028still one\x85and still\n\ntwo\n\nthree"
+    cut = finished_prefix(text, MarkdownIt("gfm-like"))
+    assert text[cut:] == "three"
+
+
+def feed(text: str, step: int, open_chars: int = OPEN_CHARS):
+    """Stream `text` through an OpenTail `step` characters at a time; check after every step that the frozen
+    pieces and the tail hold all the text, once, in order. Returns (pieces, the longest tail seen)."""
+    tail, pieces, longest = OpenTail(open_chars=open_chars), [], 0
+    for start in range(0, len(text), step):
+        pieces += tail.add(text[start:start + step])
+        assert "".join(p.source for p in pieces) + tail.source == text[:start + step]
+        longest = max(longest, len(tail.source))
+    return pieces, tail, longest
+
+
+def one_block_kinds():
+    """Single blocks far longer than OPEN_CHARS, of every kind the tail splits."""
+    return {
+        "fence": "```python\n" + "".join(f"value_{i} = {i}  # a comment\n" for i in range(600)),
+        "paragraph": "".join(f"line {i} of one paragraph that goes on\n" for i in range(600)),
+        "one-line paragraph": " ".join(f"word{i}" for i in range(4000)),
+        "bullet list": "".join(f"- item {i} of a long list\n" for i in range(600)),
+        "ordered list": "".join(f"{i}. item {i} of a numbered list\n" for i in range(1, 601)),
+        "quote": "".join(f"> quoted line {i} of a long quote\n" for i in range(600)),
+    }
+
+
+@pytest.mark.parametrize("kind", list(one_block_kinds()))
+def test_a_single_huge_block_keeps_the_tail_bounded_and_drops_nothing(kind):
+    text = one_block_kinds()[kind]
+    step = 97
+    pieces, tail, longest = feed(text, step)
+    longest_line = max(len(line) for line in text.split("\n"))
+    assert longest <= OPEN_CHARS + step + longest_line
+    assert len(pieces) >= len(text) // (OPEN_CHARS + step + longest_line)
+    assert not any(p.gap for p in pieces)  # the parts of one block follow each other with no blank line
+
+
+def test_a_split_code_fence_is_drawn_as_code_in_every_part():
+    text = one_block_kinds()["fence"]
+    pieces, tail, _ = feed(text, 97)
+    parser = MarkdownIt("gfm-like")
+    code = []
+    for shown in [p.shown for p in pieces] + [tail.shown]:
+        blocks = [t for t in parser.parse(shown) if t.level == 0 and t.map is not None]
+        assert [(t.type, t.info) for t in blocks] == [("fence", "python")]
+        code.append(blocks[0].content)
+    assert "".join(code) == text.split("\n", 1)[1]  # every code line once, in order
+
+
+def test_a_split_numbered_list_keeps_counting():
+    pieces, tail, _ = feed(one_block_kinds()["ordered list"], 97)
+    parser = MarkdownIt("gfm-like")
+    expected = 1
+    for shown in [p.shown for p in pieces] + [tail.shown]:
+        tokens = parser.parse(shown)
+        assert tokens[0].type == "ordered_list_open" and int(tokens[0].attrs.get("start", 1)) == expected
+        expected += sum(t.type == "list_item_open" and t.level == 1 for t in tokens)
+    assert expected == 601
+
+
+def test_finished_blocks_leave_the_tail_whole_and_drawn_as_written():
+    text = reply_text(60)
+    pieces, tail, longest = feed(text, 211)
+    assert all(p.gap and p.shown == p.source for p in pieces)  # no block of this text needs a split
+    assert longest < 211 + max(len(b) for b in text.split("\n\n")) + 2
+
+
+def test_the_shared_parser_draws_as_rich_does():
+    console = Console(width=60, file=open("/dev/null", "w"), color_system="truecolor")
+    text = reply_text(12) + "\n\n| a | b |\n|---|---|\n| 1 | ~~2~~ |\n"
+    assert console.render_lines(StreamMarkdown(text)) == console.render_lines(RichMarkdown(text, hyperlinks=False))
+
+
 class Host(App):
     def __init__(self, message: Message) -> None:
         super().__init__()
@@ -61,7 +143,7 @@ class Host(App):
 
 
 @pytest.mark.asyncio
-async def test_a_long_streamed_reply_keeps_few_widgets_and_drops_nothing():
+async def test_a_long_streamed_reply_is_one_widget_drawn_as_its_pieces_and_drops_nothing():
     text = reply_text(180)  # ~500 widgets once rendered in full as Markdown
     message = Message(id="r1", parent_id=None, role="assistant", content="", created_at=0.0, status="streaming")
     app = Host(message)
@@ -72,27 +154,38 @@ async def test_a_long_streamed_reply_keeps_few_widgets_and_drops_nothing():
         for start in range(0, len(text), step):
             message.content += text[start:start + step]
             await view.write(text[start:start + step])
-            pieces = list(view.query(FrozenText))
-            # Not counting the pieces (one per FREEZE_CHARS at most), the view's widgets stay few.
-            most_widgets = max(most_widgets, len(view.query("*")) - len(pieces))
-            longest_tail = max(longest_tail, len(pieces[-1].text))
-            # Everything written is on screen, once: the pieces (the tail last), in order.
-            assert "".join(p.text for p in pieces) == message.content
+            body = view.query_one(StreamingBody)
+            most_widgets = max(most_widgets, len(view.query("*")))
+            longest_tail = max(longest_tail, len(body.tail))
+            # Everything written is on screen, once: the frozen pieces, then the tail.
+            assert body.text == message.content
             assert view.shown_chars == len(message.content)
+            await pilot.pause()
+        # Bounded by the open block, not by the reply; the whole reply rendered as Markdown is ~1,000 widgets.
+        assert longest_tail < step + max(len(b) for b in text.split("\n\n")) + 2
+        assert most_widgets <= 6
+        # The body's lines are its pieces, each drawn as Rich draws that Markdown alone, a blank line after.
+        width = body.size.width
+        expected = []
+        for piece in body.pieces:
+            static_lines = app.console.render_lines(RichMarkdown(piece.shown, hyperlinks=False),
+                                                    app.console.options.update_width(width))
+            expected += ["".join(seg.text for seg in line).rstrip() for line in static_lines] + [""]
+        drawn = [body.render_line(y).text.rstrip() for y in range(len(expected))]
+        assert drawn == expected
+        assert "Part 0" in drawn[0]
+        # A narrower view draws every piece again at its width.
+        lines_before = body.get_content_height(body.size, body.size, width)
+        await pilot.resize_terminal(60, 30)
         await pilot.pause()
-        # Bounded by the tail, not by the reply: the whole reply rendered as Markdown is ~1,000 widgets.
-        assert longest_tail < FREEZE_CHARS + 2 * step
-        assert most_widgets <= 8
-        assert len(pieces) <= len(text) // FREEZE_CHARS + 2
-        # Scrolled to the top mid-stream, the first piece shows the reply's beginning.
-        first = pieces[0]
-        lines = first.render_lines(Region(0, 0, first.size.width, 3))
-        assert "Part 0" in "".join(strip.text for strip in lines)
+        assert body.size.width < width
+        assert body.get_content_height(body.size, body.size, body.size.width) > lines_before
+        assert all(body.render_line(y).cell_length <= body.size.width for y in range(40))
 
         message.status = "ok"
         await view.finish()
         await pilot.pause()
-        assert not view.query(FrozenText) and view.body.source == text and view.body.display
+        assert not view.query(StreamingBody) and view.body.source == text and view.body.display
         full = len(view.query("*"))
         assert full > 5 * most_widgets  # the final view is the full Markdown widget, as for any finished reply
 

@@ -1,22 +1,27 @@
 """The live reply: the one generation worker and the display of what it streams.
 
 `LiveReply.start` runs `Session.stream` in a thread (streaming.pump posts batched messages back to
-this widget); what arrives is gathered into frames painted into the message list at most every
-FRAME_S, so the UI thread stays mostly idle while text streams. It posts `Progress` (steps, memory)
-for the panels and `Finished` when the reply ended; it never touches the tree or the store.
+this widget); what arrives is gathered into frames and painted into the message list as soon as the
+`FramePacer` allows. It posts `Progress` (steps, memory) for the panels and `Finished` when the reply
+ended; it never touches the tree or the store.
 
-Why pace: every paint that grows the reply re-lays out the whole screen, whose cost grows with the
-number of Markdown blocks on it; painting per worker batch kept the UI thread busy all the time,
-and a busy UI thread starves the generation thread of the GIL (the engine slowed to a tenth of its
-rate in bench/tui_stream.py). What one paint re-renders is bounded too: the reply's view freezes its
-finished Markdown blocks into a few Statics and keeps only the tail live (widgets/streaming_body.py).
+Why pace: a paint and the layout and drawing it causes take the UI thread's time, and with an engine in
+this process a busy UI thread starves the generation thread of the GIL (the engine slowed to a tenth of
+its rate in bench/tui_stream.py when every batch was painted). The pacer keeps painting's share of the
+UI thread near a target (UI_BUSY_TARGET with the engine in this process, PROCESS_BUSY_TARGET with an
+engine process): the next paint may start once the last one's cost (the UI thread's CPU time until the
+screen was refreshed after it) divided by the target has passed. A cheap paint (what one paint renders is
+bounded: widgets/streaming_body.py) so follows the text within MIN_FRAME_S, as it arrives, and a costly
+one less often. It used to stretch the interval by 1.5x per busy frame up to a second and shrink it by
+0.8x per idle one, after a fixed 50 ms wait per frame, counting all the UI thread's work: each later
+paint then had more text to render, so it stayed busy and the display fell 0.3-2 s behind (bench/tui.md).
 """
 from __future__ import annotations
 
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from textual import work
 from textual.message import Message
@@ -28,19 +33,49 @@ from ..messages import MemorySample, ReplyChunk, ReplyFinished, ReplyStats
 from ..streaming import pump
 from .conversation import ConversationView
 
-#: Seconds between paints of the live reply: 20 per second at most...
-FRAME_S = 0.05
-#: ...and at least one per second. In between, the interval follows the UI thread's load.
-MAX_FRAME_S = 1.0
-#: The share of the time the UI thread may be busy while a reply streams. Painting a long reply
-#: costs more (each paint re-lays out every block on screen), so paints then come less often,
-#: and the generation thread keeps getting the GIL.
+#: The shortest time between the starts of two paints of the live reply.
+MIN_FRAME_S = 0.02
+#: The longest: however costly a paint, a streaming reply is painted at least this often.
+MAX_FRAME_S = 0.5
+#: The share of the UI thread's time painting may take while a reply streams from an engine in this
+#: process (see FramePacer): the rest is the engine's, which needs the GIL...
 UI_BUSY_TARGET = 0.35
+#: ...and from an engine in its own process (chat/engine_host.py), which the UI cannot slow: then only
+#: the threads that bring tokens to this process need time beside the painting.
+PROCESS_BUSY_TARGET = 0.7
 #: The interpreter's thread switch interval while a reply streams from an engine in this process. With
 #: the default 5 ms a thread waiting for the GIL (the engine, between torch calls) can wait 5 ms each
 #: time the UI thread holds it; in bench/tui_stream.py 0.2 ms let the FakeEngine run at 2/3 of its rate
 #: with no UI, 5 ms at 1/10. An engine in its own process (chat/engine_host.py) needs none of it.
 STREAMING_SWITCH_S = 0.0002
+
+
+class FramePacer:
+    """When the next paint may start. A paint's cost is the UI thread's CPU time from its start until the
+    screen was refreshed after it (the layout and drawing it caused); the next paint may start `cost / busy`
+    after it, within [min_s, max_s], so painting keeps the thread about `busy` busy whatever the reply's
+    length, and a cheap paint follows the text at once. `clock` and `cpu` are the wall clock and the UI
+    thread's CPU clock (the tests pass fake ones)."""
+
+    def __init__(self, busy: float = UI_BUSY_TARGET, min_s: float = MIN_FRAME_S, max_s: float = MAX_FRAME_S,
+                 clock: Callable[[], float] = time.monotonic, cpu: Callable[[], float] = time.thread_time) -> None:
+        self.min_s, self.max_s, self.busy = min_s, max_s, busy
+        self._clock, self._cpu = clock, cpu
+        self.interval = min_s
+        self._start = (clock() - max_s, cpu())
+
+    def delay(self) -> float:
+        """Seconds from now until a paint may start (0: now)."""
+        return max(0.0, self._start[0] + self.interval - self._clock())
+
+    def painting(self) -> None:
+        """A paint starts now."""
+        self._start = (self._clock(), self._cpu())
+
+    def painted(self) -> None:
+        """The screen was refreshed after the paint: its cost sets the interval to the next one."""
+        cost = self._cpu() - self._start[1]
+        self.interval = min(self.max_s, max(self.min_s, cost / self.busy))
 
 
 @dataclass
@@ -96,8 +131,7 @@ class LiveReply(Widget):
         self._reply_session: Any = None
         self._frame = Frame()
         self._frame_due = False
-        self._frame_s = FRAME_S
-        self._load_mark = (time.monotonic(), time.thread_time())
+        self._pacer = FramePacer()
         self._switch_s = sys.getswitchinterval()
         self.last_shown_ns = 0
         """Engine time of the newest token on screen (the display-lag benchmark reads it)."""
@@ -131,8 +165,8 @@ class LiveReply(Widget):
         self.streaming = continue_from or ""
         self._select = select
         self.conv_id, self._reply_parent, self._reply_session = conv.id, parent_id, session
-        self._frame, self._frame_s = Frame(), FRAME_S
-        self._load_mark = (time.monotonic(), time.thread_time())
+        self._frame = Frame()
+        self._pacer = FramePacer(PROCESS_BUSY_TARGET if session.info().get("engine_process") else UI_BUSY_TARGET)
         self._switch_s = sys.getswitchinterval()
         if not session.info().get("engine_process"):
             sys.setswitchinterval(min(self._switch_s, STREAMING_SWITCH_S))
@@ -161,15 +195,11 @@ class LiveReply(Widget):
     def _queue_frame(self) -> None:
         if not self._frame_due:
             self._frame_due = True
-            self.set_timer(self._frame_s, self.paint_frame)
-
-    def _pace(self) -> None:
-        """Adjust the paint interval to the UI thread's CPU use since the last paint."""
-        wall, cpu = time.monotonic(), time.thread_time()
-        busy = (cpu - self._load_mark[1]) / max(wall - self._load_mark[0], 1e-3)
-        self._load_mark = (wall, cpu)
-        grow = 1.5 if busy > UI_BUSY_TARGET else 0.8
-        self._frame_s = min(MAX_FRAME_S, max(FRAME_S, self._frame_s * grow))
+            delay = self._pacer.delay()
+            if delay > 0:
+                self.set_timer(delay, self.paint_frame)
+            else:  # after the messages already queued (one batch posts text, figures and memory together)
+                self.call_later(self.paint_frame)
 
     def on_reply_chunk(self, event: ReplyChunk) -> None:
         frame = self._frame
@@ -191,7 +221,8 @@ class LiveReply(Widget):
     async def paint_frame(self) -> None:
         """Show everything gathered since the last paint (also called once when the reply ends)."""
         self._frame_due = False
-        self._pace()
+        self._pacer.painting()
+        self.call_after_refresh(self._pacer.painted)
         frame, self._frame = self._frame, Frame()
         steps = tuple(frame.steps) if any(s is not None for s in frame.steps) else ()
         if steps or frame.memory is not None:

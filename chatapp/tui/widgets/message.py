@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from markdown_it import MarkdownIt
 from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical
@@ -18,7 +17,7 @@ from textual.widgets import Markdown, Static
 
 from ...textsafe import displayable, plain
 from ..figures import human_duration, run_line
-from .streaming_body import FREEZE_CHARS, FrozenBlocks, FrozenText, finished_prefix
+from .streaming_body import OpenTail, StreamingBody
 
 ROLE_LABELS = {"user": "You", "assistant": "Model", "system": "System"}
 STATUS_LABELS = {"streaming": "● streaming", "stopped": "■ stopped", "error": "✕ error"}
@@ -35,7 +34,7 @@ def failed_send(message) -> bool:
 
 class MessageView(Vertical):
     """Shows one `chat.conversation.Message`; the live reply streams into it through `write`, shown by a
-    few Statics in place of the Markdown body until it ends (widgets/streaming_body.py)."""
+    StreamingBody in place of the Markdown body until it ends (widgets/streaming_body.py)."""
 
     DEFAULT_CSS = """
     MessageView {
@@ -74,10 +73,9 @@ class MessageView(Vertical):
         self.sibling = sibling
         """(index, count) among the message's siblings: a branch point when count > 1."""
         self.selected = False
-        self._frozen: FrozenBlocks | None = None
+        self._streaming: StreamingBody | None = None
         self._frozen_chars = 0
-        self._tail = ""
-        self._parser: MarkdownIt | None = None
+        self._open: OpenTail | None = None
         self._live_figures = ""
 
     def compose(self) -> ComposeResult:
@@ -176,28 +174,22 @@ class MessageView(Vertical):
     @property
     def shown_chars(self) -> int:
         """Characters of the reply's text on screen (while streaming: the frozen pieces and the tail)."""
-        return self._frozen_chars + len(self._tail) if self._frozen is not None else len(self.body.source)
+        if self._streaming is None:
+            return len(self.body.source)
+        return self._frozen_chars + len(self._open.source)
 
     async def write(self, text: str) -> None:
-        """Append streamed text. It is shown by FrozenText pieces in place of the Markdown body: the
-        last piece (the tail) is re-rendered; once its finished blocks hold FREEZE_CHARS or more they
-        stay in it and a new tail piece starts, so what a paint re-renders stays bounded."""
+        """Append streamed text, shown by a StreamingBody in place of the Markdown body (widgets/streaming_body.py):
+        each finished block (and the first part of a long open one) is rendered once, and only the open
+        block, the tail, is rendered again on each write."""
         text = displayable(text)
-        if self._frozen is None:
-            self._frozen, self._tail, self._parser = FrozenBlocks(), self.body.source, MarkdownIt("gfm-like")
+        if self._streaming is None:
+            self._streaming, self._open, self._frozen_chars = StreamingBody(), OpenTail(self.body.source), 0
             self.body.display = False
-            await self.mount(self._frozen, before=self.body)
-            await self._frozen.mount(FrozenText())
-        self._tail += text
-        tail = self._frozen.children[-1]
-        cut = finished_prefix(self._tail, self._parser) if len(self._tail) >= FREEZE_CHARS else 0
-        if cut >= FREEZE_CHARS:
-            tail.show(self._tail[:cut])
-            self._frozen_chars += cut
-            self._tail = self._tail[cut:]
-            tail = FrozenText()
-            await self._frozen.mount(tail)
-        tail.show(self._tail)
+            await self.mount(self._streaming, before=self.body)
+        pieces = self._open.add(text)
+        self._frozen_chars += sum(len(p.source) for p in pieces)
+        self._streaming.show(pieces, self._open.source, self._open.shown)
 
     async def finish(self) -> None:
         """Render the stored text once in full in the Markdown body, in place of the frozen blocks and
@@ -206,9 +198,9 @@ class MessageView(Vertical):
         self.live = False
         if self.message.role == "assistant":
             with self.app.batch_update():
-                if self._frozen is not None:
-                    await self._frozen.remove()
-                    self._frozen, self._frozen_chars, self._tail = None, 0, ""
+                if self._streaming is not None:
+                    await self._streaming.remove()
+                    self._streaming, self._open = None, None
                     self.body.display = True
                 await self.body.update(displayable(self.message.content or ""))
         self.refresh_message()

@@ -1,29 +1,55 @@
-"""A reply's body while it streams: a few `FrozenText` Statics drawn with Rich's Markdown in place of
-Textual's Markdown widget; only the last one (the tail) is re-rendered as text arrives.
+"""A reply's body while it streams: one `StreamingBody` widget in place of Textual's Markdown widget. Its
+finished part is kept as pieces, each rendered once with Rich's Markdown into lines that are kept; the tail
+(the open block) is rendered again when it changes; only the lines on screen are drawn.
 
 Why: Textual's Markdown widget is one widget per block (and per list item, and per code block). In
 bench/tui_stream.py a 20,000-token reply grew to over a thousand of them; every paint re-laid out and
-re-arranged all of them, and mounting each new block cost style matching: a paint cost more the
-longer the reply was, and the display fell seconds behind. Here the tail's blocks are left behind
-once a later top-level block has started (CommonMark never changes a block after that) and they
-hold at least FREEZE_CHARS: that piece is not rendered again, and a new tail piece starts. So one
-paint re-renders at most about FREEZE_CHARS plus the open block, and the widget count grows by one
-per piece.
+re-arranged all of them, and mounting each new block cost style matching. A first fix (Statics of
+>= 3,000 characters in a container, the last one re-rendered) still rendered the tail twice a paint (for its
+height, then to draw it) and the container's lines once more, and the paint pacing then stretched the
+frames, so each paint had more to render: the display fell 0.3-2 s behind (bench/tui.md). Now:
 
-While streaming the reply is drawn by Rich's Markdown renderer (the text and the blocks are the same,
-the styling a little plainer). When it ends `MessageView.finish` drops the pieces and renders the
-stored text once in full with the Markdown widget, as every finished reply is shown.
+- A top-level block leaves the tail as soon as a later one has started (CommonMark never changes a block
+  after that; `finished_prefix`): it is rendered once, at the width the layout asks for (again, once, when
+  the width or the theme changes).
+- The open block is bounded too (`OpenTail`): past OPEN_CHARS a paragraph, code (fenced or indented), list
+  or quote is split (at a line; a list between items, a quote at a quoted line) and its first part frozen;
+  a split fence is closed in the frozen part and reopened in the tail, so both draw as code. A table, a
+  heading or one line with no space stays whole.
+
+So a paint renders the new text once plus the open block's last <= OPEN_CHARS, whatever the reply's length.
+While streaming the reply is drawn by Rich's Markdown renderer (the text and the blocks are the same, the
+styling a little plainer, and a split block shows a line break at the split). When it ends
+`MessageView.finish` drops the StreamingBody and renders the stored text once in full with the Markdown
+widget, as every finished reply is shown.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from markdown_it import MarkdownIt
 from rich.markdown import Markdown as RichMarkdown
-from textual.containers import Vertical
-from textual.widgets import Static
+from textual.geometry import Size
+from textual.strip import Strip
+from textual.visual import Visual, visualize
+from textual.widget import Widget
 
-#: Leave the tail's finished blocks in their piece once they hold at least this many characters: the
-#: tail re-rendered on each paint then holds at most about this much text plus the open block.
-FREEZE_CHARS = 3_000
+#: An open block longer than this (characters) is split and its first part frozen (see OpenTail).
+OPEN_CHARS = 1_500
+#: Block types split at a line (paragraph, code), and between list items (a quote: at a quoted line).
+_LINE_SPLIT = ("paragraph_open", "fence", "code_block")
+_PART_SPLIT = ("bullet_list_open", "ordered_list_open")
+
+
+def line_starts(text: str) -> list[int]:
+    """Where each line of `text` starts, as the parser counts lines (at "\n" only: str.splitlines also
+    splits at characters such as U+2028 that Markdown reads as text)."""
+    starts = [0]
+    at = text.find("\n")
+    while at != -1:
+        starts.append(at + 1)
+        at = text.find("\n", at + 1)
+    return starts
 
 
 def finished_prefix(text: str, parser: MarkdownIt) -> int:
@@ -35,24 +61,162 @@ def finished_prefix(text: str, parser: MarkdownIt) -> int:
             last_start = token.map[0]
     if not last_start:
         return 0
-    return sum(len(line) for line in text.splitlines(keepends=True)[:last_start])
+    return line_starts(text)[last_start]
 
 
-class FrozenText(Static):
-    """A piece of a streaming reply: the tail (re-rendered as text arrives), or finished blocks."""
+@dataclass(frozen=True)
+class Piece:
+    """A frozen part of the reply: `source` (its characters of the reply's text) drawn as `shown` (the
+    source, with a split code fence closed or reopened); `gap`: a blank line follows (a whole block does,
+    the first part of a split block does not)."""
 
-    DEFAULT_CSS = "FrozenText { height: auto; margin: 0 0 1 0; }"
+    source: str
+    shown: str
+    gap: bool = True
+
+
+def split_open_block(text: str, parser: MarkdownIt) -> tuple[int, str, str]:
+    """Where a single open top-level block can be split so that its first part can be drawn alone: (cut,
+    close, reopen), text[:cut] + close drawn as the frozen part, reopen + text[cut:] as the rest; cut 0
+    when it cannot be split. The split is the last one that leaves the block's last line in the rest."""
+    tokens = parser.parse(text)
+    if not tokens or tokens[0].map is None:
+        return 0, "", ""
+    block = tokens[0]
+    starts = line_starts(text.rstrip("\n"))  # the block's last line: the last one with text
+    if block.type in _LINE_SPLIT:
+        # A fence keeps its opening line and at least one line of code in the frozen part.
+        boundaries = starts[2 if block.type == "fence" else 1:]
+        if len(starts) == 1 and block.type == "paragraph_open":  # one long line: split at a space
+            space = text.rfind(" ", 0, len(text.rstrip()))
+            boundaries = [space + 1] if space > 0 else []
+    elif block.type == "blockquote_open":  # at a quoted line (a lazy one continues the line before)
+        boundaries = [at for at in starts[1:] if text[at:at + 4].lstrip(" ").startswith(">")]
+    elif block.type in _PART_SPLIT:  # a list between its items
+        boundaries = [starts[t.map[0]] for t in tokens
+                      if t.level == 1 and t.nesting == 1 and t.map is not None and 0 < t.map[0] < len(starts)]
+    else:
+        return 0, "", ""
+    if not boundaries:
+        return 0, "", ""
+    cut = max(boundaries)
+    if block.type == "fence":
+        return cut, block.markup + "\n", text[:starts[1]]
+    return cut, "", ""
+
+
+class StreamMarkdown(RichMarkdown):
+    """Rich's Markdown, parsed by one shared parser: Rich builds a new MarkdownIt for every Markdown it
+    makes (about 1 ms), more than parsing the open block it is made for. The fields are those Rich's own
+    __init__ sets with hyperlinks off (tests/tui/test_tui_streaming_body.py checks both draw alike)."""
+
+    _parser = MarkdownIt().enable("strikethrough").enable("table")
+
+    def __init__(self, markup: str) -> None:  # noqa: super().__init__ would build the parser again
+        self.markup = markup
+        self.parsed = self._parser.parse(markup)
+        self.code_theme = self.inline_code_theme = "monokai"
+        self.justify, self.style, self.hyperlinks, self.inline_code_lexer = None, "none", False, None
+
+
+class OpenTail:
+    """The text of a streaming reply not frozen yet, and what leaves it: `add` takes new text and returns
+    the pieces to freeze; `shown` is the tail as drawn (a reopened fence first), `source` its characters."""
+
+    def __init__(self, source: str = "", open_chars: int = OPEN_CHARS) -> None:
+        self.source = source
+        self.reopen = ""
+        self.open_chars = open_chars
+        self._parser = MarkdownIt("gfm-like")
+
+    @property
+    def shown(self) -> str:
+        return self.reopen + self.source
+
+    def add(self, text: str) -> list[Piece]:
+        self.source += text
+        pieces = []
+        shown = self.shown
+        cut = finished_prefix(shown, self._parser)
+        if cut > len(self.reopen):
+            pieces.append(Piece(self.source[:cut - len(self.reopen)], shown[:cut]))
+            self.source, self.reopen = shown[cut:], ""
+        if len(self.source) > self.open_chars:
+            shown = self.shown
+            cut, close, reopen = split_open_block(shown, self._parser)
+            if cut > len(self.reopen):
+                pieces.append(Piece(self.source[:cut - len(self.reopen)], shown[:cut] + close, gap=False))
+                self.source, self.reopen = shown[cut:], reopen
+        return pieces
+
+
+class StreamingBody(Widget):
+    """A streaming reply's body, in place of the (hidden) Markdown widget: the frozen pieces, each rendered
+    once into lines at the layout's width (again, once, when the width or the theme changes), then the
+    tail, rendered once per change; only the lines on screen are drawn. One widget, no container: every
+    paint resizes the body, and each widget resized is redrawn (a container's lines cost as much as text)."""
+
+    DEFAULT_CSS = "StreamingBody { height: auto; }"
 
     def __init__(self) -> None:
         super().__init__()
-        self.text = ""
+        self.pieces: list[Piece] = []
+        self.tail = ""
+        """The tail's characters of the reply's text."""
+        self._tail_shown = ""
+        self._lines: list[Strip] = []
+        self._rendered = 0  # pieces in _lines
+        self._width = 0
+        self._tail_lines: list[Strip] = []
+        self._tail_key: tuple[int, str] | None = None
 
-    def show(self, text: str) -> None:
-        self.text = text
-        self.update(RichMarkdown(text, hyperlinks=False))
+    @property
+    def frozen_text(self) -> str:
+        return "".join(p.source for p in self.pieces)
 
+    @property
+    def text(self) -> str:
+        """All the reply's text this body shows, in order."""
+        return self.frozen_text + self.tail
 
-class FrozenBlocks(Vertical):
-    """The pieces of a streaming reply, in place of the (hidden) Markdown body."""
+    def show(self, pieces: list[Piece], tail: str, shown: str | None = None) -> None:
+        """Freeze `pieces` after those shown and show `tail` (drawn as `shown` where that differs, e.g. a
+        reopened code fence) after them."""
+        self.pieces.extend(pieces)
+        self.tail, self._tail_shown = tail, tail if shown is None else shown
+        self.refresh(layout=True)
 
-    DEFAULT_CSS = "FrozenBlocks { height: auto; }"
+    def _markdown_lines(self, text: str, width: int) -> list[Strip]:
+        return Visual.to_strips(self, visualize(self, StreamMarkdown(text)), width, None, self.visual_style)
+
+    def _render_to(self, width: int) -> tuple[list[Strip], list[Strip]]:
+        if width != self._width:
+            self._lines, self._rendered, self._width, self._tail_key = [], 0, width, None
+        for piece in self.pieces[self._rendered:]:
+            self._lines.extend(self._markdown_lines(piece.shown, width))
+            if piece.gap:
+                self._lines.append(Strip.blank(width, self.visual_style.rich_style))
+        self._rendered = len(self.pieces)
+        if self._tail_key != (width, self._tail_shown):
+            self._tail_key = (width, self._tail_shown)
+            self._tail_lines = self._markdown_lines(self._tail_shown, width) if self._tail_shown else []
+            self._tail_lines.append(Strip.blank(width, self.visual_style.rich_style))  # the gap to what follows
+        return self._lines, self._tail_lines
+
+    def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
+        if not width:
+            return 0
+        frozen, tail = self._render_to(width)
+        return len(frozen) + len(tail)
+
+    def render_line(self, y: int) -> Strip:
+        frozen, tail = self._render_to(self.size.width)
+        if y < len(frozen):
+            return frozen[y]
+        if y - len(frozen) < len(tail):
+            return tail[y - len(frozen)]
+        return Strip.blank(self.size.width, self.visual_style.rich_style)
+
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._width = 0  # a theme change: render again with the new styles
