@@ -178,6 +178,7 @@ def run(entry: ModelEntry, opts: BenchOptions, progress: Callable[[str], None] |
         done = [_decode(model, step, state, prompt, n_new, settings, vocab, dev) for _ in range(runs)]
     rec["decode_tok_s"] = round(statistics.median(d["tok_s"] for d in done), 3)
     rec["decode_tok_s_all"] = [round(d["tok_s"], 3) for d in done]
+    rec["decode_cpu_share"] = [round(d["cpu_share"], 2) for d in done]
     rec["decode_new_tokens"] = n_new
     rec["step_ms"] = round(statistics.median(d["step_ms"] for d in done), 3)
     rec["model_ms"] = round(statistics.median(d["model_ms"] for d in done), 3)
@@ -210,6 +211,7 @@ def _decode(model, step, state, prompt: list[int], n: int, settings, vocab: int,
     sampler = Sampler(settings, vocab, dev, prompt)
     logits = feed(model, state, prompt, dev).logits
     stamps, inside, outside, outside_cpu = [], [], [], []
+    proc0 = time.process_time()
     for i in range(n):
         t0, c0 = time.perf_counter(), time.thread_time()
         # As the engine's decode loop draws when no per-token figures are asked for.
@@ -225,7 +227,10 @@ def _decode(model, step, state, prompt: list[int], n: int, settings, vocab: int,
             outside.append(t1 - t0)
             outside_cpu.append(c1 - c0)
     span = stamps[-1] - stamps[0]
-    return {"tok_s": (n - 1) / span if span > 0 else 0.0,
+    # The process's CPU time over wall time x threads: near 1 on a machine to itself; ~0.5 on 2 threads means
+    # another process held a core, and OpenMP's barriers then make every figure of the run noise.
+    share = (time.process_time() - proc0) / max(1e-9, time.perf_counter() - stamps[0]) / torch.get_num_threads()
+    return {"tok_s": (n - 1) / span if span > 0 else 0.0, "cpu_share": share,
             "step_ms": 1e3 * statistics.median(b - a for a, b in zip(stamps, stamps[1:])),
             "model_ms": 1e3 * statistics.median(inside), "outside_ms": 1e3 * statistics.median(outside),
             "outside_cpu_ms": 1e3 * statistics.median(outside_cpu)}

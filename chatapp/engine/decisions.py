@@ -10,9 +10,11 @@ thread count (physical cores minus one for the UI, all of them on a machine of t
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,28 @@ def cpu_info() -> dict[str, Any]:
     return {"model": model, "flags": [f for f in FLAGS if f in flags], "aten_cpu_capability":
             torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(), "torch": torch.__version__,
             "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else []}
+
+
+#: A timed call counts only if the process got at least this share of its intra-op threads' CPU time.
+MIN_CPU_SHARE = 0.75
+#: Calls shorter than this are always kept: their CPU-time reading is too coarse to judge.
+SHARE_MIN_WALL_S = 5e-4
+
+
+def timed(fn: Any, wall: Any = time.perf_counter, cpu: Any = time.process_time) -> float:
+    """Seconds one call of `fn` takes, or NaN where the machine was too busy for the figure to mean anything.
+
+    Busy means the process got under MIN_CPU_SHARE of (wall time x intra-op threads) as CPU time. Another
+    process holding a core does not just slow a multi-threaded kernel down by its share: each OpenMP region
+    waits at its barrier for the thread that lost its core (2-vCPU Zen 3, the other core busy: OdinNext's
+    compiled step 30 ms at share 0.96-0.99, 560-680 ms at share 0.51), so a choice measured then is noise.
+    """
+    w, c = wall(), cpu()
+    fn()
+    w, c = wall() - w, cpu() - c
+    if w >= SHARE_MIN_WALL_S and c < MIN_CPU_SHARE * w * torch.get_num_threads():
+        return math.nan
+    return w
 
 
 def cpu_model() -> str:

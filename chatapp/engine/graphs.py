@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import shutil
 import threading
@@ -36,7 +37,7 @@ import torch
 
 from .. import locations
 from .arch.base import Forward
-from .decisions import DecisionFile, machine_key
+from .decisions import DecisionFile, machine_key, timed
 from .generate import roll_back
 from .state import StateList
 
@@ -53,6 +54,8 @@ COMPILABLE = frozenset({"axiom", "spike_whale", "odinnext", "genesis"})
 #: Timed steps per path when "on" measures compiled against eager (alternating; the fastest of each decides,
 #: since another process's work only ever adds time, and it landed on single steps of either path here).
 MEASURE_STEPS = 9
+#: Timed steps (not spoilt by a busy machine) each path needs for a decision.
+MIN_TIMED = 3
 #: "auto" measures by itself (first load, then cached) a model holding at least this many weight bytes.
 AUTO_MEASURE_BYTES = 64 * 2**20
 
@@ -172,12 +175,13 @@ class CompiledStep:
 
 
 def _step_ms(fn: Callable[[], Any], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """ms of one step; on CPU NaN where the machine was too busy to time it (decisions.timed)."""
+    if device.type != "cuda":
+        return timed(fn) * 1000
+    torch.cuda.synchronize(device)
     t = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    torch.cuda.synchronize(device)
     return (time.perf_counter() - t) * 1000
 
 
@@ -208,7 +212,13 @@ def warm_up(step: CompiledStep, state: StateList, device: torch.device, measure:
                 compiled_ms.append(_step_ms(lambda: step(tok, state), device))
         state.reset()
     nan = float("nan")
-    return compile_s, min(eager_ms, default=nan), min(compiled_ms, default=nan)
+    # Steps the machine was too busy to time (NaN) do not count; with fewer than MIN_TIMED of either, neither
+    # figure is given (NaN), and nothing is decided.
+    eager_ms = [t for t in eager_ms if not math.isnan(t)]
+    compiled_ms = [t for t in compiled_ms if not math.isnan(t)]
+    if min(len(eager_ms), len(compiled_ms)) < MIN_TIMED:
+        return compile_s, nan, nan
+    return compile_s, min(eager_ms), min(compiled_ms)
 
 
 def decode_step(model, arch: str, state: StateList, device: torch.device, dtype: torch.dtype,
@@ -251,6 +261,12 @@ def decode_step(model, arch: str, state: StateList, device: torch.device, dtype:
     if step.failed:
         return eager, CompileReport(mode, False, f"compile failed: {step.failed}")
     backend = "cuda graphs" if device.type == "cuda" else "inductor cpp" + (", frozen" if freezing else "")
+    if measure and math.isnan(compiled_ms):
+        # Too busy to time: compiled for this load (it measured faster at real size wherever it was measured:
+        # bench/README.md), nothing recorded, so the next load measures again.
+        log.warning("the machine was too busy to time the compiled decode step against eager: compiled for this "
+                    "load, measured again at the next")
+        return step, CompileReport(mode, True, f"{backend}; not timed: the machine was busy", compile_s)
     if measure:
         _record_decision(key, eager_ms, compiled_ms)
         if mode == "auto" and not compiled_ms < eager_ms:

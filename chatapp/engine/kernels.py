@@ -14,9 +14,12 @@ The measurement runs once per machine (decisions.machine_key: CPU model and flag
 the MKL/oneDNN variables, torch, threads), dtype and model shape, at load, on random matrices of the model's
 own most common shape per class (at most ~16 MB each, rotated through several copies so that each call
 reads memory as a decode step does; all of them within an eighth of the model's matrix bytes), the
-candidates alternating, median per candidate; one three times slower than the best after the first round
-drops out, and rounds stop once ~0.25 s per case is spent, so a load spends well under 2 s on it. The result
-is kept in `<cache>/kernels.json`; later loads read it. A model with under MIN_MEASURE_BYTES of matrices
+candidates alternating, the fastest call per candidate (another process only ever adds time); one three
+times slower than the best after the first round drops out, and rounds stop once ~0.25 s per case is spent,
+so a load spends well under 2 s on it. A call made while another process held a core does not count
+(decisions.timed: the OpenMP kernels then wait at their barriers, 20x slower and random); a load too busy to
+measure takes `default()` and records nothing, so the next load measures. The result is kept in
+`<cache>/kernels.json`; later loads read it (`smollchat bench --remeasure` measures again). A model with under MIN_MEASURE_BYTES of matrices
 (the demos) gets `default()` without measuring, and "reference" (--eager) is row-major plain F.linear: the
 reference numerics. A replay forces the choice its run card recorded (`KernelChoice.from_dict`). Moving a
 matrix to column-major copies it; the mapped checkpoint pages it leaves are released (release_mapped), so a
@@ -33,8 +36,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import mmap
-import statistics
 import sys
 import time
 from collections import Counter
@@ -45,7 +48,7 @@ import torch
 from torch import nn
 
 from .. import locations
-from .decisions import DecisionFile, machine_key
+from .decisions import DecisionFile, machine_key, timed
 from .layers import CpuBf16Linear, cpu_bf16_linear, cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
@@ -97,7 +100,7 @@ class MatrixPath:
 class KernelChoice:
     """The paths of one dtype's two classes of matrix, and how they were decided: "reference" (--eager, or
     a device other than the CPU), "default" (not measured), "measured", "cached" (measured by an earlier
-    load) or "recorded" (forced, e.g. by a replay). `timings` are the measured medians (ms) by case."""
+    load) or "recorded" (forced, e.g. by a replay). `timings` are the measured times (ms) by case."""
 
     dtype: str
     widening: MatrixPath = MatrixPath()
@@ -158,10 +161,9 @@ def candidates(dtype: torch.dtype, case: str, decode: MatrixPath = MatrixPath())
 
 
 def wall_timer(case: str, path: MatrixPath, fn: Callable[[], Any]) -> float:
-    """Seconds one call of `fn` takes (the measurement's clock; tests pass their own)."""
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+    """Seconds one call of `fn` takes, NaN when the machine was too busy to tell (decisions.timed; the
+    measurement's clock: tests pass their own)."""
+    return timed(fn)
 
 
 def representative_shapes(mats: list[torch.Tensor]) -> dict[str, tuple[int, int]]:
@@ -199,28 +201,34 @@ def _product(path: MatrixPath, x: torch.Tensor, pool: list[torch.Tensor]) -> Cal
 
 def _race(case: str, paths: list[MatrixPath], calls: dict[MatrixPath, Callable[[], Any]], timer: Timer,
           budget_s: float, per: int = 1) -> dict[str, float]:
-    """Time the paths alternately, round by round; ms per matrix by path (median of the rounds after the
-    first, which warms up; a call multiplies by `per` matrices). A path DROP_RATIO times slower than the best
-    in the first round stops; rounds stop at ROUNDS, or once `budget_s` of timed calls is spent."""
+    """Time the paths alternately, round by round; ms per matrix by path: the fastest of the rounds after the
+    first, which warms up (another process's work only ever adds time); a call multiplies by `per` matrices.
+    A call the machine was too busy to time (NaN) does not count, and a path with no timed call is left out.
+    A path DROP_RATIO times slower than the best in the first round stops; rounds stop at ROUNDS, or once
+    `budget_s` is spent."""
     seen: dict[MatrixPath, list[float]] = {p: [] for p in paths}
-    spent = 0.0
+    t0 = time.perf_counter()
     for r in range(ROUNDS):
         for p in seen:
-            t = timer(case, p, calls[p])
-            seen[p].append(t)
-            spent += t
-        if r == 0:
-            best = min(v[0] for v in seen.values())
-            seen = {p: v for p, v in seen.items() if v[0] <= DROP_RATIO * best}
-        if spent > budget_s:
+            seen[p].append(timer(case, p, calls[p]))
+        if r == 0 and not all(math.isnan(v[0]) for v in seen.values()):
+            best = min(v[0] for v in seen.values() if not math.isnan(v[0]))
+            seen = {p: v for p, v in seen.items() if not v[0] > DROP_RATIO * best}
+        if time.perf_counter() - t0 > budget_s:
             break
-    return {str(p): 1000 * statistics.median(v[1:] or v) / per for p, v in seen.items()}
+    out = {}
+    for p, v in seen.items():
+        timed_calls = [t for t in v[1:] if not math.isnan(t)] or [t for t in v[:1] if not math.isnan(t)]
+        if timed_calls:
+            out[str(p)] = 1000 * min(timed_calls) / per
+    return out
 
 
 def measure(shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype, timer: Timer = wall_timer,
             budget_s: float = 0.25, memory: int = 2 * POOL_BYTES) -> tuple[dict[str, MatrixPath], dict[str, dict[str, float]]]:
-    """The fastest path per class on this machine, and the medians (ms) each case measured. The random
-    matrices take at most about `memory` bytes at a time (both layouts' pools)."""
+    """The fastest path per class on this machine, and the times (ms) each case measured; a class the machine
+    was too busy to measure is missing from the choice. The random matrices take at most about `memory` bytes
+    at a time (both layouts' pools)."""
     item = torch.empty((), dtype=dtype).element_size()
     chosen: dict[str, MatrixPath] = {}
     timings: dict[str, dict[str, float]] = {}
@@ -232,6 +240,8 @@ def measure(shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype, timer: Ti
             case = f"{cls} decode {shape[0]}x{shape[1]}"
             calls = {p: _product(p, one, pools[p.layout]) for p in paths}
             timings[case] = _race(case, paths, calls, timer, budget_s, len(pools["row"]))
+            if not timings[case]:
+                continue  # the machine was too busy: no choice for this class
             best = MatrixPath.parse(min(timings[case], key=timings[case].get))
             if dtype == torch.bfloat16:
                 rows = torch.randn(PREFILL_ROWS, shape[1]).to(dtype)
@@ -242,6 +252,8 @@ def measure(shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype, timer: Ti
                 part = {k: v[0][:max(1, v[0].shape[0] // 4)] for k, v in pools.items()}
                 calls = {p: _product(p, rows, [part[p.layout]]) for p in paths}
                 timings[case] = _race(case, paths, calls, timer, budget_s)
+                if not timings[case]:
+                    continue
                 best = MatrixPath.parse(min(timings[case], key=timings[case].get))
             chosen[cls] = best
             del pools
@@ -295,6 +307,10 @@ def choose(model: nn.Module, dtype: torch.dtype, device: torch.device, kernels: 
     memory = min(2 * POOL_BYTES, sum(w.numel() * w.element_size() for w in mats) // 8)
     chosen, timings = measure(shapes, dtype, timer or wall_timer, memory=memory)
     fallback = default(dtype)
+    if set(chosen) != set(shapes):
+        # Too busy to measure (decisions.timed): this load takes the default, and the next load measures again.
+        log.warning("the machine was too busy to measure the kernel choice for %s: the default for this load", key)
+        return KernelChoice(fallback.dtype, fallback.widening, fallback.narrowing, "default (machine busy)", timings)
     choice = KernelChoice(_dtype_name(dtype), chosen.get("widening", fallback.widening),
                           chosen.get("narrowing", fallback.narrowing), "measured", timings)
     _decisions().record(key, {**choice.as_dict(), "timings_ms": timings,

@@ -10,8 +10,8 @@ from chatapp.engine.bench import BenchOptions, bytes_per_token, random_model, ru
 from chatapp.engine.loader import build_model
 
 FIELDS = {"model", "dtype", "quantize", "threads", "cpu", "load_s", "peak_rss_bytes", "peak_rss_before_quantize_bytes",
-          "weight_bytes", "weight_bytes_per_token", "prefill", "decode_tok_s", "decode_tok_s_all", "step_ms",
-          "model_ms", "outside_model_ms", "outside_model_cpu_ms", "state", "dram_read_gbs", "gemv_gbs",
+          "weight_bytes", "weight_bytes_per_token", "prefill", "decode_tok_s", "decode_tok_s_all", "decode_cpu_share",
+          "step_ms", "model_ms", "outside_model_ms", "outside_model_cpu_ms", "state", "dram_read_gbs", "gemv_gbs",
           "roofline_fraction", "compile", "peers"}
 
 

@@ -165,6 +165,18 @@ def test_auto_measures_a_real_size_model_once(monkeypatch, eager_ms, compiled_ms
     assert again.compile.active == faster
 
 
+def test_a_machine_too_busy_to_time_records_nothing(monkeypatch):
+    # Every timed step spoilt (decisions.timed gave NaN): compiled for this load, no decision kept, so the next
+    # load measures again.
+    monkeypatch.setattr(graphs.torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(graphs, "AUTO_MEASURE_BYTES", 0)
+    monkeypatch.setattr(graphs, "timed", lambda fn: (fn(), float("nan"))[1])
+    entry = get_entry("axiom-tiny")
+    engine = load_engine(entry, device="cpu", dtype="float32")
+    assert engine.compile.active and "machine was busy" in engine.compile.reason
+    assert engine.compile.eager_ms is None and graphs._read_decisions() == {}
+
+
 def test_uncompiled_architecture_and_bad_mode():
     engine = load_engine(get_entry("axiom-tiny"), device="cpu", dtype="float32", compile="off")
     step, report = graphs.decode_step(engine.model, "huginn_raven", engine.state, engine.device, engine.dtype, "on")

@@ -4,6 +4,7 @@ gives the reference path's logits within the dtype's tolerance on every golden f
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -62,6 +63,33 @@ def test_a_path_three_times_slower_is_timed_once():
     assert str(chosen["widening"]) == "row/linear/linear"
     assert calls.count("column/linear/linear") == 1 and calls.count("row/linear/linear") == kernels.ROUNDS
     assert list(timings["widening decode 96x32"]) == ["row/linear/linear"]
+
+
+def test_busy_calls_do_not_count_and_a_busy_load_records_nothing(fixtures_root, monkeypatch):
+    # A call the machine was too busy to time (NaN) is no evidence: the path with clean calls wins even though
+    # its spoilt calls were slow; with no clean call at all the load takes the default and records nothing.
+    def timer(case, path, fn):
+        return 0.002 if path.layout == "row" else float("nan")
+    chosen, timings = kernels.measure({"widening": (96, 32)}, torch.float32, timer)
+    assert str(chosen["widening"]) == "row/linear/linear" and list(timings["widening decode 96x32"]) == ["row/linear/linear"]
+    chosen, _ = kernels.measure({"widening": (96, 32)}, torch.float32, lambda case, path, fn: float("nan"))
+    assert chosen == {}
+    monkeypatch.setattr(kernels, "MIN_MEASURE_BYTES", 0)
+    monkeypatch.setattr(kernels, "wall_timer", lambda case, path, fn: float("nan"))
+    model = load_model(fixtures_root / "axiom", dtype="float32")
+    assert model.kernel_choice.source == "default (machine busy)"
+    assert model.kernel_choice.paths == kernels.default(torch.float32).paths
+    assert not (locations.cache_dir() / "kernels.json").exists()
+
+
+def test_the_timer_spoils_a_call_that_lacked_cpu(monkeypatch):
+    # decisions.timed: a call that got under MIN_CPU_SHARE of its threads' CPU time reads NaN, one that got it
+    # reads its wall time. Forced clocks: 10 ms of wall time, then 4 or 19 ms of CPU time on 2 threads.
+    monkeypatch.setattr(decisions.torch, "get_num_threads", lambda: 2)
+    for cpu, want_nan in ((0.004, True), (0.019, False)):
+        walls, cpus = iter([1.0, 1.010]), iter([5.0, 5.0 + cpu])
+        got = decisions.timed(lambda: None, walls.__next__, cpus.__next__)
+        assert math.isnan(got) == want_nan and (want_nan or abs(got - 0.010) < 1e-12)
 
 
 def test_the_real_clock_times_real_products():
