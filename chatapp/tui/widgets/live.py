@@ -33,16 +33,18 @@ from ..messages import MemorySample, ReplyChunk, ReplyFinished, ReplyStats
 from ..streaming import pump
 from .conversation import ConversationView
 
-#: The shortest time between the starts of two paints of the live reply.
-MIN_FRAME_S = 0.02
+#: The shortest time between the starts of two paints of the live reply (30 a second at most: more would
+#: cost the UI thread without showing text sooner to a reader).
+MIN_FRAME_S = 1 / 30
 #: The longest: however costly a paint, a streaming reply is painted at least this often.
 MAX_FRAME_S = 0.5
 #: The share of the UI thread's time painting may take while a reply streams from an engine in this
 #: process (see FramePacer): the rest is the engine's, which needs the GIL...
 UI_BUSY_TARGET = 0.35
 #: ...and from an engine in its own process (chat/engine_host.py), which the UI cannot slow: then only
-#: the threads that bring tokens to this process need time beside the painting.
-PROCESS_BUSY_TARGET = 0.7
+#: the threads that bring tokens to this process need time beside the painting. In bench/tui_stream.py
+#: (20k tokens, process path) 0.5 gave the same or lower lag than 0.7 and a lower "to session" p95.
+PROCESS_BUSY_TARGET = 0.5
 #: The interpreter's thread switch interval while a reply streams from an engine in this process. With
 #: the default 5 ms a thread waiting for the GIL (the engine, between torch calls) can wait 5 ms each
 #: time the UI thread holds it; in bench/tui_stream.py 0.2 ms let the FakeEngine run at 2/3 of its rate
