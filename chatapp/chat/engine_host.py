@@ -50,6 +50,12 @@ from ..contract import ControlChannel, ControlSpec, Done, MemoryReport, Sampling
 
 #: Seconds the child gathers events before its next send (after a send; the first goes out at once).
 BATCH_S = 0.005
+#: The child's send buffer on the socket (bytes). Small, so that while this side's reader is behind (its
+#: thread waits for the GIL that a busy UI thread holds, up to the switch interval per read) the child's
+#: sends block and its events gather into one larger batch, which this side reads in one go, instead of
+#: queueing as many small batches in a large buffer: with the default (~200 KB) the display of a
+#: 20k-token reply fell seconds behind in bench/tui_stream.py ("to session" p95 1.8-2.9 s; bench/tui.md).
+SEND_BUFFER_BYTES = 16_384
 #: How long a memory report stays fresh here (the panels and the generation worker ask often).
 MEMORY_FRESH_S = 0.25
 #: Seconds to wait for an answer from the child (a control check) before calling it hung.
@@ -549,6 +555,8 @@ def _main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends this process (or its socket closing does)
     code = 0
     try:
+        with socket.socket(fileno=os.dup(fd)) as sock:  # the same socket: set its send buffer
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         _child(Connection(fd))
     except BaseException:
         traceback.print_exc()
