@@ -17,8 +17,9 @@ Modes: "off" is the eager reference; "on" compiles (and records whether it measu
 only where a measurement found the compiled step faster for this CPU, torch, architecture, dtype and shape.
 "auto" takes that measurement itself, once, for a model of AUTO_MEASURE_BYTES or more (the real checkpoints,
 where compiling measured 1.7-2.1x faster on a 2-core AVX2 Zen 3: bench/README.md); a demo stays eager until
-an "on" measured it (a compile costs a minute or more, its step a few ms). Anything that stops compilation (no C++ compiler, an inductor error) logs one line and the engine
-runs eager.
+an "on" measured it (a compile costs a minute or more, its step a few ms). Steps the machine was too busy
+to time (decisions.timed) do not count; a load with too few clean ones runs compiled and records nothing.
+Anything that stops compilation (no C++ compiler, an inductor error) logs one line and the engine runs eager.
 """
 from __future__ import annotations
 
