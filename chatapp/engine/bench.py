@@ -152,7 +152,8 @@ def run(entry: ModelEntry, opts: BenchOptions, progress: Callable[[str], None] |
         rec["quant_report"] = model.quant_report.summary()
     context = min(entry.context, model.max_context)
     state = model.make_state(context, dev, dtype)
-    step, report = decode_step(model, entry.architecture, state, dev, dtype, "off" if opts.eager else "on" if opts.remeasure else opts.compile,
+    mode = "off" if opts.eager else "on" if opts.remeasure else opts.compile
+    step, report = decode_step(model, entry.architecture, state, dev, dtype, mode,
                                progress=say)
     rec["compile"] = report.label
     vocab = model.vocab_size
