@@ -23,12 +23,13 @@ measure takes `default()` and records nothing, so the next load measures. The re
 MIN_MEASURE_BYTES of matrices (the demos) gets `default()` without measuring, and "reference" (--eager) is
 row-major plain F.linear: the reference numerics. A replay forces the choice its run card recorded
 (`KernelChoice.from_dict`). Moving a matrix to column-major copies it; the mapped checkpoint pages it leaves
-are released (release_mapped), so a float32 load that maps its file still holds one copy of the weights. Not a
-candidate: oneDNN prepacked bf16 weights (torch.ops.mkldnn._reorder_linear_weight with _linear_pointwise, or
-torch._C._nn.mkldnn_linear on to_mkldnn() tensors). torch 2.13 refuses both for bf16 on a CPU without
-avx512bw/vl/dq or avx_ne_convert ("bf16 path needs the cpu support ..."), which is the AVX2 machine this was
-written on, so no machine here could check their numerics. Prepacked fp32 through the same ops ran 3.5-4x
-slower than F.linear here (5632 x 1024 GEMV: 12.0 against 3.1 ms).
+are released (release_mapped), so a float32 load that maps its file still holds one copy of the weights.
+
+Not a candidate: oneDNN prepacked bf16 weights (torch.ops.mkldnn._reorder_linear_weight with
+_linear_pointwise, or torch._C._nn.mkldnn_linear on to_mkldnn() tensors). torch 2.13 refuses both for bf16 on
+a CPU without avx512bw/vl/dq or avx_ne_convert ("bf16 path needs the cpu support ..."), which is the AVX2
+machine this was written on, so no machine here could check their numerics. Prepacked fp32 through the same
+ops ran 3.5-4x slower than F.linear here (5632 x 1024 GEMV: 12.0 against 3.1 ms).
 """
 from __future__ import annotations
 
