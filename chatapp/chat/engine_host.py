@@ -149,6 +149,8 @@ class EngineHost:
             for s in loaded["controls"])
         self._info = dict(loaded["info"], engine_process=self._link.proc.pid)
         self._memory: tuple[float, MemoryReport] = (time.monotonic(), loaded["memory"])
+        self._asked: tuple[int, queue.SimpleQueue, float] | None = None  # a memory request sent while a reply streamed
+        self._memory_lock = threading.Lock()
 
     @property
     def pid(self) -> int:
@@ -160,10 +162,33 @@ class EngineHost:
     def memory(self) -> MemoryReport:
         """The child's report (fresh for MEMORY_FRESH_S; a finished call makes it stale). Never raises: the
         panels ask from the UI thread, and a child that died or hangs is reported by `generate`; until
-        then the last report stands."""
-        at, last = self._memory
-        if self._link.dead is not None or time.monotonic() - at < MEMORY_FRESH_S and self._link.ended <= at:
-            return last
+        then the last report stands. While a reply streams it never waits either: the answer would queue
+        behind the reply's events, and the generation worker that asks would stop taking tokens meanwhile
+        (up to MEMORY_TIMEOUT_S: "to session" p95 2.5 s at 20k tokens in bench/tui_stream.py); it asks for
+        a fresh report and returns the last one, and a later call takes the answer."""
+        with self._memory_lock:
+            if self._asked is not None:
+                req, box, sent = self._asked
+                try:
+                    ok, report = box.get_nowait()
+                except queue.Empty:
+                    pass
+                else:
+                    self._link.answers.pop(req, None)
+                    self._asked = None
+                    if ok and sent > self._memory[0]:
+                        self._memory = (sent, report)  # as of when it was asked
+            at, last = self._memory
+            if self._link.dead is not None or time.monotonic() - at < MEMORY_FRESH_S and self._link.ended <= at:
+                return last
+            if self._link.calls:
+                if self._asked is None:
+                    sent = time.monotonic()
+                    try:
+                        self._asked = (*self._link.ask_later("memory", None), sent)
+                    except EngineProcessError:
+                        pass
+                return last
         try:
             ok, report = self._link.ask("memory", None, MEMORY_TIMEOUT_S)
         except EngineProcessError:
@@ -277,11 +302,8 @@ class _Link:
             pass
 
     def ask(self, what: str, arg: Any, timeout: float = ASK_TIMEOUT_S) -> tuple[bool, Any]:
-        req = next(self.ids)
-        box: queue.SimpleQueue = queue.SimpleQueue()
-        self.answers[req] = box
+        req, box = self.ask_later(what, arg)
         try:
-            self.send(("ask", req, what, arg))
             try:
                 return box.get(timeout=timeout)
             except queue.Empty:
@@ -289,6 +311,19 @@ class _Link:
                                          ) from None
         finally:
             self.answers.pop(req, None)
+
+    def ask_later(self, what: str, arg: Any) -> tuple[int, queue.SimpleQueue]:
+        """Send a request; its answer, (ok, value), arrives in the returned box (the caller pops
+        answers[request] when done with it). Raises EngineProcessError when the child is gone."""
+        req = next(self.ids)
+        box: queue.SimpleQueue = queue.SimpleQueue()
+        self.answers[req] = box
+        try:
+            self.send(("ask", req, what, arg))
+        except BaseException:
+            self.answers.pop(req, None)
+            raise
+        return req, box
 
     def wait_loaded(self, progress: Callable[[str], None] | None) -> dict[str, Any]:
         while True:

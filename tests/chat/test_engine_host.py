@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from chatapp.chat.conversation import Conversation
-from chatapp.chat.engine_host import Build, EngineHost, EngineProcessError, _rebuild
+from chatapp.chat.engine_host import MEMORY_FRESH_S, Build, EngineHost, EngineProcessError, _rebuild
 from chatapp.chat.fake import HUGINN_LIKE_CONTROLS, FakeEngine, FakeTokenizer
 from chatapp.chat.session import Session
 from chatapp.contract import INSPECT_DETAIL, ControlChannel, ControlSpec, Done, SamplingSettings
@@ -163,6 +164,31 @@ def test_a_child_that_dies_mid_reply_ends_it_with_a_clear_error_and_keeps_the_te
     with pytest.raises(EngineProcessError, match="SIGKILL"):
         list(host.generate([1, 2], SamplingSettings()))  # at once, not hung
     assert host.memory().weights == 12_000_000  # the last report stands (the panels ask from the UI thread)
+
+
+def test_memory_asked_while_a_reply_streams_takes_the_answer_later_instead_of_waiting(hosts):
+    # The generation worker asks with every batch; waiting would stop it taking tokens (the answer queues
+    # behind the reply's events).
+    reply = " ".join(["w"] * 300)
+    host = hosts(replies=(reply,), instant=False, tokens_per_s=150.0, ttft_s=0.0)
+    local = FakeEngine([reply], tokenizer=FakeTokenizer("bytes"))
+    list(local.generate(local.tokenizer.encode("hi"), SamplingSettings(max_new_tokens=300)))
+    before = host.memory()
+    time.sleep(MEMORY_FRESH_S)  # the report is stale now: a call without a reply streaming would ask and wait
+    events = host.generate(host.tokenizer.encode("hi"), SamplingSettings(max_new_tokens=300))
+    next(events)  # the child has taken the prompt: a fresh report would count it
+    assert host.memory() == before  # the last report, at once; a fresh one is asked for
+    fresh = None
+    for event in events:
+        report = host.memory()
+        if report != before:
+            fresh = report
+            break
+    assert fresh is not None and fresh.context_used > before.context_used  # taken while the reply streamed
+    for _ in events:
+        pass
+    time.sleep(MEMORY_FRESH_S)
+    assert host.memory() == local.memory()  # after the reply: asked and waited for, as before
 
 
 def test_closing_the_host_ends_the_child(hosts):
