@@ -12,13 +12,17 @@ engine's own per-token time stamps; CLOCK_MONOTONIC is one clock for every proce
 
 Paths (`--path`): "alone" iterates the engine with no app (its own rate, the reference); "thread" is
 the engine in the app's process (`--no-engine-process`); "process" the engine in a child process
-(chat/engine_host.py, the default for real models); "process-alone" the child with no app.
+(chat/engine_host.py, the default for real models); "process-alone" the child with no app. The garbage of
+one path (a finished 20k-token reply is a tree of over a million objects) is collected before the next one
+starts: left to the collector, it stopped the next run's threads for 2-3 s at some point of its stream (the
+"to session" p95 of 1.8-2.9 s that earlier process-path figures showed was that pause).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import bisect
+import gc
 import json
 import os
 import statistics
@@ -192,6 +196,7 @@ def main() -> None:
     w, h = (int(v) for v in a.size.split("x"))
     results = []
     for path in PATHS if a.path == "all" else (a.path,):
+        gc.collect()  # the last path's garbage, outside this path's measurement
         results.append(run(path, a.tokens, a.rate, (w, h)))
         print(json.dumps(results[-1]), flush=True)
     own = {r["path"]: r["engine_rate_tok_s"] for r in results}

@@ -53,8 +53,8 @@ BATCH_S = 0.005
 #: The child's send buffer on the socket (bytes). Small, so that while this side's reader is behind (its
 #: thread waits for the GIL that a busy UI thread holds, up to the switch interval per read) the child's
 #: sends block and its events gather into one larger batch, which this side reads in one go, instead of
-#: queueing as many small batches in a large buffer: with the default (~200 KB) the display of a
-#: 20k-token reply fell seconds behind in bench/tui_stream.py ("to session" p95 1.8-2.9 s; bench/tui.md).
+#: queueing as many small batches in a large buffer (the default is ~200 KB, seconds of events at the
+#: FakeEngine's 2,000 tok/s). bench/tui_stream.py showed no change beyond its noise (bench/tui.md).
 SEND_BUFFER_BYTES = 16_384
 #: How long a memory report stays fresh here (the panels and the generation worker ask often).
 MEMORY_FRESH_S = 0.25
@@ -163,9 +163,9 @@ class EngineHost:
         """The child's report (fresh for MEMORY_FRESH_S; a finished call makes it stale). Never raises: the
         panels ask from the UI thread, and a child that died or hangs is reported by `generate`; until
         then the last report stands. While a reply streams it never waits either: the answer would queue
-        behind the reply's events, and the generation worker that asks would stop taking tokens meanwhile
-        (up to MEMORY_TIMEOUT_S: "to session" p95 2.5 s at 20k tokens in bench/tui_stream.py); it asks for
-        a fresh report and returns the last one, and a later call takes the answer."""
+        behind the reply's events, and the generation worker, which asks with every batch, would take no
+        tokens meanwhile (up to MEMORY_TIMEOUT_S); it asks for a fresh report and returns the last one, and
+        a later call takes the answer."""
         with self._memory_lock:
             if self._asked is not None:
                 req, box, sent = self._asked

@@ -112,7 +112,7 @@ class StreamMarkdown(RichMarkdown):
 
     _parser = MarkdownIt().enable("strikethrough").enable("table")
 
-    def __init__(self, markup: str) -> None:  # noqa: super().__init__ would build the parser again
+    def __init__(self, markup: str) -> None:  # not super().__init__: that builds the parser again
         self.markup = markup
         self.parsed = self._parser.parse(markup)
         self.code_theme = self.inline_code_theme = "monokai"
