@@ -16,7 +16,7 @@ def row(rec: dict) -> str:
     peers = []
     for name, p in (rec.get("peers") or {}).items():
         if isinstance(p, dict) and p.get("decode_tok_s"):
-            peers.append(f"{name} {p.get('mode', p.get('dtype', ''))} {p['decode_tok_s']:.2f} "
+            peers.append(f"{name} {p.get('type') or p.get('dtype', '')} {p['decode_tok_s']:.2f} "
                          f"(**{p['ours_over_peer']:.2f}x**)")
         elif isinstance(p, dict):
             peers.append(f"{name}: {p.get('error') or p.get('skipped') or 'no figure'}")
