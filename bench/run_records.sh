@@ -30,6 +30,7 @@ fi
 [[ $want == all || $want == genesis ]] && run genesis-float32-none genesis --dtype float32
 [[ $want == all || $want == odinnext ]] && run odinnext-bfloat16-none odinnext --dtype bfloat16
 [[ $want == all || $want == byrne ]] && run byrne-float32-none-quick byrne --quick
-[[ $want == all || $want == huginn ]] && run huginn-bfloat16-int4-quick huginn --quick --quantize int4
-[[ $want == all || $want == huginn ]] && run huginn-bfloat16-none-quick huginn --quick
+# Huginn at the 4 recurrence steps (the card's default, 32, reads the core block 32 times a token).
+[[ $want == all || $want == huginn ]] && run huginn-bfloat16-int4-steps4-quick huginn --quick --quantize int4 --control num_steps=4
+[[ $want == all || $want == huginn ]] && run huginn-bfloat16-none-steps4-quick huginn --quick --control num_steps=4
 exit 0

@@ -29,6 +29,8 @@ def register(sub) -> None:
     b.add_argument("--remeasure", action="store_true",
                    help="measure this machine's kernel choice and compiled step again for this model and keep the new "
                         "result (for a first measurement taken while the machine was busy)")
+    b.add_argument("--control", action="append", default=[], metavar="NAME=VALUE",
+                   help="a model control over the catalog's for the whole run (e.g. huginn: num_steps=4)")
     b.add_argument("--quick", action="store_true", help="short prompts and runs: a smoke test, not figures")
     b.add_argument("--json", metavar="FILE", help="write the record here too")
     b.add_argument("--llama-bench", metavar="PATH",
@@ -39,12 +41,13 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..engine.bench import BenchOptions, run as bench
+    from .chat import _parse_controls
 
     entry = resolve_entry(args.model)
     if args.threads is not None and args.threads < 1:
         raise CliError("--threads must be at least 1", EXIT_USAGE)
     opts = BenchOptions(args.quantize, args.dtype, args.threads, args.eager, args.quick, compile=args.compile,
-                        remeasure=args.remeasure,
+                        remeasure=args.remeasure, controls=_parse_controls(args.control),
                         llama_bench=args.llama_bench)
     try:
         rec = bench(entry, opts, progress=lambda m: print(f"[bench {entry.id}] {m}", file=sys.stderr))
@@ -54,7 +57,8 @@ def run(args) -> int:
         _write_json(Path(args.json), rec)
     pre = ", ".join(f"{p['tokens']} tok {p['tok_s']:.0f} tok/s (TTFT {p['ttft_s']:.2f} s)" for p in rec["prefill"])
     st = rec["state"]["used_bytes"]
-    print(f"{entry.id} {rec['dtype']} quantize={rec['quantize']} threads={rec['threads']} compile: {rec['compile']}")
+    print(f"{entry.id} {rec['dtype']} quantize={rec['quantize']} threads={rec['threads']} compile: {rec['compile']}"
+          + (f" controls: {', '.join(f'{k}={v}' for k, v in rec['controls'].items())}" if rec["controls"] else ""))
     k = rec["kernels"]
     print(f"  kernels    widening {k['widening']}, narrowing {k['narrowing']} ({k['source']})")
     print(f"  cpu        {rec['cpu']['model']} [{' '.join(rec['cpu']['flags'])}] {rec['cpu']['aten_cpu_capability']}, "

@@ -18,7 +18,7 @@ import os
 import resource
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..catalog import ModelEntry
+from ..contract import resolve_controls
 from .bench_peers import PeerRun, run_peers, seeded
 from .decisions import cpu_info, resolve_threads
 from .generate import feed
@@ -46,6 +47,8 @@ class BenchOptions:
     compile: str = "auto"
     #: Measure the kernel choice and the compiled step again, replacing what this machine had cached.
     remeasure: bool = False
+    #: Control values over the catalog entry's (e.g. Huginn's num_steps), for every forward of the run.
+    controls: dict[str, Any] = field(default_factory=dict)
     #: llama.cpp's llama-bench binary for the Axiom peer (else $SMOLLCHAT_LLAMA_BENCH, else PATH).
     llama_bench: str | None = None
 
@@ -100,10 +103,14 @@ def gemv_gbs(dtype: torch.dtype, mib: int = 64, repeats: int = 7) -> float:
     return w.nbytes / statistics.median(times) / 1e9
 
 
-def bytes_per_token(model: nn.Module) -> int:
+def bytes_per_token(model: nn.Module, controls: Any = None) -> int:
     """Weight bytes one decode step reads: every parameter but the embedding tables (one row each is
-    gathered), except an embedding that is also the float output head."""
+    gathered), except an embedding that is also the float output head; a module the step runs n times
+    (Huginn's core block, `ArchModel.repeated_modules`) counts n times."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
+    repeated = getattr(model, "repeated_modules", None)
+    for module, times in (repeated(controls) if callable(repeated) else []):
+        total += (times - 1) * sum(p.numel() * p.element_size() for p in module.parameters())
     head = None if getattr(model, "quant_head", None) is not None else head_weight(model)
     qhead = getattr(model, "quant_head", None)
     for m in model.modules():
@@ -147,7 +154,9 @@ def run(entry: ModelEntry, opts: BenchOptions, progress: Callable[[str], None] |
     rec["kernels"] = model.kernel_choice.as_dict()
     rec["params"] = sum(p.numel() for p in model.parameters())
     rec["weight_bytes"] = model.weight_bytes()
-    rec["weight_bytes_per_token"] = bytes_per_token(model)
+    controls = resolve_controls(model.control_specs(), catalog=entry.controls, call=opts.controls)
+    rec["controls"] = dict(controls)
+    rec["weight_bytes_per_token"] = bytes_per_token(model, controls)
     if quant:
         rec["quant_report"] = model.quant_report.summary()
     context = min(entry.context, model.max_context)
@@ -167,7 +176,7 @@ def run(entry: ModelEntry, opts: BenchOptions, progress: Callable[[str], None] |
             state.reset()
             ids = _random_ids(n, vocab, n)
             t = time.perf_counter()
-            logits = feed(model, state, ids, dev).logits
+            logits = feed(model, state, ids, dev, controls).logits
             t_pre = time.perf_counter() - t
             Sampler(settings, vocab, dev, ids).draw(logits)
             ttft = time.perf_counter() - t
@@ -175,8 +184,8 @@ def run(entry: ModelEntry, opts: BenchOptions, progress: Callable[[str], None] |
             rec["prefill"].append({"tokens": n, "tok_s": round(n / t_pre, 2), "ttft_s": round(ttft, 4)})
         say("decode")
         prompt = _random_ids(min(short, context - n_new - 1), vocab, 7)
-        _decode(model, step, state, prompt, 8, settings, vocab, dev)  # warm-up
-        done = [_decode(model, step, state, prompt, n_new, settings, vocab, dev) for _ in range(runs)]
+        _decode(model, step, state, prompt, 8, settings, vocab, dev, controls)  # warm-up
+        done = [_decode(model, step, state, prompt, n_new, settings, vocab, dev, controls) for _ in range(runs)]
     rec["decode_tok_s"] = round(statistics.median(d["tok_s"] for d in done), 3)
     rec["decode_tok_s_all"] = [round(d["tok_s"], 3) for d in done]
     rec["decode_cpu_share"] = [round(d["cpu_share"], 2) for d in done]
@@ -206,11 +215,12 @@ def run(entry: ModelEntry, opts: BenchOptions, progress: Callable[[str], None] |
     return rec
 
 
-def _decode(model, step, state, prompt: list[int], n: int, settings, vocab: int, dev) -> dict[str, float]:
+def _decode(model, step, state, prompt: list[int], n: int, settings, vocab: int, dev,
+            controls: Any = None) -> dict[str, float]:
     """Prefill `prompt`, then n tokens one step at a time; tok/s, median step and median time outside the model."""
     state.reset()
     sampler = Sampler(settings, vocab, dev, prompt)
-    logits = feed(model, state, prompt, dev).logits
+    logits = feed(model, state, prompt, dev, controls).logits
     stamps, inside, outside, outside_cpu = [], [], [], []
     proc0 = time.process_time()
     for i in range(n):
@@ -222,7 +232,7 @@ def _decode(model, step, state, prompt: list[int], n: int, settings, vocab: int,
         t1, c1 = time.perf_counter(), time.thread_time()
         stamps.append(t0)
         if i + 1 < n:
-            logits = step(ids, state, None, None, last_only=True).logits[0, -1]
+            logits = step(ids, state, controls, None, last_only=True).logits[0, -1]
             t2 = time.perf_counter()
             inside.append(t2 - t1)
             outside.append(t1 - t0)

@@ -64,3 +64,26 @@ def test_an_entry_without_bench_config_is_a_clear_error():
     entry = replace(load_catalog()["axiom"], bench_config={})
     with pytest.raises(ValueError, match=r"\[bench_config\]"):
         run(entry, BenchOptions(quick=True))
+
+
+def test_huginn_s_core_block_counts_once_per_recurrence_step(tmp_path):
+    # Huginn reads its core block num_steps times a token: the bytes a token reads (and the roofline) say so,
+    # and --control sets the depth for the whole run, recorded in the record.
+    import torch
+
+    entry = load_catalog()["huginn-tiny"]
+    model, _ = random_model(entry, torch.float32)
+    core = sum(p.numel() * p.element_size() for p in model.transformer.core_block.parameters())
+    one, four = bytes_per_token(model, {"num_steps": 1}), bytes_per_token(model, {"num_steps": 4})
+    assert four - one == 3 * core and one == bytes_per_token(model, None) - (entry_steps(model) - 1) * core
+    out = tmp_path / "rec.json"
+    assert main(["bench", "huginn-tiny", "--quick", "--threads", "1", "--control", "num_steps=4",
+                 "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["controls"]["num_steps"] == 4
+    assert rec["weight_bytes_per_token"] == bytes_per_token(model.to(getattr(torch, rec["dtype"])), {"num_steps": 4})
+
+
+def entry_steps(model) -> int:
+    """The architecture's default recurrence depth (the controls' default when none are given)."""
+    return int(model._controls(None)["num_steps"])

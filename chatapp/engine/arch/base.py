@@ -167,6 +167,11 @@ class ArchModel(nn.Module):
         """The controls with this checkpoint's defaults (the architecture layer of the merge)."""
         return self.CONTROLS
 
+    def repeated_modules(self, controls: Mapping[str, Any]) -> list[tuple[nn.Module, int]]:
+        """Modules one token runs more than once under `controls`, with how many times (at most): what a
+        decode step reads beyond each weight once (the bench's bytes per token and roofline). None here."""
+        return []
+
     def infer(self, ids: torch.Tensor, state: StateList | None, controls: Mapping[str, Any] | None = None,
               cancel: threading.Event | None = None, last_only: bool = False) -> Forward:
         """One forward under one call's controls; a model without controls or inner steps just runs."""

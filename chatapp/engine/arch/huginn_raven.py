@@ -179,6 +179,10 @@ class Model(ArchModel):
         an engine call's Controls pass as they are)."""
         return resolve_controls(self._specs, call=values)
 
+    def repeated_modules(self, controls: Mapping[str, Any]) -> list[tuple[nn.Module, int]]:
+        # The core block runs num_steps times a token (at most that many under an exit rule).
+        return [(self.transformer.core_block, int(self._controls(controls)["num_steps"]))]
+
     def speculator(self, controls: Mapping[str, Any], cancel: threading.Event | None = None) -> "Speculator | None":
         """Self-speculative greedy decoding for one call, where it applies: a draft depth is set and no
         per-token state couples the tokens (early exit, warm start)."""
