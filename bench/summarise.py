@@ -10,6 +10,8 @@ import sys
 
 def row(rec: dict) -> str:
     mode = f"{rec['model']} {rec['dtype']}" + ("" if rec["quantize"] == "none" else f" {rec['quantize']}")
+    steps = (rec.get("controls") or {}).get("num_steps")
+    mode += f", {steps} steps" if steps is not None else ""
     mode += ", --quick" if rec.get("quick") else ""
     runs = ", ".join(f"{x:.2f}" for x in rec["decode_tok_s_all"])
     share = ", ".join(f"{x:.2f}" for x in rec.get("decode_cpu_share", []))
