@@ -41,6 +41,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..engine.bench import BenchOptions, run as bench
+    from ..engine.decisions import MIN_CPU_SHARE
     from .chat import _parse_controls
 
     entry = resolve_entry(args.model)
@@ -69,7 +70,8 @@ def run(args) -> int:
     print(f"  decode     {rec['decode_tok_s']:.2f} tok/s (runs {rec['decode_tok_s_all']}), "
           f"{rec['outside_model_ms']:.2f} ms a token outside the model ({rec['outside_model_cpu_ms']:.2f} ms CPU), "
           f"CPU share {rec['decode_cpu_share']}"
-          + (" (another process held a core: the figure is noise)" if min(rec["decode_cpu_share"]) < 0.75 else ""))
+          + (" (another process held a core: the figure is noise)" if min(rec["decode_cpu_share"]) < MIN_CPU_SHARE
+             else ""))
     print(f"  state      {human_bytes(st['0'])} / {human_bytes(st['quarter'])} / {human_bytes(st['full'])} "
           f"at 0 / 1/4 / full context ({rec['state']['context']})")
     print(f"  bandwidth  DRAM read {human_bytes(rec['dram_read_gbs'] * 1e9)}/s, GEMV {human_bytes(rec['gemv_gbs'] * 1e9)}/s, "

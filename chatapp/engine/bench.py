@@ -28,7 +28,7 @@ from torch import nn
 from ..catalog import ModelEntry
 from ..contract import resolve_controls
 from .bench_peers import PeerRun, run_peers, seeded
-from .decisions import cpu_info, resolve_threads
+from .decisions import cpu_info, cpu_share, resolve_threads
 from .generate import feed
 from .graphs import decode_step
 from .loader import build_model, prepare_for_inference, resolve_dtype
@@ -238,9 +238,8 @@ def _decode(model, step, state, prompt: list[int], n: int, settings, vocab: int,
             outside.append(t1 - t0)
             outside_cpu.append(c1 - c0)
     span = stamps[-1] - stamps[0]
-    # The process's CPU time over wall time x threads: near 1 on a machine to itself; ~0.5 on 2 threads means
-    # another process held a core, and OpenMP's barriers then make every figure of the run noise.
-    share = (time.process_time() - proc0) / max(1e-9, time.perf_counter() - stamps[0]) / torch.get_num_threads()
+    # ~0.5 on 2 threads means another process held a core, and OpenMP's barriers then make every figure noise.
+    share = cpu_share(time.perf_counter() - stamps[0], time.process_time() - proc0)
     return {"tok_s": (n - 1) / span if span > 0 else 0.0, "cpu_share": share,
             "step_ms": 1e3 * statistics.median(b - a for a, b in zip(stamps, stamps[1:])),
             "model_ms": 1e3 * statistics.median(inside), "outside_ms": 1e3 * statistics.median(outside),

@@ -70,6 +70,11 @@ MIN_CPU_SHARE = 0.75
 SHARE_MIN_WALL_S = 5e-4
 
 
+def cpu_share(wall_s: float, cpu_s: float) -> float:
+    """The process's CPU time over wall time x intra-op threads: near 1 on a machine to itself."""
+    return cpu_s / max(wall_s, 1e-9) / torch.get_num_threads()
+
+
 def timed(fn: Any, wall: Any = time.perf_counter, cpu: Any = time.process_time) -> float:
     """Seconds one call of `fn` takes, or NaN where the machine was too busy for the figure to mean anything.
 
@@ -81,7 +86,7 @@ def timed(fn: Any, wall: Any = time.perf_counter, cpu: Any = time.process_time) 
     w, c = wall(), cpu()
     fn()
     w, c = wall() - w, cpu() - c
-    if w >= SHARE_MIN_WALL_S and c < MIN_CPU_SHARE * w * torch.get_num_threads():
+    if w >= SHARE_MIN_WALL_S and cpu_share(w, c) < MIN_CPU_SHARE:
         return math.nan
     return w
 
