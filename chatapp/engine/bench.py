@@ -108,8 +108,7 @@ def bytes_per_token(model: nn.Module, controls: Any = None) -> int:
     gathered), except an embedding that is also the float output head; a module the step runs n times
     (Huginn's core block, `ArchModel.repeated_modules`) counts n times."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    repeated = getattr(model, "repeated_modules", None)
-    for module, times in (repeated(controls) if callable(repeated) else []):
+    for module, times in model.repeated_modules(controls):
         total += (times - 1) * sum(p.numel() * p.element_size() for p in module.parameters())
     head = None if getattr(model, "quant_head", None) is not None else head_weight(model)
     qhead = getattr(model, "quant_head", None)

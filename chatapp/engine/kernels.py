@@ -234,30 +234,39 @@ def measure(shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype, timer: Ti
     timings: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
         for cls, shape in shapes.items():
-            pools = {layout: _pool(shape, dtype, layout, item, memory // 2) for layout in LAYOUTS}
-            one = torch.randn(1, shape[1]).to(dtype)
-            paths = candidates(dtype, "decode")
-            case = f"{cls} decode {shape[0]}x{shape[1]}"
-            calls = {p: _product(p, one, pools[p.layout]) for p in paths}
-            timings[case] = _race(case, paths, calls, timer, budget_s, len(pools["row"]))
-            if not timings[case]:
-                continue  # the machine was too busy: no choice for this class
-            best = MatrixPath.parse(min(timings[case], key=timings[case].get))
-            if dtype == torch.bfloat16:
-                rows = torch.randn(PREFILL_ROWS, shape[1]).to(dtype)
-                paths = candidates(dtype, "prefill", best)
-                case = f"{cls} prefill {PREFILL_ROWS} rows"
-                # A quarter of one matrix: a several-row product reads its weight once for many rows, and a
-                # slow path here can take hundreds of ms a call on a busy machine.
-                part = {k: v[0][:max(1, v[0].shape[0] // 4)] for k, v in pools.items()}
-                calls = {p: _product(p, rows, [part[p.layout]]) for p in paths}
-                timings[case] = _race(case, paths, calls, timer, budget_s)
-                if not timings[case]:
-                    continue
-                best = MatrixPath.parse(min(timings[case], key=timings[case].get))
-            chosen[cls] = best
-            del pools
+            # One class at a time in its own call: its matrices are freed before the next class's are made.
+            best = _measure_class(cls, shape, dtype, item, timer, budget_s, memory, timings)
+            if best is not None:
+                chosen[cls] = best
     return chosen, timings
+
+
+def _measure_class(cls: str, shape: tuple[int, int], dtype: torch.dtype, item: int, timer: Timer, budget_s: float,
+                   memory: int, timings: dict[str, dict[str, float]]) -> MatrixPath | None:
+    """measure() for one class: its fastest path (None when the machine was too busy to tell), the times
+    added to `timings` by case."""
+    pools = {layout: _pool(shape, dtype, layout, item, memory // 2) for layout in LAYOUTS}
+    one = torch.randn(1, shape[1]).to(dtype)
+    paths = candidates(dtype, "decode")
+    case = f"{cls} decode {shape[0]}x{shape[1]}"
+    calls = {p: _product(p, one, pools[p.layout]) for p in paths}
+    timings[case] = _race(case, paths, calls, timer, budget_s, len(pools["row"]))
+    if not timings[case]:
+        return None
+    best = MatrixPath.parse(min(timings[case], key=timings[case].get))
+    if dtype != torch.bfloat16:
+        return best
+    rows = torch.randn(PREFILL_ROWS, shape[1]).to(dtype)
+    paths = candidates(dtype, "prefill", best)
+    case = f"{cls} prefill {PREFILL_ROWS} rows"
+    # A quarter of one matrix: a several-row product reads its weight once for many rows, and a slow path
+    # here can take hundreds of ms a call on a busy machine.
+    part = {k: v[0][:max(1, v[0].shape[0] // 4)] for k, v in pools.items()}
+    calls = {p: _product(p, rows, [part[p.layout]]) for p in paths}
+    timings[case] = _race(case, paths, calls, timer, budget_s)
+    if not timings[case]:
+        return None
+    return MatrixPath.parse(min(timings[case], key=timings[case].get))
 
 
 def _decisions() -> DecisionFile:
