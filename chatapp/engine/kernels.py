@@ -8,7 +8,13 @@ such as q|k|v, gate|up and the head; narrowing: the rest), since the two classes
 - layout: row-major [out, in] (nn.Linear's own) or column-major (same shape, transposed strides, so a
   one-row F.linear takes MKL's x @ W GEMV);
 - bf16 only, the product for one or two rows (decode) and for more (prefill): plain F.linear in bf16, or
-  the weight converted to fp32 in 128-row tiles (layers.cpu_bf16_linear).
+  the weight converted to fp32 in 128-row tiles (layers.cpu_bf16_linear);
+- where this torch and CPU can (layers.packed_available), the weight prepacked into oneDNN's blocked layout
+  and multiplied by oneDNN's linear for every call ("packed/packed/packed"; layers.PackedLinear). On a Zen 4
+  (avx512_bf16) the bf16 linears of one Axiom-380M token took 24.4 ms prepacked against 41.1 ms through
+  F.linear, the same products to the last bit there. The output head stays on a dense path: the
+  architectures pass its weight to project_head (a tied head is the embedding table the lookup reads), and a
+  prepacked parameter cannot be a traced input of the compiled step.
 
 The measurement runs once per machine (decisions.machine_key: CPU model and flags, ATEN_CPU_CAPABILITY and
 the MKL/oneDNN variables, torch, threads), dtype and model shape, at load, on random matrices of the model's
@@ -25,11 +31,10 @@ row-major plain F.linear: the reference numerics. A replay forces the choice its
 (`KernelChoice.from_dict`). Moving a matrix to column-major copies it; the mapped checkpoint pages it leaves
 are released (release_mapped), so a float32 load that maps its file still holds one copy of the weights.
 
-Not a candidate: oneDNN prepacked bf16 weights (torch.ops.mkldnn._reorder_linear_weight with
-_linear_pointwise, or torch._C._nn.mkldnn_linear on to_mkldnn() tensors). torch 2.13 refuses both for bf16 on
-a CPU without avx512bw/vl/dq or avx_ne_convert ("bf16 path needs the cpu support ..."), which is the AVX2
-machine this was written on, so no machine here could check their numerics. Prepacked fp32 through the same
-ops ran 3.5-4x slower than F.linear here (5632 x 1024 GEMV: 12.0 against 3.1 ms).
+torch 2.13 refuses prepacked bf16 on a CPU without avx512bw/vl/dq or avx_ne_convert (an AVX2 Zen 3: the
+candidate is then not offered); prepacked fp32 ran 3.5-4x slower than F.linear on that machine (5632 x 1024
+GEMV: 12.0 against 3.1 ms), so there it loses its race. A recorded choice naming the packed layout, replayed
+where it is not available, runs row-major F.linear (`choose` says so in its source).
 """
 from __future__ import annotations
 
@@ -49,12 +54,14 @@ from torch import nn
 
 from .. import locations
 from .decisions import DecisionFile, machine_key, timed
-from .layers import CpuBf16Linear, cpu_bf16_linear, cpu_has_native_bf16
+from .layers import CpuBf16Linear, cpu_bf16_linear, cpu_has_native_bf16, model_slot, pack_linear, packed_available, \
+    packed_product, prepack
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("row", "column")
-PRODUCTS = ("linear", "tiles")
+LAYOUTS = ("row", "column", "packed")
+PRODUCTS = ("linear", "tiles", "packed")
+PACKED = None  # set below: the one path of the packed layout
 CLASSES = ("widening", "narrowing")
 #: Models with fewer matrix bytes than this are not measured (default()): the demos, and the tests' models.
 MIN_MEASURE_BYTES = 64 * 2**20
@@ -84,6 +91,8 @@ class MatrixPath:
         if self.layout not in LAYOUTS or self.decode not in PRODUCTS or self.prefill not in PRODUCTS:
             raise ValueError(f"unknown matrix path {self}: the layout is one of {', '.join(LAYOUTS)}, the products "
                              f"one of {', '.join(PRODUCTS)}")
+        if (self.layout == "packed") != (self.decode == "packed") or (self.layout == "packed") != (self.prefill == "packed"):
+            raise ValueError(f"unknown matrix path {self}: a packed weight has one product, packed/packed/packed")
 
     def __str__(self) -> str:
         return f"{self.layout}/{self.decode}/{self.prefill}"
@@ -133,6 +142,10 @@ class KernelChoice:
             raise ValueError(f"a recorded kernel choice lacks {e.args[0]!r}: {dict(d)}") from None
 
 
+PACKED = MatrixPath("packed", "packed", "packed")
+ROW = MatrixPath()
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -156,8 +169,12 @@ def candidates(dtype: torch.dtype, case: str, decode: MatrixPath = MatrixPath())
     the several-row product, on what decode chose)."""
     if case == "decode":
         paths = [MatrixPath("row"), MatrixPath("column")]
-        return paths + [MatrixPath("row", "tiles", "tiles")] if dtype == torch.bfloat16 else paths
-    return [MatrixPath(decode.layout, decode.decode, p) for p in PRODUCTS]
+        if dtype == torch.bfloat16:
+            paths.append(MatrixPath("row", "tiles", "tiles"))
+        return paths + [PACKED] if packed_available(dtype) else paths
+    if decode.layout == "packed":
+        return [decode]
+    return [MatrixPath(decode.layout, decode.decode, p) for p in PRODUCTS if p != "packed"]
 
 
 def wall_timer(case: str, path: MatrixPath, fn: Callable[[], Any]) -> float:
@@ -186,7 +203,7 @@ def _pool(shape: tuple[int, int], dtype: torch.dtype, layout: str, itemsize: int
         # A constant fill: the kernels' time does not depend on the values, and drawing random ones cost more
         # than the timing under load.
         w = torch.full((in_f, rows) if layout == "column" else (rows, in_f), 0.01 * (i + 1), dtype=dtype)
-        pool.append(w.t() if layout == "column" else w)
+        pool.append(w.t() if layout == "column" else prepack(w) if layout == "packed" else w)
     return pool
 
 
@@ -195,7 +212,10 @@ def _product(path: MatrixPath, x: torch.Tensor, pool: list[torch.Tensor]) -> Cal
 
     def call() -> None:
         for w in pool:
-            cpu_bf16_linear(x, w, decode_tiles=decode_tiles, prefill_tiles=prefill_tiles)
+            if path.layout == "packed":
+                packed_product(x, w)
+            else:
+                cpu_bf16_linear(x, w, decode_tiles=decode_tiles, prefill_tiles=prefill_tiles)
     return call
 
 
@@ -245,23 +265,24 @@ def _measure_class(cls: str, shape: tuple[int, int], dtype: torch.dtype, item: i
                    memory: int, timings: dict[str, dict[str, float]]) -> MatrixPath | None:
     """measure() for one class: its fastest path (None when the machine was too busy to tell), the times
     added to `timings` by case."""
-    pools = {layout: _pool(shape, dtype, layout, item, memory // 2) for layout in LAYOUTS}
-    one = torch.randn(1, shape[1]).to(dtype)
     paths = candidates(dtype, "decode")
+    layouts = sorted({p.layout for p in paths})
+    pools = {layout: _pool(shape, dtype, layout, item, memory // len(layouts)) for layout in layouts}
+    one = torch.randn(1, shape[1]).to(dtype)
     case = f"{cls} decode {shape[0]}x{shape[1]}"
     calls = {p: _product(p, one, pools[p.layout]) for p in paths}
     timings[case] = _race(case, paths, calls, timer, budget_s, len(pools["row"]))
     if not timings[case]:
         return None
     best = MatrixPath.parse(min(timings[case], key=timings[case].get))
-    if dtype != torch.bfloat16:
+    if dtype != torch.bfloat16 or best.layout == "packed":  # a packed weight has one product
         return best
     rows = torch.randn(PREFILL_ROWS, shape[1]).to(dtype)
     paths = candidates(dtype, "prefill", best)
     case = f"{cls} prefill {PREFILL_ROWS} rows"
     # A quarter of one matrix: a several-row product reads its weight once for many rows, and a slow path
     # here can take hundreds of ms a call on a busy machine.
-    part = {k: v[0][:max(1, v[0].shape[0] // 4)] for k, v in pools.items()}
+    part = {k: v[0][:max(1, v[0].shape[0] // 4)] for k, v in pools.items() if k != "packed"}
     calls = {p: _product(p, rows, [part[p.layout]]) for p in paths}
     timings[case] = _race(case, paths, calls, timer, budget_s)
     if not timings[case]:
@@ -293,6 +314,10 @@ def choose(model: nn.Module, dtype: torch.dtype, device: torch.device, kernels: 
     if isinstance(kernels, KernelChoice):
         if kernels.dtype != _dtype_name(dtype):
             raise ValueError(f"the kernel choice was made for {kernels.dtype}, the model is {_dtype_name(dtype)}")
+        if PACKED in (kernels.widening, kernels.narrowing) and not (device.type == "cpu" and packed_available(dtype)):
+            swap = lambda p: ROW if p == PACKED else p  # noqa: E731
+            return KernelChoice(kernels.dtype, swap(kernels.widening), swap(kernels.narrowing),
+                                f"{kernels.source}; prepacked weights unavailable here: row-major F.linear")
         return kernels
     if kernels not in ("auto", "measure", "reference"):
         raise ValueError(f"kernels must be auto, measure, reference or a recorded choice, not {kernels!r}")
@@ -364,6 +389,8 @@ def apply(model: nn.Module, choice: KernelChoice) -> None:
     """Store the model's matrices in the chosen layouts and route its bf16 products; remembers the choice
     as `model.kernel_choice` (Engine.info, run cards)."""
     dtype = getattr(torch, choice.dtype)
+    if PACKED in (choice.widening, choice.narrowing):
+        _pack_linears(model, choice, dtype)
     for w in model.matrices():
         if w.dtype == dtype and w.dim() == 2 and w.is_contiguous() and choice.path_for(w).layout == "column":
             # Same shape, transposed strides: a one-row F.linear then runs MKL's x @ W GEMV.
@@ -384,3 +411,18 @@ def apply(model: nn.Module, choice: KernelChoice) -> None:
                 model.head_product = functools.partial(cpu_bf16_linear, decode_tiles=path.decode == "tiles",
                                                        prefill_tiles=path.prefill == "tiles")
     model.kernel_choice = choice
+
+
+def _pack_linears(model: nn.Module, choice: KernelChoice, dtype: torch.dtype) -> None:
+    """Prepack every Linear of `dtype` whose class the choice packs, except those the architecture reads
+    directly (QUANT_SKIP) and an untied head (project_head is passed its weight); each dense weight is freed
+    (or its mapped pages released) as its packed copy is made."""
+    from .quant import _targets
+
+    slot = model_slot(model)
+    swapped, _kept = _targets(model)
+    for name, _parent, _attr, m in swapped:
+        if m.weight.dtype == dtype and choice.path_for(m.weight) == PACKED:
+            old = m.weight.data
+            pack_linear(m, f"{slot}/{name}")
+            release_mapped(old)

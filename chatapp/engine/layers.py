@@ -1,9 +1,12 @@
 """Pieces shared by two or more architectures: RMSNorm, RoPE tables and layouts, masked attention, the
-CPU bf16 Linear, and the sanitize and demo-init helpers.
+CPU bf16 Linear, the oneDNN-prepacked Linear, and the sanitize and demo-init helpers.
 
 Layout is [B, T, H, D] throughout.
 """
 from __future__ import annotations
+
+import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -197,6 +200,93 @@ class CpuBf16Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_bf16_linear(x, self.weight, self.bias, decode_tiles=self.decode_tiles,
                                prefill_tiles=self.prefill_tiles)
+
+
+# oneDNN-prepacked weights (kernels.py measures them against the plain layouts per machine).
+#
+# A prepacked weight is an opaque oneDNN tensor (layout torch._mkldnn, no storage): inductor cannot lower a
+# product by one that a module holds, nor fake one, so the product is a custom op that names its weight by a
+# string key and finds it in `_PACKED`. The key is "<slot>/<module name>", slot the lowest number no other
+# live model holds: the same on every load of one model, so the compiled step's on-disk cache (whose graphs
+# hold the key as a constant) is reused. The registry holds weak references; the module holds the weight.
+_PACKED: dict[str, weakref.ref] = {}
+_SLOTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+@functools.lru_cache(maxsize=None)
+def packed_available(dtype: torch.dtype) -> bool:
+    """Whether this torch and CPU prepack `dtype` weights for oneDNN (torch 2.13 refuses bf16 on a CPU
+    without avx512bw/vl/dq or avx_ne_convert) and the product matches F.linear on a small case."""
+    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w = torch.randn(48, 32).to(dtype)
+        x = torch.randn(3, 32).to(dtype)
+        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, None), None,
+                                               "none", [], "")
+        return bool(torch.allclose(y.float(), F.linear(x, w).float(), rtol=0.02, atol=0.02))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def prepack(w: torch.Tensor) -> torch.Tensor:
+    """A [out, in] CPU weight reordered into oneDNN's blocked layout for linear products."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), None)
+
+
+def packed_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ b) for a prepacked W (`prepack`), any leading shape."""
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, bias, "none", [], "")
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+@torch.library.custom_op("smollchat::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, key: str, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`packed_product` by the prepacked weight registered under `key` (register_packed)."""
+    ref = _PACKED.get(key)
+    w = ref() if ref is not None else None
+    if w is None:
+        raise RuntimeError(f"no prepacked weight {key!r}: its model was unloaded")
+    return packed_product(x, w, bias)
+
+
+@packed_linear.register_fake
+def _packed_linear_fake(x, key, out_features, bias=None):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def model_slot(model: nn.Module) -> int:
+    """The lowest slot number no other live model holds (the same model keeps its slot)."""
+    for slot, held in list(_SLOTS.items()):
+        if held is model:
+            return slot
+    slot = next(i for i in range(len(_SLOTS) + 1) if i not in _SLOTS)
+    _SLOTS[slot] = model
+    return slot
+
+
+def register_packed(key: str, w: torch.Tensor) -> None:
+    for k in [k for k, r in _PACKED.items() if r() is None]:
+        del _PACKED[k]
+    _PACKED[key] = weakref.ref(w)
+
+
+class PackedLinear(nn.Linear):
+    """nn.Linear whose weight parameter is prepacked for oneDNN (same shape and dtype, no storage), multiplied
+    through the `packed_linear` op; kernels.apply swaps a Linear into one (`pack_linear`)."""
+
+    key = ""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.key, self.out_features, self.bias)
+
+
+def pack_linear(m: nn.Linear, key: str) -> None:
+    """Turn `m` into a PackedLinear in place: its weight is replaced by the prepacked copy (the dense one freed)."""
+    m.weight = nn.Parameter(prepack(m.weight), requires_grad=False)
+    m.__class__ = PackedLinear
+    m.key = key
+    register_packed(key, m.weight)  # the parameter object: the module holds it, so the weak reference lives
 
 
 @torch.no_grad()

@@ -78,6 +78,20 @@ def test_compiled_step_gives_eager_tokens_and_caches_under_smollchat(tmp_path):
     assert len(graphs._read_decisions()) == 1
 
 
+def test_a_compiled_step_over_prepacked_weights_gives_their_eager_tokens():
+    from chatapp.engine.layers import PackedLinear, packed_available
+
+    if not packed_available(torch.float32):
+        pytest.skip("this torch and CPU do not prepack float32 weights")
+    packed = {"dtype": "float32", "widening": "packed/packed/packed", "narrowing": "packed/packed/packed"}
+    engine = load_engine(get_entry("axiom-tiny"), device="cpu", dtype="float32", compile="on", kernels=packed)
+    assert engine.compile.active, engine.compile
+    assert any(isinstance(m, PackedLinear) for m in engine.model.modules())
+    got = greedy(engine)
+    engine.step = engine.model.infer
+    assert greedy(engine) == got  # (the packed logits against the reference's: test_kernels, on every fixture)
+
+
 def test_no_compiler_decodes_eager_with_one_log_line(no_cxx, caplog):
     assert graphs.find_cxx() is None
     with caplog.at_level(logging.WARNING, logger=graphs.__name__):

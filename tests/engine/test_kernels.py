@@ -14,7 +14,7 @@ from chatapp import locations
 from chatapp.catalog import get_entry
 from chatapp.engine import decisions, kernels
 from chatapp.engine.kernels import MatrixPath
-from chatapp.engine.layers import CpuBf16Linear
+from chatapp.engine.layers import CpuBf16Linear, PackedLinear, packed_available
 from chatapp.engine.loader import LoadError, load_model
 from chatapp.engine.runtime import load_engine
 from tests.engine.arch.test_huginn import ZERO
@@ -58,11 +58,28 @@ def test_a_path_three_times_slower_is_timed_once():
 
     def timer(case, path, fn):
         calls.append(str(path))
-        return 0.01 if path.layout == "column" else 0.001
+        return 0.001 if path.layout == "row" else 0.01
     chosen, timings = kernels.measure({"widening": (96, 32)}, torch.float32, timer)
     assert str(chosen["widening"]) == "row/linear/linear"
-    assert calls.count("column/linear/linear") == 1 and calls.count("row/linear/linear") == kernels.ROUNDS
+    others = {str(p) for p in kernels.candidates(torch.float32, "decode")} - {"row/linear/linear"}
+    assert others and all(calls.count(p) == 1 for p in others) and calls.count("row/linear/linear") == kernels.ROUNDS
     assert list(timings["widening decode 96x32"]) == ["row/linear/linear"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prepacked_weights_are_a_candidate_only_where_this_machine_has_them(dtype, monkeypatch):
+    if not packed_available(dtype):
+        assert kernels.PACKED not in kernels.candidates(dtype, "decode")
+        pytest.skip(f"this torch and CPU do not prepack {dtype} weights")
+    calls = []
+    fastest = {"widening decode": "packed/packed/packed", "narrowing decode": "packed/packed/packed"}
+    chosen, timings = kernels.measure(SHAPES, dtype, forced(fastest, calls))
+    assert str(chosen["widening"]) == str(chosen["narrowing"]) == "packed/packed/packed"
+    assert not any("prefill" in case for case, _ in calls)  # a packed weight has one product
+    monkeypatch.setattr(kernels, "packed_available", lambda dtype: False)
+    assert kernels.PACKED not in kernels.candidates(dtype, "decode")
+    chosen, _ = kernels.measure(SHAPES, dtype, forced(fastest))
+    assert "packed" not in str(chosen["widening"]) + str(chosen["narrowing"])
 
 
 def test_busy_calls_do_not_count_and_a_busy_load_records_nothing(fixtures_root, monkeypatch):
@@ -185,6 +202,24 @@ def test_a_recorded_choice_is_forced_and_checked(fixtures_root):
         load_model(fixtures_root / "axiom", dtype="bfloat16", kernels={**rec, "widening": "row"})
     with pytest.raises(ValueError, match="unknown matrix path"):
         MatrixPath.parse("diagonal/linear/linear")
+    with pytest.raises(ValueError, match="one product"):
+        MatrixPath.parse("packed/linear/packed")
+
+
+def test_a_recorded_packed_choice_packs_and_falls_back_where_unavailable(fixtures_root, monkeypatch):
+    rec = {"dtype": "float32", "widening": "packed/packed/packed", "narrowing": "row/linear/linear", "source": "measured"}
+    if not packed_available(torch.float32):
+        pytest.skip("this torch and CPU do not prepack float32 weights")
+    model = load_model(fixtures_root / "axiom", dtype="float32", kernels=rec)
+    w13, w2 = model.layers[0].ffn.w13, model.layers[0].ffn.w2
+    assert type(w13) is PackedLinear and w13.weight.is_mkldnn and w13.weight.shape == (w13.out_features, w13.in_features)
+    assert type(w2) is torch.nn.Linear and not w2.weight.is_mkldnn
+    assert not model.embed.weight.is_mkldnn  # the tied head is the embedding table: never packed
+    monkeypatch.setattr(kernels, "packed_available", lambda dtype: False)
+    model = load_model(fixtures_root / "axiom", dtype="float32", kernels=rec)
+    assert model.kernel_choice.as_dict()["widening"] == "row/linear/linear"
+    assert "prepacked weights unavailable here" in model.kernel_choice.source
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
 
 
 def test_the_engine_reports_its_choice():
@@ -195,8 +230,9 @@ def test_the_engine_reports_its_choice():
     assert eager.info()["kernels"]["source"] == "reference"
 
 
-PATHS = {torch.float32: ["column/linear/linear"],
-         torch.bfloat16: ["row/tiles/tiles", "column/linear/linear", "row/linear/tiles"]}
+PATHS = {torch.float32: ["column/linear/linear"] + ["packed/packed/packed"] * packed_available(torch.float32),
+         torch.bfloat16: ["row/tiles/tiles", "column/linear/linear", "row/linear/tiles"]
+         + ["packed/packed/packed"] * packed_available(torch.bfloat16)}
 
 
 def _prefill_then_decode(model, ids: torch.Tensor, dtype: torch.dtype, decoded: int = 4) -> torch.Tensor:
