@@ -64,29 +64,64 @@ def cpu_info() -> dict[str, Any]:
             "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else []}
 
 
-#: A timed call counts only if the process got at least this share of its intra-op threads' CPU time.
+#: A timed call counts only if the process got at least this share of its intra-op threads' time.
 MIN_CPU_SHARE = 0.75
-#: Calls shorter than this are always kept: their CPU-time reading is too coarse to judge.
+#: Calls shorter than this are always kept where only CPU time can judge them: its reading is too coarse.
 SHARE_MIN_WALL_S = 5e-4
 
 
-def cpu_share(wall_s: float, cpu_s: float) -> float:
-    """The process's CPU time over wall time x intra-op threads: near 1 on a machine to itself."""
-    return cpu_s / max(wall_s, 1e-9) / torch.get_num_threads()
+def run_delay_s() -> float | None:
+    """Seconds this process's threads have spent runnable but waiting for a CPU (Linux schedstat, ns
+    resolution), or None where the kernel does not say."""
+    total = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile
+        except (OSError, ValueError, IndexError):
+            return None
+    return total / 1e9
 
 
-def timed(fn: Any, wall: Any = time.perf_counter, cpu: Any = time.process_time) -> float:
+def usage() -> tuple[float, float | None]:
+    """(process CPU seconds, run-delay seconds or None): what cpu_share compares across a call."""
+    return time.process_time(), run_delay_s()
+
+
+def cpu_share(wall_s: float, cpu_s: float, waited_s: float | None = None) -> float:
+    """The share of its intra-op threads' time the process had a CPU: near 1 on a machine to itself.
+
+    With `waited_s` (run_delay_s across the call): 1 - waited / (wall x threads), time kept off a CPU by other
+    processes. Otherwise CPU time over wall x threads, which also reads low when a kernel is single-threaded
+    on an idle machine (MKL's fp32 GEMV is, on a Zen 4: share 0.50 at 2 threads, quiet), so it is only the
+    fallback where the kernel keeps no run delay."""
+    span = max(wall_s, 1e-9) * torch.get_num_threads()
+    if waited_s is not None:
+        return 1.0 - waited_s / span
+    return cpu_s / span
+
+
+def timed(fn: Any, wall: Any = time.perf_counter, clock: Any = usage) -> float:
     """Seconds one call of `fn` takes, or NaN where the machine was too busy for the figure to mean anything.
 
-    Busy means the process got under MIN_CPU_SHARE of (wall time x intra-op threads) as CPU time. Another
-    process holding a core does not just slow a multi-threaded kernel down by its share: each OpenMP region
-    waits at its barrier for the thread that lost its core (2-vCPU Zen 3, the other core busy: OdinNext's
-    compiled step 30 ms at share 0.96-0.99, 560-680 ms at share 0.51), so a choice measured then is noise.
+    Busy means the process had a CPU for under MIN_CPU_SHARE of (wall time x intra-op threads) (cpu_share).
+    Another process holding a core does not just slow a multi-threaded kernel down by its share: each OpenMP
+    region waits at its barrier for the thread that lost its core (2-vCPU Zen 3, the other core busy:
+    OdinNext's compiled step 30 ms at share 0.96-0.99, 560-680 ms at share 0.51), so a choice measured then is
+    noise. `clock` returns (CPU seconds, run-delay seconds or None), as usage() does.
     """
-    w, c = wall(), cpu()
+    w, (c, d) = wall(), clock()
     fn()
-    w, c = wall() - w, cpu() - c
-    if w >= SHARE_MIN_WALL_S and cpu_share(w, c) < MIN_CPU_SHARE:
+    w = wall() - w
+    c2, d2 = clock()
+    waited = d2 - d if d is not None and d2 is not None else None
+    if (waited is not None or w >= SHARE_MIN_WALL_S) and cpu_share(w, c2 - c, waited) < MIN_CPU_SHARE:
         return math.nan
     return w
 

@@ -100,13 +100,23 @@ def test_busy_calls_do_not_count_and_a_busy_load_records_nothing(fixtures_root, 
 
 
 def test_the_timer_spoils_a_call_that_lacked_cpu(monkeypatch):
-    # decisions.timed: a call that got under MIN_CPU_SHARE of its threads' CPU time reads NaN, one that got it
-    # reads its wall time. Forced clocks: 10 ms of wall time, then 4 or 19 ms of CPU time on 2 threads.
+    # decisions.timed: a call whose threads waited for a CPU over a quarter of (wall x threads) reads NaN, one
+    # that did not reads its wall time, however little CPU time it used (a single-threaded kernel on 2 threads).
+    # Where no run delay is readable, CPU time judges. Forced clocks: 10 ms of wall time on 2 threads.
     monkeypatch.setattr(decisions.torch, "get_num_threads", lambda: 2)
-    for cpu, want_nan in ((0.004, True), (0.019, False)):
-        walls, cpus = iter([1.0, 1.010]), iter([5.0, 5.0 + cpu])
-        got = decisions.timed(lambda: None, walls.__next__, cpus.__next__)
-        assert math.isnan(got) == want_nan and (want_nan or abs(got - 0.010) < 1e-12)
+    cases = [((0.010, 0.008), True), ((0.010, 0.001), False), ((0.004, None), True), ((0.019, None), False)]
+    for (cpu, waited), want_nan in cases:
+        walls = iter([1.0, 1.010])
+        clocks = iter([(5.0, None if waited is None else 2.0), (5.0 + cpu, None if waited is None else 2.0 + waited)])
+        got = decisions.timed(lambda: None, walls.__next__, clocks.__next__)
+        assert math.isnan(got) == want_nan and (want_nan or abs(got - 0.010) < 1e-12), (cpu, waited)
+
+
+def test_run_delay_is_read_where_linux_keeps_it():
+    waited = decisions.run_delay_s()
+    if waited is None:
+        pytest.skip("this kernel keeps no schedstat")
+    assert waited >= 0 and decisions.run_delay_s() >= waited
 
 
 def test_the_real_clock_times_real_products():
