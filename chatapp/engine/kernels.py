@@ -8,7 +8,7 @@ such as q|k|v, gate|up and the head; narrowing: the rest), since the two classes
 - layout: row-major [out, in] (nn.Linear's own) or column-major (same shape, transposed strides, so a
   one-row F.linear takes MKL's x @ W GEMV);
 - bf16 only, the product for one or two rows (decode) and for more (prefill): plain F.linear in bf16, or
-  the weight converted to fp32 in 128-row tiles (layers.cpu_bf16_linear);
+  the weight converted to fp32 in 128-row tiles (layers.cpu_linear);
 - where this torch and CPU can (layers.packed_available), the weight prepacked into oneDNN's blocked layout
   and multiplied by oneDNN's linear for every call ("packed/packed/packed"; layers.PackedLinear). On a Zen 4
   (avx512_bf16) the bf16 linears of one Axiom-380M token took 24.4 ms prepacked against 41.1 ms through
@@ -54,13 +54,16 @@ from torch import nn
 
 from .. import locations
 from .decisions import DecisionFile, machine_key, timed
-from .layers import CpuBf16Linear, cpu_bf16_linear, cpu_has_native_bf16, model_slot, pack_linear, packed_available, \
-    packed_product, prepack
+from . import cpu_gemv
+from .layers import CpuLinear, PackedLinear, cpu_has_native_bf16, cpu_linear, model_slot, pack_linear, \
+    packed_available, packed_product, prepack
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("row", "column", "packed")
-PRODUCTS = ("linear", "tiles", "packed")
+PRODUCTS = ("linear", "tiles", "packed", *cpu_gemv.PRODUCTS)
+#: The products of more than one row (a GEMV product is for one row only).
+PREFILL_PRODUCTS = ("linear", "tiles", "packed")
 PACKED = None  # set below: the one path of the packed layout
 CLASSES = ("widening", "narrowing")
 #: Models with fewer matrix bytes than this are not measured (default()): the demos, and the tests' models.
@@ -88,9 +91,9 @@ class MatrixPath:
     prefill: str = "linear"
 
     def __post_init__(self) -> None:
-        if self.layout not in LAYOUTS or self.decode not in PRODUCTS or self.prefill not in PRODUCTS:
+        if self.layout not in LAYOUTS or self.decode not in PRODUCTS or self.prefill not in PREFILL_PRODUCTS:
             raise ValueError(f"unknown matrix path {self}: the layout is one of {', '.join(LAYOUTS)}, the products "
-                             f"one of {', '.join(PRODUCTS)}")
+                             f"one of {', '.join(PRODUCTS)} (a GEMV for decode only)")
         if (self.layout == "packed") != (self.decode == "packed") or (self.layout == "packed") != (self.prefill == "packed"):
             raise ValueError(f"unknown matrix path {self}: a packed weight has one product, packed/packed/packed")
 
@@ -171,10 +174,11 @@ def candidates(dtype: torch.dtype, case: str, decode: MatrixPath = MatrixPath())
         paths = [MatrixPath("row"), MatrixPath("column")]
         if dtype == torch.bfloat16:
             paths.append(MatrixPath("row", "tiles", "tiles"))
+        paths += [MatrixPath("row", g, "linear") for g in cpu_gemv.products(dtype)]
         return paths + [PACKED] if packed_available(dtype) else paths
     if decode.layout == "packed":
         return [decode]
-    return [MatrixPath(decode.layout, decode.decode, p) for p in PRODUCTS if p != "packed"]
+    return [MatrixPath(decode.layout, decode.decode, p) for p in ("linear", "tiles")]
 
 
 def wall_timer(case: str, path: MatrixPath, fn: Callable[[], Any]) -> float:
@@ -207,15 +211,21 @@ def _pool(shape: tuple[int, int], dtype: torch.dtype, layout: str, itemsize: int
     return pool
 
 
+def _linear_options(path: MatrixPath) -> dict[str, Any]:
+    """cpu_linear's keywords for a dense path."""
+    return {"decode_tiles": path.decode == "tiles", "prefill_tiles": path.prefill == "tiles",
+            "gemv": cpu_gemv.PRODUCTS.get(path.decode, -1)}
+
+
 def _product(path: MatrixPath, x: torch.Tensor, pool: list[torch.Tensor]) -> Callable[[], Any]:
-    decode_tiles, prefill_tiles = path.decode == "tiles", path.prefill == "tiles"
+    options = _linear_options(path)
 
     def call() -> None:
         for w in pool:
             if path.layout == "packed":
                 packed_product(x, w)
             else:
-                cpu_bf16_linear(x, w, decode_tiles=decode_tiles, prefill_tiles=prefill_tiles)
+                cpu_linear(x, w, **options)
     return call
 
 
@@ -316,10 +326,9 @@ def choose(model: nn.Module, dtype: torch.dtype, device: torch.device, kernels: 
     if isinstance(kernels, KernelChoice):
         if kernels.dtype != _dtype_name(dtype):
             raise ValueError(f"the kernel choice was made for {kernels.dtype}, the model is {_dtype_name(dtype)}")
-        if PACKED in (kernels.widening, kernels.narrowing) and not (device.type == "cpu" and packed_available(dtype)):
-            swap = lambda p: ROW if p == PACKED else p  # noqa: E731
-            return KernelChoice(kernels.dtype, swap(kernels.widening), swap(kernels.narrowing),
-                                f"{kernels.source}; prepacked weights unavailable here: row-major F.linear")
+        runnable = _runnable(kernels, dtype, device)
+        if runnable != kernels:
+            return runnable
         return kernels
     if kernels not in ("auto", "measure", "reference"):
         raise ValueError(f"kernels must be auto, measure, reference or a recorded choice, not {kernels!r}")
@@ -353,6 +362,29 @@ def choose(model: nn.Module, dtype: torch.dtype, device: torch.device, kernels: 
                               "measure_s": round(time.perf_counter() - t, 3)})
     log.info("kernel choice for %s: %s in %.2f s", key, choice.paths, time.perf_counter() - t)
     return choice
+
+
+def _runnable(choice: KernelChoice, dtype: torch.dtype, device: torch.device) -> KernelChoice:
+    """A forced choice with the paths this machine cannot run (prepacked weights, our GEMV) put back to
+    PyTorch's dense products, its source saying so."""
+    gemvs = cpu_gemv.products(dtype) if device.type == "cpu" and any(
+        p.decode in cpu_gemv.PRODUCTS for p in (choice.widening, choice.narrowing)) else []
+    packs = device.type == "cpu" and packed_available(dtype)
+    missing: list[str] = []
+
+    def fix(p: MatrixPath) -> MatrixPath:
+        if p == PACKED and not packs:
+            missing.append("prepacked weights")
+            return ROW
+        if p.decode in cpu_gemv.PRODUCTS and p.decode not in gemvs:
+            missing.append(f"the {p.decode} product")
+            return MatrixPath(p.layout, "linear", p.prefill)
+        return p
+    widening, narrowing = fix(choice.widening), fix(choice.narrowing)
+    if not missing:
+        return choice
+    return KernelChoice(choice.dtype, widening, narrowing,
+                        f"{choice.source}; {' and '.join(dict.fromkeys(missing))} unavailable here: PyTorch's products")
 
 
 def _file_mapping(ptr: int) -> bool:
@@ -399,19 +431,18 @@ def apply(model: nn.Module, choice: KernelChoice) -> None:
             old = w.data
             w.data = old.t().contiguous().t()
             release_mapped(old)
-    if dtype == torch.bfloat16:
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and m.weight.dtype == dtype:
-                path = choice.path_for(m.weight)
-                if "tiles" in (path.decode, path.prefill):
-                    m.__class__ = CpuBf16Linear
-                    m.decode_tiles, m.prefill_tiles = path.decode == "tiles", path.prefill == "tiles"
-        head = model.head_matrix()
-        if head is not None and head.dtype == dtype:
-            path = choice.path_for(head)
-            if "tiles" in (path.decode, path.prefill):
-                model.head_product = functools.partial(cpu_bf16_linear, decode_tiles=path.decode == "tiles",
-                                                       prefill_tiles=path.prefill == "tiles")
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and not isinstance(m, PackedLinear) and m.weight.dtype == dtype:
+            path = choice.path_for(m.weight)
+            if path.layout != "packed" and (path.decode != "linear" or path.prefill == "tiles"):
+                m.__class__ = CpuLinear
+                for k, v in _linear_options(path).items():
+                    setattr(m, k, v)
+    head = model.head_matrix()
+    if head is not None and head.dtype == dtype and not head.is_mkldnn:
+        path = choice.path_for(head)
+        if path.layout != "packed" and (path.decode != "linear" or path.prefill == "tiles"):
+            model.head_product = functools.partial(cpu_linear, **_linear_options(path))
     model.kernel_choice = choice
 
 

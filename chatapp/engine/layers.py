@@ -166,11 +166,11 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def cpu_bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, tile: int = 128,
-                    decode_tiles: bool = False, prefill_tiles: bool = True) -> torch.Tensor:
-    """F.linear for a bf16 weight on a CPU, through fp32 tiles of the weight where the kernel choice says so
-    (kernels.py picks per machine: `prefill_tiles` for calls of more than two rows, `decode_tiles` for one or
-    two).
+def cpu_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, tile: int = 128,
+               decode_tiles: bool = False, prefill_tiles: bool = True, gemv: int = -1) -> torch.Tensor:
+    """F.linear on a CPU by the product the kernel choice picked (kernels.py, per machine): for one row, our
+    own GEMV at instruction level `gemv` where it is 1 or 2 (cpu_gemv.py); for a bf16 weight, fp32 tiles of the
+    weight (`prefill_tiles` for calls of more than two rows, `decode_tiles` for one or two).
 
     On a CPU without bf16 instructions bf16 F.linear costs about one GEMV per row (35840 x 5280, 2-core AVX2:
     35 ms for 1-2 rows, 88 ms for 5, 282 ms for 16; 128 x 1024 x 3072: 39 ms), so the tiled path converts
@@ -179,6 +179,9 @@ def cpu_bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
     size again per call). The product is rounded to bf16 as F.linear's is.
     """
     rows = x.numel() // x.shape[-1]
+    if gemv > 0 and rows == 1:
+        y = torch.ops.smollchat_cpu.gemv(x, w, gemv)
+        return y if bias is None else y + bias
     tiled = prefill_tiles if rows > 2 else decode_tiles
     if not tiled or w.dtype != torch.bfloat16 or w.device.type != "cpu":
         return F.linear(x, w, bias)
@@ -191,15 +194,16 @@ def cpu_bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
     return out.to(x.dtype).view(*x.shape[:-1], w.shape[0])
 
 
-class CpuBf16Linear(nn.Linear):
-    """nn.Linear through cpu_bf16_linear (same parameters); kernels.apply sets which calls take the tiles."""
+class CpuLinear(nn.Linear):
+    """nn.Linear through cpu_linear (same parameters); kernels.apply sets which calls take which product."""
 
     decode_tiles = False
     prefill_tiles = True
+    gemv = -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_bf16_linear(x, self.weight, self.bias, decode_tiles=self.decode_tiles,
-                               prefill_tiles=self.prefill_tiles)
+        return cpu_linear(x, self.weight, self.bias, decode_tiles=self.decode_tiles,
+                          prefill_tiles=self.prefill_tiles, gemv=self.gemv)
 
 
 # oneDNN-prepacked weights (kernels.py measures them against the plain layouts per machine).

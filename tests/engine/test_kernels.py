@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from chatapp import locations
 from chatapp.catalog import get_entry
-from chatapp.engine import decisions, kernels
+from chatapp.engine import cpu_gemv, decisions, kernels
 from chatapp.engine.kernels import MatrixPath
-from chatapp.engine.layers import CpuBf16Linear, PackedLinear, packed_available
+from chatapp.engine.layers import CpuLinear, PackedLinear, packed_available
 from chatapp.engine.loader import LoadError, load_model
 from chatapp.engine.runtime import load_engine
 from tests.engine.arch.test_huginn import ZERO
@@ -58,7 +58,7 @@ def test_a_path_three_times_slower_is_timed_once():
 
     def timer(case, path, fn):
         calls.append(str(path))
-        return 0.001 if path.layout == "row" else 0.01
+        return 0.001 if str(path) == "row/linear/linear" else 0.01
     chosen, timings = kernels.measure({"widening": (96, 32)}, torch.float32, timer)
     assert str(chosen["widening"]) == "row/linear/linear"
     others = {str(p) for p in kernels.candidates(torch.float32, "decode")} - {"row/linear/linear"}
@@ -86,7 +86,7 @@ def test_busy_calls_do_not_count_and_a_busy_load_records_nothing(fixtures_root, 
     # A call the machine was too busy to time (NaN) is no evidence: the path with clean calls wins even though
     # its spoilt calls were slow; with no clean call at all the load takes the default and records nothing.
     def timer(case, path, fn):
-        return 0.002 if path.layout == "row" else float("nan")
+        return 0.002 if str(path) == "row/linear/linear" else float("nan")
     chosen, timings = kernels.measure({"widening": (96, 32)}, torch.float32, timer)
     assert str(chosen["widening"]) == "row/linear/linear" and list(timings["widening decode 96x32"]) == ["row/linear/linear"]
     chosen, _ = kernels.measure({"widening": (96, 32)}, torch.float32, lambda case, path, fn: float("nan"))
@@ -203,9 +203,9 @@ def test_a_recorded_choice_is_forced_and_checked(fixtures_root):
     model = load_model(fixtures_root / "axiom", dtype="bfloat16", kernels=rec)
     assert model.kernel_choice.source == "recorded" and model.kernel_choice.as_dict()["widening"] == "row/tiles/tiles"
     w13, w2 = model.layers[0].ffn.w13, model.layers[0].ffn.w2
-    assert type(w13) is CpuBf16Linear and w13.decode_tiles and w13.prefill_tiles and w13.weight.is_contiguous()
+    assert type(w13) is CpuLinear and w13.decode_tiles and w13.prefill_tiles and w13.weight.is_contiguous()
     assert type(w2) is torch.nn.Linear and not w2.weight.is_contiguous()
-    assert model.head_product.keywords == {"decode_tiles": True, "prefill_tiles": True}  # the tied head widens
+    assert model.head_product.keywords == {"decode_tiles": True, "prefill_tiles": True, "gemv": -1}  # the tied head widens
     with pytest.raises(LoadError, match="made for bfloat16, the model is float32"):
         load_model(fixtures_root / "axiom", dtype="float32", kernels=rec)
     with pytest.raises(LoadError, match="layout/decode/prefill"):
@@ -240,9 +240,15 @@ def test_the_engine_reports_its_choice():
     assert eager.info()["kernels"]["source"] == "reference"
 
 
-PATHS = {torch.float32: ["column/linear/linear"] + ["packed/packed/packed"] * packed_available(torch.float32),
-         torch.bfloat16: ["row/tiles/tiles", "column/linear/linear", "row/linear/tiles"]
-         + ["packed/packed/packed"] * packed_available(torch.bfloat16)}
+def paths(dtype: torch.dtype) -> list[str]:
+    """Every non-reference path this machine can take for `dtype` (asked inside a test: the GEMV is built under
+    the test's own cache folder)."""
+    if dtype == torch.float32:
+        out = ["column/linear/linear"] + [f"row/{g}/linear" for g in cpu_gemv.products(dtype)]
+    else:
+        out = ["row/tiles/tiles", "column/linear/linear", "row/linear/tiles"]
+        out += [f"row/{g}/tiles" for g in cpu_gemv.products(dtype)]
+    return out + ["packed/packed/packed"] * packed_available(dtype)
 
 
 def _prefill_then_decode(model, ids: torch.Tensor, dtype: torch.dtype, decoded: int = 4) -> torch.Tensor:
@@ -264,7 +270,7 @@ def test_every_path_gives_the_reference_logits(fixtures_root, arch, dtype):
     ids = load_file(str(d / "golden.safetensors"))["input_ids"]
     ref = _prefill_then_decode(load_model(d, dtype=dtype, kernels="reference"), ids, dtype)
     name = str(dtype).removeprefix("torch.")
-    for path in PATHS[dtype]:
+    for path in paths(dtype):
         model = load_model(d, dtype=dtype, kernels={"dtype": name, "widening": path, "narrowing": path})
         got = _prefill_then_decode(model, ids, dtype)
         assert_close(got, ref, dtype=dtype, what=f"{arch} {name} {path}")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chatapp.engine.layers import (PartialRope, RMSNorm, RopeTable, apply_rope_half, apply_rope_interleaved, apply_rope_matrices,
-                                   causal_attention, cpu_bf16_linear, fuse, init_demo_normal, rename)
+                                   causal_attention, cpu_linear, fuse, init_demo_normal, rename)
 
 from .closeness import assert_close
 
@@ -138,13 +138,13 @@ def test_rename_moves_a_present_tensor_only():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 16, 200])
-def test_cpu_bf16_linear_is_the_product_rounded_to_bf16(rows):
+def test_cpu_linear_is_the_product_rounded_to_bf16(rows):
     # Three or more rows go through fp32 tiles (300 output rows: two full tiles and a partial one).
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(300, 70, generator=g) * 0.1).to(torch.bfloat16)
     b = torch.randn(300, generator=g).to(torch.bfloat16)
     x = torch.randn(1, rows, 70, generator=g).to(torch.bfloat16)
-    got = cpu_bf16_linear(x, w, b, tile=128)
+    got = cpu_linear(x, w, b, tile=128)
     want = torch.nn.functional.linear(x.double(), w.double(), b.double())
     assert got.shape == (1, rows, 300) and got.dtype == torch.bfloat16
     # Tiles: the fp32 product rounded once to bf16 (half a bf16 ulp, 2^-9 relative); one or two rows run bf16's

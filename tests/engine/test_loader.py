@@ -171,7 +171,7 @@ def test_weights_are_cast_to_the_requested_dtype(axiom_copy):
 @pytest.mark.parametrize("native", [False, True], ids=["no-bf16-hw", "bf16-hw"])
 def test_cpu_bf16_prefill_upcast_only_without_bf16_hardware(axiom_copy, monkeypatch, native):
     from chatapp.engine import kernels
-    from chatapp.engine.layers import CpuBf16Linear
+    from chatapp.engine.layers import CpuLinear
 
     # A model too small to measure takes the default: without bf16 instructions, many-row bf16 GEMMs run in
     # fp32 tiles; with them oneDNN's bf16 GEMM is faster.
@@ -179,7 +179,7 @@ def test_cpu_bf16_prefill_upcast_only_without_bf16_hardware(axiom_copy, monkeypa
     model = load_model(axiom_copy, dtype="bfloat16")
     assert model.kernel_choice.source == "default"
     classes = {type(m) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    assert classes == ({torch.nn.Linear} if native else {CpuBf16Linear})
+    assert classes == ({torch.nn.Linear} if native else {CpuLinear})
     ids = torch.arange(24).view(1, 24)
     with torch.inference_mode():
         assert torch.isfinite(model(ids)).all()

@@ -252,11 +252,11 @@ def test_speculation_steps_aside_for_adaptive_exit_and_warm_starts(model):
 
 def test_a_bf16_cpu_load_routes_linears_through_the_row_tiles(fx, golden, monkeypatch):
     from chatapp.engine import kernels
-    from chatapp.engine.layers import CpuBf16Linear
+    from chatapp.engine.layers import CpuLinear
 
     monkeypatch.setattr(kernels, "cpu_has_native_bf16", lambda: False)
     model = load_model(fx, "cpu", torch.bfloat16)
-    assert isinstance(model.transformer.core_block[0].mlp.fc, CpuBf16Linear)
+    assert isinstance(model.transformer.core_block[0].mlp.fc, CpuLinear)
     with torch.inference_mode():
         got = model(golden[0]["input_ids"], controls=ZERO)
     # bf16 through 8 recurrences: same argmax for most positions as the fp32 golden logits.

@@ -1,0 +1,106 @@
+"""Our own one-row CPU product (csrc/gemv.cpp): y = W x for a row-major bf16 or fp32 weight, one of the decode
+products kernels.py measures against PyTorch's on the running machine.
+
+Why: PyTorch's one-row products leave memory bandwidth unused on the CPUs measured (bench/README.md). On a
+2-vCPU Zen 4, a decode step of Axiom-380M in bf16 read its weights at ~20 GB/s through F.linear or oneDNN's
+prepacked linear while llama.cpp read the same bytes at ~28 GB/s, and MKL's fp32 GEMV ran on one thread of
+two. The kernel streams each weight row once in memory order over torch's intra-op threads (at::parallel_for)
+with AVX512-BF16 dot products where the CPU has them, AVX2/FMA otherwise (portable C++ below that). The weight
+keeps its row-major layout, so a tied head (the embedding table the lookup reads) takes it too.
+
+It is a C++ extension built here, once per machine and torch version, under smollchat's cache folder (about a
+minute on 2 cores; later loads load the built library). Without a C++ compiler, or if the build fails, the
+product is simply not a candidate (one log line) and the model runs on PyTorch's products.
+
+The level is the highest the CPU has, capped by PyTorch's own kernel family (ATEN_CPU_CAPABILITY=avx2 runs the
+AVX2 level here too, so the test suite's second pass exercises it). Numerics: fp32 accumulation in another
+order than F.linear's, the bf16 result rounded once: equal to the reference within the dtype's tolerance, not
+bit for bit (tests/engine/test_cpu_gemv.py against an fp64 oracle).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from .. import locations
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+#: -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself is built
+#: with OpenMP (then it shares the libgomp torch loaded: same soname, one thread pool).
+CFLAGS = ["-O3", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+_LEVELS = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def build_dir() -> Path:
+    """Where the extension is built: keyed by the source, torch and the Python ABI."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + repr((CFLAGS, LDFLAGS)).encode()).hexdigest()[:12]
+    return locations.cache_dir() / "extensions" / f"gemv-{digest}-torch{torch.__version__}"
+
+
+def load(progress=None) -> bool:
+    """Build (the first time on this machine) and load the extension; False, with the reason in `error()`,
+    where it cannot be."""
+    with _lock:
+        if "ok" in _state:
+            return bool(_state["ok"])
+        from .graphs import find_cxx
+
+        if find_cxx() is None:
+            _state.update(ok=False, error="no C++ compiler (set CXX or install g++)")
+            return False
+        from torch.utils import cpp_extension
+
+        d = build_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        if not any(d.glob("*.so")):
+            log.warning("building smollchat's CPU product (once on this machine and torch version: about a minute)")
+            if progress is not None:
+                progress("building smollchat's CPU product (once on this machine: about a minute)")
+        try:
+            cpp_extension.load(name=f"smollchat_gemv_{d.name.split('-')[1]}", sources=[str(SOURCE)],
+                               build_directory=str(d), extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                               is_python_module=False, verbose=False)
+            torch.library.register_fake("smollchat_cpu::gemv")(_fake)
+        except Exception as e:  # noqa: BLE001 - any build or load failure: PyTorch's products only
+            _state.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+            log.warning("smollchat's CPU product could not be built, using PyTorch's (%s)", _state["error"])
+            return False
+        _state.update(ok=True, error="")
+        return True
+
+
+def _fake(x: torch.Tensor, w: torch.Tensor, level: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def error() -> str:
+    return str(_state.get("error", ""))
+
+
+#: The kernel choice's product names (kernels.MatrixPath) and the level each runs at.
+PRODUCTS = {"gemv-avx2": 1, "gemv-avx512bf16": 2}
+
+
+def products(dtype: torch.dtype) -> list[str]:
+    """The product names this machine can run for `dtype` weights (building the extension on first ask): the
+    AVX2 level wherever the CPU has AVX2 and FMA, the AVX512-BF16 one for bf16 weights where it has that too
+    (both are raced: on a Zen 4 the AVX2 one read bf16 weights faster)."""
+    if dtype not in (torch.float32, torch.bfloat16) or not load():
+        return []
+    top = level()
+    return [name for name, lvl in PRODUCTS.items() if lvl <= top and (lvl < 2 or dtype == torch.bfloat16)]
+
+
+def level() -> int:
+    """The instruction level the kernel runs at: the CPU's, capped by PyTorch's kernel family."""
+    cpu = int(torch.ops.smollchat_cpu.gemv_cpu_level())
+    return min(cpu, _LEVELS.get(torch.backends.cpu.get_cpu_capability(), 2))

@@ -1,0 +1,89 @@
+"""Our one-row CPU product (engine/cpu_gemv.py, csrc/gemv.cpp) against an fp64 oracle, at every instruction
+level this machine runs, on shapes whose rows and widths end in every kind of tail; and the kernel choice's use
+of it (the fixtures through it: test_kernels.py's every-path test)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatapp.engine import cpu_gemv, kernels
+from chatapp.engine.layers import cpu_linear
+from tests.engine.closeness import assert_close
+
+# Rows: fewer than a thread's share, odd, many; widths: under one vector, tails after 32- and 128-wide blocks.
+SHAPES = [(5, 7), (1, 100), (67, 129), (300, 1037), (1024, 256), (129, 4096 + 31)]
+
+
+@pytest.fixture
+def levels():
+    # Function scope: the build goes under the test's own cache folder (the load is once a process anyway).
+    if not cpu_gemv.load():
+        pytest.skip(f"the extension cannot be built here: {cpu_gemv.error()}")
+    return list(range(int(torch.ops.smollchat_cpu.gemv_cpu_level()) + 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
+def test_every_level_is_the_product_within_the_dtype_rounding(levels, dtype, shape):
+    n, k = shape
+    g = torch.Generator().manual_seed(n * 10007 + k)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    x = torch.randn(1, 1, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    want = x.double() @ w.double().t()
+    scale = want.abs().max().item()
+    for lvl in levels:
+        got = torch.ops.smollchat_cpu.gemv(x, w, lvl)
+        assert got.shape == (1, 1, n) and got.dtype == dtype
+        # fp32: a few ulps of the largest output per sqrt(k) of summation; bf16: one rounding of the result
+        # (half an ulp) on top of fp32 accumulation.
+        tol = (2 ** -8) if dtype == torch.bfloat16 else 8 * torch.finfo(torch.float32).eps * k ** 0.5
+        assert_close(got.double(), want, atol=tol * scale, rtol=tol, what=f"level {lvl} {tuple(shape)}")
+        with_bias = cpu_linear(x, w, b, gemv=lvl) if lvl > 0 else None
+        if with_bias is not None:
+            assert_close(with_bias.double(), want + b.double(), atol=2 * tol * (scale + b.abs().max().item()),
+                         rtol=2 * tol, what="with bias")
+
+
+def test_bad_operands_are_refused_with_what_is_wrong(levels):
+    w = torch.randn(8, 16)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.smollchat_cpu.gemv(torch.randn(1, 8), w.t(), 1)
+    with pytest.raises(RuntimeError, match="one row of K = 16"):
+        torch.ops.smollchat_cpu.gemv(torch.randn(2, 16), w, 1)
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        torch.ops.smollchat_cpu.gemv(torch.randn(1, 16).bfloat16(), w, 1)
+
+
+def test_more_rows_take_pytorch_s_product(levels):
+    w, x = torch.randn(40, 24), torch.randn(3, 24)
+    assert torch.equal(cpu_linear(x, w, gemv=1), torch.nn.functional.linear(x, w))
+
+
+def test_the_level_follows_pytorch_s_kernel_family(levels, monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert cpu_gemv.level() == min(1, levels[-1])
+    assert cpu_gemv.products(torch.bfloat16) == (["gemv-avx2"] if levels[-1] >= 1 else [])
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert cpu_gemv.products(torch.float32) == []
+
+
+def test_measurement_offers_it_and_a_replay_without_it_falls_back(levels, fixtures_root, monkeypatch):
+    from chatapp.engine.layers import CpuLinear
+    from chatapp.engine.loader import load_model
+
+    if levels[-1] < 1:
+        pytest.skip("this CPU has no AVX2 level")
+    assert kernels.MatrixPath("row", "gemv-avx2", "linear") in kernels.candidates(torch.float32, "decode")
+    with pytest.raises(ValueError, match="decode only"):
+        kernels.MatrixPath.parse("row/linear/gemv-avx2")
+    rec = {"dtype": "float32", "widening": "row/gemv-avx2/linear", "narrowing": "row/linear/linear"}
+    model = load_model(fixtures_root / "axiom", dtype="float32", kernels=rec)
+    w13 = model.layers[0].ffn.w13
+    assert type(w13) is CpuLinear and w13.gemv == 1 and type(model.layers[0].ffn.w2) is torch.nn.Linear
+    assert model.head_product.keywords["gemv"] == 1  # the tied head widens: our product reads the table as it is
+    monkeypatch.setattr(cpu_gemv, "products", lambda dtype: [])
+    model = load_model(fixtures_root / "axiom", dtype="float32", kernels=rec)
+    assert model.kernel_choice.as_dict()["widening"] == "row/linear/linear"
+    assert "the gemv-avx2 product unavailable here" in model.kernel_choice.source
+    assert not any(type(m) is CpuLinear for m in model.modules())
