@@ -344,7 +344,7 @@ def choose(model: nn.Module, dtype: torch.dtype, device: torch.device, kernels: 
     seen = _decisions().get(key) if kernels == "auto" else None
     if isinstance(seen, dict):
         try:
-            return KernelChoice.from_dict(seen, "cached")
+            return _runnable(KernelChoice.from_dict(seen, "cached"), dtype, device)  # (loads our GEMV)
         except ValueError:
             pass  # written by another version: measure again
     t = time.perf_counter()
