@@ -70,6 +70,7 @@ def load(progress=None) -> bool:
                                build_directory=str(d), extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                                is_python_module=False, verbose=False)
             torch.library.register_fake("smollchat_cpu::gemv")(_fake)
+            torch.library.register_fake("smollchat_cpu::gemv_int8")(_fake_int8)
         except Exception as e:  # noqa: BLE001 - any build or load failure: PyTorch's products only
             _state.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
             log.warning("smollchat's CPU product could not be built, using PyTorch's (%s)", _state["error"])
@@ -82,22 +83,32 @@ def _fake(x: torch.Tensor, w: torch.Tensor, level: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
+def _fake_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, level: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], q.shape[0])
+
+
 def error() -> str:
     return str(_state.get("error", ""))
 
 
-#: The kernel choice's product names (kernels.MatrixPath) and the level each runs at.
-PRODUCTS = {"gemv-avx2": 1, "gemv-avx512bf16": 2}
+#: The kernel choice's product names (kernels.MatrixPath) and the level each runs at: float weights take
+#: gemv-avx2 and gemv-avx512bf16, int8 ones (gemv_int8) gemv-avx2 and gemv-avx512 (AVX-512 F/BW).
+PRODUCTS = {"gemv-avx2": 1, "gemv-avx512bf16": 2, "gemv-avx512": 2}
 
 
 def products(dtype: torch.dtype) -> list[str]:
-    """The product names this machine can run for `dtype` weights (building the extension on first ask): the
-    AVX2 level wherever the CPU has AVX2 and FMA, the AVX512-BF16 one for bf16 weights where it has that too
-    (both are raced: on a Zen 4 the AVX2 one read bf16 weights faster)."""
-    if dtype not in (torch.float32, torch.bfloat16) or not load():
+    """The product names this machine can run for `dtype` weights (torch.int8: quant.py's int8 rows), building
+    the extension on first ask: the AVX2 level wherever the CPU has AVX2 and FMA, an AVX-512 one where it has
+    that too (all are raced: on a Zen 4 the AVX2 one read bf16 and int8 weights faster)."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.int8) or not load():
         return []
+    if dtype == torch.int8:
+        # Level 2 for int8 needs AVX-512 F/BW only, which PyTorch's AVX512 kernel family implies.
+        top = min(1, level()) + (torch.backends.cpu.get_cpu_capability() == "AVX512")
+        return [name for name in ("gemv-avx2", "gemv-avx512") if PRODUCTS[name] <= top]
     top = level()
-    return [name for name, lvl in PRODUCTS.items() if lvl <= top and (lvl < 2 or dtype == torch.bfloat16)]
+    return [name for name in ("gemv-avx2", "gemv-avx512bf16")
+            if PRODUCTS[name] <= top and (PRODUCTS[name] < 2 or dtype == torch.bfloat16)]
 
 
 def level() -> int:

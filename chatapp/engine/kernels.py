@@ -170,6 +170,8 @@ def default(dtype: torch.dtype) -> KernelChoice:
 def candidates(dtype: torch.dtype, case: str, decode: MatrixPath = MatrixPath()) -> list[MatrixPath]:
     """The paths tried for `case`: "decode" (the layout, and for bf16 the one-row product) or "prefill" (bf16:
     the several-row product, on what decode chose)."""
+    if dtype == torch.int8:  # quant.py's int8 rows: aten's product (row/linear/linear) or our GEMV
+        return [ROW] + [MatrixPath("row", g, "linear") for g in cpu_gemv.products(dtype)]
     if case == "decode":
         paths = [MatrixPath("row"), MatrixPath("column")]
         if dtype == torch.bfloat16:
@@ -206,7 +208,8 @@ def _pool(shape: tuple[int, int], dtype: torch.dtype, layout: str, itemsize: int
     for i in range(copies):
         # A constant fill: the kernels' time does not depend on the values, and drawing random ones cost more
         # than the timing under load.
-        w = torch.full((in_f, rows) if layout == "column" else (rows, in_f), 0.01 * (i + 1), dtype=dtype)
+        w = torch.full((in_f, rows) if layout == "column" else (rows, in_f), i + 1 if dtype == torch.int8 else 0.01 * (i + 1),
+                       dtype=dtype)
         pool.append(w.t() if layout == "column" else prepack(w) if layout == "packed" else w)
     return pool
 
@@ -219,10 +222,18 @@ def _linear_options(path: MatrixPath) -> dict[str, Any]:
 
 def _product(path: MatrixPath, x: torch.Tensor, pool: list[torch.Tensor]) -> Callable[[], Any]:
     options = _linear_options(path)
+    if pool[0].dtype == torch.int8:
+        scales = torch.ones(pool[0].shape[0], dtype=torch.bfloat16)
+        x = x.bfloat16()
 
     def call() -> None:
         for w in pool:
-            if path.layout == "packed":
+            if w.dtype == torch.int8:
+                if options["gemv"] > 0:
+                    torch.ops.smollchat_cpu.gemv_int8(x, w, scales, options["gemv"])
+                else:
+                    torch.ops.aten._weight_int8pack_mm(x, w, scales)
+            elif path.layout == "packed":
                 packed_product(x, w)
             else:
                 cpu_linear(x, w, **options)
@@ -280,7 +291,7 @@ def _measure_class(cls: str, shape: tuple[int, int], dtype: torch.dtype, item: i
     paths = candidates(dtype, "decode")
     layouts = sorted({p.layout for p in paths})
     pools = {layout: _pool(shape, dtype, layout, item, memory // len(layouts)) for layout in layouts}
-    one = torch.randn(1, shape[1]).to(dtype)
+    one = torch.randn(1, shape[1]).to(dtype if dtype.is_floating_point else torch.bfloat16)
     case = f"{cls} decode {shape[0]}x{shape[1]}"
     calls = {p: _product(p, one, pools[p.layout]) for p in paths}
     timings[case] = _race(case, paths, calls, timer, budget_s, len(pools["row"]))
@@ -323,41 +334,43 @@ def choose(model: nn.Module, dtype: torch.dtype, device: torch.device, kernels: 
     """
     if isinstance(kernels, Mapping):
         kernels = KernelChoice.from_dict(kernels)
+    # int8 weights are measured as their own kind of matrix (aten's int8 product against our GEMV); int4 has one.
+    mdtype = torch.int8 if quantize == "int8" else dtype
     if isinstance(kernels, KernelChoice):
         if kernels.dtype != _dtype_name(dtype):
             raise ValueError(f"the kernel choice was made for {kernels.dtype}, the model is {_dtype_name(dtype)}")
-        runnable = _runnable(kernels, dtype, device)
-        if runnable != kernels:
-            return runnable
-        return kernels
+        return _runnable(kernels, mdtype, device)
     if kernels not in ("auto", "measure", "reference"):
         raise ValueError(f"kernels must be auto, measure, reference or a recorded choice, not {kernels!r}")
     if device.type != "cpu" or kernels == "reference" or dtype not in (torch.float32, torch.bfloat16):
         return reference(dtype)
-    if quantize:
-        return KernelChoice(_dtype_name(dtype), source="quantized")
+    quantized = KernelChoice(_dtype_name(dtype), source="quantized")
+    if quantize and quantize != "int8":
+        return quantized
     mats = [w for w in model.matrices() if w.dtype == dtype and w.dim() == 2]
     if sum(w.numel() * w.element_size() for w in mats) < MIN_MEASURE_BYTES:
-        return default(dtype)
+        return quantized if quantize else default(dtype)
     shapes = representative_shapes(mats)
-    key = decision_key(device, dtype, shapes)
+    key = decision_key(device, mdtype, shapes)
     seen = _decisions().get(key) if kernels == "auto" else None
     if isinstance(seen, dict):
         try:
-            return _runnable(KernelChoice.from_dict(seen, "cached"), dtype, device)  # (loads our GEMV)
+            seen = {**seen, "dtype": _dtype_name(dtype)}
+            return _runnable(KernelChoice.from_dict(seen, "cached"), mdtype, device)  # (loads our GEMV)
         except ValueError:
             pass  # written by another version: measure again
     t = time.perf_counter()
     # The measurement's matrices stay within an eighth of the model's: the load's peak memory barely moves.
     memory = min(2 * POOL_BYTES, sum(w.numel() * w.element_size() for w in mats) // 8)
-    chosen, timings = measure(shapes, dtype, timer or wall_timer, memory=memory)
-    fallback = default(dtype)
+    chosen, timings = measure(shapes, mdtype, timer or wall_timer, memory=memory)
+    fallback = quantized if quantize else default(dtype)
     if set(chosen) != set(shapes):
         # Too busy to measure (decisions.timed): this load takes the default, and the next load measures again.
         log.warning("the machine was too busy to measure the kernel choice for %s: the default for this load", key)
         return KernelChoice(fallback.dtype, fallback.widening, fallback.narrowing, "default (machine busy)", timings)
     choice = KernelChoice(_dtype_name(dtype), chosen.get("widening", fallback.widening),
-                          chosen.get("narrowing", fallback.narrowing), "measured", timings)
+                          chosen.get("narrowing", fallback.narrowing), "measured" + (f" ({quantize})" if quantize else ""),
+                          timings)
     _decisions().record(key, {**choice.as_dict(), "timings_ms": timings,
                               "measure_s": round(time.perf_counter() - t, 3)})
     log.info("kernel choice for %s: %s in %.2f s", key, choice.paths, time.perf_counter() - t)
@@ -459,3 +472,14 @@ def _pack_linears(model: nn.Module, choice: KernelChoice, dtype: torch.dtype) ->
             old = m.weight.data
             pack_linear(m, f"{slot}/{name}")
             release_mapped(old)
+
+
+def apply_quantized(model: nn.Module, choice: KernelChoice) -> None:
+    """After quantize_model: route the int8 layers' one-row calls to the product the choice names (ours where
+    it measured faster, else aten's), and remember the choice as `model.kernel_choice`."""
+    from .quant import QuantLinear
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.mode == "int8":
+            m.gemv = cpu_gemv.PRODUCTS.get(choice.path_for(m.packed).decode, -1)
+    model.kernel_choice = choice

@@ -300,10 +300,14 @@ def prepare_for_inference(model: ArchModel, device: torch.device, dtype: torch.d
         choice = choose_kernels(model, dtype, device, kernels, quantize)
     except ValueError as e:
         raise LoadError(str(e)) from None
-    apply_kernels(model, choice)
     if quantize:
-        # Weight-only int8/int4 from the loaded weights (engine/quant.py), cached by checkpoint when `files` name it.
+        # Weight-only int8/int4 from the loaded weights (engine/quant.py), cached by checkpoint when `files` name it;
+        # the choice then names the int8 layers' one-row product.
+        from .kernels import apply_quantized
         from .quant import quantize_model
         quantize_model(model, quantize, files)
+        apply_quantized(model, choice)
+    else:
+        apply_kernels(model, choice)
     model.requires_grad_(False)
     return model.eval()

@@ -58,8 +58,12 @@ class QuantLinear(nn.Module):
     """y = x W^T (+ b) with W stored int8 per row or int4 per group, on the aten packed CPU kernels.
 
     The packed weight and its scales are frozen parameters, so `weight_bytes()` counts what is held.
-    int4 pads the output rows to a multiple of 16 (the packer's rule) and slices the padding off.
+    int4 pads the output rows to a multiple of 16 (the packer's rule) and slices the padding off. An int8 layer's
+    one-row calls take our own product at level `gemv` where the kernel choice measured it faster
+    (kernels.apply_quantized; cpu_gemv.py), on the same int8 rows and scales.
     """
+
+    gemv = -1
 
     def __init__(self, mode: str, in_features: int, out_features: int, packed: torch.Tensor,
                  scales: torch.Tensor, group_size: int = 0, bias: torch.Tensor | None = None) -> None:
@@ -76,7 +80,14 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(ACT).contiguous()
-        if self.mode == "int8":
+        if self.mode == "int8" and self.gemv > 0 and x2.shape[0] == 1:
+            y = torch.ops.smollchat_cpu.gemv_int8(x2, self.packed, self.scales, self.gemv)
+        elif self.mode == "int8" and self.in_features % 16:
+            # torch 2.13's AVX-512 int8 kernel dies (SIGSEGV) on widths that are not a multiple of 16 (seen for
+            # 2 and 4-34 rows on a Zen 4); such widths are the small test models', so they take the same
+            # product in fp32 on every machine.
+            y = F.linear(x2.float(), self.packed.float() * self.scales.float()[:, None]).to(ACT)
+        elif self.mode == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.packed, self.scales)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales)

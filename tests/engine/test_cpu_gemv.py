@@ -87,3 +87,57 @@ def test_measurement_offers_it_and_a_replay_without_it_falls_back(levels, fixtur
     assert model.kernel_choice.as_dict()["widening"] == "row/linear/linear"
     assert "the gemv-avx2 product unavailable here" in model.kernel_choice.source
     assert not any(type(m) is CpuLinear for m in model.modules())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
+def test_the_int8_rows_product_is_the_scaled_product(levels, shape):
+    n, k = shape
+    g = torch.Generator().manual_seed(n + 31 * k)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scales = (torch.rand(n, generator=g) / 100).bfloat16()
+    x = torch.randn(1, k, generator=g).bfloat16()
+    want = (x.double() @ q.double().t()) * scales.double()
+    scale = want.abs().max().item()
+    for lvl in range(3):  # level 2 is AVX-512 F/BW here, clamped to what the CPU has
+        got = torch.ops.smollchat_cpu.gemv_int8(x, q, scales, lvl)
+        assert got.shape == (1, n) and got.dtype == torch.bfloat16
+        assert_close(got.double(), want, atol=2 ** -8 * scale, rtol=2 ** -8, what=f"int8 level {lvl} {shape}")
+
+
+def test_an_int8_model_takes_the_product_the_choice_names(levels, fixtures_root):
+    from chatapp.engine.loader import load_model
+    from chatapp.engine.quant import QuantLinear
+    from safetensors.torch import load_file
+
+    if levels[-1] < 1:
+        pytest.skip("this CPU has no AVX2 level")
+    d = fixtures_root / "axiom"
+    if not d.is_dir():
+        pytest.skip("no axiom fixture")
+    ids = load_file(str(d / "golden.safetensors"))["input_ids"][:, :12]
+    rec = {"dtype": "bfloat16", "widening": "row/gemv-avx2/linear", "narrowing": "row/linear/linear"}
+    ours = load_model(d, dtype="bfloat16", quantize="int8", kernels=rec)
+    aten = load_model(d, dtype="bfloat16", quantize="int8", kernels={**rec, "widening": "row/linear/linear"})
+    layers = [m for m in ours.modules() if isinstance(m, QuantLinear) and m.mode == "int8"]
+    assert {m.gemv for m in layers if m.out_features > m.in_features} == {1}
+    assert {m.gemv for m in layers if m.out_features <= m.in_features} == {-1}
+    assert ours.kernel_choice.as_dict()["widening"] == "row/gemv-avx2/linear"
+    with torch.inference_mode():
+        sa, sb = (m.make_state(ids.shape[1], "cpu", torch.bfloat16) for m in (ours, aten))
+        ours.infer(ids[:, :-1], sa), aten.infer(ids[:, :-1], sb)
+        got, want = ours.infer(ids[:, -1:], sa).logits, aten.infer(ids[:, -1:], sb).logits
+    assert_close(got.float(), want.float(), dtype=torch.bfloat16, what="one-row int8 logits, ours against aten's")
+
+
+def test_int8_measurement_races_aten_against_ours(levels):
+    if levels[-1] < 1:
+        pytest.skip("this CPU has no AVX2 level")
+    calls = []
+
+    def timer(case, path, fn):
+        calls.append(str(path))
+        fn()  # the real products run (int8 pools): no crash, right shapes
+        return 0.001 if path.decode == "gemv-avx2" else 0.002
+    chosen, _ = kernels.measure({"widening": (96, 40), "narrowing": (40, 200)}, torch.int8, timer)
+    assert str(chosen["widening"]) == str(chosen["narrowing"]) == "row/gemv-avx2/linear"
+    assert "row/linear/linear" in calls

@@ -281,3 +281,20 @@ def test_byrne_bf16_releases_its_float_head_copy(fixtures_root):
     assert model._head is not None  # the bf16 copy of the fp32 tied embedding (the engram reads fp32)
     quantize_model(model, "int8")
     assert model._head is None and torch.isfinite(_logits(model, ids)).all()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 40])
+def test_int8_widths_off_sixteen_give_the_product_on_any_rows(rows):
+    # torch 2.13's AVX-512 int8 kernel crashed the process on a width of 200 with 2 or more rows.
+    torch.manual_seed(rows)
+    lin = nn.Linear(200, 48, bias=False)
+    model = nn.Sequential(lin)
+    w = lin.weight.detach().clone()
+    quantize_model(model, "int8")
+    q = model[0]
+    x = torch.randn(rows, 200)
+    want = x.double() @ (q.packed.double() * q.scales.double()[:, None]).t()
+    got = model(x)
+    assert got.shape == (rows, 48)
+    assert (got.double() - want).abs().max() <= 2 ** -7 * want.abs().max() + 1e-3
+    assert (got.double() - x.double() @ w.double().t()).abs().max() < 0.05 * want.abs().max()

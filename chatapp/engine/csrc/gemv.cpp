@@ -1,4 +1,4 @@
-// One-row products y = W x for row-major bf16 and fp32 weights, the decode step's GEMVs (engine/cpu_gemv.py
+// One-row products y = W x for row-major bf16, fp32 and int8 (scaled by row) weights, the decode step's GEMVs (engine/cpu_gemv.py
 // builds this file once per machine and measures it against PyTorch's products in kernels.py).
 //
 // Each output is the dot product of one contiguous weight row with x, so the weight is streamed once, in
@@ -107,6 +107,51 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_avx512bf16(cons
     out[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
   }
 }
+
+// int8 rows (one scale a row, applied by the caller): AVX2 widens 16 bytes at a time to fp32.
+__attribute__((target("avx2,fma"))) void rows_int8_avx2(const int8_t* w, int64_t K, const float* xf, float* out,
+                                                        int64_t n0, int64_t n1) {
+  const int64_t K32 = K / 32 * 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* r = w + n * K;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < K32; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(r + k) + kAhead, _MM_HINT_T0);
+      __m128i lo = _mm_loadu_si128((const __m128i*)(r + k)), hi = _mm_loadu_si128((const __m128i*)(r + k + 16));
+      a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(xf + k), a0);
+      a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(xf + k + 8), a1);
+      a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(xf + k + 16), a2);
+      a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(xf + k + 24), a3);
+    }
+    float s = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (int64_t k = K32; k < K; ++k) s += static_cast<float>(r[k]) * xf[k];
+    out[n] = s;
+  }
+}
+
+// int8 rows, AVX-512: 64 bytes an iteration, widened 16 at a time.
+__attribute__((target("avx512f,avx512bw"))) void rows_int8_avx512(const int8_t* w, int64_t K, const float* xf,
+                                                                  float* out, int64_t n0, int64_t n1) {
+  const int64_t K64 = K / 64 * 64;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* r = w + n * K;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < K64; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(r + k) + kAhead, _MM_HINT_T0);
+      a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k)))),
+                           _mm512_loadu_ps(xf + k), a0);
+      a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k + 16)))),
+                           _mm512_loadu_ps(xf + k + 16), a1);
+      a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k + 32)))),
+                           _mm512_loadu_ps(xf + k + 32), a2);
+      a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k + 48)))),
+                           _mm512_loadu_ps(xf + k + 48), a3);
+    }
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (int64_t k = K64; k < K; ++k) s += static_cast<float>(r[k]) * xf[k];
+    out[n] = s;
+  }
+}
 #endif
 
 // Rows per task: a block of rows is a few hundred KB of weight, so threads stream long runs.
@@ -155,9 +200,51 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, int64_t level) {
   return (bf16 ? out.to(at::kBFloat16) : out).view(shape);
 }
 
+// y [1, N] = (x [1, K] @ q[N, K]^T) * scales[N] for int8 rows q (quant.py's int8 layout, the one
+// aten._weight_int8pack_mm reads), in x's dtype; level 2 here needs AVX-512 (F, BW) only.
+at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, int64_t level) {
+  TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu(), "gemv_int8: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.stride(1) == 1 && q.stride(0) == q.size(1),
+              "gemv_int8: q must be a contiguous int8 [N, K] matrix");
+  TORCH_CHECK(x.numel() == q.size(1), "gemv_int8: x must hold one row of K = ", q.size(1), " values, got ", x.sizes());
+  TORCH_CHECK(scales.numel() == q.size(0), "gemv_int8: one scale a row");
+  const int64_t N = q.size(0), K = q.size(1);
+  int64_t top = 0;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) top = 1;
+  if (top && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) top = 2;
+#endif
+  level = std::min(level, top);
+  auto xf = x.to(at::kFloat).contiguous();
+  auto out = at::empty({N}, x.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const float* xfp = xf.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+#if defined(__x86_64__)
+    if (level >= 2) return rows_int8_avx512(qp, K, xfp, o, n0, n1);
+    if (level >= 1) return rows_int8_avx2(qp, K, xfp, o, n0, n1);
+#endif
+    for (int64_t n = n0; n < n1; ++n) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += static_cast<float>(qp[n * K + k]) * xfp[k];
+      o[n] = acc;
+    }
+  });
+  out.mul_(scales.to(at::kFloat).reshape({N}));
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return out.to(x.scalar_type()).view(shape);
+}
+
 TORCH_LIBRARY(smollchat_cpu, m) {
   m.def("gemv(Tensor x, Tensor w, int level) -> Tensor");
+  m.def("gemv_int8(Tensor x, Tensor q, Tensor scales, int level) -> Tensor");
   m.def("gemv_cpu_level", &gemv_cpu_level);
 }
 
-TORCH_LIBRARY_IMPL(smollchat_cpu, CPU, m) { m.impl("gemv", gemv); }
+TORCH_LIBRARY_IMPL(smollchat_cpu, CPU, m) {
+  m.impl("gemv", gemv);
+  m.impl("gemv_int8", gemv_int8);
+}
