@@ -9,6 +9,10 @@ such as q|k|v, gate|up and the head; narrowing: the rest), since the two classes
   one-row F.linear takes MKL's x @ W GEMV);
 - bf16 only, the product for one or two rows (decode) and for more (prefill): plain F.linear in bf16, or
   the weight converted to fp32 in 128-row tiles (layers.cpu_linear);
+- our own one-row product (cpu_gemv.py: "row/gemv-avx2/..", "row/gemv-avx512bf16/.."), the weight kept
+  row-major, raced at each instruction level the machine has; int8 models (quant.py's rows) race aten's int8
+  product against ours ("row/gemv-avx2/linear", "row/gemv-avx512/linear") the same way, as matrices of
+  dtype int8 in the decision file;
 - where this torch and CPU can (layers.packed_available), the weight prepacked into oneDNN's blocked layout
   and multiplied by oneDNN's linear for every call ("packed/packed/packed"; layers.PackedLinear). On a Zen 4
   (avx512_bf16) the bf16 linears of one Axiom-380M token took 24.4 ms prepacked against 41.1 ms through
@@ -64,7 +68,6 @@ LAYOUTS = ("row", "column", "packed")
 PRODUCTS = ("linear", "tiles", "packed", *cpu_gemv.PRODUCTS)
 #: The products of more than one row (a GEMV product is for one row only).
 PREFILL_PRODUCTS = ("linear", "tiles", "packed")
-PACKED = None  # set below: the one path of the packed layout
 CLASSES = ("widening", "narrowing")
 #: Models with fewer matrix bytes than this are not measured (default()): the demos, and the tests' models.
 MIN_MEASURE_BYTES = 64 * 2**20
@@ -330,7 +333,7 @@ def choose(model: nn.Module, dtype: torch.dtype, device: torch.device, kernels: 
     `kernels`: "auto" (measured once per machine, dtype and shape; default() for small models), "measure" (as
     auto, but measured again over what is cached: `smollchat bench --remeasure`, after the machine was busy
     during the first measurement), "reference" (--eager), or a KernelChoice / run-card dict to force (replay).
-    Quantized models are not measured: their large matrices are swapped for packed ones.
+    int8 models measure their one-row int8 product (aten's or ours); int4 ones are not measured.
     """
     if isinstance(kernels, Mapping):
         kernels = KernelChoice.from_dict(kernels)

@@ -1,5 +1,5 @@
 """Pieces shared by two or more architectures: RMSNorm, RoPE tables and layouts, masked attention, the
-CPU bf16 Linear, the oneDNN-prepacked Linear, and the sanitize and demo-init helpers.
+CPU Linear (bf16 tiles, our GEMV), the oneDNN-prepacked Linear, and the sanitize and demo-init helpers.
 
 Layout is [B, T, H, D] throughout.
 """
