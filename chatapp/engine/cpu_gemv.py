@@ -91,8 +91,8 @@ def error() -> str:
     return str(_state.get("error", ""))
 
 
-#: The kernel choice's product names (kernels.MatrixPath) and the level each runs at: float weights take
-#: gemv-avx2 and gemv-avx512bf16, int8 ones (gemv_int8) gemv-avx2 and gemv-avx512 (AVX-512 F/BW).
+#: The kernel choice's product names (kernels.MatrixPath) and the level each runs at: bf16 weights take
+#: gemv-avx2 and gemv-avx512bf16, fp32 and int8 ones (gemv_int8) gemv-avx2 and gemv-avx512 (AVX-512 F/BW).
 PRODUCTS = {"gemv-avx2": 1, "gemv-avx512bf16": 2, "gemv-avx512": 2}
 
 
@@ -102,13 +102,11 @@ def products(dtype: torch.dtype) -> list[str]:
     that too (all are raced: on a Zen 4 the AVX2 one read bf16 and int8 weights faster)."""
     if dtype not in (torch.float32, torch.bfloat16, torch.int8) or not load():
         return []
-    if dtype == torch.int8:
-        # Level 2 for int8 needs AVX-512 F/BW only, which PyTorch's AVX512 kernel family implies.
-        top = min(1, level()) + (torch.backends.cpu.get_cpu_capability() == "AVX512")
+    if dtype != torch.bfloat16:
+        # Level 2 for int8 and fp32 needs AVX-512 F/BW only, which PyTorch's AVX512 kernel family implies.
+        top = min(1, level()) + (level() >= 1 and torch.backends.cpu.get_cpu_capability() == "AVX512")
         return [name for name in ("gemv-avx2", "gemv-avx512") if PRODUCTS[name] <= top]
-    top = level()
-    return [name for name in ("gemv-avx2", "gemv-avx512bf16")
-            if PRODUCTS[name] <= top and (PRODUCTS[name] < 2 or dtype == torch.bfloat16)]
+    return [name for name in ("gemv-avx2", "gemv-avx512bf16") if PRODUCTS[name] <= level()]
 
 
 def level() -> int:

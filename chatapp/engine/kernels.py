@@ -10,7 +10,7 @@ such as q|k|v, gate|up and the head; narrowing: the rest), since the two classes
 - bf16 only, the product for one or two rows (decode) and for more (prefill): plain F.linear in bf16, or
   the weight converted to fp32 in 128-row tiles (layers.cpu_linear);
 - our own one-row product (cpu_gemv.py: "row/gemv-avx2/..", "row/gemv-avx512bf16/.."), the weight kept
-  row-major, raced at each instruction level the machine has; int8 models (quant.py's rows) race aten's int8
+  row-major, raced at each instruction level the machine has ("row/gemv-avx512/.." for fp32); int8 models (quant.py's rows) race aten's int8
   product against ours ("row/gemv-avx2/linear", "row/gemv-avx512/linear") the same way, as matrices of
   dtype int8 in the decision file;
 - where this torch and CPU can (layers.packed_available), the weight prepacked into oneDNN's blocked layout

@@ -5,8 +5,9 @@
 // the order it lies in memory (one row after another, prefetched ahead), split over torch's intra-op threads by
 // blocks of rows. Accumulation is fp32; a bf16 result is rounded once at the end (as F.linear's is).
 //
-// Levels (picked by the caller, never above what the CPU has): 2 = AVX512-BF16 (vdpbf16ps: pairs of bf16
-// products summed in fp32), 1 = AVX2 + FMA (bf16 widened to fp32 by a shift), 0 = portable C++.
+// Levels (picked by the caller, never above what the CPU has): 2 = AVX512-BF16 for bf16 weights (vdpbf16ps:
+// pairs of bf16 products summed in fp32), AVX-512 F for fp32 and int8 ones; 1 = AVX2 + FMA (bf16 widened to
+// fp32 by a shift); 0 = portable C++.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -108,6 +109,30 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_avx512bf16(cons
   }
 }
 
+// fp32 rows, AVX-512: 64 products an iteration in four accumulators.
+__attribute__((target("avx512f"))) void rows_f32_avx512(const float* w, int64_t K, const float* xf, float* out,
+                                                       int64_t n0, int64_t n1) {
+  const int64_t K64 = K / 64 * 64;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* r = w + n * K;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < K64; k += 64) {
+      const char* p = reinterpret_cast<const char*>(r + k) + kAhead;
+      _mm_prefetch(p, _MM_HINT_T0);
+      _mm_prefetch(p + 64, _MM_HINT_T0);
+      _mm_prefetch(p + 128, _MM_HINT_T0);
+      _mm_prefetch(p + 192, _MM_HINT_T0);
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k), _mm512_loadu_ps(xf + k), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 16), _mm512_loadu_ps(xf + k + 16), a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 32), _mm512_loadu_ps(xf + k + 32), a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 48), _mm512_loadu_ps(xf + k + 48), a3);
+    }
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (int64_t k = K64; k < K; ++k) s += r[k] * xf[k];
+    out[n] = s;
+  }
+}
+
 // int8 rows (one scale a row, applied by the caller): AVX2 widens 16 bytes at a time to fp32.
 __attribute__((target("avx2,fma"))) void rows_int8_avx2(const int8_t* w, int64_t K, const float* xf, float* out,
                                                         int64_t n0, int64_t n1) {
@@ -176,20 +201,26 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, int64_t level) {
   TORCH_CHECK(x.numel() == w.size(1), "gemv: x must hold one row of K = ", w.size(1), " values, got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "gemv: x and w dtypes differ");
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kFloat, "gemv: bf16 or fp32 weights");
-  level = std::min(level, gemv_cpu_level());
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  int64_t top = gemv_cpu_level();
+#if defined(__x86_64__)
+  // fp32's level 2 needs AVX-512 F only (bf16's needs AVX512-BF16: gemv_cpu_level).
+  if (!bf16 && top >= 1 && __builtin_cpu_supports("avx512f")) top = 2;
+#endif
+  level = std::min(level, top);
   const int64_t N = w.size(0), K = w.size(1);
   auto xc = x.contiguous();
   auto xf = xc.to(at::kFloat).contiguous();
   auto out = at::empty({N}, x.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const float* xfp = xf.data_ptr<float>();
-  const bool bf16 = w.scalar_type() == at::kBFloat16;
   const uint16_t* wb = bf16 ? reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()) : nullptr;
   const float* wf = bf16 ? nullptr : w.data_ptr<float>();
   const uint16_t* xb = bf16 ? reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) : nullptr;
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
 #if defined(__x86_64__)
     if (bf16 && level >= 2) return rows_avx512bf16(wb, K, xb, o, n0, n1);
+    if (!bf16 && level >= 2) return rows_f32_avx512(wf, K, xfp, o, n0, n1);
     if (level >= 1) return bf16 ? rows_avx2(wb, K, xfp, o, n0, n1) : rows_avx2(wf, K, xfp, o, n0, n1);
 #endif
     if (bf16) rows_portable(wb, K, xfp, o, n0, n1);
