@@ -41,12 +41,13 @@ _state: dict[str, object] = {}
 
 
 def build_dir() -> Path:
-    """Where the extension is built: keyed by the source, torch and the Python ABI."""
+    """Where the extension is built: keyed by the source, the flags and torch (the library dispatches on the CPU
+    at run time, so one cache folder can serve machines of different kinds)."""
     digest = hashlib.sha256(SOURCE.read_bytes() + repr((CFLAGS, LDFLAGS)).encode()).hexdigest()[:12]
     return locations.cache_dir() / "extensions" / f"gemv-{digest}-torch{torch.__version__}"
 
 
-def load(progress=None) -> bool:
+def load() -> bool:
     """Build (the first time on this machine) and load the extension; False, with the reason in `error()`,
     where it cannot be."""
     with _lock:
@@ -63,8 +64,6 @@ def load(progress=None) -> bool:
         d.mkdir(parents=True, exist_ok=True)
         if not any(d.glob("*.so")):
             log.warning("building smollchat's CPU product (once on this machine and torch version: about a minute)")
-            if progress is not None:
-                progress("building smollchat's CPU product (once on this machine: about a minute)")
         try:
             cpp_extension.load(name=f"smollchat_gemv_{d.name.split('-')[1]}", sources=[str(SOURCE)],
                                build_directory=str(d), extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,

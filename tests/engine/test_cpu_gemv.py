@@ -141,3 +141,13 @@ def test_int8_measurement_races_aten_against_ours(levels):
     chosen, _ = kernels.measure({"widening": (96, 40), "narrowing": (40, 200)}, torch.int8, timer)
     assert str(chosen["widening"]) == str(chosen["narrowing"]) == "row/gemv-avx2/linear"
     assert "row/linear/linear" in calls
+
+
+def test_without_a_compiler_it_is_no_candidate_and_says_why(monkeypatch):
+    from chatapp.engine import graphs
+
+    monkeypatch.setattr(cpu_gemv, "_state", {})
+    monkeypatch.setattr(graphs, "find_cxx", lambda: None)
+    assert not cpu_gemv.load() and "no C++ compiler" in cpu_gemv.error()
+    assert cpu_gemv.products(torch.bfloat16) == cpu_gemv.products(torch.int8) == []
+    assert not any("gemv" in str(p) for p in kernels.candidates(torch.float32, "decode"))
