@@ -201,6 +201,22 @@ async def test_a_new_chat_shows_the_default_system_prompt(build):
         assert "You are a helpful assistant." in str(system.render())
 
 
+async def test_a_model_change_updates_the_system_line_without_rebuilding_the_chat(build):
+    # model_changed used to rebuild every message view, which raced a prompt sent meanwhile (its view was
+    # remounted while it was read); now only the system line changes.
+    app = build(FakeEngine(["ok"]))
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "hi")
+        prompt = app.chat_screen.conv.path()[0]
+        view = app.chat_screen.view.view_for(prompt.id)
+        app.chat_screen.conv.system_prompt = "Answer in French."
+        app.chat_screen.model_changed()
+        await wait_until(pilot, lambda: "Answer in French." in str(app.chat_screen.view.query_one(".system").render()),
+                         what="the new system line")
+        assert app.chat_screen.view.view_for(prompt.id) is view and view.is_attached
+        assert len(app.chat_screen.view.query(".system")) == 1
+
+
 async def test_the_markdown_export_names_the_default_system_prompt(build, tmp_path):
     app = build(FakeEngine(["ok"]))
     async with app.run_test(size=SIZE) as pilot:

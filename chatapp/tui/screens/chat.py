@@ -113,7 +113,9 @@ class ChatScreen(PanelLayout, Screen):
         memory.display = self.app.session is not None
         self.call_later(self._refresh_controls)
         if self.conv is not None:
-            self.call_later(self.actions.show)
+            # Only the system line depends on the model: rebuilding the chat here raced a prompt sent meanwhile
+            # (its view remounted under the user, and under a test reading it).
+            self.call_later(self.actions.refresh_system_line)
 
     def model_loading(self, name: str, stage: str, error: str = "") -> None:
         if not self.query(ModelInfo):

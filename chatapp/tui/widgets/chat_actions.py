@@ -90,6 +90,11 @@ class ChatActions(Widget):
             return f"context nearly full: {len(prompt.ids):,} of {limit:,} tokens; older turns will soon be left out"
         return ""
 
+    async def refresh_system_line(self) -> None:
+        """The system line again (the loaded model's default may have changed), without rebuilding the chat."""
+        await self.view.set_system(self.system_line())
+        self.post_message(self.Changed(self.conv))
+
     async def show(self, select: str | None = None, switched: bool = False) -> None:
         await self.view.show(self.conv, EMPTY, self.system_line(), select)
         self.post_message(self.Changed(self.conv, switched))

@@ -89,6 +89,20 @@ class ConversationView(VerticalScroll, can_focus=True):
         self.select(keep if keep in self._views else (self._order[-1] if self._order else None))
         self.anchor()
 
+    async def set_system(self, system: str) -> None:
+        """Replace the system line above the messages in place (a model loaded, its default changed), leaving
+        every message view, a streaming one included, as it is."""
+        async with self._building:
+            old = [c for c in self.children if c.has_class("system")]
+            if system and old:
+                old[0].update(plain(system))
+            elif system:
+                line = Static(plain(system), classes="system")
+                await (self.mount(line, before=0) if self.children else self.mount(line))
+            else:
+                for w in old:
+                    await w.remove()
+
     async def add_message(self, message, live: bool = False, select: bool | None = None) -> MessageView:
         """Append a message view: a sent prompt, or (live) the reply that starts streaming, whose
         text then arrives only through `MessageView.write`. `select` True selects it; None lets a
