@@ -28,7 +28,7 @@ from torch import nn
 from ..catalog import ModelEntry
 from ..contract import resolve_controls
 from .bench_peers import PeerRun, run_peers, seeded
-from .decisions import cpu_info, cpu_share, resolve_threads, usage
+from .decisions import cpu_info, resolve_threads, share_between, usage
 from .generate import feed
 from .graphs import decode_step
 from .loader import build_model, prepare_for_inference, resolve_dtype
@@ -221,7 +221,7 @@ def _decode(model, step, state, prompt: list[int], n: int, settings, vocab: int,
     sampler = Sampler(settings, vocab, dev, prompt)
     logits = feed(model, state, prompt, dev, controls).logits
     stamps, inside, outside, outside_cpu = [], [], [], []
-    proc0, delay0 = usage()
+    start = usage()
     for i in range(n):
         t0, c0 = time.perf_counter(), time.thread_time()
         # As the engine's decode loop draws when no per-token figures are asked for.
@@ -238,9 +238,7 @@ def _decode(model, step, state, prompt: list[int], n: int, settings, vocab: int,
             outside_cpu.append(c1 - c0)
     span = stamps[-1] - stamps[0]
     # ~0.5 on 2 threads means another process held a core, and OpenMP's barriers then make every figure noise.
-    proc1, delay1 = usage()
-    share = cpu_share(time.perf_counter() - stamps[0], proc1 - proc0,
-                      delay1 - delay0 if delay0 is not None and delay1 is not None else None)
+    share = share_between(start, usage(), time.perf_counter() - stamps[0])
     return {"tok_s": (n - 1) / span if span > 0 else 0.0, "cpu_share": share,
             "step_ms": 1e3 * statistics.median(b - a for a, b in zip(stamps, stamps[1:])),
             "model_ms": 1e3 * statistics.median(inside), "outside_ms": 1e3 * statistics.median(outside),

@@ -101,11 +101,12 @@ def products(dtype: torch.dtype) -> list[str]:
     that too (all are raced: on a Zen 4 the AVX2 one read bf16 and int8 weights faster)."""
     if dtype not in (torch.float32, torch.bfloat16, torch.int8) or not load():
         return []
+    top = level()
     if dtype != torch.bfloat16:
         # Level 2 for int8 and fp32 needs AVX-512 F/BW only, which PyTorch's AVX512 kernel family implies.
-        top = min(1, level()) + (level() >= 1 and torch.backends.cpu.get_cpu_capability() == "AVX512")
+        top = min(1, top) + (top >= 1 and torch.backends.cpu.get_cpu_capability() == "AVX512")
         return [name for name in ("gemv-avx2", "gemv-avx512") if PRODUCTS[name] <= top]
-    return [name for name in ("gemv-avx2", "gemv-avx512bf16") if PRODUCTS[name] <= level()]
+    return [name for name in ("gemv-avx2", "gemv-avx512bf16") if PRODUCTS[name] <= top]
 
 
 def level() -> int:

@@ -107,6 +107,12 @@ def cpu_share(wall_s: float, cpu_s: float, waited_s: float | None = None) -> flo
     return cpu_s / span
 
 
+def share_between(start: tuple[float, float | None], end: tuple[float, float | None], wall_s: float) -> float:
+    """cpu_share over a span whose ends usage() read as `start` and `end`."""
+    waited = end[1] - start[1] if start[1] is not None and end[1] is not None else None
+    return cpu_share(wall_s, end[0] - start[0], waited)
+
+
 def timed(fn: Any, wall: Any = time.perf_counter, clock: Any = usage) -> float:
     """Seconds one call of `fn` takes, or NaN where the machine was too busy for the figure to mean anything.
 
@@ -116,12 +122,11 @@ def timed(fn: Any, wall: Any = time.perf_counter, clock: Any = usage) -> float:
     OdinNext's compiled step 30 ms at share 0.96-0.99, 560-680 ms at share 0.51), so a choice measured then is
     noise. `clock` returns (CPU seconds, run-delay seconds or None), as usage() does.
     """
-    w, (c, d) = wall(), clock()
+    w, start = wall(), clock()
     fn()
-    w = wall() - w
-    c2, d2 = clock()
-    waited = d2 - d if d is not None and d2 is not None else None
-    if (waited is not None or w >= SHARE_MIN_WALL_S) and cpu_share(w, c2 - c, waited) < MIN_CPU_SHARE:
+    w, end = wall() - w, clock()
+    judged = end[1] is not None and start[1] is not None or w >= SHARE_MIN_WALL_S
+    if judged and share_between(start, end, w) < MIN_CPU_SHARE:
         return math.nan
     return w
 

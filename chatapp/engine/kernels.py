@@ -10,8 +10,8 @@ such as q|k|v, gate|up and the head; narrowing: the rest), since the two classes
 - bf16 only, the product for one or two rows (decode) and for more (prefill): plain F.linear in bf16, or
   the weight converted to fp32 in 128-row tiles (layers.cpu_linear);
 - our own one-row product (cpu_gemv.py: "row/gemv-avx2/..", "row/gemv-avx512bf16/.."), the weight kept
-  row-major, raced at each instruction level the machine has ("row/gemv-avx512/.." for fp32); int8 models (quant.py's rows) race aten's int8
-  product against ours ("row/gemv-avx2/linear", "row/gemv-avx512/linear") the same way, as matrices of
+  row-major, raced at each instruction level the machine has ("row/gemv-avx512/.." for fp32); int8 models
+  (quant.py's rows) race aten's int8 product against ours ("row/gemv-avx2/linear", "row/gemv-avx512/linear") the same way, as matrices of
   dtype int8 in the decision file;
 - where this torch and CPU can (layers.packed_available), the weight prepacked into oneDNN's blocked layout
   and multiplied by oneDNN's linear for every call ("packed/packed/packed"; layers.PackedLinear). On a Zen 4
@@ -211,8 +211,8 @@ def _pool(shape: tuple[int, int], dtype: torch.dtype, layout: str, itemsize: int
     for i in range(copies):
         # A constant fill: the kernels' time does not depend on the values, and drawing random ones cost more
         # than the timing under load.
-        w = torch.full((in_f, rows) if layout == "column" else (rows, in_f), i + 1 if dtype == torch.int8 else 0.01 * (i + 1),
-                       dtype=dtype)
+        fill = i + 1 if dtype == torch.int8 else 0.01 * (i + 1)
+        w = torch.full((in_f, rows) if layout == "column" else (rows, in_f), fill, dtype=dtype)
         pool.append(w.t() if layout == "column" else prepack(w) if layout == "packed" else w)
     return pool
 

@@ -28,6 +28,8 @@ template <>
 inline float to_float<uint16_t>(uint16_t v) { return bf16_to_float(v); }
 template <>
 inline float to_float<float>(float v) { return v; }
+template <>
+inline float to_float<int8_t>(int8_t v) { return static_cast<float>(v); }
 
 // Portable: any CPU, any dtype.
 template <typename T>
@@ -146,7 +148,7 @@ __attribute__((target("avx2,fma"))) void rows_int8_avx2(const int8_t* w, int64_t
       a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(xf + k + 24), a3);
     }
     float s = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (int64_t k = K32; k < K; ++k) s += static_cast<float>(r[k]) * xf[k];
+    for (int64_t k = K32; k < K; ++k) s += to_float(r[k]) * xf[k];
     out[n] = s;
   }
 }
@@ -170,7 +172,7 @@ __attribute__((target("avx512f,avx512bw"))) void rows_int8_avx512(const int8_t* 
                            _mm512_loadu_ps(xf + k + 48), a3);
     }
     float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    for (int64_t k = K64; k < K; ++k) s += static_cast<float>(r[k]) * xf[k];
+    for (int64_t k = K64; k < K; ++k) s += to_float(r[k]) * xf[k];
     out[n] = s;
   }
 }
@@ -179,17 +181,31 @@ __attribute__((target("avx512f,avx512bw"))) void rows_int8_avx512(const int8_t* 
 // Rows per task: a block of rows is a few hundred KB of weight, so threads stream long runs.
 constexpr int64_t kGrain = 64;
 
-}  // namespace
-
-// The highest level this CPU runs: 2 (avx512_bf16), 1 (avx2 + fma) or 0.
-int64_t gemv_cpu_level() {
+// The highest level this CPU runs for `t` weights: 1 with AVX2 + FMA; 2 with what that dtype's AVX-512 loop
+// needs on top (bf16: AVX512-BF16 and BW; fp32: F; int8: F and BW); else 0.
+int64_t top_level(at::ScalarType t) {
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")) return 2;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
-#endif
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return 0;
+  const bool f = __builtin_cpu_supports("avx512f"), bw = __builtin_cpu_supports("avx512bw");
+  const bool two = t == at::kBFloat16 ? __builtin_cpu_supports("avx512bf16") && bw : t == at::kFloat ? f : f && bw;
+  return two ? 2 : 1;
+#else
   return 0;
+#endif
 }
+
+// x's shape with its last size replaced by N: the product's shape.
+std::vector<int64_t> with_last(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return shape;
+}
+
+}  // namespace
+
+// The highest level this CPU runs for bf16 weights: 2 (avx512_bf16), 1 (avx2 + fma) or 0.
+int64_t gemv_cpu_level() { return top_level(at::kBFloat16); }
 
 // y [1, N] = x [1, K] @ w[N, K]^T in w's dtype (bf16 or fp32), at `level` (clamped to the CPU's).
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, int64_t level) {
@@ -199,12 +215,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, int64_t level) {
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "gemv: x and w dtypes differ");
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kFloat, "gemv: bf16 or fp32 weights");
   const bool bf16 = w.scalar_type() == at::kBFloat16;
-  int64_t top = gemv_cpu_level();
-#if defined(__x86_64__)
-  // fp32's level 2 needs AVX-512 F only (bf16's needs AVX512-BF16: gemv_cpu_level).
-  if (!bf16 && top >= 1 && __builtin_cpu_supports("avx512f")) top = 2;
-#endif
-  level = std::min(level, top);
+  level = std::min(level, top_level(w.scalar_type()));
   const int64_t N = w.size(0), K = w.size(1);
   auto xc = x.contiguous();
   auto xf = xc.to(at::kFloat).contiguous();
@@ -223,9 +234,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, int64_t level) {
     if (bf16) rows_portable(wb, K, xfp, o, n0, n1);
     else rows_portable(wf, K, xfp, o, n0, n1);
   });
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  return (bf16 ? out.to(at::kBFloat16) : out).view(shape);
+  return (bf16 ? out.to(at::kBFloat16) : out).view(with_last(x, N));
 }
 
 // y [1, N] = (x [1, K] @ q[N, K]^T) * scales[N] for int8 rows q (quant.py's int8 layout, the one
@@ -237,13 +246,7 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   TORCH_CHECK(x.numel() == q.size(1), "gemv_int8: x must hold one row of K = ", q.size(1), " values, got ", x.sizes());
   TORCH_CHECK(scales.numel() == q.size(0), "gemv_int8: one scale a row");
   const int64_t N = q.size(0), K = q.size(1);
-  int64_t top = 0;
-#if defined(__x86_64__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) top = 1;
-  if (top && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) top = 2;
-#endif
-  level = std::min(level, top);
+  level = std::min(level, top_level(at::kChar));
   auto xf = x.to(at::kFloat).contiguous();
   auto out = at::empty({N}, x.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
@@ -254,16 +257,10 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
     if (level >= 2) return rows_int8_avx512(qp, K, xfp, o, n0, n1);
     if (level >= 1) return rows_int8_avx2(qp, K, xfp, o, n0, n1);
 #endif
-    for (int64_t n = n0; n < n1; ++n) {
-      float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k) acc += static_cast<float>(qp[n * K + k]) * xfp[k];
-      o[n] = acc;
-    }
+    rows_portable(qp, K, xfp, o, n0, n1);
   });
   out.mul_(scales.to(at::kFloat).reshape({N}));
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  return out.to(x.scalar_type()).view(shape);
+  return out.to(x.scalar_type()).view(with_last(x, N));
 }
 
 TORCH_LIBRARY(smollchat_cpu, m) {
