@@ -35,7 +35,7 @@ SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
 #: with OpenMP (then it shares the libgomp torch loaded: same soname, one thread pool).
 CFLAGS = ["-O3", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
-_LEVELS = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
+_LEVELS = {"DEFAULT": 0, "AVX2": 1, "AVX512": 3}
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -91,25 +91,25 @@ def error() -> str:
 
 
 #: The kernel choice's product names (kernels.MatrixPath) and the level each runs at: bf16 weights take
-#: gemv-avx2 and gemv-avx512bf16, fp32 and int8 ones (gemv_int8) gemv-avx2 and gemv-avx512 (AVX-512 F/BW).
-PRODUCTS = {"gemv-avx2": 1, "gemv-avx512bf16": 2, "gemv-avx512": 2}
+#: gemv-avx2 and gemv-avx512bf16, fp32 ones gemv-avx2 and gemv-avx512 (AVX-512 F), int8 ones (gemv_int8) those
+#: two and gemv-avx512vnni (int8 x int8: x quantized in blocks of 32, as llama.cpp's Q8_0 products do).
+PRODUCTS = {"gemv-avx2": 1, "gemv-avx512bf16": 2, "gemv-avx512": 2, "gemv-avx512vnni": 3}
+_NAMES = {torch.bfloat16: ("gemv-avx2", "gemv-avx512bf16"), torch.float32: ("gemv-avx2", "gemv-avx512"),
+          torch.int8: ("gemv-avx2", "gemv-avx512", "gemv-avx512vnni")}
 
 
 def products(dtype: torch.dtype) -> list[str]:
     """The product names this machine can run for `dtype` weights (torch.int8: quant.py's int8 rows), building
-    the extension on first ask: the AVX2 level wherever the CPU has AVX2 and FMA, an AVX-512 one where it has
-    that too (all are raced: on a Zen 4 the AVX2 one read bf16 and int8 weights faster)."""
-    if dtype not in (torch.float32, torch.bfloat16, torch.int8) or not load():
+    the extension on first ask: the AVX2 level wherever the CPU has AVX2 and FMA, the AVX-512 ones where it has
+    those too (all are raced: on a Zen 4 the AVX2 one read bf16 and int8 weights faster than the AVX-512 one)."""
+    if dtype not in _NAMES or not load():
         return []
-    top = level()
-    if dtype != torch.bfloat16:
-        # Level 2 for int8 and fp32 needs AVX-512 F/BW only, which PyTorch's AVX512 kernel family implies.
-        top = min(1, top) + (top >= 1 and torch.backends.cpu.get_cpu_capability() == "AVX512")
-        return [name for name in ("gemv-avx2", "gemv-avx512") if PRODUCTS[name] <= top]
-    return [name for name in ("gemv-avx2", "gemv-avx512bf16") if PRODUCTS[name] <= top]
+    top = level(dtype)
+    return [name for name in _NAMES[dtype] if PRODUCTS[name] <= top]
 
 
-def level() -> int:
-    """The instruction level the kernel runs at: the CPU's, capped by PyTorch's kernel family."""
-    cpu = int(torch.ops.smollchat_cpu.gemv_cpu_level())
-    return min(cpu, _LEVELS.get(torch.backends.cpu.get_cpu_capability(), 2))
+def level(dtype: torch.dtype = torch.bfloat16) -> int:
+    """The highest instruction level the kernel runs at for `dtype` weights: the CPU's, capped by PyTorch's
+    kernel family (AVX2: level 1; DEFAULT: none)."""
+    cpu = torch.ops.smollchat_cpu.gemv_cpu_levels()[list(_NAMES).index(dtype)]
+    return min(int(cpu), _LEVELS.get(torch.backends.cpu.get_cpu_capability(), 3))

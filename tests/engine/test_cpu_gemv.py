@@ -19,7 +19,7 @@ def levels():
     # Function scope: the build goes under the test's own cache folder (the load is once a process anyway).
     if not cpu_gemv.load():
         pytest.skip(f"the extension cannot be built here: {cpu_gemv.error()}")
-    return list(range(int(torch.ops.smollchat_cpu.gemv_cpu_level()) + 1))
+    return list(range(int(torch.ops.smollchat_cpu.gemv_cpu_levels()[0]) + 1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -89,19 +89,41 @@ def test_measurement_offers_it_and_a_replay_without_it_falls_back(levels, fixtur
     assert not any(type(m) is CpuLinear for m in model.modules())
 
 
+def quantized_x(x: torch.Tensor) -> torch.Tensor:
+    """The VNNI level's activation, written plainly: int8 blocks of 32 values, scale max|x| / 127 a block, round
+    half to even, in fp32 arithmetic (the kernel's own operations, so equal by construction)."""
+    k = x.shape[-1]
+    blocks = torch.nn.functional.pad(x.float().reshape(-1), (0, -k % 32)).view(-1, 32)
+    amax = blocks.abs().amax(1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return ((blocks * inv).round().clamp(-127, 127) * (amax / 127)).reshape(-1)[:k]
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
-def test_the_int8_rows_product_is_the_scaled_product(levels, shape):
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_the_int8_rows_product_is_the_scaled_product(levels, shape, xdtype):
     n, k = shape
     g = torch.Generator().manual_seed(n + 31 * k)
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     scales = (torch.rand(n, generator=g) / 100).bfloat16()
-    x = torch.randn(1, k, generator=g).bfloat16()
-    want = (x.double() @ q.double().t()) * scales.double()
-    scale = want.abs().max().item()
-    for lvl in range(3):  # level 2 is AVX-512 F/BW here, clamped to what the CPU has
+    x = torch.randn(1, k, generator=g).to(xdtype)
+    exact = (x.double() @ q.double().t()) * scales.double()
+    # The VNNI level multiplies by x rounded to its int8 blocks: the product of those values, and within
+    # half a block step a value of the exact one.
+    on_blocks = (quantized_x(x).double()[None] @ q.double().t()) * scales.double()
+    step = torch.nn.functional.pad(x.double().abs().reshape(-1), (0, -k % 32)).view(-1, 32).amax(1) / 127
+    slack = (step.repeat_interleave(32)[None, :k] / 2 @ q.double().abs().t()) * scales.double()
+    vnni = int(torch.ops.smollchat_cpu.gemv_cpu_levels()[2]) >= 3
+    # One rounding of the output (bf16: half an ulp) on fp32 accumulation.
+    tol = 2 ** -8 if xdtype == torch.bfloat16 else 2 ** -16
+    for lvl in range(4):  # 2: AVX-512 F/BW, 3: AVX512-VNNI; each clamped to what the CPU has
         got = torch.ops.smollchat_cpu.gemv_int8(x, q, scales, lvl)
-        assert got.shape == (1, n) and got.dtype == torch.bfloat16
-        assert_close(got.double(), want, atol=2 ** -8 * scale, rtol=2 ** -8, what=f"int8 level {lvl} {shape}")
+        assert got.shape == (1, n) and got.dtype == xdtype
+        want = on_blocks if lvl == 3 and vnni else exact
+        assert_close(got.double(), want, atol=tol * want.abs().max().item(), rtol=tol, what=f"int8 level {lvl} {shape}")
+        if lvl == 3 and vnni:
+            assert ((got.double() - exact).abs() <= slack * (1 + tol) + tol * exact.abs().max()).all()
+            assert (on_blocks - exact).abs().max() > 0  # the oracle does differ from the exact product
 
 
 def test_an_int8_model_takes_the_product_the_choice_names(levels, fixtures_root):
