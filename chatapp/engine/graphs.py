@@ -30,6 +30,7 @@ import os
 import shutil
 import threading
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -151,9 +152,20 @@ class CompiledStep:
         self.freezing = freezing
         mode = "reduce-overhead" if device.type == "cuda" else None
         # Freezing folds the weights into the graph as constants, so inductor can prepack them for oneDNN/MKL.
-        self._fn = torch.compile(self._forward, fullgraph=True, mode=mode,
-                                 options={"freezing": True} if freezing else None)
+        # No guards on the model's modules and parameters: checking them cost 0.9 ms of a 17 ms Axiom step
+        # (0.2 ms without). That is sound because the model is never changed once its step is compiled (kernel
+        # choice and quantization happen before) and because this step's graphs are reached by this model only:
+        # dynamo keeps graphs and guards on the code object, and each CompiledStep compiles its own copy of it.
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        self._fn = torch.compile(self._own_forward(), fullgraph=True, mode=mode,
+                                 options={**options, "freezing": True} if freezing else options)
         self.failed: str | None = None
+
+    def _own_forward(self) -> Callable[[torch.Tensor, StateList], torch.Tensor]:
+        """self._forward on a code object of its own (equal to the class's, so dynamo's profile of which sizes
+        vary, keyed by file, line and name, still carries over)."""
+        f = CompiledStep._forward
+        return types.MethodType(types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__), self)
 
     def _forward(self, ids: torch.Tensor, state: StateList) -> torch.Tensor:
         return self.model(ids, state, last_only=True)

@@ -246,3 +246,26 @@ def test_the_newly_compilable_steps_trace_as_one_graph_with_eager_logits(entry_i
             state.restore(snap)
             assert torch.equal(traced(tok, state), ref)
             tok = ref[0, -1].argmax().view(1, 1)
+
+
+def test_each_model_s_compiled_step_runs_its_own_graph(monkeypatch):
+    """The compiled step skips guards on the model's modules (graphs.CompiledStep), so two models of one
+    architecture in one process, one float and one int8 (other modules, other weights), must not meet each
+    other's graphs: each step gives its own model's eager logits."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **{**kw, "backend": "eager"}))
+    from chatapp.engine.loader import load_model
+    from chatapp.engine.demo import ensure_demo
+
+    d = ensure_demo(get_entry("axiom-tiny"))
+    models = [load_model(d), load_model(d, quantize="int8")]
+    steps = [graphs.CompiledStep(m, torch.device("cpu")) for m in models]
+    tok = torch.tensor([[7]])
+    with torch.inference_mode():
+        for model, step in zip(models * 2, steps * 2):
+            state = model.make_state(16, "cpu", torch.float32)
+            model.infer(torch.tensor([[1, 2, 3]]), state)
+            snap = state.snapshot()
+            ref = model.infer(tok, state, last_only=True).logits
+            state.restore(snap)
+            assert torch.equal(step(tok, state).logits, ref) and not step.failed
