@@ -86,8 +86,10 @@ def _peer_line(peer) -> str:
     if not isinstance(peer, dict):
         return str(peer)
     what = peer.get("type") or peer.get("dtype", "")
+    also = "".join(f"; {kind}: {f['decode_tok_s']:.2f} tok/s (ours/peer {f.get('ours_over_peer', 0):.2f}x)"
+                   for kind, f in peer.get("also", {}).items())
     return (f"{peer['decode_tok_s']:.2f} tok/s decode ({what}; ours/peer {peer.get('ours_over_peer', 0):.2f}x), "
-            f"{peer['impl']}")
+            f"{peer['impl']}{also}")
 
 
 def _write_json(path: Path, rec: dict) -> None:

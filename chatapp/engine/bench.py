@@ -206,8 +206,9 @@ def run(entry: ModelEntry, opts: BenchOptions, progress: Callable[[str], None] |
                                          n_new, runs, [p["tokens"] for p in rec["prefill"]],
                                          lambda: random_model(entry, dtype)[0], opts.llama_bench), say)
         for peer in rec["peers"].values():
-            if isinstance(peer, dict) and peer.get("decode_tok_s"):
-                peer["ours_over_peer"] = round(rec["decode_tok_s"] / peer["decode_tok_s"], 3)
+            for figures in (peer, *peer.get("also", {}).values()) if isinstance(peer, dict) else ():
+                if figures.get("decode_tok_s"):
+                    figures["ours_over_peer"] = round(rec["decode_tok_s"] / figures["decode_tok_s"], 3)
     else:
         rec["peers"] = {}
     rec["cpu"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else []

@@ -41,6 +41,8 @@ LLAMA_BENCH_ENV = "SMOLLCHAT_LLAMA_BENCH"
 #: Q4_0 symmetric blocks of 32, the nearest type llama.cpp offers; the record says so).
 LLAMA_TYPE = {("float32", "none"): "F32", ("bfloat16", "none"): "BF16", ("float32", "int8"): "Q8_0",
               ("bfloat16", "int8"): "Q8_0", ("float32", "int4"): "Q4_0", ("bfloat16", "int4"): "Q4_0"}
+#: A second llama.cpp type decoded in the same run where a mode's target names it: int4 is to beat Q8_0.
+LLAMA_ALSO = {"int4": "Q8_0"}
 
 
 @dataclass
@@ -386,25 +388,38 @@ def llama_cpp(run: PeerRun, say: Callable[[str], None]) -> dict[str, Any] | str:
         del model
         write_gguf(f32, meta, tensors)
         del tensors
-        target = f32
-        if ggml_type != "F32":
+
+        def quantized(to: str) -> Path:
+            if to == "F32":
+                return f32
             if not quantize.is_file():
-                return f"llama-quantize not found beside {bench}: build both targets (bench/README.md)"
-            target = Path(tmp) / f"axiom-{ggml_type.lower()}.gguf"
-            say(f"peer: llama-quantize -> {ggml_type}")
-            subprocess.run([str(quantize), str(f32), str(target), ggml_type, str(run.threads)], check=True,
+                raise RuntimeError(f"llama-quantize not found beside {bench}: build both targets (bench/README.md)")
+            out = Path(tmp) / f"axiom-{to.lower()}.gguf"
+            say(f"peer: llama-quantize -> {to}")
+            subprocess.run([str(quantize), str(f32), str(out), to, str(run.threads)], check=True,
                            capture_output=True, text=True)
-            f32.unlink()
-        base = [str(bench), "-m", str(target), "-t", str(run.threads), "-r", str(run.runs), "-o", "json"]
+            return out
+
+        def decode(path: Path) -> dict[str, Any]:
+            say(f"peer: llama-bench decode ({path.name})")
+            return _llama_bench(base(path) + ["-p", "0", "-n", str(run.n_new), "-d", str(len(run.prompt))])[0]
+
+        def base(path: Path) -> list[str]:
+            return [str(bench), "-m", str(path), "-t", str(run.threads), "-r", str(run.runs), "-o", "json"]
+
+        target = quantized(ggml_type)
         say("peer: llama-bench prefill")
-        pre = _llama_bench(base + ["-p", ",".join(map(str, run.prefill_tokens)), "-n", "0"])
-        say("peer: llama-bench decode")
-        dec = _llama_bench(base + ["-p", "0", "-n", str(run.n_new), "-d", str(len(run.prompt))])
+        pre = _llama_bench(base(target) + ["-p", ",".join(map(str, run.prefill_tokens)), "-n", "0"])
+        dec = decode(target)
         size = target.stat().st_size
-    decode = dec[0]
-    return {"impl": f"llama.cpp llama-bench (build {decode['build']})", "type": ggml_type, "gguf_bytes": size,
-            "decode_tok_s": decode["tok_s"], "decode_tok_s_all": decode["tok_s_all"], "decode_depth": decode["n_depth"],
-            "prefill": [{"tokens": r["n_prompt"], "tok_s": r["tok_s"]} for r in pre], "threads": decode["threads"],
+        also = {}
+        if run.quantize in LLAMA_ALSO:
+            other = decode(quantized(LLAMA_ALSO[run.quantize]))
+            also[LLAMA_ALSO[run.quantize]] = {"decode_tok_s": other["tok_s"], "decode_tok_s_all": other["tok_s_all"]}
+    return {"impl": f"llama.cpp llama-bench (build {dec['build']})", "type": ggml_type, "gguf_bytes": size,
+            "decode_tok_s": dec["tok_s"], "decode_tok_s_all": dec["tok_s_all"], "decode_depth": dec["n_depth"],
+            "prefill": [{"tokens": r["n_prompt"], "tok_s": r["tok_s"]} for r in pre], "threads": dec["threads"],
+            "also": also,
             "note": "Q4_0 (symmetric, blocks of 32) is the llama.cpp type nearest our int4 (asymmetric, groups of 128)"
             if ggml_type == "Q4_0" else ""}
 

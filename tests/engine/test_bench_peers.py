@@ -149,3 +149,27 @@ def test_a_peer_is_timed_like_ours():
     rec = plain_hgrn2(run)
     assert rec["dtype"] == "bfloat16" and len(rec["decode_tok_s_all"]) == 2
     assert rec["decode_tok_s"] > 0 and rec["prefill_tok_s"] > 0 and rec["prefill_tokens"] == 12
+
+
+def test_an_int4_run_also_decodes_llama_cpp_s_q8_0(tmp_path):
+    """The int4 target is to beat llama.cpp's Q8_0, so an int4 run decodes Q4_0 (its nearest type) and Q8_0,
+    each quantized from the same F32 GGUF (stand-in llama-bench and llama-quantize that log what they ran)."""
+    pytest.importorskip("gguf", reason="the gguf package is in the optional `bench` extra")
+    log = tmp_path / "calls.txt"
+    (tmp_path / "llama-quantize").write_text(f'#!/bin/sh\necho "quantize $3" >> {log}\ncp "$1" "$2"\n')
+    rate = {"q4_0": 80.0, "q8_0": 50.0}
+    cases = " ".join(f'*{k}*) ts={v};;' for k, v in rate.items())
+    (tmp_path / "llama-bench").write_text(
+        f'#!/bin/sh\necho "bench $*" >> {log}\ncase "$2" in {cases} *) ts=1;; esac\n'
+        'echo "[{\\"build_commit\\": \\"x\\", \\"n_threads\\": 1, \\"n_prompt\\": 0, \\"n_gen\\": 4, \\"n_depth\\": 2, '
+        '\\"avg_ts\\": $ts, \\"samples_ts\\": [$ts]}]"\n')
+    for f in ("llama-quantize", "llama-bench"):
+        (tmp_path / f).chmod(0o755)
+    run = PeerRun("axiom", AXIOM, torch.float32, "int4", 1, [1, 2], 4, 1, [2], lambda: _axiom(False),
+                  str(tmp_path / "llama-bench"))
+    got = llama_cpp(run, lambda _m: None)
+    assert isinstance(got, dict), got
+    assert (got["type"], got["decode_tok_s"]) == ("Q4_0", 80.0)
+    assert got["also"] == {"Q8_0": {"decode_tok_s": 50.0, "decode_tok_s_all": [50.0]}}
+    calls = log.read_text().splitlines()
+    assert [c for c in calls if c.startswith("quantize")] == ["quantize Q4_0", "quantize Q8_0"]
