@@ -39,6 +39,8 @@ from .. import locations
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+#: Built into the same library: the decode step's attention (csrc/attention.cpp; layers.causal_attention).
+SOURCES = (SOURCE, SOURCE.with_name("attention.cpp"))
 #: -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself is built
 #: with OpenMP (then it shares the libgomp torch loaded: same soname, one thread pool).
 CFLAGS = ["-O3", "-fopenmp"]
@@ -51,7 +53,7 @@ _state: dict[str, object] = {}
 def build_dir() -> Path:
     """Where the extension is built: keyed by the source, the flags and torch (the library dispatches on the CPU
     at run time, so one cache folder can serve machines of different kinds)."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + repr((CFLAGS, LDFLAGS)).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + repr((CFLAGS, LDFLAGS)).encode()).hexdigest()[:12]
     return locations.cache_dir() / "extensions" / f"gemv-{digest}-torch{torch.__version__}"
 
 
@@ -73,11 +75,12 @@ def load() -> bool:
         if not any(d.glob("*.so")):
             log.warning("building smollchat's CPU product (once on this machine and torch version: about a minute)")
         try:
-            cpp_extension.load(name=f"smollchat_gemv_{d.name.split('-')[1]}", sources=[str(SOURCE)],
+            cpp_extension.load(name=f"smollchat_gemv_{d.name.split('-')[1]}", sources=[str(f) for f in SOURCES],
                                build_directory=str(d), extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                                is_python_module=False, verbose=False)
             torch.library.register_fake("smollchat_cpu::gemv")(_fake)
             torch.library.register_fake("smollchat_cpu::gemv_int8")(_fake_int8)
+            torch.library.register_fake("smollchat_cpu::decode_attention")(_fake_attention)
         except Exception as e:  # noqa: BLE001 - any build or load failure: PyTorch's products only
             _state.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
             log.warning("smollchat's CPU product could not be built, using PyTorch's (%s)", _state["error"])
@@ -92,6 +95,10 @@ def _fake(x: torch.Tensor, w: torch.Tensor, level: int) -> torch.Tensor:
 
 def _fake_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, level: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], q.shape[0])
+
+
+def _fake_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, level: int) -> torch.Tensor:
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 def error() -> str:
@@ -121,3 +128,17 @@ def level(dtype: torch.dtype = torch.bfloat16) -> int:
     kernel family (AVX2: level 1; DEFAULT: none)."""
     cpu = torch.ops.smollchat_cpu.gemv_cpu_levels()[list(_NAMES).index(dtype)]
     return min(int(cpu), _LEVELS.get(torch.backends.cpu.get_cpu_capability(), 3))
+
+
+#: Our decode attention (csrc/attention.cpp) by name, and its level: the kernel choice races it against SDPA.
+ATTENTION = {"attention-avx512": 2}
+
+
+def attention_products() -> list[str]:
+    """The decode attention this machine can run besides PyTorch's SDPA (AVX-512 F, where PyTorch's own kernel
+    family is AVX512 too)."""
+    if not load():
+        return []
+    cpu = int(torch.ops.smollchat_cpu.attention_cpu_level())
+    top = min(cpu, _LEVELS.get(torch.backends.cpu.get_cpu_capability(), 3))
+    return [name for name, lvl in ATTENTION.items() if lvl <= top]

@@ -44,6 +44,7 @@ where it is not available, runs row-major F.linear (`choose` says so in its sour
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import logging
 import math
@@ -60,8 +61,8 @@ from torch import nn
 from .. import locations
 from .decisions import DecisionFile, machine_key, timed
 from . import cpu_gemv
-from .layers import CpuLinear, PackedLinear, cpu_has_native_bf16, cpu_linear, model_slot, pack_linear, \
-    packed_available, packed_product, prepack
+from .layers import CachedAttention, CpuLinear, PackedLinear, causal_attention, cpu_has_native_bf16, cpu_linear, \
+    model_slot, pack_linear, packed_available, packed_product, prepack
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +124,17 @@ class KernelChoice:
     narrowing: MatrixPath = MatrixPath()
     source: str = "reference"
     timings: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    #: The one-token attention over the KV cache: "sdpa" (PyTorch's) or one of cpu_gemv.ATTENTION.
+    attention: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.attention != "sdpa" and self.attention not in cpu_gemv.ATTENTION:
+            raise ValueError(f"unknown decode attention {self.attention!r}: sdpa or {', '.join(cpu_gemv.ATTENTION)}")
 
     @property
     def paths(self) -> str:
-        return f"widening {self.widening}, narrowing {self.narrowing}"
+        extra = f", attention {self.attention}" if self.attention != "sdpa" else ""
+        return f"widening {self.widening}, narrowing {self.narrowing}{extra}"
 
     @property
     def label(self) -> str:
@@ -139,12 +147,13 @@ class KernelChoice:
     def as_dict(self) -> dict[str, str]:
         """What a run card records (replay forces it back through from_dict)."""
         return {"dtype": self.dtype, "widening": str(self.widening), "narrowing": str(self.narrowing),
-                "source": self.source}
+                "source": self.source, "attention": self.attention}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "recorded") -> KernelChoice:
         try:
-            return cls(str(d["dtype"]), MatrixPath.parse(d["widening"]), MatrixPath.parse(d["narrowing"]), source)
+            return cls(str(d["dtype"]), MatrixPath.parse(d["widening"]), MatrixPath.parse(d["narrowing"]), source,
+                       attention=str(d.get("attention", "sdpa")))  # (cards written before it: SDPA)
         except KeyError as e:
             raise ValueError(f"a recorded kernel choice lacks {e.args[0]!r}: {dict(d)}") from None
 
@@ -329,7 +338,17 @@ def decision_key(device: torch.device, dtype: torch.dtype, shapes: Mapping[str, 
 
 def choose(model: nn.Module, dtype: torch.dtype, device: torch.device, kernels: Any = "auto",
            quantize: str | None = None, timer: Timer | None = None) -> KernelChoice:
-    """The kernel choice for a loaded model (before `apply`).
+    """The kernel choice for a loaded model (before `apply`): its matrices' paths (_choose_matrices) and its
+    decode attention (choose_attention), each measured once per machine where it is measured at all."""
+    choice = _choose_matrices(model, dtype, device, kernels, quantize, timer)
+    if isinstance(kernels, (Mapping, KernelChoice)):
+        return choice  # forced: its attention is the record's (made runnable)
+    return dataclasses.replace(choice, attention=choose_attention(model, dtype, device, kernels, timer))
+
+
+def _choose_matrices(model: nn.Module, dtype: torch.dtype, device: torch.device, kernels: Any = "auto",
+                     quantize: str | None = None, timer: Timer | None = None) -> KernelChoice:
+    """The matrices' part of the kernel choice.
 
     `kernels`: "auto" (measured once per machine, dtype and shape; default() for small models), "measure" (as
     auto, but measured again over what is cached: `smollchat bench --remeasure`, after the machine was busy
@@ -398,10 +417,15 @@ def _runnable(choice: KernelChoice, dtype: torch.dtype, device: torch.device) ->
             return MatrixPath(p.layout, "linear", p.prefill)
         return p
     widening, narrowing = fix(choice.widening), fix(choice.narrowing)
+    attention = choice.attention
+    if attention != "sdpa" and (device.type != "cpu" or attention not in cpu_gemv.attention_products()):
+        missing.append(f"the {attention} attention")
+        attention = "sdpa"
     if not missing:
         return choice
     return KernelChoice(choice.dtype, widening, narrowing,
-                        f"{choice.source}; {' and '.join(dict.fromkeys(missing))} unavailable here: PyTorch's products")
+                        f"{choice.source}; {' and '.join(dict.fromkeys(missing))} unavailable here: PyTorch's products",
+                        attention=attention)
 
 
 def _file_mapping(ptr: int) -> bool:
@@ -460,7 +484,7 @@ def apply(model: nn.Module, choice: KernelChoice) -> None:
         path = choice.path_for(head)
         if path.layout != "packed" and (path.decode != "linear" or path.prefill == "tiles"):
             model.head_product = functools.partial(cpu_linear, **_linear_options(path))
-    model.kernel_choice = choice
+    _route_attention(model, choice)
 
 
 def _pack_linears(model: nn.Module, choice: KernelChoice, dtype: torch.dtype) -> None:
@@ -486,4 +510,68 @@ def apply_quantized(model: nn.Module, choice: KernelChoice) -> None:
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.mode == "int8":
             m.gemv = cpu_gemv.PRODUCTS.get(choice.path_for(m.packed).decode, -1)
+    _route_attention(model, choice)
+
+
+def _route_attention(model: nn.Module, choice: KernelChoice) -> None:
+    """Set each cached-attention module's decode attention, and remember the choice as `model.kernel_choice`."""
+    level = cpu_gemv.ATTENTION.get(choice.attention, 0)
+    for m in model.modules():
+        if isinstance(m, CachedAttention):
+            m.decode_attention = level
     model.kernel_choice = choice
+
+
+#: The cached length the decode attention is measured at (or the model's context, if shorter), and how many
+#: layers' caches a measured call reads (so that it reads memory as a step does, not one cache kept hot).
+ATTENTION_LENGTH = 512
+ATTENTION_POOL = 8
+
+
+def attention_heads(model: nn.Module) -> tuple[int, int, int, int] | None:
+    """(query heads, kv heads, key width, value width) of the model's cached attention, None without one."""
+    return next((m.attention_heads() for m in model.modules() if isinstance(m, CachedAttention)), None)
+
+
+def choose_attention(model: nn.Module, dtype: torch.dtype, device: torch.device, kernels: Any = "auto",
+                     timer: Timer | None = None) -> str:
+    """The decode attention for a loaded model: "sdpa", or ours where this machine runs it and a measurement
+    (once per machine, dtype and head shape, cached beside the matrices' choice) found it faster. Small models
+    (the demos) and --eager keep SDPA."""
+    heads = attention_heads(model)
+    ours = cpu_gemv.attention_products() if device.type == "cpu" and heads and kernels != "reference" else []
+    big = sum(w.numel() * w.element_size() for w in model.matrices()) >= MIN_MEASURE_BYTES
+    if not ours or not big or dtype not in (torch.float32, torch.bfloat16):
+        return "sdpa"
+    length = min(ATTENTION_LENGTH, getattr(model, "max_context", ATTENTION_LENGTH))
+    key = f"{machine_key(device)}|attention|{_dtype_name(dtype)}|heads={'x'.join(map(str, heads))}|L={length}"
+    seen = _decisions().get(key) if kernels == "auto" else None
+    if isinstance(seen, dict) and seen.get("attention") in ("sdpa", *ours):
+        return seen["attention"]
+    timings = measure_attention(heads, dtype, length, ours, timer or wall_timer)
+    if not timings:
+        log.warning("the machine was too busy to measure the decode attention: SDPA for this load")
+        return "sdpa"
+    best = min(timings, key=timings.get)
+    _decisions().record(key, {"attention": best, "timings_ms": timings})
+    return best
+
+
+def measure_attention(heads: tuple[int, int, int, int], dtype: torch.dtype, length: int, ours: list[str],
+                      timer: Timer = wall_timer, budget_s: float = 0.25) -> dict[str, float]:
+    """ms per call of SDPA and of each of `ours` for one token over `length` cached ones (random caches of the
+    model's head shape, ATTENTION_POOL of them read in turn); empty when the machine was too busy to tell."""
+    h, hkv, d, dv = heads
+    g = torch.Generator().manual_seed(0)
+    caches = [(torch.randn(1, hkv, length, d, generator=g).to(dtype), torch.randn(1, hkv, length, dv, generator=g).to(dtype))
+              for _ in range(ATTENTION_POOL)]
+    q = torch.randn(1, 1, h, d, generator=g).to(dtype)
+
+    def call(level: int) -> Callable[[], None]:
+        def run() -> None:
+            for k, v in caches:
+                causal_attention(q, k, v, product=level)
+        return run
+    calls = {"sdpa": call(0), **{name: call(cpu_gemv.ATTENTION[name]) for name in ours}}
+    with torch.inference_mode():
+        return _race(f"attention decode {h}x{hkv}x{d} L={length}", list(calls), calls, timer, budget_s, ATTENTION_POOL)

@@ -128,14 +128,27 @@ def apply_rope_matrices(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x.float(), m).to(x.dtype)
 
 
+class CachedAttention:
+    """What kernels.py needs of an attention module that calls causal_attention over a KV cache: its head shape
+    (query heads, kv heads, key and value widths), and `decode_attention`, the level of our decode attention its
+    one-token calls take (0: PyTorch's SDPA; set by kernels.apply from the kernel choice)."""
+
+    decode_attention = 0
+
+    def attention_heads(self) -> tuple[int, int, int, int]:
+        raise NotImplementedError
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                     keep: torch.Tensor | None = None) -> torch.Tensor:
+                     keep: torch.Tensor | None = None, product: int = 0) -> torch.Tensor:
     """Attention of T new queries over L cached keys (the last T of which are the queries' own).
 
     q [B, T, H, D]; k, v [B, H_kv, L, D] (v may have its own last dim) with H a multiple of H_kv: query head h
     uses kv head h // (H / H_kv). The causal mask is aligned bottom-right (query i sits at position L - T + i),
     so a chunk appended to a cache sees the whole prefix. `keep` [L] bool, when given, also hides the keys it
-    marks False (Huginn's cache lookups). Returns [B, T, H, Dv].
+    marks False (Huginn's cache lookups). Returns [B, T, H, Dv]. `product` > 0: one unmasked query on a CPU
+    takes our own decode attention at that level (cpu_gemv.ATTENTION, where the kernel choice measured it faster
+    than SDPA: on a Zen 4, ~50-220 us a call for SDPA at 64-1,024 cached tokens).
     """
     b, t, h, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
@@ -149,7 +162,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if t == 1:
         # One query sees every cached key: fold the rep query heads of each kv head into query rows (a view)
         # instead of copying the whole cache rep times (repeat_interleave: ~2 ms a token for Axiom on CPU).
-        o = F.scaled_dot_product_attention(q.view(b, hkv, rep, d), k, v, attn_mask=mask, scale=scale)
+        if product > 0 and mask is None and q.device.type == "cpu":
+            o = torch.ops.smollchat_cpu.decode_attention(q.view(b, hkv, rep, d), k, v,
+                                                         d ** -0.5 if scale is None else scale, product)
+        else:
+            o = F.scaled_dot_product_attention(q.view(b, hkv, rep, d), k, v, attn_mask=mask, scale=scale)
         return o.view(b, 1, h, v.shape[-1])
     # enable_gqa broadcasts K/V to the query heads inside SDPA: no repeated copy (same values, measured no slower).
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,

@@ -142,8 +142,11 @@ def test_a_measured_choice_is_recorded_and_reused(measured_small, fixtures_root)
     assert str(model.kernel_choice.widening) == str(model.kernel_choice.narrowing) == "column/linear/linear"
     assert model.layers[0].ffn.w2.weight.stride() == (1, model.layers[0].ffn.w2.weight.shape[0])  # narrowing moved
     record = json.loads((locations.cache_dir() / "kernels.json").read_text())
-    (key, value), = record.items()
+    (key, value), = ((k, v) for k, v in record.items() if "|attention|" not in k)
     assert key.startswith(decisions.machine_key(torch.device("cpu"))) and value["widening"] == "column/linear/linear"
+    # The decode attention is measured and recorded beside it where this machine has ours (SDPA wins a tie).
+    assert [v["attention"] for k, v in record.items() if "|attention|" in k] == ["sdpa"] * bool(
+        cpu_gemv.attention_products())
     n = len(measured_small)
     again = load_model(fixtures_root / "axiom", dtype="float32")
     assert again.kernel_choice.source == "cached" and again.kernel_choice.paths == model.kernel_choice.paths
@@ -172,7 +175,7 @@ def test_another_aten_cpu_capability_is_another_machine(measured_small, fixtures
     assert kernels.decision_key(cpu, torch.float32, SHAPES) != before
     assert load_model(fixtures_root / "axiom", dtype="float32").kernel_choice.source == "measured"
     assert len(measured_small) > n
-    assert len(json.loads((locations.cache_dir() / "kernels.json").read_text())) == 2
+    assert len([k for k in json.loads((locations.cache_dir() / "kernels.json").read_text()) if "|attention|" not in k]) == 2
 
 
 def test_threads_and_dtype_are_part_of_the_key(monkeypatch):
@@ -235,7 +238,7 @@ def test_a_recorded_packed_choice_packs_and_falls_back_where_unavailable(fixture
 def test_the_engine_reports_its_choice():
     engine = load_engine(get_entry("axiom-tiny"), device="cpu", dtype="float32", compile="off")
     assert engine.info()["kernels"] == {"dtype": "float32", "widening": "column/linear/linear",
-                                        "narrowing": "row/linear/linear", "source": "default"}
+                                        "narrowing": "row/linear/linear", "source": "default", "attention": "sdpa"}
     eager = load_engine(get_entry("axiom-tiny"), device="cpu", dtype="float32", compile="off", kernels="reference")
     assert eager.info()["kernels"]["source"] == "reference"
 
@@ -270,8 +273,13 @@ def test_every_path_gives_the_reference_logits(fixtures_root, arch, dtype):
     ids = load_file(str(d / "golden.safetensors"))["input_ids"]
     ref = _prefill_then_decode(load_model(d, dtype=dtype, kernels="reference"), ids, dtype)
     name = str(dtype).removeprefix("torch.")
-    for path in paths(dtype):
-        model = load_model(d, dtype=dtype, kernels={"dtype": name, "widening": path, "narrowing": path})
+    forced = [{"dtype": name, "widening": path, "narrowing": path} for path in paths(dtype)]
+    # Our decode attention (csrc/attention.cpp), on the reference's matrices.
+    forced += [{"dtype": name, "widening": "row/linear/linear", "narrowing": "row/linear/linear", "attention": a}
+               for a in cpu_gemv.attention_products()]
+    for rec in forced:
+        path = rec.get("attention", rec["widening"])
+        model = load_model(d, dtype=dtype, kernels=rec)
         got = _prefill_then_decode(model, ids, dtype)
         assert_close(got, ref, dtype=dtype, what=f"{arch} {name} {path}")
         # The greedy choice agrees wherever the reference's top two are further apart than the tolerance.

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import RMSNorm, RopeTable, apply_rope_interleaved, causal_attention, fuse
+from ..layers import CachedAttention, RMSNorm, RopeTable, apply_rope_interleaved, causal_attention, fuse
 from ..ops.norm import add_rms_norm
 from ..quant import project_head
 from ..state import KVState, StateList
@@ -38,7 +38,10 @@ class ModelArgs(ArchArgs):
         self.ffn_dim = (int(self.dim * self.ffn_dim_multiplier) + 255) // 256 * 256
 
 
-class Attention(nn.Module):
+class Attention(CachedAttention, nn.Module):
+    def attention_heads(self) -> tuple[int, int, int, int]:
+        return self.n_heads, self.n_kv, self.head_dim, self.head_dim
+
     def __init__(self, a: ModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
@@ -56,7 +59,7 @@ class Attention(nn.Module):
             k_all, v_all = kv.update(k, v)  # [B, Hkv, L, D]
         else:
             k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
-        return self.wo(causal_attention(q, k_all, v_all).reshape(b, t, -1))
+        return self.wo(causal_attention(q, k_all, v_all, product=self.decode_attention).reshape(b, t, -1))
 
 
 class FeedForward(nn.Module):

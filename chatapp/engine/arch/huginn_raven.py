@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import RMSNorm, RopeTable, apply_rope_interleaved, causal_attention
+from ..layers import CachedAttention, RMSNorm, RopeTable, apply_rope_interleaved, causal_attention
 from ..ops.norm import add_rms_norm
 from ..quant import project_head
 from ...contract import resolve_controls
@@ -62,7 +62,10 @@ class ModelArgs(ArchArgs):
         self.init_std = math.sqrt(2 / (5 * self.n_embd))
 
 
-class CausalSelfAttention(nn.Module):
+class CausalSelfAttention(CachedAttention, nn.Module):
+    def attention_heads(self) -> tuple[int, int, int, int]:
+        return self.n_heads, self.n_kv, self.head_dim, self.head_dim
+
     def __init__(self, a: ModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
@@ -83,7 +86,7 @@ class CausalSelfAttention(nn.Module):
             y = causal_attention(q, k.transpose(1, 2), v.transpose(1, 2))
         else:
             k_all, v_all, keep = cache.attend_kv(slot, k, v)  # [B, Hkv, L, D], keep [L] or None
-            y = causal_attention(q, k_all, v_all, keep=keep)
+            y = causal_attention(q, k_all, v_all, keep=keep, product=self.decode_attention)
         return self.proj(y.reshape(b, t, -1))
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import PartialRope, RMSNorm, apply_rope_matrices, causal_attention, fuse, init_demo_normal
+from ..layers import CachedAttention, PartialRope, RMSNorm, apply_rope_matrices, causal_attention, fuse, init_demo_normal
 from ..quant import project_head
 from ..state import KVState, StateList
 from .base import MAX_LAYERS, ArchArgs, ArchModel, check_options
@@ -118,9 +118,12 @@ def _norm(dim: int, a: ModelArgs) -> Norm:
     return Norm(dim, a.rms_norm_eps, zero_centered=a.rms_norm == "zero_centered")
 
 
-class Attention(nn.Module):
+class Attention(CachedAttention, nn.Module):
     """MLADerfXSAAttention without DERF (spec §4.3): low-rank Q, direct MQA K/V, QK-norm on the whole head
     before RoPE on its last qk_rope_head_dim dims, causal SDPA, XSA, low-rank output."""
+
+    def attention_heads(self) -> tuple[int, int, int, int]:
+        return self.h, self.hkv, self.d, self.d
 
     def __init__(self, a: ModelArgs) -> None:
         super().__init__()
@@ -149,7 +152,7 @@ class Attention(nn.Module):
             k_all, v_all = kv.update(k, v)  # [B, Hkv, L, D]: normalised, rotated k; raw v
         else:
             k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
-        y = causal_attention(q, k_all, v_all).unflatten(2, (hkv, h // hkv))  # [B, T, Hkv, rep, D]
+        y = causal_attention(q, k_all, v_all, product=self.decode_attention).unflatten(2, (hkv, h // hkv))  # [B, T, Hkv, rep, D]
         if self.a.use_xsa:
             # XSA: remove from each head's output its component along the token's own (normalised) value.
             vn = (v / (torch.linalg.vector_norm(v, dim=-1, keepdim=True) + 1e-8)).unsqueeze(3)  # [B, T, Hkv, 1, D]

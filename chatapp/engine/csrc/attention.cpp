@@ -1,0 +1,191 @@
+// The decode step's attention: one new query per query head against the KV cache (layers.causal_attention
+// for one token, where the kernel choice measured it faster than PyTorch's SDPA; cpu_gemv.py builds this file
+// into the same extension as gemv.cpp).
+//
+// q [B, Hkv, R, D] holds the R query heads that share each kv head; k [B, Hkv, L, D] and v [B, Hkv, L, Dv]
+// are views of the cache (any strides, the last dimension contiguous). For each (batch, kv head), split over
+// torch's threads: scores = scale * q k^T in fp32 (each key row read once for all R queries), a softmax in
+// fp32, then out = p v, accumulated in fp32 and rounded once to q's dtype. Nothing is masked: every cached key
+// is visible to the newest token.
+//
+// Levels: 2 = AVX-512 F (D and Dv multiples of 16, at most 256; exp by a degree-6 polynomial of 2^f scaled by
+// vscalefps, within 2e-7 of expf); else portable C++ (std::exp).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float value(const T* p, int64_t i) {
+  return static_cast<float>(p[i]);
+}
+
+// Portable: one (batch, kv head).
+template <typename T>
+void head_portable(const T* q, int64_t qs, const T* k, int64_t ks, const T* v, int64_t vs, int64_t R, int64_t L,
+                   int64_t D, int64_t Dv, float scale, float* s, float* o) {
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t j = 0; j < L; ++j) {
+      float acc = 0.f;
+      for (int64_t d = 0; d < D; ++d) acc += value(q, r * qs + d) * value(k, j * ks + d);
+      s[r * L + j] = acc * scale;
+    }
+    float m = -INFINITY, sum = 0.f;
+    for (int64_t j = 0; j < L; ++j) m = std::max(m, s[r * L + j]);
+    for (int64_t j = 0; j < L; ++j) sum += (s[r * L + j] = std::exp(s[r * L + j] - m));
+    for (int64_t e = 0; e < Dv; ++e) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < L; ++j) acc += s[r * L + j] * value(v, j * vs + e);
+      o[r * Dv + e] = acc / sum;
+    }
+  }
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline __m512 load16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// e^x for x <= 0 (scores less their maximum): 2^t with t = x log2(e) split into n + f, |f| <= 1/2.
+__attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.535336188e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+constexpr int64_t kMaxD = 256, kMaxR = 16;
+
+template <typename T>
+__attribute__((target("avx512f"))) void head_avx512(const T* q, int64_t qs, const T* k, int64_t ks, const T* v,
+                                                    int64_t vs, int64_t R, int64_t L, int64_t D, int64_t Dv,
+                                                    float scale, float* s, float* o) {
+  const int64_t C = D / 16, Cv = Dv / 16;
+  __m512 qf[kMaxR][kMaxD / 16];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) qf[r][c] = _mm512_mul_ps(load16(q + r * qs + c * 16), _mm512_set1_ps(scale));
+  for (int64_t j = 0; j < L; ++j) {
+    const T* kr = k + j * ks;
+    __m512 kc[kMaxD / 16];
+    for (int64_t c = 0; c < C; ++c) kc[c] = load16(kr + c * 16);
+    for (int64_t r = 0; r < R; ++r) {
+      __m512 acc = _mm512_mul_ps(qf[r][0], kc[0]);
+      for (int64_t c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qf[r][c], kc[c], acc);
+      s[r * L + j] = _mm512_reduce_add_ps(acc);
+    }
+  }
+  const int64_t L16 = L / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (L - L16)) - 1);
+  float inv[kMaxR];
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = s + r * L;
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < L16; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sr + j));
+    if (tail) mv = _mm512_mask_max_ps(mv, tail, mv, _mm512_maskz_loadu_ps(tail, sr + L16));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < L16; j += 16) {
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sr + j), m));
+      _mm512_storeu_ps(sr + j, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    if (tail) {
+      const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sr + L16), m)));
+      _mm512_mask_storeu_ps(sr + L16, tail, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    inv[r] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+  __m512 acc[kMaxR][kMaxD / 16];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < Cv; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < L; ++j) {
+    const T* vr = v + j * vs;
+    for (int64_t c = 0; c < Cv; ++c) {
+      const __m512 vc = load16(vr + c * 16);
+      for (int64_t r = 0; r < R; ++r) acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(s[r * L + j]), vc, acc[r][c]);
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < Cv; ++c) _mm512_storeu_ps(o + r * Dv + c * 16, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])));
+}
+#endif
+
+int64_t attention_top_level() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") ? 2 : 0;
+#else
+  return 0;
+#endif
+}
+
+template <typename T>
+void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, int64_t level, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), L = k.size(2), Dv = v.size(3);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const bool wide = level >= 2 && D % 16 == 0 && Dv % 16 == 0 && D <= 256 && Dv <= 256 && R <= 16;
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> s(R * L), o(R * Dv);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / H, h = t % H;
+      const T* qh = qp + b * q.stride(0) + h * q.stride(1);
+      const T* kh = kp + b * k.stride(0) + h * k.stride(1);
+      const T* vh = vp + b * v.stride(0) + h * v.stride(1);
+#if defined(__x86_64__)
+      if (wide)
+        head_avx512(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), R, L, D, Dv, float(scale), s.data(), o.data());
+      else
+#endif
+        head_portable(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), R, L, D, Dv, float(scale), s.data(), o.data());
+      T* oh = op + t * R * Dv;
+      for (int64_t i = 0; i < R * Dv; ++i) oh[i] = static_cast<T>(o[i]);
+    }
+  });
+}
+
+}  // namespace
+
+// softmax(scale * q k^T) v for one query position; q [B, Hkv, R, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv] (one
+// dtype, bf16 or fp32; last dims contiguous) -> [B, Hkv, R, Dv] in that dtype, at `level` (clamped to the CPU's).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                            int64_t level) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: q, k and v must be 4-D");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "decode_attention: one dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "decode_attention: bf16 or fp32");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == q.size(1) && v.size(1) == q.size(1) &&
+              k.size(3) == q.size(3) && v.size(2) == k.size(2) && k.size(2) > 0,
+              "decode_attention: q ", q.sizes(), ", k ", k.sizes(), " and v ", v.sizes(), " do not match");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: last dims contiguous");
+  level = std::min(level, attention_top_level());
+  auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  if (q.scalar_type() == at::kFloat) run<float>(q, k, v, scale, level, out);
+  else run<at::BFloat16>(q, k, v, scale, level, out);
+  return out;
+}
+
+int64_t attention_cpu_level() { return attention_top_level(); }
+
+TORCH_LIBRARY_FRAGMENT(smollchat_cpu, m) {
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, int level) -> Tensor");
+  m.def("attention_cpu_level", &attention_cpu_level);
+}
+
+TORCH_LIBRARY_IMPL(smollchat_cpu, CPU, m) { m.impl("decode_attention", decode_attention); }
