@@ -69,6 +69,17 @@ __attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
 
 constexpr int64_t kMaxD = 256, kMaxR = 16;
 
+// The sums of the 16 lanes of a, b, c and d, in that order.
+__attribute__((target("avx512f"))) inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // In each 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, d; then [a, b, c, d] partial sums.
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+                                    _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
 template <typename T>
 __attribute__((target("avx512f"))) void head_avx512(const T* q, int64_t qs, const T* k, int64_t ks, const T* v,
                                                     int64_t vs, int64_t R, int64_t L, int64_t D, int64_t Dv,
@@ -77,13 +88,24 @@ __attribute__((target("avx512f"))) void head_avx512(const T* q, int64_t qs, cons
   __m512 qf[kMaxR][kMaxD / 16];
   for (int64_t r = 0; r < R; ++r)
     for (int64_t c = 0; c < C; ++c) qf[r][c] = _mm512_mul_ps(load16(q + r * qs + c * 16), _mm512_set1_ps(scale));
-  for (int64_t j = 0; j < L; ++j) {
-    const T* kr = k + j * ks;
-    __m512 kc[kMaxD / 16];
-    for (int64_t c = 0; c < C; ++c) kc[c] = load16(kr + c * 16);
+  // Four keys at a time, their four sums reduced together (sum4); then one at a time.
+  const int64_t L4 = L / 4 * 4;
+  for (int64_t j = 0; j < L4; j += 4) {
     for (int64_t r = 0; r < R; ++r) {
-      __m512 acc = _mm512_mul_ps(qf[r][0], kc[0]);
-      for (int64_t c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qf[r][c], kc[c], acc);
+      __m512 a[4];
+      for (int i = 0; i < 4; ++i) {
+        const T* kr = k + (j + i) * ks;
+        a[i] = _mm512_mul_ps(qf[r][0], load16(kr));
+        for (int64_t c = 1; c < C; ++c) a[i] = _mm512_fmadd_ps(qf[r][c], load16(kr + c * 16), a[i]);
+      }
+      _mm_storeu_ps(s + r * L + j, sum4(a[0], a[1], a[2], a[3]));
+    }
+  }
+  for (int64_t j = L4; j < L; ++j) {
+    const T* kr = k + j * ks;
+    for (int64_t r = 0; r < R; ++r) {
+      __m512 acc = _mm512_mul_ps(qf[r][0], load16(kr));
+      for (int64_t c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qf[r][c], load16(kr + c * 16), acc);
       s[r * L + j] = _mm512_reduce_add_ps(acc);
     }
   }
