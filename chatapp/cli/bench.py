@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -86,10 +87,12 @@ def _peer_line(peer) -> str:
     if not isinstance(peer, dict):
         return str(peer)
     what = peer.get("type") or peer.get("dtype", "")
-    also = "".join(f"; {kind}: {f['decode_tok_s']:.2f} tok/s (ours/peer {f.get('ours_over_peer', 0):.2f}x)"
-                   for kind, f in peer.get("also", {}).items())
-    return (f"{peer['decode_tok_s']:.2f} tok/s decode ({what}; ours/peer {peer.get('ours_over_peer', 0):.2f}x), "
-            f"{peer['impl']}{also}")
+    def ratio(f: dict) -> str:
+        mine = f.get("ours_interleaved_tok_s")
+        return (f"ours/peer {f.get('ours_over_peer', 0):.2f}x"
+                + (f", runs interleaved with ours at {statistics.median(mine):.2f}" if mine else ""))
+    also = "".join(f"; {kind}: {f['decode_tok_s']:.2f} tok/s ({ratio(f)})" for kind, f in peer.get("also", {}).items())
+    return f"{peer['decode_tok_s']:.2f} tok/s decode ({what}; {ratio(peer)}), {peer['impl']}{also}"
 
 
 def _write_json(path: Path, rec: dict) -> None:

@@ -61,6 +61,9 @@ class PeerRun:
     #: Rebuilds our float random-weight model (the same weights as the run's, before quantizing).
     rebuild: Callable[[], nn.Module]
     llama_bench: str | None = None
+    #: One more decode run of ours (its tok/s), for a peer to interleave its runs with: on a VM whose memory
+    #: bandwidth moves by a third from minute to minute, runs minutes apart compare the minutes, not the code.
+    ours_decode: Callable[[], float] | None = None
 
 
 def run_peers(run: PeerRun, say: Callable[[str], None]) -> dict[str, Any]:
@@ -400,26 +403,36 @@ def llama_cpp(run: PeerRun, say: Callable[[str], None]) -> dict[str, Any] | str:
                            capture_output=True, text=True)
             return out
 
-        def decode(path: Path) -> dict[str, Any]:
-            say(f"peer: llama-bench decode ({path.name})")
-            return _llama_bench(base(path) + ["-p", "0", "-n", str(run.n_new), "-d", str(len(run.prompt))])[0]
-
-        def base(path: Path) -> list[str]:
-            return [str(bench), "-m", str(path), "-t", str(run.threads), "-r", str(run.runs), "-o", "json"]
+        def base(path: Path, runs: int = run.runs) -> list[str]:
+            return [str(bench), "-m", str(path), "-t", str(run.threads), "-r", str(runs), "-o", "json"]
 
         target = quantized(ggml_type)
         say("peer: llama-bench prefill")
         pre = _llama_bench(base(target) + ["-p", ",".join(map(str, run.prefill_tokens)), "-n", "0"])
-        dec = decode(target)
         size = target.stat().st_size
-        also = {}
+        files = {ggml_type: target}
         if run.quantize in LLAMA_ALSO:
-            other = decode(quantized(LLAMA_ALSO[run.quantize]))
-            also[LLAMA_ALSO[run.quantize]] = {"decode_tok_s": other["tok_s"], "decode_tok_s_all": other["tok_s_all"]}
-    return {"impl": f"llama.cpp llama-bench (build {dec['build']})", "type": ggml_type, "gguf_bytes": size,
-            "decode_tok_s": dec["tok_s"], "decode_tok_s_all": dec["tok_s_all"], "decode_depth": dec["n_depth"],
-            "prefill": [{"tokens": r["n_prompt"], "tok_s": r["tok_s"]} for r in pre], "threads": dec["threads"],
-            "also": also,
+            files[LLAMA_ALSO[run.quantize]] = quantized(LLAMA_ALSO[run.quantize])
+        # Decode: one llama-bench run of each type after each run of ours, round by round (interleaved).
+        rounds: dict[str, list[dict[str, Any]]] = {t: [] for t in files}
+        ours: list[float] = []
+        for i in range(run.runs):
+            if run.ours_decode is not None:
+                say(f"peer: our decode, round {i + 1} of {run.runs}")
+                ours.append(run.ours_decode())
+            for t, path in files.items():
+                say(f"peer: llama-bench decode {t}, round {i + 1} of {run.runs}")
+                rounds[t] += _llama_bench(base(path, 1) + ["-p", "0", "-n", str(run.n_new), "-d", str(len(run.prompt))])
+
+    def figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        out = {"decode_tok_s": round(statistics.median(r["tok_s"] for r in rows), 3),
+               "decode_tok_s_all": [r["tok_s"] for r in rows]}
+        return out | ({"ours_interleaved_tok_s": [round(t, 3) for t in ours]} if ours else {})
+    first = rounds[ggml_type][0]
+    return {"impl": f"llama.cpp llama-bench (build {first['build']})", "type": ggml_type, "gguf_bytes": size,
+            **figures(rounds[ggml_type]), "decode_depth": first["n_depth"],
+            "prefill": [{"tokens": r["n_prompt"], "tok_s": r["tok_s"]} for r in pre], "threads": first["threads"],
+            "also": {t: figures(rows) for t, rows in rounds.items() if t != ggml_type},
             "note": "Q4_0 (symmetric, blocks of 32) is the llama.cpp type nearest our int4 (asymmetric, groups of 128)"
             if ggml_type == "Q4_0" else ""}
 

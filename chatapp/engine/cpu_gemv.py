@@ -126,7 +126,11 @@ def products(dtype: torch.dtype) -> list[str]:
 def level(dtype: torch.dtype = torch.bfloat16) -> int:
     """The highest instruction level the kernel runs at for `dtype` weights: the CPU's, capped by PyTorch's
     kernel family (AVX2: level 1; DEFAULT: none)."""
-    cpu = torch.ops.smollchat_cpu.gemv_cpu_levels()[list(_NAMES).index(dtype)]
+    return _capped(torch.ops.smollchat_cpu.gemv_cpu_levels()[list(_NAMES).index(dtype)])
+
+
+def _capped(cpu: int) -> int:
+    """A level the CPU has, capped by PyTorch's kernel family (ATEN_CPU_CAPABILITY)."""
     return min(int(cpu), _LEVELS.get(torch.backends.cpu.get_cpu_capability(), 3))
 
 
@@ -139,6 +143,5 @@ def attention_products() -> list[str]:
     family is AVX512 too)."""
     if not load():
         return []
-    cpu = int(torch.ops.smollchat_cpu.attention_cpu_level())
-    top = min(cpu, _LEVELS.get(torch.backends.cpu.get_cpu_capability(), 3))
+    top = _capped(torch.ops.smollchat_cpu.attention_cpu_level())
     return [name for name, lvl in ATTENTION.items() if lvl <= top]

@@ -21,6 +21,11 @@ such as q|k|v, gate|up and the head; narrowing: the rest), since the two classes
   architectures pass its weight to project_head (a tied head is the embedding table the lookup reads), and a
   prepacked parameter cannot be a traced input of the compiled step.
 
+The decode attention (one new token against the KV cache) is chosen the same way, per machine, dtype and head
+shape: PyTorch's SDPA or our own (csrc/attention.cpp, "attention-avx512"), timed at 512 cached tokens over
+several layers' caches (choose_attention; on a Zen 4 with Axiom's 16 x 8 heads of 64: SDPA 35-43 us a call at
+64 tokens, 92-146 at 512, 230-407 at 1,024; ours 21, 46-65 and 84). The choice records it as `attention`.
+
 The measurement runs once per machine (decisions.machine_key: CPU model and flags, ATEN_CPU_CAPABILITY and
 the MKL/oneDNN variables, torch, threads), dtype and model shape, at load, on random matrices of the model's
 own most common shape per class (at most ~16 MB each, rotated through several copies so that each call
@@ -253,14 +258,14 @@ def _product(path: MatrixPath, x: torch.Tensor, pool: list[torch.Tensor]) -> Cal
     return call
 
 
-def _race(case: str, paths: list[MatrixPath], calls: dict[MatrixPath, Callable[[], Any]], timer: Timer,
+def _race(case: str, paths: list[Any], calls: dict[Any, Callable[[], Any]], timer: Timer,
           budget_s: float, per: int = 1) -> dict[str, float]:
     """Time the paths alternately, round by round; ms per matrix by path: the fastest of the rounds after the
     first, which warms up (another process's work only ever adds time); a call multiplies by `per` matrices.
     A call the machine was too busy to time (NaN) does not count, and a path with no timed call is left out.
     A path DROP_RATIO times slower than the best in the first round stops; rounds stop at ROUNDS, or once
     `budget_s` is spent."""
-    seen: dict[MatrixPath, list[float]] = {p: [] for p in paths}
+    seen: dict[Any, list[float]] = {p: [] for p in paths}
     t0 = time.perf_counter()
     for p in seen:  # untimed: oneDNN generates a kernel for each new shape at its first call (packed: 10x a call)
         calls[p]()

@@ -87,3 +87,26 @@ def test_huginn_s_core_block_counts_once_per_recurrence_step(tmp_path):
 def entry_steps(model) -> int:
     """The architecture's default recurrence depth (the controls' default when none are given)."""
     return int(model._controls(None)["num_steps"])
+
+
+def test_a_peer_interleaved_with_ours_is_compared_with_those_runs(monkeypatch, capsys):
+    """A peer that ran between extra decode runs of ours (llama.cpp) is compared with the median of those runs,
+    not with our runs of minutes earlier; the others with ours."""
+    from chatapp.catalog import get_entry
+    from chatapp.engine import bench
+
+    seen = {}
+
+    def peers(run, say):
+        seen["ours"] = [run.ours_decode() for _ in range(3)]
+        return {"interleaved": {"decode_tok_s": 10.0, "ours_interleaved_tok_s": [20.0, 30.0, 40.0], "impl": "x",
+                                "also": {"Q8_0": {"decode_tok_s": 60.0, "ours_interleaved_tok_s": [20.0, 30.0, 40.0]}}},
+                "plain": {"decode_tok_s": 2.0, "impl": "y"}, "absent": "not installed"}
+    monkeypatch.setattr(bench, "run_peers", peers)
+    monkeypatch.setattr(bench, "dram_read_gbs", lambda mib: 10.0)
+    monkeypatch.setattr(bench, "gemv_gbs", lambda dtype, mib: 10.0)
+    rec = run(get_entry("axiom-tiny"), BenchOptions(threads=1, compile="off"))
+    assert len(seen["ours"]) == 3 and all(t > 0 for t in seen["ours"])  # real decode runs of the loaded model
+    assert rec["peers"]["interleaved"]["ours_over_peer"] == 3.0
+    assert rec["peers"]["interleaved"]["also"]["Q8_0"]["ours_over_peer"] == 0.5
+    assert rec["peers"]["plain"]["ours_over_peer"] == pytest.approx(rec["decode_tok_s"] / 2.0, rel=1e-3)

@@ -151,9 +151,10 @@ def test_a_peer_is_timed_like_ours():
     assert rec["decode_tok_s"] > 0 and rec["prefill_tok_s"] > 0 and rec["prefill_tokens"] == 12
 
 
-def test_an_int4_run_also_decodes_llama_cpp_s_q8_0(tmp_path):
+def test_an_int4_run_also_decodes_llama_cpp_s_q8_0_interleaved_with_ours(tmp_path):
     """The int4 target is to beat llama.cpp's Q8_0, so an int4 run decodes Q4_0 (its nearest type) and Q8_0,
-    each quantized from the same F32 GGUF (stand-in llama-bench and llama-quantize that log what they ran)."""
+    each quantized from the same F32 GGUF, and each round runs ours, then each type once (stand-in llama-bench
+    and llama-quantize that log what they ran)."""
     pytest.importorskip("gguf", reason="the gguf package is in the optional `bench` extra")
     log = tmp_path / "calls.txt"
     (tmp_path / "llama-quantize").write_text(f'#!/bin/sh\necho "quantize $3" >> {log}\ncp "$1" "$2"\n')
@@ -165,11 +166,22 @@ def test_an_int4_run_also_decodes_llama_cpp_s_q8_0(tmp_path):
         '\\"avg_ts\\": $ts, \\"samples_ts\\": [$ts]}]"\n')
     for f in ("llama-quantize", "llama-bench"):
         (tmp_path / f).chmod(0o755)
-    run = PeerRun("axiom", AXIOM, torch.float32, "int4", 1, [1, 2], 4, 1, [2], lambda: _axiom(False),
-                  str(tmp_path / "llama-bench"))
+    ours = iter([60.0, 62.0])
+
+    def ours_decode() -> float:
+        with log.open("a") as f:
+            f.write("ours\n")
+        return next(ours)
+    run = PeerRun("axiom", AXIOM, torch.float32, "int4", 1, [1, 2], 4, 2, [2], lambda: _axiom(False),
+                  str(tmp_path / "llama-bench"), ours_decode)
     got = llama_cpp(run, lambda _m: None)
     assert isinstance(got, dict), got
-    assert (got["type"], got["decode_tok_s"]) == ("Q4_0", 80.0)
-    assert got["also"] == {"Q8_0": {"decode_tok_s": 50.0, "decode_tok_s_all": [50.0]}}
+    assert (got["type"], got["decode_tok_s"], got["ours_interleaved_tok_s"]) == ("Q4_0", 80.0, [60.0, 62.0])
+    assert got["also"] == {"Q8_0": {"decode_tok_s": 50.0, "decode_tok_s_all": [50.0, 50.0],
+                                    "ours_interleaved_tok_s": [60.0, 62.0]}}
     calls = log.read_text().splitlines()
     assert [c for c in calls if c.startswith("quantize")] == ["quantize Q4_0", "quantize Q8_0"]
+    decodes = [c.split()[0] if c == "ours" else c.split("axiom-")[1].split(".")[0] for c in calls
+               if c == "ours" or "-n 4" in c]
+    assert decodes == ["ours", "q4_0", "q8_0"] * 2
+    assert all("-r 1 " in c for c in calls if "-n 4" in c)
