@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 
@@ -18,8 +19,10 @@ def row(rec: dict) -> str:
     peers = []
     for name, p in (rec.get("peers") or {}).items():
         if isinstance(p, dict) and p.get("decode_tok_s"):
-            peers.append(f"{name} {p.get('type') or p.get('dtype', '')} {p['decode_tok_s']:.2f} "
-                         f"(**{p['ours_over_peer']:.2f}x**)")
+            for kind, f in {p.get("type") or p.get("dtype", ""): p, **p.get("also", {})}.items():
+                mine = f.get("ours_interleaved_tok_s")
+                between = f", ours between its runs {statistics.median(mine):.2f}" if mine else ""
+                peers.append(f"{name} {kind} {f['decode_tok_s']:.2f} (**{f['ours_over_peer']:.2f}x**{between})")
         elif isinstance(p, dict):
             peers.append(f"{name}: {p.get('error') or p.get('skipped') or 'no figure'}")
     pre = " / ".join(f"{p['tok_s']:.0f} at {p['tokens']} ({p['ttft_s']:.2f} s)" for p in rec["prefill"])
