@@ -68,8 +68,12 @@ __attribute__((target("avx2,fma"))) inline __m256 load8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 __attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
 
-// AVX2: x already widened to fp32 (xf); one row at a time, 32 products an iteration in four accumulators.
+// AVX2: bf16, fp32 or int8 weights (one scale a row, applied by the caller) widened to fp32, x already fp32 (xf);
+// one row at a time, 32 products an iteration in four accumulators.
 template <typename T>
 __attribute__((target("avx2,fma"))) void rows_avx2(const T* w, int64_t K, const float* xf, float* out, int64_t n0,
                                                    int64_t n1) {
@@ -116,64 +120,26 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_avx512bf16(cons
   }
 }
 
-// fp32 rows, AVX-512: 64 products an iteration in four accumulators.
-__attribute__((target("avx512f"))) void rows_f32_avx512(const float* w, int64_t K, const float* xf, float* out,
-                                                       int64_t n0, int64_t n1) {
-  const int64_t K64 = K / 64 * 64;
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* r = w + n * K;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t k = 0; k < K64; k += 64) {
-      prefetch_ahead(r + k, 256);
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k), _mm512_loadu_ps(xf + k), a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 16), _mm512_loadu_ps(xf + k + 16), a1);
-      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 32), _mm512_loadu_ps(xf + k + 32), a2);
-      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 48), _mm512_loadu_ps(xf + k + 48), a3);
-    }
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    for (int64_t k = K64; k < K; ++k) s += r[k] * xf[k];
-    out[n - n0] = s;
-  }
+__attribute__((target("avx512f"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
 
-// int8 rows (one scale a row, applied by the caller): AVX2 widens 16 bytes at a time to fp32.
-__attribute__((target("avx2,fma"))) void rows_int8_avx2(const int8_t* w, int64_t K, const float* xf, float* out,
-                                                        int64_t n0, int64_t n1) {
-  const int64_t K32 = K / 32 * 32;
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* r = w + n * K;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t k = 0; k < K32; k += 32) {
-      prefetch_ahead(r + k, 64);
-      __m128i lo = _mm_loadu_si128((const __m128i*)(r + k)), hi = _mm_loadu_si128((const __m128i*)(r + k + 16));
-      a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(xf + k), a0);
-      a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(xf + k + 8), a1);
-      a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(xf + k + 16), a2);
-      a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(xf + k + 24), a3);
-    }
-    float s = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (int64_t k = K32; k < K; ++k) s += to_float(r[k]) * xf[k];
-    out[n - n0] = s;
-  }
-}
-
-// int8 rows, AVX-512: 64 bytes an iteration, widened 16 at a time.
-__attribute__((target("avx512f,avx512bw"))) void rows_int8_avx512(const int8_t* w, int64_t K, const float* xf,
-                                                                  float* out, int64_t n0, int64_t n1) {
+// AVX-512 F: fp32 or int8 weights (one scale a row, applied by the caller) widened to fp32, x in fp32; 64
+// products an iteration in four accumulators.
+template <typename T>
+__attribute__((target("avx512f"))) void rows_avx512(const T* w, int64_t K, const float* xf, float* out, int64_t n0,
+                                                    int64_t n1) {
   const int64_t K64 = K / 64 * 64;
   for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* r = w + n * K;
+    const T* r = w + n * K;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t k = 0; k < K64; k += 64) {
-      prefetch_ahead(r + k, 64);
-      a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k)))),
-                           _mm512_loadu_ps(xf + k), a0);
-      a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k + 16)))),
-                           _mm512_loadu_ps(xf + k + 16), a1);
-      a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k + 32)))),
-                           _mm512_loadu_ps(xf + k + 32), a2);
-      a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k + 48)))),
-                           _mm512_loadu_ps(xf + k + 48), a3);
+      prefetch_ahead(r + k, 64 * sizeof(T));
+      a0 = _mm512_fmadd_ps(load16(r + k), _mm512_loadu_ps(xf + k), a0);
+      a1 = _mm512_fmadd_ps(load16(r + k + 16), _mm512_loadu_ps(xf + k + 16), a1);
+      a2 = _mm512_fmadd_ps(load16(r + k + 32), _mm512_loadu_ps(xf + k + 32), a2);
+      a3 = _mm512_fmadd_ps(load16(r + k + 48), _mm512_loadu_ps(xf + k + 48), a3);
     }
     float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
     for (int64_t k = K64; k < K; ++k) s += to_float(r[k]) * xf[k];
@@ -340,7 +306,7 @@ at::Tensor gemv(const at::Tensor& x_, const at::Tensor& w, int64_t level) {
   return product(x, w.size(0), nullptr, [&](float* o, int64_t n0, int64_t n1) {
 #if defined(__x86_64__)
     if (bf16 && level >= 2) return rows_avx512bf16(wb, K, xb, o, n0, n1);
-    if (!bf16 && level >= 2) return rows_f32_avx512(wf, K, xf, o, n0, n1);
+    if (!bf16 && level >= 2) return rows_avx512(wf, K, xf, o, n0, n1);
     if (level >= 1) return bf16 ? rows_avx2(wb, K, xf, o, n0, n1) : rows_avx2(wf, K, xf, o, n0, n1);
 #endif
     if (bf16) rows_portable(wb, K, xf, o, n0, n1);
@@ -368,8 +334,8 @@ at::Tensor gemv_int8(const at::Tensor& x_, const at::Tensor& q, const at::Tensor
   return product(x, q.size(0), scales.data_ptr<at::BFloat16>(), [&](float* o, int64_t n0, int64_t n1) {
 #if defined(__x86_64__)
     if (level >= 3) return rows_int8_vnni(qp, K, xq, o, n0, n1);
-    if (level >= 2) return rows_int8_avx512(qp, K, xf, o, n0, n1);
-    if (level >= 1) return rows_int8_avx2(qp, K, xf, o, n0, n1);
+    if (level >= 2) return rows_avx512(qp, K, xf, o, n0, n1);
+    if (level >= 1) return rows_avx2(qp, K, xf, o, n0, n1);
 #endif
     rows_portable(qp, K, xf, o, n0, n1);
   });
