@@ -28,8 +28,9 @@ several layers' caches (choose_attention; on a Zen 4 with Axiom's 16 x 8 heads o
 
 The measurement runs once per machine (decisions.machine_key: CPU model and flags, ATEN_CPU_CAPABILITY and
 the MKL/oneDNN variables, torch, threads), dtype and model shape, at load, on random matrices of the model's
-own most common shape per class (at most ~16 MB each, rotated through several copies so that each call
-reads memory as a decode step does; all of them within an eighth of the model's matrix bytes), the
+own most common shape per class (at most ~16 MB each, rotated through several copies, all of them within an
+eighth of the model's matrix bytes; the CPU's cache is flushed before each timed call, so that each call
+reads memory as a decode step does, even where the copies would fit the cache), the
 candidates alternating, the fastest call per candidate (another process only ever adds time); one three
 times slower than the best after the first round drops out, and rounds stop once ~0.25 s per case is spent,
 so a load spends well under 2 s on it. A call made while another process held a core does not count
@@ -48,9 +49,11 @@ where it is not available, runs row-major F.linear (`choose` says so in its sour
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
+import glob
 import logging
 import math
 import mmap
@@ -58,7 +61,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -79,10 +82,12 @@ CLASSES = ("widening", "narrowing")
 #: Models with fewer matrix bytes than this are not measured (default()): the demos, and the tests' models.
 MIN_MEASURE_BYTES = 64 * 2**20
 #: A measured matrix is cut to at most this many bytes (its input width kept), and rotated through copies
-#: totalling POOL_BYTES per layout (at most an eighth of the model's matrices in all) so that calls read
-#: memory rather than cache.
+#: totalling POOL_BYTES per layout (at most an eighth of the model's matrices in all), so that a timed call
+#: streams tens of MB; the cache is emptied before each timed call (flush_cache), so it streams them from memory.
 MATRIX_BYTES = 16 * 2**20
 POOL_BYTES = 48 * 2**20
+#: The most memory flush_cache reads before each timed call (twice the last-level cache, up to this).
+FLUSH_MAX_BYTES = 256 * 2**20
 #: Rows of a measured prefill product, and timed rounds per case.
 PREFILL_ROWS = 16
 ROUNDS = 5
@@ -202,9 +207,46 @@ def candidates(dtype: torch.dtype, case: str, decode: MatrixPath = MatrixPath())
 
 
 def wall_timer(case: str, path: MatrixPath, fn: Callable[[], Any]) -> float:
-    """Seconds one call of `fn` takes, NaN when the machine was too busy to tell (decisions.timed; the
-    measurement's clock: tests pass their own)."""
+    """Seconds one call of `fn` takes with its data in memory, not in the cache (flush_cache first, untimed),
+    NaN when the machine was too busy to tell (decisions.timed; the measurement's clock: tests pass their own)."""
+    flush_cache()
     return timed(fn)
+
+
+#: The buffer flush_cache reads: made at the first timed call of a measurement, dropped when it ends.
+_flush: dict[str, torch.Tensor] = {}
+
+
+def last_level_cache_bytes(pattern: str = "/sys/devices/system/cpu/cpu0/cache/index*/size") -> int:
+    """The size of the CPU's largest cache (sysfs; 32 MiB where it does not say)."""
+    sizes = []
+    for f in glob.glob(pattern):
+        try:
+            text = open(f).read().strip().upper()
+            sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=32 * 2**20)
+
+
+def flush_cache() -> None:
+    """Read a buffer twice the size of the last-level cache (at most FLUSH_MAX_BYTES), so the call timed next
+    reads its matrices from memory, as a decode step does (it streams the whole model between two reads of a
+    matrix). Without it, a pool that fits the cache is timed at cache speed: on a Zen 4 with a 32 MiB L3 the race
+    picked the AVX512-BF16 product over the AVX2 one from a 30 MB pool, where streaming Axiom's 736 MiB the
+    AVX2 one read 20-30 % faster."""
+    if "buf" not in _flush:
+        _flush["buf"] = torch.ones(min(2 * last_level_cache_bytes(), FLUSH_MAX_BYTES) // 8, dtype=torch.int64)
+    _flush["buf"].sum()
+
+
+@contextlib.contextmanager
+def _flushing() -> Iterator[None]:
+    """One measurement's lifetime of the flush buffer."""
+    try:
+        yield
+    finally:
+        _flush.clear()
 
 
 def representative_shapes(mats: list[torch.Tensor]) -> dict[str, tuple[int, int]]:
@@ -293,7 +335,7 @@ def measure(shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype, timer: Ti
     item = torch.empty((), dtype=dtype).element_size()
     chosen: dict[str, MatrixPath] = {}
     timings: dict[str, dict[str, float]] = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), _flushing():
         for cls, shape in shapes.items():
             # One class at a time in its own call: its matrices are freed before the next class's are made.
             best = _measure_class(cls, shape, dtype, item, timer, budget_s, memory, timings)
@@ -578,5 +620,5 @@ def measure_attention(heads: tuple[int, int, int, int], dtype: torch.dtype, leng
                 causal_attention(q, k, v, product=level)
         return run
     calls = {"sdpa": call(0), **{name: call(cpu_gemv.ATTENTION[name]) for name in ours}}
-    with torch.inference_mode():
+    with torch.inference_mode(), _flushing():
         return _race(f"attention decode {h}x{hkv}x{d} L={length}", list(calls), calls, timer, budget_s, ATTENTION_POOL)

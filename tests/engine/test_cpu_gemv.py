@@ -10,7 +10,8 @@ from chatapp.engine import cpu_gemv, kernels
 from chatapp.engine.layers import cpu_linear
 from tests.engine.closeness import assert_close
 
-# Rows: fewer than a thread's share, odd, many; widths: under one vector, tails after 32- and 128-wide blocks.
+# Rows: fewer than a thread's share, odd, many; widths: under one vector, a lone 32-wide block after the 64-wide
+# ones (100), tails after either.
 SHAPES = [(5, 7), (1, 100), (67, 129), (300, 1037), (1024, 256), (129, 4096 + 31)]
 
 

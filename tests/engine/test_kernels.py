@@ -126,6 +126,33 @@ def test_the_real_clock_times_real_products():
     assert all(ms > 0 for case in timings.values() for ms in case.values())
 
 
+def test_each_timed_call_first_flushes_the_cache_and_the_buffer_goes_with_the_measurement(monkeypatch):
+    # The real clock reads a buffer of twice the last-level cache before each timed call (so a pool that fits
+    # the cache is timed from memory), and the buffer is dropped when the measurement ends.
+    seen = []
+
+    def clock(fn):
+        buf = kernels._flush.get("buf")
+        seen.append(None if buf is None else buf.numel() * buf.element_size())
+        fn()
+        return 1e-3
+    monkeypatch.setattr(kernels, "timed", clock)
+    chosen, _ = kernels.measure({"narrowing": (16, 48)}, torch.bfloat16)
+    want = min(2 * kernels.last_level_cache_bytes(), kernels.FLUSH_MAX_BYTES) // 8 * 8
+    assert chosen and seen and set(seen) == {want}
+    assert kernels._flush == {}
+
+
+def test_the_last_level_cache_size_is_read_from_sysfs(tmp_path):
+    for index, size in (("index0", "48K"), ("index2", "1024K"), ("index3", "32768K")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert kernels.last_level_cache_bytes(str(tmp_path / "index*" / "size")) == 32 * 2**20
+    (tmp_path / "index3" / "size").write_text("96M\n")
+    assert kernels.last_level_cache_bytes(str(tmp_path / "index*" / "size")) == 96 * 2**20
+    assert kernels.last_level_cache_bytes(str(tmp_path / "none" / "size")) == 32 * 2**20
+
+
 @pytest.fixture
 def measured_small(monkeypatch):
     """Every model is big enough to measure, under a forced clock that prefers column-major fp32 matrices."""
