@@ -1,4 +1,4 @@
-"""What the int8 x int8 product (cpu_gemv's VNNI level: activations rounded to int8 blocks of 32) costs in
+"""What the int8 x int8 products (cpu_gemv's VNNI and AVX2 ones: activations rounded to int8 blocks of 32) cost in
 quality next to the same int8 weights multiplied by the activations as given (aten's product): relative logit
 error against the float model and top-1 agreement, one token at a time through every position of a prompt
 (the decode path, where the one-row product runs), on each golden fixture and on a real-size random Axiom.
@@ -18,7 +18,8 @@ from chatapp.engine import cpu_gemv
 from chatapp.engine.bench import random_model
 from chatapp.engine.loader import load_model, prepare_for_inference
 
-PATHS = {"int8 (x as given)": "row/linear/linear", "int8 x int8 (VNNI)": "row/gemv-avx512vnni/linear"}
+PATHS = {"int8 (x as given)": "row/linear/linear", "int8 x int8 (VNNI)": "row/gemv-avx512vnni/linear",
+         "int8 x int8 (AVX2)": "row/gemv-avx2-q8/linear"}
 
 
 def decode_logits(model, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -41,8 +42,11 @@ def main() -> None:
     ap.add_argument("--real", default="axiom")
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
-    if "gemv-avx512vnni" not in cpu_gemv.products(torch.int8):
-        raise SystemExit("this machine has no AVX512-VNNI level of our int8 product")
+    runs = set(cpu_gemv.products(torch.int8))
+    for name, path in list(PATHS.items()):
+        if path != "row/linear/linear" and path.split("/")[1] not in runs:
+            print(f"({name}: not on this machine)")
+            del PATHS[name]
     print("model | " + " | ".join(f"{k}: rel. error / top-1" for k in PATHS))
     for d in sorted(p for p in Path(args.fixtures).iterdir() if (p / "golden.safetensors").is_file()):
         ids = load_file(str(d / "golden.safetensors"))["input_ids"]

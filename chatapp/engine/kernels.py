@@ -12,7 +12,8 @@ such as q|k|v, gate|up and the head; narrowing: the rest), since the two classes
 - our own one-row product (cpu_gemv.py: "row/gemv-avx2/..", "row/gemv-avx512bf16/.."), the weight kept
   row-major, raced at each instruction level the machine has ("row/gemv-avx512/.." for fp32); int8 models
   (quant.py's rows) race aten's int8 product against ours ("row/gemv-avx2/linear", "row/gemv-avx512/linear",
-  and the int8 x int8 "row/gemv-avx512vnni/linear", which rounds x to int8 blocks as llama.cpp's Q8_0 does) the
+  and the int8 x int8 "row/gemv-avx512vnni/linear" and "row/gemv-avx2-q8/linear", which round x to int8
+  blocks as llama.cpp's Q8_0 does) the
   same way, as matrices of dtype int8 in the decision file;
 - where this torch and CPU can (layers.packed_available), the weight prepacked into oneDNN's blocked layout
   and multiplied by oneDNN's linear for every call ("packed/packed/packed"; layers.PackedLinear). On a Zen 4

@@ -105,7 +105,7 @@ def quantized_x(x: torch.Tensor) -> torch.Tensor:
 def test_the_int8_rows_product_is_the_scaled_product(levels, shape, xdtype):
     n, k = shape
     g = torch.Generator().manual_seed(n + 31 * k)
-    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     scales = (torch.rand(n, generator=g) / 100).bfloat16()
     x = torch.randn(1, k, generator=g).to(xdtype)
     exact = (x.double() @ q.double().t()) * scales.double()
@@ -114,17 +114,33 @@ def test_the_int8_rows_product_is_the_scaled_product(levels, shape, xdtype):
     on_blocks = (quantized_x(x).double()[None] @ q.double().t()) * scales.double()
     step = torch.nn.functional.pad(x.double().abs().reshape(-1), (0, -k % 32)).view(-1, 32).amax(1) / 127
     slack = (step.repeat_interleave(32)[None, :k] / 2 @ q.double().abs().t()) * scales.double()
-    vnni = int(torch.ops.smollchat_cpu.gemv_cpu_levels()[2]) >= 3
+    top = int(torch.ops.smollchat_cpu.gemv_cpu_levels()[2])
     # One rounding of the output (bf16: half an ulp) on fp32 accumulation.
     tol = 2 ** -8 if xdtype == torch.bfloat16 else 2 ** -16
-    for lvl in range(4):  # 2: AVX-512 F/BW, 3: AVX512-VNNI; each clamped to what the CPU has
+    # 2: AVX-512 F/BW, 3: AVX512-VNNI, each clamped to what the CPU has; 4: int8 x int8 on AVX2, where level 1 runs.
+    for lvl in range(5):
         got = torch.ops.smollchat_cpu.gemv_int8(x, q, scales, lvl)
         assert got.shape == (1, n) and got.dtype == xdtype
-        want = on_blocks if lvl == 3 and vnni else exact
+        blocks = (lvl == 3 and top >= 3) or (lvl == 4 and top >= 1)
+        want = on_blocks if blocks else exact
         assert_close(got.double(), want, atol=tol * want.abs().max().item(), rtol=tol, what=f"int8 level {lvl} {shape}")
-        if lvl == 3 and vnni:
+        if blocks:
             assert ((got.double() - exact).abs() <= slack * (1 + tol) + tol * exact.abs().max()).all()
             assert (on_blocks - exact).abs().max() > 0  # the oracle does differ from the exact product
+
+
+def test_the_int8_x_int8_products_do_not_saturate_at_the_extremes(levels):
+    # Every weight at -128 or 127 and every x at +-its block's maximum: each pair of products the AVX2 loop sums
+    # in 16 bits is then 2 x 128 x 127 or 2 x 127 x 127 in size, the largest it can be. Exact in every level.
+    k = 96
+    q = torch.tensor([[-128] * k, [127] * k, [-128, 127] * (k // 2)], dtype=torch.int8)
+    x = torch.tensor([[1.0, -1.0] * (k // 2)]).float()
+    x[0, :32] = 1.0
+    scales = torch.ones(3).bfloat16()
+    exact = x.double() @ q.double().t()
+    for lvl in range(5):
+        got = torch.ops.smollchat_cpu.gemv_int8(x, q, scales, lvl)
+        assert torch.equal(got.double(), exact), (lvl, got, exact)
 
 
 def test_an_int8_model_takes_the_product_the_choice_names(levels, fixtures_root):

@@ -300,28 +300,30 @@ def test_int8_widths_off_sixteen_give_the_product_on_any_rows(rows):
     assert (got.double() - x.double() @ w.double().t()).abs().max() < 0.05 * want.abs().max()
 
 
+@pytest.mark.parametrize("product", ["gemv-avx512vnni", "gemv-avx2-q8"])
 @pytest.mark.parametrize("name", FIXTURES)
-def test_int8_x_int8_decode_stays_near_the_int8_quality(fixture_models, name):
-    """The VNNI product (cpu_gemv: x rounded to int8 blocks of 32, as llama.cpp's Q8_0 does) adds its own
-    rounding to the int8 weights', and the kernel choice takes it by speed where the CPU has it. One token at a
-    time over each golden prompt, its logits stay within 1.6x the distance from fp32 of the same int8 weights
-    multiplied by x as given (measured 1.1-1.5x when this was written), and agree on the top token as often,
-    less one position."""
+def test_int8_x_int8_decode_stays_near_the_int8_quality(fixture_models, name, product):
+    """The int8 x int8 products (cpu_gemv: x rounded to int8 blocks of 32, as llama.cpp's Q8_0 does; VNNI, or
+    AVX2 alone) add their own rounding to the int8 weights', and the kernel choice takes them by speed where the
+    CPU has them. One token at a time over each golden prompt, the logits stay within 1.6x the distance from
+    fp32 of the same int8 weights multiplied by x as given (measured 1.1-1.5x when this was written), and agree
+    on the top token as often, less one position."""
     from chatapp.engine import cpu_gemv
     from tests.engine.test_kernels import _prefill_then_decode
 
-    if "gemv-avx512vnni" not in cpu_gemv.products(torch.int8):
-        pytest.skip("this machine has no AVX512-VNNI level (or no C++ compiler)")
+    if product not in cpu_gemv.products(torch.int8):
+        pytest.skip(f"this machine (or its kernel family) has no {product} (or no C++ compiler)")
     d, ids = fixture_models(name)
     steps = ids.shape[1] - 1  # a one-token prefill, then one-token steps: every position through the product
     ref = _prefill_then_decode(load_model(d, kernels="reference"), ids, torch.float32, steps)
     got = {}
-    for path in ("row/gemv-avx512vnni/linear", "row/linear/linear"):
+    ours = f"row/{product}/linear"
+    for path in (ours, "row/linear/linear"):
         model = load_model(d, quantize="int8", kernels={"dtype": "float32", "widening": path, "narrowing": path})
         layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.mode == "int8"]
         assert layers and {m.gemv for m in layers} == {cpu_gemv.PRODUCTS.get(path.split("/")[1], -1)}
         got[path] = _prefill_then_decode(model, ids, torch.float32, steps)
-    vnni, exact = got["row/gemv-avx512vnni/linear"], got["row/linear/linear"]
+    vnni, exact = got[ours], got["row/linear/linear"]
     assert not torch.equal(vnni, exact)
     assert float((vnni - ref).norm()) <= 1.6 * float((exact - ref).norm())
     agree = [int((v.argmax(-1) == ref.argmax(-1)).sum()) for v in (vnni, exact)]

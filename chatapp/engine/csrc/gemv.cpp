@@ -6,9 +6,10 @@
 // blocks of rows. Accumulation is fp32; a bf16 result is rounded once at the end (as F.linear's is).
 //
 // Levels (picked by the caller, never above what the CPU has): 3 = AVX512-VNNI for int8 weights (x quantized
-// to int8 in blocks of 32: int8 x int8 products, rows_int8_vnni); 2 = AVX512-BF16 for bf16 weights (vdpbf16ps:
+// to int8 in blocks of 32: int8 x int8 products, rows_int8_vnni), and 4 the same products on AVX2 alone
+// (rows_int8_avx2); 2 = AVX512-BF16 for bf16 weights (vdpbf16ps:
 // pairs of bf16 products summed in fp32), AVX-512 F for fp32 and int8 ones; 1 = AVX2 + FMA (bf16 widened to
-// fp32 by a shift); 0 = portable C++. Every level but 3 multiplies by x as given.
+// fp32 by a shift); 0 = portable C++. Every level but 3 and 4 multiplies by x as given.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -201,6 +202,41 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_int8_vnni(const
     out[n - n0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) - xq.corr;
   }
 }
+
+// int8 x int8 on AVX2 (level 4 of gemv_int8, any CPU with AVX2): the same int8 blocks of x as level 3, multiplied
+// 32 weights at a time by vpmaddubsw, which takes unsigned by signed bytes. As llama.cpp's AVX2 Q8_0 product
+// does, the weight's magnitude is the unsigned side (|q|: -128 reads 128) and x takes the weight's sign
+// (vpsignb), so |q| * sign(q) * x = q * x and a pair sums to at most 2 x 128 x 127 < 2^15: no saturation, and no
+// correction term. vpmaddwd by ones then sums each four products into an int32 lane; a block's eight lanes
+// share its scale (s4). A row's tail (K not a multiple of 32) is copied into a zeroed block first.
+__attribute__((target("avx2,fma"))) inline __m256 q8_block(__m256i w, const int8_t* xq, const float* s4, __m256 acc) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+  const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+  const __m256i d = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(s4), acc);
+}
+
+__attribute__((target("avx2,fma"))) void rows_int8_avx2(const int8_t* w, int64_t K, const QuantizedX& xq, float* out,
+                                                       int64_t n0, int64_t n1) {
+  const int64_t K64 = K / 64 * 64, K32 = K / 32 * 32;
+  const int8_t* x = xq.q.data();
+  const float* s4 = xq.s4.data();
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* r = w + n * K;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    for (int64_t k = 0; k < K64; k += 64) {
+      a0 = q8_block(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + k)), x + k, s4 + k / 4, a0);
+      a1 = q8_block(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + k + 32)), x + k + 32, s4 + k / 4 + 8, a1);
+    }
+    if (K32 > K64) a0 = q8_block(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + K64)), x + K64, s4 + K64 / 4, a0);
+    if (K > K32) {
+      alignas(32) int8_t tail[32] = {0};
+      std::memcpy(tail, r + K32, K - K32);
+      a1 = q8_block(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail)), x + K32, s4 + K32 / 4, a1);
+    }
+    out[n - n0] = hsum256(_mm256_add_ps(a0, a1));
+  }
+}
 #endif
 
 // Rows per task: a block of rows is a few hundred KB of weight, so threads stream long runs.
@@ -303,14 +339,16 @@ at::Tensor gemv(const at::Tensor& x_, const at::Tensor& w, int64_t level) {
 
 // y [1, N] = (x [1, K] @ q[N, K]^T) * scales[N] for int8 rows q (quant.py's int8 layout, the one
 // aten._weight_int8pack_mm reads) and bf16 scales, in x's dtype (bf16 or fp32); level 2 here needs AVX-512
-// (F, BW) only, level 3 VNNI too.
+// (F, BW) only, level 3 VNNI too. Level 4 is the AVX2 int8 x int8 loop (rows_int8_avx2): it needs only what
+// level 1 needs, so it is no step above 3 but a kernel of its own, run wherever level 1 runs (else portable).
 at::Tensor gemv_int8(const at::Tensor& x_, const at::Tensor& q, const at::Tensor& scales, int64_t level) {
   check_x("gemv_int8", x_, q);
   TORCH_CHECK(q.scalar_type() == at::kChar, "gemv_int8: q must be int8");
   TORCH_CHECK(scales.numel() == q.size(0) && scales.scalar_type() == at::kBFloat16 && scales.is_contiguous(),
               "gemv_int8: one bf16 scale a row");
   const int64_t K = q.size(1);
-  level = std::min(level, top_level(at::kChar));
+  const int64_t top = top_level(at::kChar);
+  level = level == 4 ? (top >= 1 ? 4 : 0) : std::min(level, top);
   const auto x = x_.contiguous();
   std::vector<float> buf;
   const float* xf = as_float(x, buf);
@@ -320,7 +358,8 @@ at::Tensor gemv_int8(const at::Tensor& x_, const at::Tensor& q, const at::Tensor
 #endif
   return product(x, q.size(0), scales.data_ptr<at::BFloat16>(), [&](float* o, int64_t n0, int64_t n1) {
 #if defined(__x86_64__)
-    if (level >= 3) return rows_int8_vnni(qp, K, xq, o, n0, n1);
+    if (level == 4) return rows_int8_avx2(qp, K, xq, o, n0, n1);
+    if (level == 3) return rows_int8_vnni(qp, K, xq, o, n0, n1);
     if (level >= 2) return rows_avx512(qp, K, xf, o, n0, n1);
     if (level >= 1) return rows_avx2(qp, K, xf, o, n0, n1);
 #endif
