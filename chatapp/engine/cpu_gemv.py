@@ -142,12 +142,12 @@ def _capped(cpu: int) -> int:
 
 
 #: Our decode attention (csrc/attention.cpp) by name, and its level: the kernel choice races it against SDPA.
-ATTENTION = {"attention-avx512": 2}
+ATTENTION = {"attention-avx512": 2, "attention-avx2": 1}
 
 
 def attention_products() -> list[str]:
-    """The decode attention this machine can run besides PyTorch's SDPA (AVX-512 F, where PyTorch's own kernel
-    family is AVX512 too)."""
+    """The decode attention this machine can run besides PyTorch's SDPA: AVX-512 F where PyTorch's own kernel
+    family is AVX512 too, AVX2 + FMA where it is AVX2 or more (both are raced: neither is assumed faster)."""
     if not load():
         return []
     top = _capped(torch.ops.smollchat_cpu.attention_cpu_level())

@@ -9,7 +9,8 @@
 // is visible to the newest token.
 //
 // Levels: 2 = AVX-512 F (D and Dv multiples of 16, at most 256; exp by a degree-6 polynomial of 2^f scaled by
-// vscalefps, within 2e-7 of expf); else portable C++ (std::exp).
+// vscalefps, within 2e-7 of expf); 1 = AVX2 + FMA (multiples of 8; the same polynomial, 2^n made in the exponent
+// bits), also what level 2 runs for widths that are multiples of 8 but not 16; else portable C++ (std::exp).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -144,12 +145,121 @@ __attribute__((target("avx512f"))) void head_avx512(const T* q, int64_t qs, cons
   for (int64_t r = 0; r < R; ++r)
     for (int64_t c = 0; c < Cv; ++c) _mm512_storeu_ps(o + r * Dv + c * 16, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])));
 }
+
+// AVX2 + FMA (level 1, for the CPUs without AVX-512): head_avx512's steps 8 lanes wide, D and Dv multiples of 8.
+// 2^n of the exp is built in the exponent bits (n >= -126 here, so a normal float), and the softmax's tail of L
+// is read and written by masked moves.
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 load8(const at::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive8(__m256 x) {
+  const __m256 t = _mm256_mul_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(1.44269504f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.535336188e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+// The sums of the 8 lanes of a, b, c and d, in that order.
+__attribute__((target("avx2,fma"))) inline __m128 sum4_8(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+__attribute__((target("avx2,fma"))) inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <typename T>
+__attribute__((target("avx2,fma"))) void head_avx2(const T* q, int64_t qs, const T* k, int64_t ks, const T* v,
+                                                   int64_t vs, int64_t R, int64_t L, int64_t D, int64_t Dv,
+                                                   float scale, float* s, float* o) {
+  const int64_t C = D / 8, Cv = Dv / 8;
+  __m256 qf[kMaxR][kMaxD / 8];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) qf[r][c] = _mm256_mul_ps(load8(q + r * qs + c * 8), _mm256_set1_ps(scale));
+  const int64_t L4 = L / 4 * 4;
+  for (int64_t j = 0; j < L4; j += 4) {
+    for (int64_t r = 0; r < R; ++r) {
+      __m256 a[4];
+      for (int i = 0; i < 4; ++i) {
+        const T* kr = k + (j + i) * ks;
+        a[i] = _mm256_mul_ps(qf[r][0], load8(kr));
+        for (int64_t c = 1; c < C; ++c) a[i] = _mm256_fmadd_ps(qf[r][c], load8(kr + c * 8), a[i]);
+      }
+      _mm_storeu_ps(s + r * L + j, sum4_8(a[0], a[1], a[2], a[3]));
+    }
+  }
+  for (int64_t j = L4; j < L; ++j) {
+    const T* kr = k + j * ks;
+    for (int64_t r = 0; r < R; ++r) {
+      __m256 acc = _mm256_mul_ps(qf[r][0], load8(kr));
+      for (int64_t c = 1; c < C; ++c) acc = _mm256_fmadd_ps(qf[r][c], load8(kr + c * 8), acc);
+      s[r * L + j] = hsum8(acc);
+    }
+  }
+  const int64_t L8 = L / 8 * 8;
+  // Lanes below L - L8 of the last, partial vector of scores.
+  const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(L - L8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  float inv[kMaxR];
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = s + r * L;
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < L8; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(sr + j));
+    float mx = hmax8(mv);
+    for (int64_t j = L8; j < L; ++j) mx = std::max(mx, sr[j]);
+    const __m256 m = _mm256_set1_ps(mx);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < L8; j += 8) {
+      const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(sr + j), m));
+      _mm256_storeu_ps(sr + j, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    if (L > L8) {
+      const __m256 e = _mm256_and_ps(exp_nonpositive8(_mm256_sub_ps(_mm256_maskload_ps(sr + L8, tail), m)),
+                                     _mm256_castsi256_ps(tail));
+      _mm256_maskstore_ps(sr + L8, tail, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    inv[r] = 1.f / hsum8(sum);
+  }
+  __m256 acc[kMaxR][kMaxD / 8];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < Cv; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < L; ++j) {
+    const T* vr = v + j * vs;
+    for (int64_t c = 0; c < Cv; ++c) {
+      const __m256 vc = load8(vr + c * 8);
+      for (int64_t r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(s[r * L + j]), vc, acc[r][c]);
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < Cv; ++c) _mm256_storeu_ps(o + r * Dv + c * 8, _mm256_mul_ps(acc[r][c], _mm256_set1_ps(inv[r])));
+}
 #endif
 
 int64_t attention_top_level() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") ? 2 : 0;
+  if (__builtin_cpu_supports("avx512f")) return 2;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
 #else
   return 0;
 #endif
@@ -162,7 +272,9 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double s
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  const bool wide = level >= 2 && D % 16 == 0 && Dv % 16 == 0 && D <= 256 && Dv <= 256 && R <= 16;
+  const bool fits = D <= kMaxD && Dv <= kMaxD && R <= kMaxR;
+  const bool wide = fits && level >= 2 && D % 16 == 0 && Dv % 16 == 0;
+  const bool eight = fits && level >= 1 && D % 8 == 0 && Dv % 8 == 0;
   at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> s(R * L), o(R * Dv);
     for (int64_t t = t0; t < t1; ++t) {
@@ -173,6 +285,8 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double s
 #if defined(__x86_64__)
       if (wide)
         head_avx512(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), R, L, D, Dv, float(scale), s.data(), o.data());
+      else if (eight)
+        head_avx2(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), R, L, D, Dv, float(scale), s.data(), o.data());
       else
 #endif
         head_portable(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), R, L, D, Dv, float(scale), s.data(), o.data());
