@@ -378,6 +378,16 @@ def _decisions() -> DecisionFile:
     return DecisionFile(locations.cache_dir() / "kernels.json")
 
 
+#: How a recorded measurement was taken: one made another way (before flush_cache, "flushed" here) is taken again.
+METHOD = "flushed"
+
+
+def _current(seen: Mapping[str, Any], raced: list[str]) -> bool:
+    """Whether a recorded measurement still stands: taken the way this version measures, over the candidates this
+    machine has now (a new product, or one that became runnable, is raced at the next load)."""
+    return seen.get("method") == METHOD and sorted(seen.get("candidates") or []) == sorted(raced)
+
+
 def decision_key(device: torch.device, dtype: torch.dtype, shapes: Mapping[str, tuple[int, int]]) -> str:
     """The machine (decisions.machine_key), the dtype and the shapes measured."""
     shape = ",".join(f"{c}={o}x{i}" for c, (o, i) in sorted(shapes.items()))
@@ -423,8 +433,9 @@ def _choose_matrices(model: nn.Module, dtype: torch.dtype, device: torch.device,
         return quantized if quantize else default(dtype)
     shapes = representative_shapes(mats)
     key = decision_key(device, mdtype, shapes)
+    raced = [str(p) for p in candidates(mdtype, "decode")]
     seen = _decisions().get(key) if kernels == "auto" else None
-    if isinstance(seen, dict):
+    if isinstance(seen, dict) and _current(seen, raced):
         try:
             seen = {**seen, "dtype": _dtype_name(dtype)}
             return _runnable(KernelChoice.from_dict(seen, "cached"), mdtype, device)  # (loads our GEMV)
@@ -442,8 +453,8 @@ def _choose_matrices(model: nn.Module, dtype: torch.dtype, device: torch.device,
     choice = KernelChoice(_dtype_name(dtype), chosen.get("widening", fallback.widening),
                           chosen.get("narrowing", fallback.narrowing), "measured" + (f" ({quantize})" if quantize else ""),
                           timings)
-    _decisions().record(key, {**choice.as_dict(), "timings_ms": timings,
-                              "measure_s": round(time.perf_counter() - t, 3)})
+    _decisions().record(key, {**choice.as_dict(), "timings_ms": timings, "measure_s": round(time.perf_counter() - t, 3),
+                              "method": METHOD, "candidates": raced})
     log.info("kernel choice for %s: %s in %.2f s", key, choice.paths, time.perf_counter() - t)
     return choice
 
@@ -594,14 +605,14 @@ def choose_attention(model: nn.Module, dtype: torch.dtype, device: torch.device,
     length = min(ATTENTION_LENGTH, getattr(model, "max_context", ATTENTION_LENGTH))
     key = f"{machine_key(device)}|attention|{_dtype_name(dtype)}|heads={'x'.join(map(str, heads))}|L={length}"
     seen = _decisions().get(key) if kernels == "auto" else None
-    if isinstance(seen, dict) and seen.get("attention") in ("sdpa", *ours):
+    if isinstance(seen, dict) and _current(seen, ["sdpa", *ours]) and seen.get("attention") in ("sdpa", *ours):
         return seen["attention"]
     timings = measure_attention(heads, dtype, length, ours, timer or wall_timer)
     if not timings:
         log.warning("the machine was too busy to measure the decode attention: SDPA for this load")
         return "sdpa"
     best = min(timings, key=timings.get)
-    _decisions().record(key, {"attention": best, "timings_ms": timings})
+    _decisions().record(key, {"attention": best, "timings_ms": timings, "method": METHOD, "candidates": ["sdpa", *ours]})
     return best
 
 

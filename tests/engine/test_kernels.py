@@ -180,6 +180,19 @@ def test_a_measured_choice_is_recorded_and_reused(measured_small, fixtures_root)
     assert len(measured_small) == n  # nothing timed the second time
 
 
+def test_a_record_over_other_candidates_or_taken_another_way_is_measured_again(measured_small, fixtures_root):
+    # A product added since (or one that became runnable) must be raced, and a record taken before the cache
+    # was flushed for each timed call may have timed cached reads: either way the next load measures again.
+    assert load_model(fixtures_root / "axiom", dtype="float32").kernel_choice.source == "measured"
+    book = kernels._decisions()
+    key = next(k for k in book.read() if "|float32|" in k and "|attention|" not in k)
+    assert book.get(key)["method"] == kernels.METHOD
+    for change in ({"candidates": ["row/linear/linear"]}, {"method": None}):
+        book.record(key, {**book.get(key), **change})
+        assert load_model(fixtures_root / "axiom", dtype="float32").kernel_choice.source == "measured"
+        assert load_model(fixtures_root / "axiom", dtype="float32").kernel_choice.source == "cached"
+
+
 def test_measure_replaces_what_the_machine_had_cached(measured_small, fixtures_root, monkeypatch):
     # `smollchat bench --remeasure`: a choice cached while the machine was busy is measured again and replaced.
     first = load_model(fixtures_root / "axiom", dtype="float32")
