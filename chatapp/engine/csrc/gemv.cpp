@@ -2,8 +2,8 @@
 // builds this file once per machine and measures it against PyTorch's products in kernels.py).
 //
 // Each output is the dot product of one contiguous weight row with x, so the weight is streamed once, in
-// the order it lies in memory (one row after another, left to the hardware prefetcher), split over torch's intra-op threads by
-// blocks of rows. Accumulation is fp32; a bf16 result is rounded once at the end (as F.linear's is).
+// the order it lies in memory (one row after another, left to the hardware prefetcher), split over torch's
+// intra-op threads by blocks of rows. Accumulation is fp32; a bf16 result is rounded once at the end (as F.linear's is).
 //
 // Levels (picked by the caller, never above what the CPU has): 3 = AVX512-VNNI for int8 weights (x quantized
 // to int8 in blocks of 32: int8 x int8 products, rows_int8_vnni), and 4 the same products on AVX2 alone
@@ -86,9 +86,9 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* w, int64_t K, const 
 
 // AVX512-BF16: x kept in bf16; one row at a time, 64 products (128 bytes of the row) an iteration in two
 // accumulators, then the tail of K by masked loads (zeros). 128 bytes an iteration and no software prefetch:
-// on a Zen 4 this read 25 GB/s on one core and 30-43 on two where the same loop at 256 bytes an iteration read
-// 18-20 and 24-35, and a prefetch 512 bytes ahead cost 10-15 % in every loop here (the hardware prefetcher
-// follows one row's stream by itself).
+// streaming Axiom's 736 MiB on a Zen 4 this read 25 GB/s on one core and 30-43 on two (medians of three runs)
+// where the same loop at 256 bytes an iteration read 18-20 and 23-29. A software prefetch 512 bytes ahead made
+// no loop here faster (int8: the same; bf16: 3-18 % slower): the hardware prefetcher follows one row's stream.
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_avx512bf16(const uint16_t* w, int64_t K,
                                                                             const uint16_t* x, float* out,
                                                                             int64_t n0, int64_t n1) {
@@ -117,7 +117,7 @@ __attribute__((target("avx512f"))) inline __m512 load16(const int8_t* p) {
 
 // AVX-512 F: fp32 or int8 weights (one scale a row, applied by the caller) widened to fp32, x in fp32; 16 x V
 // products an iteration, one accumulator each: at most 128 bytes of the row an iteration (fp32 weights at 256
-// bytes read 36 GB/s on a Zen 4 where the AVX2 loop read 49, as rows_avx512bf16 says).
+// bytes an iteration read 36 GB/s on a Zen 4 where the AVX2 loop read 43; see rows_avx512bf16).
 template <typename T>
 __attribute__((target("avx512f"))) void rows_avx512(const T* w, int64_t K, const float* xf, float* out, int64_t n0,
                                                     int64_t n1) {
