@@ -148,7 +148,9 @@ __attribute__((target("avx512f"))) void head_avx512(const T* q, int64_t qs, cons
 
 // AVX2 + FMA (level 1, for the CPUs without AVX-512): head_avx512's steps 8 lanes wide, D and Dv multiples of 8.
 // 2^n of the exp is built in the exponent bits (n >= -126 here, so a normal float), and the softmax's tail of L
-// is read and written by masked moves.
+// is read and written by masked moves. It repeats head_avx512's shape on purpose: a function is compiled for
+// one instruction set (its target attribute), and one template for both would be compiled for their union,
+// which lets the compiler put AVX-512 instructions into the AVX2 copy (a crash on the CPUs it is for).
 __attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 __attribute__((target("avx2,fma"))) inline __m256 load8(const at::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
