@@ -215,7 +215,7 @@ def wall_timer(case: str, path: MatrixPath, fn: Callable[[], Any]) -> float:
 
 
 #: The buffer flush_cache reads: made at the first timed call of a measurement, dropped when it ends.
-_flush: dict[str, torch.Tensor] = {}
+_flush: dict[str, Any] = {}
 
 
 def last_level_cache_bytes(pattern: str = "/sys/devices/system/cpu/cpu0/cache/index*/size") -> int:
@@ -231,19 +231,32 @@ def last_level_cache_bytes(pattern: str = "/sys/devices/system/cpu/cpu0/cache/in
 
 
 def flush_cache() -> None:
-    """Read a buffer twice the size of the last-level cache (at most FLUSH_MAX_BYTES), so the call timed next
+    """Read a buffer twice the size of the last-level cache (at most FLUSH_MAX_BYTES, and at most what the
+    measurement under way may allocate: _flushing), so the call timed next
     reads its matrices from memory, as a decode step does (it streams the whole model between two reads of a
     matrix). Without it, a pool that fits the cache is timed at cache speed: on a Zen 4 with a 32 MiB L3 the race
     picked our AVX512-BF16 product (then a loop of 256 bytes an iteration) over the AVX2 one from a 30 MB pool,
     where streaming Axiom's 736 MiB the AVX2 one read 20-30 % faster."""
     if "buf" not in _flush:
-        _flush["buf"] = torch.ones(min(2 * last_level_cache_bytes(), FLUSH_MAX_BYTES) // 8, dtype=torch.int64)
+        limit = int(_flush.get("limit", FLUSH_MAX_BYTES))
+        _flush["buf"] = torch.ones(max(8, min(2 * last_level_cache_bytes(), FLUSH_MAX_BYTES, limit)) // 8,
+                                   dtype=torch.int64)
     _flush["buf"].sum()
 
 
+def flush_bytes(memory: int) -> int:
+    """The part of a measurement's `memory` the flush buffer takes (the rest is the candidates' operands): half,
+    at most twice the last-level cache. So a load's peak memory moves no more than it did without flushing:
+    the measurement stays within an eighth of the model's matrix bytes, the flush buffer included (a model
+    too small to spare twice the cache is flushed in part, its race closer to cache speed)."""
+    return min(2 * last_level_cache_bytes(), FLUSH_MAX_BYTES, memory // 2)
+
+
 @contextlib.contextmanager
-def _flushing() -> Iterator[None]:
-    """One measurement's lifetime of the flush buffer."""
+def _flushing(limit: int) -> Iterator[None]:
+    """One measurement's lifetime of the flush buffer, of at most `limit` bytes."""
+    _flush.clear()
+    _flush["limit"] = limit
     try:
         yield
     finally:
@@ -331,12 +344,14 @@ def _race(case: str, paths: list[Any], calls: dict[Any, Callable[[], Any]], time
 def measure(shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype, timer: Timer = wall_timer,
             budget_s: float = 0.25, memory: int = 2 * POOL_BYTES) -> tuple[dict[str, MatrixPath], dict[str, dict[str, float]]]:
     """The fastest path per class on this machine, and the times (ms) each case measured; a class the machine
-    was too busy to measure is missing from the choice. The random matrices take at most about `memory` bytes
-    at a time (both layouts' pools)."""
+    was too busy to measure is missing from the choice. The random matrices and the flush buffer take at most
+    about `memory` bytes at a time (every layout's pool, and flush_bytes of it to flush the cache)."""
     item = torch.empty((), dtype=dtype).element_size()
     chosen: dict[str, MatrixPath] = {}
     timings: dict[str, dict[str, float]] = {}
-    with torch.inference_mode(), _flushing():
+    flush = flush_bytes(memory)
+    memory -= flush
+    with torch.inference_mode(), _flushing(flush):
         for cls, shape in shapes.items():
             # One class at a time in its own call: its matrices are freed before the next class's are made.
             best = _measure_class(cls, shape, dtype, item, timer, budget_s, memory, timings)
@@ -607,7 +622,8 @@ def choose_attention(model: nn.Module, dtype: torch.dtype, device: torch.device,
     seen = _decisions().get(key) if kernels == "auto" else None
     if isinstance(seen, dict) and _current(seen, ["sdpa", *ours]) and seen.get("attention") in ("sdpa", *ours):
         return seen["attention"]
-    timings = measure_attention(heads, dtype, length, ours, timer or wall_timer)
+    memory = min(2 * POOL_BYTES, sum(w.numel() * w.element_size() for w in model.matrices()) // 8)
+    timings = measure_attention(heads, dtype, length, ours, timer or wall_timer, memory=memory)
     if not timings:
         log.warning("the machine was too busy to measure the decode attention: SDPA for this load")
         return "sdpa"
@@ -617,9 +633,10 @@ def choose_attention(model: nn.Module, dtype: torch.dtype, device: torch.device,
 
 
 def measure_attention(heads: tuple[int, int, int, int], dtype: torch.dtype, length: int, ours: list[str],
-                      timer: Timer = wall_timer, budget_s: float = 0.25) -> dict[str, float]:
+                      timer: Timer = wall_timer, budget_s: float = 0.25, memory: int = 2 * POOL_BYTES) -> dict[str, float]:
     """ms per call of SDPA and of each of `ours` for one token over `length` cached ones (random caches of the
-    model's head shape, ATTENTION_POOL of them read in turn); empty when the machine was too busy to tell."""
+    model's head shape, ATTENTION_POOL of them read in turn); empty when the machine was too busy to tell. The
+    flush buffer takes flush_bytes(memory)."""
     h, hkv, d, dv = heads
     g = torch.Generator().manual_seed(0)
     caches = [(torch.randn(1, hkv, length, d, generator=g).to(dtype), torch.randn(1, hkv, length, dv, generator=g).to(dtype))
@@ -632,5 +649,5 @@ def measure_attention(heads: tuple[int, int, int, int], dtype: torch.dtype, leng
                 causal_attention(q, k, v, product=level)
         return run
     calls = {"sdpa": call(0), **{name: call(cpu_gemv.ATTENTION[name]) for name in ours}}
-    with torch.inference_mode(), _flushing():
+    with torch.inference_mode(), _flushing(flush_bytes(memory)):
         return _race(f"attention decode {h}x{hkv}x{d} L={length}", list(calls), calls, timer, budget_s, ATTENTION_POOL)

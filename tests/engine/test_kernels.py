@@ -127,8 +127,8 @@ def test_the_real_clock_times_real_products():
 
 
 def test_each_timed_call_first_flushes_the_cache_and_the_buffer_goes_with_the_measurement(monkeypatch):
-    # The real clock reads a buffer of twice the last-level cache before each timed call (so a pool that fits
-    # the cache is timed from memory), and the buffer is dropped when the measurement ends.
+    # The real clock reads a buffer of twice the last-level cache (within half the measurement's memory) before
+    # each timed call, so a pool that fits the cache is timed from memory; the buffer is dropped at the end.
     seen = []
 
     def clock(fn):
@@ -138,9 +138,13 @@ def test_each_timed_call_first_flushes_the_cache_and_the_buffer_goes_with_the_me
         return 1e-3
     monkeypatch.setattr(kernels, "timed", clock)
     chosen, _ = kernels.measure({"narrowing": (16, 48)}, torch.bfloat16)
-    want = min(2 * kernels.last_level_cache_bytes(), kernels.FLUSH_MAX_BYTES) // 8 * 8
+    want = min(2 * kernels.last_level_cache_bytes(), kernels.FLUSH_MAX_BYTES, kernels.POOL_BYTES) // 8 * 8
     assert chosen and seen and set(seen) == {want}
     assert kernels._flush == {}
+    # Within the measurement's memory: a small model's budget bounds the buffer, its half at most.
+    seen.clear()
+    kernels.measure({"narrowing": (16, 48)}, torch.bfloat16, memory=2 * 2**20)
+    assert set(seen) == {2**20}
 
 
 def test_the_last_level_cache_size_is_read_from_sysfs(tmp_path):
