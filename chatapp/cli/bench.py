@@ -75,7 +75,8 @@ def run(args) -> int:
              else ""))
     print(f"  state      {human_bytes(st['0'])} / {human_bytes(st['quarter'])} / {human_bytes(st['full'])} "
           f"at 0 / 1/4 / full context ({rec['state']['context']})")
-    print(f"  bandwidth  DRAM read {human_bytes(rec['dram_read_gbs'] * 1e9)}/s, GEMV {human_bytes(rec['gemv_gbs'] * 1e9)}/s, "
+    print(f"  bandwidth  DRAM read {human_bytes(rec['dram_read_gbs'] * 1e9)}/s, "
+          f"GEMV ({rec.get('gemv_product', 'F.linear')}) {human_bytes(rec['gemv_gbs'] * 1e9)}/s, "
           f"roofline fraction {rec['roofline_fraction']:.2f}")
     for name, peer in rec.get("peers", {}).items():
         print(f"  peer       {name}: {_peer_line(peer)}")

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..catalog import ModelEntry
 from ..contract import resolve_controls
+from . import cpu_gemv
 from .bench_peers import PeerRun, run_peers, seeded
 from .decisions import cpu_info, resolve_threads, share_between, usage
 from .generate import feed
@@ -88,19 +89,43 @@ def dram_read_gbs(mib: int = 256, repeats: int = 5) -> float:
     return buf.nbytes / statistics.median(times) / 1e9
 
 
-def gemv_gbs(dtype: torch.dtype, mib: int = 64, repeats: int = 7) -> float:
-    """Weight bytes per second of one-token F.linear on a [N, 4096] matrix of `dtype` (a decode step's kernel)."""
+def gemv_gbs(dtype: torch.dtype, mib: int = 64, repeats: int = 7, product: str = "linear", int8: bool = False) -> float:
+    """Weight bytes per second of a one-token product on a [N, 4096] matrix (a decode step's kernel): `product`
+    is the decode product the model's kernel choice took for its widening matrices (gemv_product): our one-row
+    product at its level, or PyTorch's (F.linear on `dtype` weights; aten's int8 product for `int8` ones)."""
     k = 4096
-    n = mib * 2 ** 20 // (k * torch.empty((), dtype=dtype).element_size())
-    w = torch.randn(n, k).to(dtype)
-    x = torch.randn(1, k).to(dtype)
-    F.linear(x, w)
+    level = cpu_gemv.PRODUCTS.get(product, 0)
+    if int8:
+        w = torch.randint(-127, 128, (mib * 2 ** 20 // k, k), dtype=torch.int8)
+        scales = torch.ones(w.shape[0], dtype=torch.bfloat16)
+        x = torch.randn(1, k).bfloat16()
+
+        def call() -> Any:
+            if level:
+                return torch.ops.smollchat_cpu.gemv_int8(x, w, scales, level)
+            return torch.ops.aten._weight_int8pack_mm(x, w, scales)
+    else:
+        w = torch.randn(mib * 2 ** 20 // (k * torch.empty((), dtype=dtype).element_size()), k).to(dtype)
+        x = torch.randn(1, k).to(dtype)
+
+        def call() -> Any:
+            return torch.ops.smollchat_cpu.gemv(x, w, level) if level else F.linear(x, w)
+    call()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        F.linear(x, w)
+        call()
         times.append(time.perf_counter() - t)
     return w.nbytes / statistics.median(times) / 1e9
+
+
+def gemv_product(model: nn.Module, quantize: str | None) -> tuple[str, bool]:
+    """The one-row product a decode step of `model` runs on its widening matrices, as gemv_gbs takes it: one
+    of ours where the kernel choice took it (its name), else "linear" (PyTorch's); and whether it is an int8
+    product."""
+    choice = getattr(model, "kernel_choice", None)
+    name = choice.widening.decode if choice is not None else "linear"
+    return (name if name in cpu_gemv.PRODUCTS else "linear"), quantize == "int8"
 
 
 def bytes_per_token(model: nn.Module, controls: Any = None) -> int:
@@ -198,7 +223,9 @@ def run(entry: ModelEntry, opts: BenchOptions, progress: Callable[[str], None] |
     rec["state"] = _state_bytes(state, used, context)
     say("bandwidth")
     rec["dram_read_gbs"] = round(dram_read_gbs(64 if opts.quick else 256), 2)
-    rec["gemv_gbs"] = round(gemv_gbs(dtype, 16 if opts.quick else 64), 2)
+    product, int8 = gemv_product(model, quant)
+    rec["gemv_product"] = product if product != "linear" else ("aten int8" if int8 else "F.linear")
+    rec["gemv_gbs"] = round(gemv_gbs(dtype, 16 if opts.quick else 64, product=product, int8=int8), 2)
     rec["roofline_fraction"] = round(rec["decode_tok_s"] * rec["weight_bytes_per_token"] / (rec["dram_read_gbs"] * 1e9), 3)
     if not opts.quick:
         def ours_decode() -> float:  # one more decode run of ours, between a peer's (llama.cpp interleaves)

@@ -3,6 +3,7 @@ consistent values (never timing thresholds: this machine is shared)."""
 import json
 
 import pytest
+import torch
 
 from chatapp.catalog import load_catalog
 from chatapp.cli import main
@@ -13,6 +14,32 @@ FIELDS = {"model", "dtype", "quantize", "threads", "cpu", "load_s", "peak_rss_by
           "weight_bytes", "weight_bytes_per_token", "prefill", "decode_tok_s", "decode_tok_s_all", "decode_cpu_share",
           "step_ms", "model_ms", "outside_model_ms", "outside_model_cpu_ms", "state", "dram_read_gbs", "gemv_gbs",
           "roofline_fraction", "compile", "peers"}
+
+
+def test_the_gemv_figure_runs_the_product_the_kernel_choice_took(monkeypatch):
+    # Our one-row product at its level (float and int8 weights), or PyTorch's; each call multiplies the matrix.
+    from chatapp.engine import bench, cpu_gemv
+    from chatapp.engine.kernels import KernelChoice, MatrixPath
+
+    if not cpu_gemv.products(torch.bfloat16):
+        pytest.skip(f"no one-row product of ours here: {cpu_gemv.error() or 'no AVX2'}")
+    seen = []
+    for op in ("gemv", "gemv_int8"):
+        real = getattr(torch.ops.smollchat_cpu, op)
+        monkeypatch.setattr(torch.ops.smollchat_cpu, op, lambda *a, _r=real, _op=op: seen.append((_op, a[-1])) or _r(*a))
+    name = cpu_gemv.products(torch.bfloat16)[0]
+    model = torch.nn.Module()
+    model.kernel_choice = KernelChoice("bfloat16", MatrixPath("row", name, "linear"), MatrixPath(), "measured")
+    assert bench.gemv_product(model, None) == (name, False)
+    assert bench.gemv_gbs(torch.bfloat16, 1, repeats=2, product=name) > 0
+    assert seen == [("gemv", cpu_gemv.PRODUCTS[name])] * 3
+    seen.clear()
+    assert bench.gemv_gbs(torch.bfloat16, 1, repeats=2, product="gemv-avx2", int8=True) > 0
+    assert seen == [("gemv_int8", 1)] * 3
+    seen.clear()
+    model.kernel_choice = KernelChoice("bfloat16", MatrixPath("column"), MatrixPath(), "measured")
+    assert bench.gemv_product(model, "int8") == ("linear", True)
+    assert bench.gemv_gbs(torch.bfloat16, 1, repeats=2, product="linear") > 0 and seen == []
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
@@ -35,6 +62,8 @@ def test_quick_record_has_every_figure(tmp_path, capsys, quantize):
         rec["decode_tok_s"] * rec["weight_bytes_per_token"] / (rec["dram_read_gbs"] * 1e9), rel=0.02, abs=2e-3)
     if quantize == "int8":
         assert rec["quant_report"].startswith("int8")
+    # The demo takes PyTorch's products (it is too small to measure a kernel choice): the GEMV figure says so.
+    assert rec["gemv_product"] == ("aten int8" if quantize == "int8" else "F.linear") and rec["gemv_gbs"] > 0
     assert "decode" in capsys.readouterr().out
 
 
@@ -104,7 +133,7 @@ def test_a_peer_interleaved_with_ours_is_compared_with_those_runs(monkeypatch, c
                 "plain": {"decode_tok_s": 2.0, "impl": "y"}, "absent": "not installed"}
     monkeypatch.setattr(bench, "run_peers", peers)
     monkeypatch.setattr(bench, "dram_read_gbs", lambda mib: 10.0)
-    monkeypatch.setattr(bench, "gemv_gbs", lambda dtype, mib: 10.0)
+    monkeypatch.setattr(bench, "gemv_gbs", lambda dtype, mib, **how: 10.0)
     rec = run(get_entry("axiom-tiny"), BenchOptions(threads=1, compile="off"))
     assert len(seen["ours"]) == 3 and all(t > 0 for t in seen["ours"])  # real decode runs of the loaded model
     assert rec["peers"]["interleaved"]["ours_over_peer"] == 3.0
