@@ -232,13 +232,15 @@ def last_level_cache_bytes(pattern: str = "/sys/devices/system/cpu/cpu0/cache/in
 
 def flush_cache() -> None:
     """Read a buffer twice the size of the last-level cache (at most FLUSH_MAX_BYTES, and at most what the
-    measurement under way may allocate: _flushing), so the call timed next
-    reads its matrices from memory, as a decode step does (it streams the whole model between two reads of a
-    matrix). Without it, a pool that fits the cache is timed at cache speed: on a Zen 4 with a 32 MiB L3 the race
-    picked our AVX512-BF16 product (then a loop of 256 bytes an iteration) over the AVX2 one from a 30 MB pool,
-    where streaming Axiom's 736 MiB the AVX2 one read 20-30 % faster."""
+    measurement under way may allocate: _flushing; nothing outside one), so the call timed next reads its
+    matrices from memory, as a decode step does (it streams the whole model between two reads of a matrix).
+    Without it, a pool that fits the cache is timed at cache speed: on a Zen 4 with a 32 MiB L3 the race picked
+    our AVX512-BF16 product (then a loop of 256 bytes an iteration) over the AVX2 one from a 30 MB pool, where
+    streaming Axiom's 736 MiB the AVX2 one read 20-30 % faster."""
+    if "limit" not in _flush:
+        return  # no measurement under way (_flushing): nothing may be allocated for good
     if "buf" not in _flush:
-        limit = int(_flush.get("limit", FLUSH_MAX_BYTES))
+        limit = int(_flush["limit"])
         _flush["buf"] = torch.ones(max(8, min(2 * last_level_cache_bytes(), FLUSH_MAX_BYTES, limit)) // 8,
                                    dtype=torch.int64)
     _flush["buf"].sum()

@@ -145,6 +145,8 @@ def test_each_timed_call_first_flushes_the_cache_and_the_buffer_goes_with_the_me
     seen.clear()
     kernels.measure({"narrowing": (16, 48)}, torch.bfloat16, memory=2 * 2**20)
     assert set(seen) == {2**20}
+    kernels.flush_cache()  # outside a measurement: no buffer is made (it would stay)
+    assert kernels._flush == {}
 
 
 def test_the_last_level_cache_size_is_read_from_sysfs(tmp_path):
