@@ -224,7 +224,9 @@ def run(entry: ModelEntry, opts: BenchOptions, progress: Callable[[str], None] |
     say("bandwidth")
     rec["dram_read_gbs"] = round(dram_read_gbs(64 if opts.quick else 256), 2)
     product, int8 = gemv_product(model, quant)
-    rec["gemv_product"] = product if product != "linear" else ("aten int8" if int8 else "F.linear")
+    # (int4 weights are not timed here: their figure is F.linear's on the float dtype, and says so.)
+    rec["gemv_product"] = product if product != "linear" else (
+        "aten int8" if int8 else f"F.linear {str(dtype).removeprefix('torch.')}")
     rec["gemv_gbs"] = round(gemv_gbs(dtype, 16 if opts.quick else 64, product=product, int8=int8), 2)
     rec["roofline_fraction"] = round(rec["decode_tok_s"] * rec["weight_bytes_per_token"] / (rec["dram_read_gbs"] * 1e9), 3)
     if not opts.quick:

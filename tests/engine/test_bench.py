@@ -63,7 +63,7 @@ def test_quick_record_has_every_figure(tmp_path, capsys, quantize):
     if quantize == "int8":
         assert rec["quant_report"].startswith("int8")
     # The demo takes PyTorch's products (it is too small to measure a kernel choice): the GEMV figure says so.
-    assert rec["gemv_product"] == ("aten int8" if quantize == "int8" else "F.linear") and rec["gemv_gbs"] > 0
+    assert rec["gemv_product"] == ("aten int8" if quantize == "int8" else f"F.linear {rec['dtype']}") and rec["gemv_gbs"] > 0
     assert "decode" in capsys.readouterr().out
 
 
