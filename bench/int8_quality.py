@@ -43,16 +43,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
     runs = set(cpu_gemv.products(torch.int8))
-    for name, path in list(PATHS.items()):
-        if path != "row/linear/linear" and path.split("/")[1] not in runs:
-            print(f"({name}: not on this machine)")
-            del PATHS[name]
-    print("model | " + " | ".join(f"{k}: rel. error / top-1" for k in PATHS))
+    paths = {name: path for name, path in PATHS.items() if path == "row/linear/linear" or path.split("/")[1] in runs}
+    for name in PATHS.keys() - paths.keys():
+        print(f"({name}: not on this machine)")
+    print("model | " + " | ".join(f"{k}: rel. error / top-1" for k in paths))
     for d in sorted(p for p in Path(args.fixtures).iterdir() if (p / "golden.safetensors").is_file()):
         ids = load_file(str(d / "golden.safetensors"))["input_ids"]
         ref = decode_logits(load_model(d, kernels="reference"), ids, torch.float32)
         cells = []
-        for path in PATHS.values():
+        for path in paths.values():
             model = load_model(d, quantize="int8", kernels={"dtype": "float32", "widening": path, "narrowing": path})
             cells.append(compare(ref, decode_logits(model, ids, torch.float32)))
         print(f"{d.name} fixture | " + " | ".join(cells))
@@ -65,7 +64,7 @@ def main() -> None:
                               kernels={"dtype": "bfloat16", "widening": path, "narrowing": path})
         return decode_logits(model, ids, torch.bfloat16)
     ref = real(None)
-    cells = [compare(ref, real("int8", path)) for path in PATHS.values()]
+    cells = [compare(ref, real("int8", path)) for path in paths.values()]
     print(f"{entry.id} real size, random weights, bf16 | " + " | ".join(cells))
 
 

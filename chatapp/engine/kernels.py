@@ -246,6 +246,12 @@ def flush_cache() -> None:
     _flush["buf"].sum()
 
 
+def measure_memory(matrix_bytes: int) -> int:
+    """What a measurement for a model with `matrix_bytes` of matrices may allocate at a time: an eighth of them,
+    at most 2 x POOL_BYTES, so the load's peak memory barely moves."""
+    return min(2 * POOL_BYTES, matrix_bytes // 8)
+
+
 def flush_bytes(memory: int) -> int:
     """The part of a measurement's `memory` the flush buffer takes (the rest is the candidates' operands): half,
     at most twice the last-level cache. So a load's peak memory moves no more than it did without flushing:
@@ -446,7 +452,8 @@ def _choose_matrices(model: nn.Module, dtype: torch.dtype, device: torch.device,
     if quantize and quantize != "int8":
         return quantized
     mats = [w for w in model.matrices() if w.dtype == dtype and w.dim() == 2]
-    if sum(w.numel() * w.element_size() for w in mats) < MIN_MEASURE_BYTES:
+    nbytes = sum(w.numel() * w.element_size() for w in mats)
+    if nbytes < MIN_MEASURE_BYTES:
         return quantized if quantize else default(dtype)
     shapes = representative_shapes(mats)
     key = decision_key(device, mdtype, shapes)
@@ -459,9 +466,7 @@ def _choose_matrices(model: nn.Module, dtype: torch.dtype, device: torch.device,
         except ValueError:
             pass  # written by another version: measure again
     t = time.perf_counter()
-    # The measurement's matrices stay within an eighth of the model's: the load's peak memory barely moves.
-    memory = min(2 * POOL_BYTES, sum(w.numel() * w.element_size() for w in mats) // 8)
-    chosen, timings = measure(shapes, mdtype, timer or wall_timer, memory=memory)
+    chosen, timings = measure(shapes, mdtype, timer or wall_timer, memory=measure_memory(nbytes))
     fallback = quantized if quantize else default(dtype)
     if set(chosen) != set(shapes):
         # Too busy to measure (decisions.timed): this load takes the default, and the next load measures again.
@@ -616,21 +621,21 @@ def choose_attention(model: nn.Module, dtype: torch.dtype, device: torch.device,
     (the demos) and --eager keep SDPA."""
     heads = attention_heads(model)
     ours = cpu_gemv.attention_products() if device.type == "cpu" and heads and kernels != "reference" else []
-    big = sum(w.numel() * w.element_size() for w in model.matrices()) >= MIN_MEASURE_BYTES
-    if not ours or not big or dtype not in (torch.float32, torch.bfloat16):
+    nbytes = sum(w.numel() * w.element_size() for w in model.matrices())
+    if not ours or nbytes < MIN_MEASURE_BYTES or dtype not in (torch.float32, torch.bfloat16):
         return "sdpa"
     length = min(ATTENTION_LENGTH, getattr(model, "max_context", ATTENTION_LENGTH))
     key = f"{machine_key(device)}|attention|{_dtype_name(dtype)}|heads={'x'.join(map(str, heads))}|L={length}"
+    raced = ["sdpa", *ours]
     seen = _decisions().get(key) if kernels == "auto" else None
-    if isinstance(seen, dict) and _current(seen, ["sdpa", *ours]) and seen.get("attention") in ("sdpa", *ours):
+    if isinstance(seen, dict) and _current(seen, raced) and seen.get("attention") in raced:
         return seen["attention"]
-    memory = min(2 * POOL_BYTES, sum(w.numel() * w.element_size() for w in model.matrices()) // 8)
-    timings = measure_attention(heads, dtype, length, ours, timer or wall_timer, memory=memory)
+    timings = measure_attention(heads, dtype, length, ours, timer or wall_timer, memory=measure_memory(nbytes))
     if not timings:
         log.warning("the machine was too busy to measure the decode attention: SDPA for this load")
         return "sdpa"
     best = min(timings, key=timings.get)
-    _decisions().record(key, {"attention": best, "timings_ms": timings, "method": METHOD, "candidates": ["sdpa", *ours]})
+    _decisions().record(key, {"attention": best, "timings_ms": timings, "method": METHOD, "candidates": raced})
     return best
 
 
