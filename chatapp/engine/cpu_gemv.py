@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
 #: Built into the same library: the decode step's attention (csrc/attention.cpp; layers.causal_attention).
 SOURCES = (SOURCE, SOURCE.with_name("attention.cpp"))
+#: Included by both sources (shared SIMD helpers): hashed into the build folder's name with them.
+HEADERS = (SOURCE.with_name("simd.h"),)
 #: -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself is built
 #: with OpenMP (then it shares the libgomp torch loaded: same soname, one thread pool).
 CFLAGS = ["-O3", "-fopenmp"]
@@ -56,7 +58,7 @@ _state: dict[str, object] = {}
 def build_dir() -> Path:
     """Where the extension is built: keyed by the source, the flags and torch (the library dispatches on the CPU
     at run time, so one cache folder can serve machines of different kinds)."""
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + repr((CFLAGS, LDFLAGS)).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS) + repr((CFLAGS, LDFLAGS)).encode()).hexdigest()[:12]
     return locations.cache_dir() / "extensions" / f"gemv-{digest}-torch{torch.__version__}"
 
 

@@ -190,3 +190,22 @@ def test_without_a_compiler_it_is_no_candidate_and_says_why(monkeypatch):
     assert not cpu_gemv.load() and "no C++ compiler" in cpu_gemv.error()
     assert cpu_gemv.products(torch.bfloat16) == cpu_gemv.products(torch.int8) == []
     assert not any("gemv" in str(p) for p in kernels.candidates(torch.float32, "decode"))
+
+
+def test_the_build_folder_follows_every_source_and_header(tmp_path, monkeypatch):
+    """A changed shared header must rebuild the extension (a stale library would run the old SIMD code), and
+    every file the build includes must ship with the package."""
+    import re
+    from pathlib import Path
+
+    csrc = cpu_gemv.SOURCE.parent
+    included = {m for f in cpu_gemv.SOURCES for m in re.findall(r'#include "([^"]+)"', f.read_text())}
+    assert included and {csrc / name for name in included} <= set(cpu_gemv.HEADERS)
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    patterns = re.findall(r'"([^"]+)"', re.search(r"\[tool\.setuptools\.package-data\]\n\"\*\" = \[(.*)\]", pyproject).group(1))
+    assert all(any(f.match(p) for p in patterns) for f in cpu_gemv.SOURCES + cpu_gemv.HEADERS)
+    before = cpu_gemv.build_dir()
+    header = tmp_path / "simd.h"
+    header.write_text(cpu_gemv.HEADERS[0].read_text() + "\n// changed\n")
+    monkeypatch.setattr(cpu_gemv, "HEADERS", (header,))
+    assert cpu_gemv.build_dir() != before

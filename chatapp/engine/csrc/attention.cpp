@@ -19,6 +19,8 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 template <typename T>
@@ -55,16 +57,12 @@ __attribute__((target("avx512f"))) inline __m512 load16(const at::BFloat16* p) {
 
 // e^x for x <= 0 (scores less their maximum): 2^t with t = x log2(e) split into n + f, |f| <= 1/2.
 __attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504f));
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(smollchat_simd::kExpFloor)), _mm512_set1_ps(smollchat_simd::kLog2e));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.535336188e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  __m512 p = _mm512_set1_ps(smollchat_simd::kExp2Poly[0]);
+#pragma GCC unroll 6
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(smollchat_simd::kExp2Poly[i]));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -152,21 +150,15 @@ __attribute__((target("avx512f"))) void head_avx512(const T* q, int64_t qs, cons
 // one instruction set (its target attribute), and one template for both would be compiled for their union,
 // which lets the compiler put AVX-512 instructions into the AVX2 copy (a crash on the CPUs it is for).
 __attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-__attribute__((target("avx2,fma"))) inline __m256 load8(const at::BFloat16* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
+__attribute__((target("avx2,fma"))) inline __m256 load8(const at::BFloat16* p) { return smollchat_simd::load8_bf16(p); }
 
 __attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive8(__m256 x) {
-  const __m256 t = _mm256_mul_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(1.44269504f));
+  const __m256 t = _mm256_mul_ps(_mm256_max_ps(x, _mm256_set1_ps(smollchat_simd::kExpFloor)), _mm256_set1_ps(smollchat_simd::kLog2e));
   const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(t, n);
-  __m256 p = _mm256_set1_ps(1.535336188e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  __m256 p = _mm256_set1_ps(smollchat_simd::kExp2Poly[0]);
+#pragma GCC unroll 6
+  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(smollchat_simd::kExp2Poly[i]));
   const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
 }
@@ -177,11 +169,7 @@ __attribute__((target("avx2,fma"))) inline __m128 sum4_8(__m256 a, __m256 b, __m
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
+using smollchat_simd::hsum8;
 
 __attribute__((target("avx2,fma"))) inline float hmax8(__m256 v) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -18,6 +18,8 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 inline float bf16_to_float(uint16_t v) {
@@ -48,16 +50,9 @@ void rows_portable(const T* w, int64_t K, const float* xf, float* out, int64_t n
 }
 
 #if defined(__x86_64__)
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using smollchat_simd::hsum8;
 
-__attribute__((target("avx2,fma"))) inline __m256 load8(const uint16_t* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
+__attribute__((target("avx2,fma"))) inline __m256 load8(const uint16_t* p) { return smollchat_simd::load8_bf16(p); }
 __attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 __attribute__((target("avx2,fma"))) inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
@@ -78,7 +73,7 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const T* w, int64_t K, const 
       a2 = _mm256_fmadd_ps(load8(r + k + 16), _mm256_loadu_ps(xf + k + 16), a2);
       a3 = _mm256_fmadd_ps(load8(r + k + 24), _mm256_loadu_ps(xf + k + 24), a3);
     }
-    float s = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     for (int64_t k = K32; k < K; ++k) s += to_float(r[k]) * xf[k];
     out[n - n0] = s;
   }
@@ -234,7 +229,7 @@ __attribute__((target("avx2,fma"))) void rows_int8_avx2(const int8_t* w, int64_t
       std::memcpy(tail, r + K32, K - K32);
       a1 = q8_block(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail)), x + K32, s4 + K32 / 4, a1);
     }
-    out[n - n0] = hsum256(_mm256_add_ps(a0, a1));
+    out[n - n0] = hsum8(_mm256_add_ps(a0, a1));
   }
 }
 #endif
