@@ -86,6 +86,8 @@ def load() -> bool:
             torch.library.register_fake("smollchat_cpu::gemv")(_fake)
             torch.library.register_fake("smollchat_cpu::gemv_int8")(_fake_int8)
             torch.library.register_fake("smollchat_cpu::decode_attention")(_fake_attention)
+            torch.library.register_fake("smollchat_cpu::gemv_int4")(_fake_int4)
+            torch.library.register_fake("smollchat_cpu::int4_unpack")(_fake_unpack)
         except Exception as e:  # noqa: BLE001 - any build or load failure: PyTorch's products only
             _state.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
             log.warning("smollchat's CPU product could not be built, using PyTorch's (%s)", _state["error"])
@@ -102,6 +104,14 @@ def _fake_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, level: in
     return x.new_empty(*x.shape[:-1], q.shape[0])
 
 
+def _fake_int4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, level: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+def _fake_unpack(packed: torch.Tensor, sz: torch.Tensor, group: int, k: int) -> torch.Tensor:
+    return packed.new_empty(packed.shape[0], k, dtype=torch.bfloat16)
+
+
 def _fake_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, level: int) -> torch.Tensor:
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
@@ -113,17 +123,25 @@ def error() -> str:
 #: The kernel choice's product names (kernels.MatrixPath) and the level each runs at: bf16 weights take
 #: gemv-avx2 and gemv-avx512bf16, fp32 ones gemv-avx2 and gemv-avx512 (AVX-512 F), int8 ones (gemv_int8) those
 #: two and the int8 x int8 ones, gemv-avx512vnni and gemv-avx2-q8 (x quantized in blocks of 32, as llama.cpp's
-#: Q8_0 products do).
+#: Q8_0 products do). int4 weights (INT4: quant.py's "nibbles" layout, gemv_int4) take the byte products only,
+#: the same two names: nibbles by int8 x, x rounded with one scale a span of 128.
 PRODUCTS = {"gemv-avx2": 1, "gemv-avx512bf16": 2, "gemv-avx512": 2, "gemv-avx512vnni": 3, "gemv-avx2-q8": 4}
 #: The level of the CPU a product needs, where it is not its own number: gemv-avx2-q8 (int8 x int8 by vpmaddubsw,
 #: for the many CPUs without AVX-512) needs only AVX2.
 _NEEDS = {"gemv-avx2-q8": 1}
+#: The marker dtype of quant.py's int4 weights in the kernel choice (candidates, decision keys): nibbles, stored
+#: two to a uint8.
+INT4 = torch.uint4
 _NAMES = {torch.bfloat16: ("gemv-avx2", "gemv-avx512bf16"), torch.float32: ("gemv-avx2", "gemv-avx512"),
-          torch.int8: ("gemv-avx2", "gemv-avx2-q8", "gemv-avx512", "gemv-avx512vnni")}
+          torch.int8: ("gemv-avx2", "gemv-avx2-q8", "gemv-avx512", "gemv-avx512vnni"),
+          INT4: ("gemv-avx2-q8", "gemv-avx512vnni")}
+#: Where the CPU's level for a dtype comes from (gemv_cpu_levels: bf16, fp32, int8): int4 needs what int8 does.
+_LEVEL_OF = {INT4: torch.int8}
 
 
 def products(dtype: torch.dtype) -> list[str]:
-    """The product names this machine can run for `dtype` weights (torch.int8: quant.py's int8 rows), building
+    """The product names this machine can run for `dtype` weights (torch.int8: quant.py's int8 rows, INT4 its
+    int4 nibbles), building
     the extension on first ask: the AVX2 level wherever the CPU has AVX2 and FMA, the AVX-512 ones where it has
     those too (all are raced: on a Zen 4 the AVX2 one read bf16 and int8 weights faster than the AVX-512 one)."""
     if dtype not in _NAMES or not load():
@@ -135,7 +153,8 @@ def products(dtype: torch.dtype) -> list[str]:
 def level(dtype: torch.dtype = torch.bfloat16) -> int:
     """The highest instruction level the kernel runs at for `dtype` weights: the CPU's, capped by PyTorch's
     kernel family (AVX2: level 1; DEFAULT: none)."""
-    return _capped(torch.ops.smollchat_cpu.gemv_cpu_levels()[list(_NAMES).index(dtype)])
+    levels = torch.ops.smollchat_cpu.gemv_cpu_levels()
+    return _capped(levels[(torch.bfloat16, torch.float32, torch.int8).index(_LEVEL_OF.get(dtype, dtype))])
 
 
 def _capped(cpu: int) -> int:

@@ -75,7 +75,7 @@ from .layers import CachedAttention, CpuLinear, PackedLinear, causal_attention, 
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("row", "column", "packed")
+LAYOUTS = ("row", "column", "packed", "nibbles")
 PRODUCTS = ("linear", "tiles", "packed", *cpu_gemv.PRODUCTS)
 #: The products of more than one row (a GEMV product is for one row only).
 PREFILL_PRODUCTS = ("linear", "tiles", "packed")
@@ -112,6 +112,9 @@ class MatrixPath:
                              f"one of {', '.join(PRODUCTS)} (a GEMV for decode only)")
         if (self.layout == "packed") != (self.decode == "packed") or (self.layout == "packed") != (self.prefill == "packed"):
             raise ValueError(f"unknown matrix path {self}: a packed weight has one product, packed/packed/packed")
+        if self.layout == "nibbles" and (self.decode not in cpu_gemv.PRODUCTS or self.prefill != "linear"):
+            raise ValueError(f"unknown matrix path {self}: int4 nibbles take one of our products for decode and "
+                             "linear for prefill")
 
     def __str__(self) -> str:
         return f"{self.layout}/{self.decode}/{self.prefill}"
@@ -152,8 +155,10 @@ class KernelChoice:
         """e.g. "widening column/linear/linear, narrowing row/linear/linear (measured)"."""
         return f"{self.paths} ({self.source})"
 
-    def path_for(self, w: torch.Tensor) -> MatrixPath:
-        return self.widening if w.shape[0] > w.shape[1] else self.narrowing
+    def path_for(self, w: torch.Tensor | tuple[int, int]) -> MatrixPath:
+        """The path of a matrix (a weight, or its [out, in] shape): widening where out > in."""
+        out_f, in_f = w.shape if isinstance(w, torch.Tensor) else w
+        return self.widening if out_f > in_f else self.narrowing
 
     def as_dict(self) -> dict[str, str]:
         """What a run card records (replay forces it back through from_dict)."""
@@ -196,6 +201,8 @@ def candidates(dtype: torch.dtype, case: str, decode: MatrixPath = MatrixPath())
     the several-row product, on what decode chose)."""
     if dtype == torch.int8:  # quant.py's int8 rows: aten's product (row/linear/linear) or our GEMV
         return [ROW] + [MatrixPath("row", g, "linear") for g in cpu_gemv.products(dtype)]
+    if dtype == cpu_gemv.INT4:  # quant.py's int4: aten's packed layout and product (row/linear/linear) or our nibbles
+        return [ROW] + [MatrixPath("nibbles", g, "linear") for g in cpu_gemv.products(dtype)]
     if case == "decode":
         paths = [MatrixPath("row"), MatrixPath("column")]
         if dtype == torch.bfloat16:
@@ -280,12 +287,15 @@ def representative_shapes(mats: list[torch.Tensor]) -> dict[str, tuple[int, int]
     return {c: count.most_common(1)[0][0] for c, count in by_class.items() if count}
 
 
-def _pool(shape: tuple[int, int], dtype: torch.dtype, layout: str, itemsize: int, pool_bytes: int) -> list[torch.Tensor]:
+def _pool(shape: tuple[int, int], dtype: torch.dtype, layout: str, itemsize: float, pool_bytes: int) -> list[Any]:
     """Constant-filled matrices of `shape`, cut to MATRIX_BYTES or half of `pool_bytes` (rows dropped, the input width
-    kept), in `layout`, enough copies to fill `pool_bytes` (at least two)."""
+    kept), in `layout`, enough copies to fill `pool_bytes` (at least two). int4 ones (INT4) are (packed, scales,
+    group) triples in aten's layout ("row") or ours ("nibbles")."""
     out_f, in_f = shape
-    rows = max(1, min(out_f, min(MATRIX_BYTES, pool_bytes // 2) // (in_f * itemsize)))
-    copies = max(2, min(8, pool_bytes // (rows * in_f * itemsize)))
+    rows = max(1, min(out_f, int(min(MATRIX_BYTES, pool_bytes // 2) // (in_f * itemsize))))
+    copies = max(2, min(8, int(pool_bytes // (rows * in_f * itemsize))))
+    if dtype == cpu_gemv.INT4:
+        return [_int4_matrix(rows, in_f, layout, i) for i in range(copies)]
     pool = []
     for i in range(copies):
         # A constant fill: the kernels' time does not depend on the values, and drawing random ones cost more
@@ -296,6 +306,22 @@ def _pool(shape: tuple[int, int], dtype: torch.dtype, layout: str, itemsize: int
     return pool
 
 
+def _int4_matrix(rows: int, in_f: int, layout: str, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A constant int4 matrix as quant.py packs one (its time does not depend on the values): (packed, scales, group)
+    in aten's layout ("row") or ours ("nibbles")."""
+    from .quant import GROUPS
+
+    group = next((g for g in GROUPS if in_f % g == 0), GROUPS[-1])
+    if layout == "nibbles":
+        k128 = -(-in_f // 128) * 128
+        return (torch.full((rows, k128 // 2), 17 * (i % 15 + 1), dtype=torch.uint8),
+                torch.full((rows, k128 // group, 2), 0.01, dtype=torch.bfloat16), group)
+    rows16 = -(-rows // 16) * 16
+    q = torch.full((rows16, in_f), i % 15 + 1, dtype=torch.int32)
+    return (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
+            torch.full((in_f // group, rows16, 2), 0.01, dtype=torch.bfloat16), group)
+
+
 def _linear_options(path: MatrixPath) -> dict[str, Any]:
     """cpu_linear's keywords for a dense path."""
     return {"decode_tiles": path.decode == "tiles", "prefill_tiles": path.prefill == "tiles",
@@ -304,13 +330,21 @@ def _linear_options(path: MatrixPath) -> dict[str, Any]:
 
 def _product(path: MatrixPath, x: torch.Tensor, pool: list[torch.Tensor]) -> Callable[[], Any]:
     options = _linear_options(path)
-    if pool[0].dtype == torch.int8:
+    if isinstance(pool[0], tuple):  # int4
+        x = x.bfloat16()
+    elif pool[0].dtype == torch.int8:
         scales = torch.ones(pool[0].shape[0], dtype=torch.bfloat16)
         x = x.bfloat16()
 
     def call() -> None:
         for w in pool:
-            if w.dtype == torch.int8:
+            if isinstance(w, tuple):  # int4 (_int4_matrix)
+                packed, sz, group = w
+                if path.layout == "nibbles":
+                    torch.ops.smollchat_cpu.gemv_int4(x, packed, sz, group, options["gemv"])
+                else:
+                    torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+            elif w.dtype == torch.int8:
                 if options["gemv"] > 0:
                     torch.ops.smollchat_cpu.gemv_int8(x, w, scales, options["gemv"])
                 else:
@@ -354,7 +388,7 @@ def measure(shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype, timer: Ti
     """The fastest path per class on this machine, and the times (ms) each case measured; a class the machine
     was too busy to measure is missing from the choice. The random matrices and the flush buffer take at most
     about `memory` bytes at a time (every layout's pool, and flush_bytes of it to flush the cache)."""
-    item = torch.empty((), dtype=dtype).element_size()
+    item = 0.5 if dtype == cpu_gemv.INT4 else torch.empty((), dtype=dtype).element_size()
     chosen: dict[str, MatrixPath] = {}
     timings: dict[str, dict[str, float]] = {}
     flush = flush_bytes(memory)
@@ -368,7 +402,7 @@ def measure(shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype, timer: Ti
     return chosen, timings
 
 
-def _measure_class(cls: str, shape: tuple[int, int], dtype: torch.dtype, item: int, timer: Timer, budget_s: float,
+def _measure_class(cls: str, shape: tuple[int, int], dtype: torch.dtype, item: float, timer: Timer, budget_s: float,
                    memory: int, timings: dict[str, dict[str, float]]) -> MatrixPath | None:
     """measure() for one class: its fastest path (None when the machine was too busy to tell), the times
     added to `timings` by case."""
@@ -434,12 +468,13 @@ def _choose_matrices(model: nn.Module, dtype: torch.dtype, device: torch.device,
     `kernels`: "auto" (measured once per machine, dtype and shape; default() for small models), "measure" (as
     auto, but measured again over what is cached: `smollchat bench --remeasure`, after the machine was busy
     during the first measurement), "reference" (--eager), or a KernelChoice / run-card dict to force (replay).
-    int8 models measure their one-row int8 product (aten's or ours); int4 ones are not measured.
+    int8 models measure their one-row int8 product (aten's or ours), int4 ones their layout and product (aten's
+    packed one, or our nibbles: cpu_gemv.INT4), where this machine can run ours.
     """
     if isinstance(kernels, Mapping):
         kernels = KernelChoice.from_dict(kernels)
-    # int8 weights are measured as their own kind of matrix (aten's int8 product against our GEMV); int4 has one.
-    mdtype = torch.int8 if quantize == "int8" else dtype
+    # Quantized weights are measured as their own kind of matrix: aten's int8 or int4 product against ours.
+    mdtype = {"int8": torch.int8, "int4": cpu_gemv.INT4}.get(quantize or "", dtype)
     if isinstance(kernels, KernelChoice):
         if kernels.dtype != _dtype_name(dtype):
             raise ValueError(f"the kernel choice was made for {kernels.dtype}, the model is {_dtype_name(dtype)}")
@@ -449,8 +484,8 @@ def _choose_matrices(model: nn.Module, dtype: torch.dtype, device: torch.device,
     if device.type != "cpu" or kernels == "reference" or dtype not in (torch.float32, torch.bfloat16):
         return reference(dtype)
     quantized = KernelChoice(_dtype_name(dtype), source="quantized")
-    if quantize and quantize != "int8":
-        return quantized
+    if quantize and len(candidates(mdtype, "decode")) < 2:
+        return quantized  # aten's product only: nothing to race
     mats = [w for w in model.matrices() if w.dtype == dtype and w.dim() == 2]
     nbytes = sum(w.numel() * w.element_size() for w in mats)
     if nbytes < MIN_MEASURE_BYTES:
@@ -490,6 +525,9 @@ def _runnable(choice: KernelChoice, dtype: torch.dtype, device: torch.device) ->
     missing: list[str] = []
 
     def fix(p: MatrixPath) -> MatrixPath:
+        if p.layout == "nibbles" and p.decode not in gemvs:
+            missing.append(f"the {p.decode} product")
+            return ROW  # aten's int4 layout
         if p == PACKED and not packs:
             missing.append("prepacked weights")
             return ROW
@@ -584,13 +622,15 @@ def _pack_linears(model: nn.Module, choice: KernelChoice, dtype: torch.dtype) ->
 
 
 def apply_quantized(model: nn.Module, choice: KernelChoice) -> None:
-    """After quantize_model: route the int8 layers' one-row calls to the product the choice names (ours where
-    it measured faster, else aten's), and remember the choice as `model.kernel_choice`."""
+    """After quantize_model: route the quantized layers' one-row calls to the product the choice names (int8: ours
+    where it measured faster, else aten's; int4: ours at its level where quantize_model packed our nibbles), and
+    remember the choice as `model.kernel_choice`."""
     from .quant import QuantLinear
 
     for m in model.modules():
-        if isinstance(m, QuantLinear) and m.mode == "int8":
-            m.gemv = cpu_gemv.PRODUCTS.get(choice.path_for(m.packed).decode, -1)
+        if isinstance(m, QuantLinear) and (m.mode == "int8" or m.layout == "nibbles"):
+            m.gemv = cpu_gemv.PRODUCTS.get(choice.path_for((m.out_features, m.in_features)).decode,
+                                            -1 if m.mode == "int8" else 0)
     _route_attention(model, choice)
 
 

@@ -302,10 +302,10 @@ def prepare_for_inference(model: ArchModel, device: torch.device, dtype: torch.d
         raise LoadError(str(e)) from None
     if quantize:
         # Weight-only int8/int4 from the loaded weights (engine/quant.py), cached by checkpoint when `files` name it;
-        # the choice then names the int8 layers' one-row product.
+        # the choice names the int4 layout and the quantized layers' one-row product.
         from .kernels import apply_quantized
         from .quant import quantize_model
-        quantize_model(model, quantize, files)
+        quantize_model(model, quantize, files, choice=choice)
         apply_quantized(model, choice)
     else:
         apply_kernels(model, choice)

@@ -1,8 +1,12 @@
-"""Weight-only int8/int4 linears on PyTorch's packed CPU kernels, and their on-disk cache.
+"""Weight-only int8/int4 linears on PyTorch's packed CPU kernels or ours, and their on-disk cache.
 
-int8: one symmetric scale per output row, `aten._weight_int8pack_mm`. int4: asymmetric groups of 128
-(64 or 32 where the input width does not divide) along the input, packed for
-`aten._weight_int4pack_mm_for_cpu` (w = (q - 8) * scale + zero). Both kernels take bf16 activations:
+int8: one symmetric scale per output row, `aten._weight_int8pack_mm` (or our one-row products on the same rows,
+cpu_gemv.py). int4: asymmetric groups of 128 (64 or 32 where the input width does not divide) along the input,
+w = (q - 8) * scale + zero, in one of two layouts the kernel choice races on the running machine (kernels.py):
+packed for `aten._weight_int4pack_mm_for_cpu` ("aten"), or our "nibbles" (quantize_int4), each row its own bytes,
+multiplied one row of x at a time by csrc/gemv.cpp's gemv_int4 (nibbles by x rounded to int8: on a Zen 4 it read
+Axiom-380M's int4 matrices at 27-36 GB/s where aten's product read 17-20) and, for several rows (prefill), unpacked
+to bf16 a block of rows at a time for F.linear. aten's kernels take bf16 activations:
 with fp32 ones they fall to a scalar path 4-13x slower on an AVX2 CPU (measured: 2048 x 1024 GEMV
 int8 0.41 ms bf16 against 2.4 ms fp32), so a QuantLinear casts its input to bf16 and its output back.
 Scales and zero points are rounded to bf16 before the weights are rounded to the grid, so the stored
@@ -20,8 +24,8 @@ int8 rows suffice. The lookup thus holds 0.5 (tied int8), 1.5 (untied int8) or 1
 bf16 held 2. Embeddings an architecture reads directly (`QUANT_SKIP`) stay float.
 
 The packed tensors are cached under smollchat's cache folder (never beside a checkpoint) keyed by the
-checkpoint's sha256, the mode, the torch version and the CPU capability, so a second load skips the
-rounding and packing.
+checkpoint's sha256, the mode, the int4 layouts, the torch version and the CPU capability, so a second load skips
+the rounding and packing.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +50,12 @@ GROUPS = (128, 64, 32)
 #: Layers with fewer weights stay float: the kernel call costs more than the bytes it saves.
 MIN_WEIGHTS = 4096
 #: Bumped when the packed layout, the rounding or what is cached changes, so old cache entries are not reused
-#: (2: int8 row tables of the token embeddings).
-FORMAT = 2
+#: (2: int8 row tables of the token embeddings; 3: the int4 layout recorded per layer).
+FORMAT = 3
+#: int4 layouts: aten's packed one, or our nibbles (quantize_int4).
+INT4_LAYOUTS = ("aten", "nibbles")
+#: Prefill through nibbles unpacks at most this many bytes of bf16 weight at a time (a block of rows).
+UNPACK_BYTES = 8 * 2**20
 HEAD = "<head>"
 
 
@@ -58,24 +67,32 @@ class QuantLinear(nn.Module):
     """y = x W^T (+ b) with W stored int8 per row or int4 per group, on the aten packed CPU kernels.
 
     The packed weight and its scales are frozen parameters, so `weight_bytes()` counts what is held.
-    int4 pads the output rows to a multiple of 16 (the packer's rule) and slices the padding off. An int8 layer's
-    one-row calls take our own product at level `gemv` where the kernel choice measured it faster
-    (kernels.apply_quantized; cpu_gemv.py), on the same int8 rows and scales.
+    int4 in aten's layout pads the output rows to a multiple of 16 (the packer's rule) and slices the padding off;
+    in ours (`layout` "nibbles") one-row calls take gemv_int4 at level `gemv` (0: dequantized in fp32, portable),
+    several rows F.linear on blocks of unpacked bf16 rows. An int8 layer's one-row calls take our own product at
+    level `gemv` where the kernel choice measured it faster (kernels.apply_quantized; cpu_gemv.py), on the same
+    int8 rows and scales.
     """
 
     gemv = -1
 
     def __init__(self, mode: str, in_features: int, out_features: int, packed: torch.Tensor,
-                 scales: torch.Tensor, group_size: int = 0, bias: torch.Tensor | None = None) -> None:
+                 scales: torch.Tensor, group_size: int = 0, bias: torch.Tensor | None = None,
+                 layout: str = "aten") -> None:
         super().__init__()
         self.mode, self.in_features, self.out_features, self.group_size = mode, in_features, out_features, group_size
+        self.layout = layout if mode == "int4" else "aten"
+        if self.layout == "nibbles":
+            self.gemv = 0
         self.packed = nn.Parameter(packed, requires_grad=False)
         self.scales = nn.Parameter(scales, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @property
     def kind(self) -> str:
-        return f"int4/g{self.group_size}" if self.mode == "int4" else "int8"
+        if self.mode == "int8":
+            return "int8"
+        return f"int4/g{self.group_size}" + (" nibbles" if self.layout == "nibbles" else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -89,6 +106,10 @@ class QuantLinear(nn.Module):
             y = F.linear(x2.float(), self.packed.float() * self.scales.float()[:, None]).to(ACT)
         elif self.mode == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.packed, self.scales)
+        elif self.layout == "nibbles" and x2.shape[0] == 1:
+            y = torch.ops.smollchat_cpu.gemv_int4(x2, self.packed, self.scales, self.group_size, self.gemv)
+        elif self.layout == "nibbles":
+            y = self._unpacked_product(x2)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales)
             y = y[:, :self.out_features]
@@ -96,6 +117,16 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
+
+    def _unpacked_product(self, x2: torch.Tensor) -> torch.Tensor:
+        """Several rows of x against int4 nibbles: F.linear on bf16 blocks of the weight's rows, unpacked one block at
+        a time (at most UNPACK_BYTES), so the full bf16 matrix is never held."""
+        k = self.in_features
+        step = max(16, UNPACK_BYTES // (2 * k))
+        parts = [F.linear(x2, torch.ops.smollchat_cpu.int4_unpack(self.packed[n:n + step], self.scales[n:n + step],
+                                                                  self.group_size, k))
+                 for n in range(0, self.out_features, step)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.kind}"
@@ -159,24 +190,53 @@ def quantize_residual(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> 
     return (r[:, 0::2] | (r[:, 1::2] << 4)).contiguous()
 
 
-def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] float -> (packed uint8 [N16, K/2], bf16 scale/zero [K/group, N16, 2]), N16 = N rounded up to 16."""
+def int4_grid(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (q int32 [N, K] in [0, 15], bf16 scale and zero [N, K/group]) with
+    w ~= (q - 8) * scale + zero: asymmetric groups along the input, the scale and zero rounded to bf16 first so
+    that q is the grid the kernels apply (both int4 layouts hold these same values)."""
     w = w.detach().float()
     n, k = w.shape
     g = w.reshape(n, k // group, group)
     lo, hi = g.amin(-1), g.amax(-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-12).to(ACT).float()
-    zero = (lo + 8 * scale).to(ACT).float()  # the kernel's zero point: w = (q - 8) * scale + zero
-    q = ((g - (zero - 8 * scale)[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.int32)
+    scale = ((hi - lo) / 15).clamp(min=1e-12).to(ACT)
+    zero = (lo + 8 * scale.float()).to(ACT)  # the kernels' zero point: w = (q - 8) * scale + zero
+    q = ((g - (zero.float() - 8 * scale.float())[..., None]) / scale.float()[..., None]).round_().clamp_(0, 15)
+    return q.to(torch.int32).reshape(n, k), scale, zero
+
+
+def quantize_int4(w: torch.Tensor, group: int, layout: str = "aten") -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (packed, bf16 scale/zero) in `layout`:
+
+    - "aten": packed uint8 [N16, K/2] for `aten._weight_int4pack_mm_for_cpu`, scale/zero [K/group, N16, 2],
+      N16 = N rounded up to 16 (padding rows dequantize to 0);
+    - "nibbles" (ours, csrc/gemv.cpp's gemv_int4): each row its own K128/2 bytes (K128 = K rounded up to 128), in
+      every 64 bytes weight j of that span of 128 in the low nibble of byte j and weight 64 + j in the high one;
+      scale/zero [N, K128/group, 2], one row's groups together. Padding weights and groups are zeros.
+    """
+    q, scale, zero = int4_grid(w, group)
+    n, k = q.shape
+    if layout == "nibbles":
+        k128 = -(-k // 128) * 128
+        grid = torch.zeros(n, k128, dtype=torch.uint8)
+        grid[:, :k] = q
+        spans = grid.view(n, k128 // 128, 2, 64)
+        packed = (spans[:, :, 0] | (spans[:, :, 1] << 4)).reshape(n, k128 // 2).contiguous()
+        sz = torch.zeros(n, k128 // group, 2, dtype=ACT)
+        sz[:, :k // group, 0], sz[:, :k // group, 1] = scale, zero
+        return packed, sz
+    if layout != "aten":
+        raise QuantError(f"unknown int4 layout {layout!r}: aten or nibbles")
     n16 = -(-n // 16) * 16
-    q = torch.cat([q.reshape(n, k), torch.full((n16 - n, k), 8, dtype=torch.int32)])  # padding rows dequantize to 0
-    sz = torch.stack([scale, zero], -1)
+    q = torch.cat([q, torch.full((n16 - n, k), 8, dtype=torch.int32)])  # padding rows dequantize to 0
+    sz = torch.stack([scale, zero], -1).float()
     sz = torch.cat([sz, torch.zeros(n16 - n, k // group, 2)]).transpose(0, 1).contiguous().to(ACT)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz
 
 
 def dequantize(layer: QuantLinear) -> torch.Tensor:
     """The float [N, K] weight a QuantLinear applies (tests and error reports)."""
+    if layer.layout == "nibbles":
+        return torch.ops.smollchat_cpu.int4_unpack(layer.packed, layer.scales, layer.group_size, layer.in_features).float()
     eye = torch.eye(layer.in_features, dtype=ACT)
     bias, layer.bias = layer.bias, None
     try:
@@ -246,14 +306,15 @@ def _calls_project_head(model: nn.Module) -> bool:
     return False
 
 
-def _pack(mode: str, w: torch.Tensor, group_size: int | None) -> tuple[str, torch.Tensor, torch.Tensor, int, str]:
-    """(mode used, packed, scales, group, reason for a fallback to int8 or "")."""
+def _pack(mode: str, w: torch.Tensor, group_size: int | None,
+          layout: str = "aten") -> tuple[str, torch.Tensor, torch.Tensor, int, str]:
+    """(mode used, packed, scales, group, reason for a fallback to int8 or ""); int4 in `layout`."""
     if mode == "int4":
         k = w.shape[1]
         groups = (group_size,) if group_size else GROUPS
         group = next((g for g in groups if k % g == 0), 0)
         if group:
-            packed, sz = quantize_int4(w, group)
+            packed, sz = quantize_int4(w, group, layout)
             return "int4", packed, sz, group, ""
         reason = f"int8: input width {k} is not a multiple of {' or '.join(map(str, groups))} (int4 groups)"
         q, s = quantize_int8(w)
@@ -263,12 +324,13 @@ def _pack(mode: str, w: torch.Tensor, group_size: int | None) -> tuple[str, torc
 
 
 def quantize_model(model: nn.Module, mode: str, files: list[Path] | None = None,
-                   group_size: int | None = None) -> QuantReport:
+                   group_size: int | None = None, choice: Any = None) -> QuantReport:
     """Swap the model's linears (and its head) for QuantLinear, in place; CPU only.
 
     `files` are the checkpoint's safetensors files: with them the packed tensors come from (or go to) the
     cache. Each float weight is released as its layer is swapped, so the peak is the float model plus one
-    layer's working copies.
+    layer's working copies. `choice` (kernels.KernelChoice) names each class of matrix's int4 layout: a path
+    whose layout is "nibbles" packs ours, any other aten's.
     """
     if mode not in MODES:
         raise QuantError(f"unknown quantization {mode!r}; use one of: {', '.join(MODES)} (or none)")
@@ -284,7 +346,11 @@ def quantize_model(model: nn.Module, mode: str, files: list[Path] | None = None,
     if head is None:
         report.kept["<head>"] = ("the architecture computes its logits without project_head" if not _calls_project_head(model)
                                  else "no single embedding or lm_head to take the head from")
-    path = cache_path(files, mode, group_size) if files else None
+    def layout(shape: tuple[int, int]) -> str:
+        return "nibbles" if mode == "int4" and choice is not None and choice.path_for(shape).layout == "nibbles" else "aten"
+
+    layouts = {c: layout(shape) for c, shape in (("widening", (2, 1)), ("narrowing", (1, 2)))}
+    path = cache_path(files, mode, group_size, layouts) if files else None
     cached = _read_cache(path) if path is not None else {}
     report.cache = "hit" if cached else ("miss" if path is not None else "none")
     fresh: dict[str, torch.Tensor] = {}
@@ -292,16 +358,17 @@ def quantize_model(model: nn.Module, mode: str, files: list[Path] | None = None,
 
     def make(name: str, w: torch.Tensor, bias: torch.Tensor | None, mode: str = mode) -> QuantLinear:
         n, k = w.shape
-        hit = _from_cache(cached, name, n, k)
+        want = layout((n, k)) if mode == "int4" else "aten"
+        hit = _from_cache(cached, name, n, k, want)
         if hit is not None:
             used, packed, scales, group, reason = hit
         else:
-            used, packed, scales, group, reason = _pack(mode, w, group_size)
+            used, packed, scales, group, reason = _pack(mode, w, group_size, want)
             fresh[name + ".packed"], fresh[name + ".scales"] = packed, scales
-            meta[name] = json.dumps({"mode": used, "group": group, "n": n, "k": k, "reason": reason})
+            meta[name] = json.dumps({"mode": used, "group": group, "n": n, "k": k, "reason": reason, "layout": want})
         if reason:
             report.kept[name] = reason
-        layer = QuantLinear(used, k, n, packed, scales, group, bias)
+        layer = QuantLinear(used, k, n, packed, scales, group, bias, want)
         report.layers[name] = layer.kind
         return layer
 
@@ -386,10 +453,13 @@ def _cache_root() -> Path:
     return d
 
 
-def cache_path(files: list[Path], mode: str, group_size: int | None) -> Path:
-    """Where the packed tensors of this checkpoint + quantization + torch build live."""
+def cache_path(files: list[Path], mode: str, group_size: int | None, layouts: dict[str, str] | None = None) -> Path:
+    """Where the packed tensors of this checkpoint + quantization (+ int4 layout per class of matrix) + torch build
+    live."""
     ident = {"sha256": sorted(_hash_file(Path(f)) for f in files), "mode": mode, "group": group_size,
              "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(), "format": FORMAT}
+    if mode == "int4" and layouts and set(layouts.values()) != {"aten"}:
+        ident["layouts"] = dict(sorted(layouts.items()))
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
     return _cache_root() / f"{key}.safetensors"
 
@@ -408,12 +478,12 @@ def _read_cache(path: Path) -> dict[str, tuple[dict, torch.Tensor, torch.Tensor]
         return {}
 
 
-def _from_cache(cached: dict, name: str, n: int, k: int):
+def _from_cache(cached: dict, name: str, n: int, k: int, layout: str = "aten"):
     entry = cached.get(name)
     if entry is None:
         return None
     info, packed, scales = entry
-    if (info.get("n"), info.get("k")) != (n, k):
+    if (info.get("n"), info.get("k")) != (n, k) or (info.get("mode") == "int4" and info.get("layout", "aten") != layout):
         return None
     return info["mode"], packed, scales, int(info["group"]), info.get("reason", "")
 

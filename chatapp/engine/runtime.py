@@ -348,12 +348,17 @@ def footprint(entry: ModelEntry, device: str = "auto", dtype: str = "auto", quan
     model = build_model(config, entry.options)
     weights, state = meta_bytes(model, dt, set(getattr(model, "FP32_TENSORS", ())), min(entry.context, model.max_context))
     if quant != "none":
+        from .kernels import MIN_MEASURE_BYTES
+
         mats = [linear.weight.shape for _n, _p, _a, linear in _targets(model)[0]]
-        for n, k in mats:
-            weights += _packed_bytes(quant, n, k) - n * k * dt.itemsize
         head = head_weight(model) if _calls_project_head(model) else None
+        # A model this large races aten's int4 layout against ours at load (kernels.py): count the larger.
+        raced = sum(n * k for n, k in mats + ([head[1].shape] if head else [])) * dt.itemsize >= MIN_MEASURE_BYTES
+        for n, k in mats:
+            weights += _packed_bytes(quant, n, k, raced) - n * k * dt.itemsize
         if head is not None:  # a quantized copy of the head; an untied float head is released
-            weights += _packed_bytes(quant, *head[1].shape) - (head[1].numel() * dt.itemsize if head[0] == "lm_head" else 0)
+            weights += (_packed_bytes(quant, *head[1].shape, raced)
+                        - (head[1].numel() * dt.itemsize if head[0] == "lm_head" else 0))
         for _n, _p, _a, emb in _targets(model, nn.Embedding)[0]:
             # Token embeddings become int8 row lookups (engine/quant.py): the float table goes; the tied int8
             # head's table is shared, plus a 4-bit residual in int8 mode; else an own int8 copy with row scales.
@@ -364,13 +369,15 @@ def footprint(entry: ModelEntry, device: str = "auto", dtype: str = "auto", quan
     return Footprint(weights, state + DEFAULT_BUDGET)
 
 
-def _packed_bytes(quant: str, n: int, k: int) -> int:
+def _packed_bytes(quant: str, n: int, k: int, nibbles: bool = False) -> int:
     """Bytes of one [n, k] weight packed by engine/quant.py: int8 with a bf16 scale per row; int4 two to a
-    byte with a bf16 scale and zero point per group of the input (rows rounded up to 16), else int8."""
+    byte with a bf16 scale and zero point per group of the input, else int8. aten's int4 layout rounds the rows up
+    to 16, our nibbles the input up to 128: with `nibbles` (the layout is raced at load), the larger of the two."""
     from .quant import GROUPS
 
     group = next((g for g in GROUPS if k % g == 0), 0) if quant == "int4" else 0
     if not group:
         return n * k + 2 * n
-    n16 = -(-n // 16) * 16
-    return n16 * k // 2 + (k // group) * n16 * 4
+    n16, k128 = -(-n // 16) * 16, -(-k // 128) * 128
+    aten = n16 * k // 2 + (k // group) * n16 * 4
+    return max(aten, n * k128 // 2 + (k128 // group) * n * 4) if nibbles else aten

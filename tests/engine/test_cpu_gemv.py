@@ -90,13 +90,37 @@ def test_measurement_offers_it_and_a_replay_without_it_falls_back(levels, fixtur
     assert not any(type(m) is CpuLinear for m in model.modules())
 
 
-def quantized_x(x: torch.Tensor) -> torch.Tensor:
-    """The VNNI level's activation, written plainly: int8 blocks of 32 values, scale max|x| / 127 a block, round
-    half to even, in fp32 arithmetic (the kernel's own operations, so equal by construction)."""
+def test_a_replayed_int4_choice_without_our_product_packs_aten_s_layout(levels, fixtures_root, monkeypatch):
+    from chatapp.engine.loader import load_model
+    from chatapp.engine.quant import QuantLinear
+
+    ours = cpu_gemv.products(cpu_gemv.INT4)
+    if not ours:
+        pytest.skip("this CPU has no AVX2 level")
+    with pytest.raises(ValueError, match="int4 nibbles take one of our products"):
+        kernels.MatrixPath.parse("nibbles/linear/linear")
+    rec = {"dtype": "float32", "widening": f"nibbles/{ours[0]}/linear", "narrowing": "row/linear/linear"}
+    model = load_model(fixtures_root / "axiom", dtype="float32", quantize="int4", kernels=rec)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.mode == "int4"]
+    wide = {m.layout for m in layers if m.out_features > m.in_features}
+    assert wide == {"nibbles"} and {m.layout for m in layers if m.out_features <= m.in_features} == {"aten"}
+    assert {m.gemv for m in layers if m.layout == "nibbles"} == {cpu_gemv.PRODUCTS[ours[0]]}
+    monkeypatch.setattr(cpu_gemv, "products", lambda dtype: [])
+    model = load_model(fixtures_root / "axiom", dtype="float32", quantize="int4", kernels=rec)
+    assert model.kernel_choice.as_dict()["widening"] == "row/linear/linear"
+    assert f"the {ours[0]} product unavailable here" in model.kernel_choice.source
+    assert {m.layout for m in model.modules() if isinstance(m, QuantLinear)} == {"aten"}
+
+
+def quantized_x(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """The VNNI level's activation, written plainly: int8 blocks of 32 values (128 for int4), scale max|x| / 127 a
+    block, round half to even, in fp32 arithmetic (the kernel's own operations, so equal by construction)."""
     k = x.shape[-1]
-    blocks = torch.nn.functional.pad(x.float().reshape(-1), (0, -k % 32)).view(-1, 32)
+    blocks = torch.nn.functional.pad(x.float().reshape(-1), (0, -k % block)).view(-1, block)
     amax = blocks.abs().amax(1, keepdim=True)
-    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    # 127 / amax correctly rounded, as the kernel divides (a Python number over a tensor takes 127 * (1 / amax) in
+    # torch, one ulp off at times, and so a value sitting near a half step rounds the other way).
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     return ((blocks * inv).round().clamp(-127, 127) * (amax / 127)).reshape(-1)[:k]
 
 
@@ -143,6 +167,83 @@ def test_the_int8_x_int8_products_do_not_saturate_at_the_extremes(levels):
         assert torch.equal(got.double(), exact), (lvl, got, exact)
 
 
+# (rows, input width, group): widths that are and are not multiples of 128 (the nibbles' span: padded), each group.
+INT4_SHAPES = [(5, 96, 32), (67, 160, 32), (300, 576, 64), (129, 1024, 128), (40, 2816, 128), (3, 5280, 32), (70, 64, 64)]
+
+
+@pytest.mark.parametrize("shape", INT4_SHAPES, ids=[f"{n}x{k}g{g}" for n, k, g in INT4_SHAPES])
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_the_int4_nibbles_product_is_the_dequantized_product(levels, shape, xdtype):
+    """gemv_int4 on quant.py's nibbles: the weights are exactly the grid's (int4_unpack against a plain
+    dequantization), and every level's product is the grid's weights times x, as given (level 0) or rounded to
+    int8 spans of 128 (the byte products, levels 3 and 4), within fp32 summation and one rounding of the output;
+    and within half an x step of the exact product."""
+    from chatapp.engine.quant import int4_grid, quantize_int4
+
+    n, k, group = shape
+    g = torch.Generator().manual_seed(n + 7 * k)
+    w = torch.randn(n, k, generator=g) / k ** 0.5 + torch.rand(n, 1, generator=g) * 0.1  # rows off centre
+    q, scale, zero = int4_grid(w, group)
+    grid = (q.float() - 8) * scale.float().repeat_interleave(group, 1) + zero.float().repeat_interleave(group, 1)
+    packed, sz = quantize_int4(w, group, "nibbles")
+    assert packed.shape == (n, -(-k // 128) * 64) and sz.shape == (n, -(-k // 128) * 128 // group, 2)
+    assert torch.equal(torch.ops.smollchat_cpu.int4_unpack(packed, sz, group, k), grid.bfloat16())
+    x = torch.randn(1, k, generator=g).to(xdtype)
+    exact = x.double() @ grid.double().t()
+    rounded = quantized_x(x, 128).double()[None] @ grid.double().t()
+    step = torch.nn.functional.pad(x.double().abs().reshape(-1), (0, -k % 128)).view(-1, 128).amax(1) / 127
+    slack = step.repeat_interleave(128)[None, :k] / 2 @ grid.double().abs().t()
+    tol = 2 ** -8 if xdtype == torch.bfloat16 else 2 ** -16
+    top = int(torch.ops.smollchat_cpu.gemv_cpu_levels()[2])
+    for lvl in (0, 3, 4):
+        got = torch.ops.smollchat_cpu.gemv_int4(x, packed, sz, group, lvl)
+        assert got.shape == (1, n) and got.dtype == xdtype
+        bytes_ = lvl > 0 and top >= 1
+        want = rounded if bytes_ else exact
+        summed = 8 * torch.finfo(torch.float32).eps * k ** 0.5 * (x.double().abs() @ grid.double().abs().t())
+        assert ((got.double() - want).abs() <= tol * want.abs() + summed + 1e-30).all(), f"int4 level {lvl} {shape}"
+        if bytes_:
+            assert ((got.double() - exact).abs() <= slack * (1 + tol) + tol * exact.abs() + summed).all()
+            assert (rounded - exact).abs().max() > 0  # the oracle does differ from the exact product
+
+
+def test_the_int4_byte_products_do_not_saturate(levels):
+    """Every nibble at 15 and every x at its span's maximum: the AVX2 loop adds four 16-bit pair sums of 15 x 127
+    products within a group of 128 (15,240, under 2^15), the largest they can be; a wrapped sum would be off by
+    65,536 steps."""
+    from chatapp.engine.quant import int4_grid, quantize_int4
+
+    k = 256
+    w = torch.ones(2, k)
+    w[:, ::32] = -1.0  # every group spans [-1, 1]: 1.0 is nibble 15, and all but one weight a group are 15
+    for group in (128, 64, 32):
+        q, scale, zero = int4_grid(w, group)
+        assert (q == 15).sum() == 2 * (k - k // 32)
+        grid = (q.double() - 8) * scale.double().repeat_interleave(group, 1) + zero.double().repeat_interleave(group, 1)
+        packed, sz = quantize_int4(w, group, "nibbles")
+        x = torch.ones(2, k)
+        x[1, 1::2] = -1.0  # row 1: the pair sums cancel instead
+        for row in range(2):
+            want = x[row:row + 1].double() @ grid.t()
+            for lvl in (0, 3, 4):
+                got = torch.ops.smollchat_cpu.gemv_int4(x[row:row + 1], packed, sz, group, lvl).double()
+                assert ((got - want).abs() <= 1e-5 * k).all(), (group, row, lvl, got, want)
+
+
+def test_int4_operands_are_refused_with_what_is_wrong(levels):
+    from chatapp.engine.quant import quantize_int4
+
+    packed, sz = quantize_int4(torch.randn(8, 256), 128, "nibbles")
+    with pytest.raises(RuntimeError, match="one row of K"):
+        torch.ops.smollchat_cpu.gemv_int4(torch.randn(2, 256), packed, sz, 128, 3)
+    with pytest.raises(RuntimeError, match="group size must be"):
+        torch.ops.smollchat_cpu.gemv_int4(torch.randn(1, 256), packed, sz, 48, 3)
+    with pytest.raises(RuntimeError, match="nibbles must be a contiguous uint8"):
+        torch.ops.smollchat_cpu.gemv_int4(torch.randn(1, 512), packed, sz, 128, 3)
+    with pytest.raises(RuntimeError, match="scales must be a contiguous bf16"):
+        torch.ops.smollchat_cpu.int4_unpack(packed, sz[:, :1].contiguous(), 128, 256)
+
+
 def test_an_int8_model_takes_the_product_the_choice_names(levels, fixtures_root):
     from chatapp.engine.loader import load_model
     from chatapp.engine.quant import QuantLinear
@@ -182,13 +283,28 @@ def test_int8_measurement_races_aten_against_ours(levels):
     assert "row/linear/linear" in calls
 
 
+def test_int4_measurement_races_aten_s_layout_against_our_nibbles(levels):
+    ours = cpu_gemv.products(cpu_gemv.INT4)
+    if not ours:
+        pytest.skip("this CPU has no AVX2 level")
+    calls = []
+
+    def timer(case, path, fn):
+        calls.append(str(path))
+        fn()  # the real products run on both layouts' pools: no crash, right shapes
+        return 0.001 if path.layout == "nibbles" and path.decode == ours[0] else 0.002
+    chosen, _ = kernels.measure({"widening": (96, 64), "narrowing": (40, 576)}, cpu_gemv.INT4, timer)
+    assert str(chosen["widening"]) == str(chosen["narrowing"]) == f"nibbles/{ours[0]}/linear"
+    assert "row/linear/linear" in calls and {f"nibbles/{p}/linear" for p in ours} <= set(calls)
+
+
 def test_without_a_compiler_it_is_no_candidate_and_says_why(monkeypatch):
     from chatapp.engine import graphs
 
     monkeypatch.setattr(cpu_gemv, "_state", {})
     monkeypatch.setattr(graphs, "find_cxx", lambda: None)
     assert not cpu_gemv.load() and "no C++ compiler" in cpu_gemv.error()
-    assert cpu_gemv.products(torch.bfloat16) == cpu_gemv.products(torch.int8) == []
+    assert cpu_gemv.products(torch.bfloat16) == cpu_gemv.products(torch.int8) == cpu_gemv.products(cpu_gemv.INT4) == []
     assert not any("gemv" in str(p) for p in kernels.candidates(torch.float32, "decode"))
 
 

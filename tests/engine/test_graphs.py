@@ -250,15 +250,22 @@ def test_the_newly_compilable_steps_trace_as_one_graph_with_eager_logits(entry_i
 
 def test_each_model_s_compiled_step_runs_its_own_graph(monkeypatch):
     """The compiled step skips guards on the model's modules (graphs.CompiledStep), so two models of one
-    architecture in one process, one float and one int8 (other modules, other weights), must not meet each
-    other's graphs: each step gives its own model's eager logits."""
+    architecture in one process, one float and one int8 (other modules, other weights; and one int4 in our
+    nibbles where this machine runs them), must not meet each other's graphs: each step gives its own model's
+    eager logits."""
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **{**kw, "backend": "eager"}))
     from chatapp.engine.loader import load_model
     from chatapp.engine.demo import ensure_demo
 
+    from chatapp.engine import cpu_gemv
+
     d = ensure_demo(get_entry("axiom-tiny"))
     models = [load_model(d), load_model(d, quantize="int8")]
+    ours = cpu_gemv.products(cpu_gemv.INT4)
+    if ours:  # int4 in our nibbles: the custom products traced through their fake (shape) functions
+        path = f"nibbles/{ours[0]}/linear"
+        models.append(load_model(d, quantize="int4", kernels={"dtype": "float32", "widening": path, "narrowing": path}))
     steps = [graphs.CompiledStep(m, torch.device("cpu")) for m in models]
     tok = torch.tensor([[7]])
     with torch.inference_mode():

@@ -61,17 +61,36 @@ def test_quality_on_the_golden_fixture(fixture_models, name, mode):
     assert agree[sure].all()
 
 
+def _nibbles():
+    """A kernel choice that packs int4 in our nibbles layout for both classes of matrix (skips where this machine
+    cannot build or run our int4 product)."""
+    from chatapp.engine import cpu_gemv
+    from chatapp.engine.kernels import KernelChoice, MatrixPath
+
+    ours = cpu_gemv.products(cpu_gemv.INT4)
+    if not ours:
+        pytest.skip("no int4 product of ours here (no C++ compiler, or no AVX2)")
+    path = MatrixPath("nibbles", ours[0], "linear")
+    return KernelChoice("float32", path, path, "test")
+
+
 def _layers(name, fixtures_root):
     model = load_model(fixtures_root / name)
     floats = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     return model, floats
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "int4-nibbles"])
 @torch.inference_mode()
 def test_kernels_apply_the_rounded_weights_within_the_grid(fixtures_root, mode):
+    """Each layer's weights are the float ones within half a grid step, and several rows of x through the layer
+    (aten's kernels; for our nibbles, blocks of unpacked bf16 rows through F.linear) are those weights' product."""
+    choice = _nibbles() if mode == "int4-nibbles" else None
+    mode = mode.split("-")[0]
     model, floats = _layers("odinnext", fixtures_root)
-    quantize_model(model, mode)
+    quantize_model(model, mode, choice=choice)
+    if choice is not None:
+        assert {m.layout for m in model.modules() if isinstance(m, QuantLinear) and m.mode == "int4"} == {"nibbles"}
     g = torch.Generator().manual_seed(0)
     checked = 0
     for name, layer in model.named_modules():
@@ -142,6 +161,14 @@ def test_cache_round_trip_is_keyed_and_never_beside_the_checkpoint(fixtures_root
     third = load_model(d)
     assert quantize_model(third, "int4", files).cache == "written"
     assert torch.equal(_logits(third, ids), _logits(first, ids))
+    # The int4 layout is part of the key: our nibbles are cached apart from aten's packing, and hit on a second load.
+    choice = _nibbles()
+    r4 = quantize_model(load_model(d), "int4", files, choice=choice)
+    assert r4.cache == "written" and r4.cache_path != r1.cache_path
+    again = load_model(d)
+    r5 = quantize_model(again, "int4", files, choice=choice)
+    assert r5.cache == "hit" and r5.cache_path == r4.cache_path and any("nibbles" in k for k in r5.layers.values())
+    assert {m.layout for m in again.modules() if isinstance(m, QuantLinear) and m.mode == "int4"} == {"nibbles"}
     assert sorted(p.name for p in d.iterdir()) == before
     memo = json.loads((cache / "sha256.json").read_text())
     assert any(k.startswith(str(files[0].resolve())) for k in memo)
@@ -300,28 +327,32 @@ def test_int8_widths_off_sixteen_give_the_product_on_any_rows(rows):
     assert (got.double() - x.double() @ w.double().t()).abs().max() < 0.05 * want.abs().max()
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("product", ["gemv-avx512vnni", "gemv-avx2-q8"])
 @pytest.mark.parametrize("name", FIXTURES)
-def test_int8_x_int8_decode_stays_near_the_int8_quality(fixture_models, name, product):
-    """The int8 x int8 products (cpu_gemv: x rounded to int8 blocks of 32, as llama.cpp's Q8_0 does; VNNI, or
-    AVX2 alone) add their own rounding to the int8 weights', and the kernel choice takes them by speed where the
-    CPU has them. One token at a time over each golden prompt, the logits stay within 1.6x the distance from
-    fp32 of the same int8 weights multiplied by x as given (measured 1.1-1.5x when this was written), and agree
-    on the top token as often, less one position."""
+def test_int8_x_int8_decode_stays_near_the_int8_quality(fixture_models, name, product, mode):
+    """The byte products (cpu_gemv: x rounded to int8, in blocks of 32 for int8 weights as llama.cpp's Q8_0 does,
+    in spans of 128 for our int4 nibbles; VNNI, or AVX2 alone) add their own rounding to the weights', and the
+    kernel choice takes them by speed where the CPU has them. One token at a time over each golden prompt, the
+    logits stay within 1.6x the distance from fp32 of the same quantized weights multiplied by x as given through
+    aten's kernels (measured 1.1-1.5x for int8 when this was written, 0.6-1.01x for int4, whose weight error is
+    larger), and agree on the top token as often, less one position."""
     from chatapp.engine import cpu_gemv
     from tests.engine.test_kernels import _prefill_then_decode
 
-    if product not in cpu_gemv.products(torch.int8):
+    mdtype = torch.int8 if mode == "int8" else cpu_gemv.INT4
+    if product not in cpu_gemv.products(mdtype):
         pytest.skip(f"this machine (or its kernel family) has no {product} (or no C++ compiler)")
     d, ids = fixture_models(name)
     steps = ids.shape[1] - 1  # a one-token prefill, then one-token steps: every position through the product
     ref = _prefill_then_decode(load_model(d, kernels="reference"), ids, torch.float32, steps)
     got = {}
-    ours = f"row/{product}/linear"
+    ours = f"{'row' if mode == 'int8' else 'nibbles'}/{product}/linear"
     for path in (ours, "row/linear/linear"):
-        model = load_model(d, quantize="int8", kernels={"dtype": "float32", "widening": path, "narrowing": path})
-        layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.mode == "int8"]
+        model = load_model(d, quantize=mode, kernels={"dtype": "float32", "widening": path, "narrowing": path})
+        layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.mode == mode]
         assert layers and {m.gemv for m in layers} == {cpu_gemv.PRODUCTS.get(path.split("/")[1], -1)}
+        assert {m.layout for m in layers} == {"nibbles" if path.startswith("nibbles") else "aten"}
         got[path] = _prefill_then_decode(model, ids, torch.float32, steps)
     vnni, exact = got[ours], got["row/linear/linear"]
     assert not torch.equal(vnni, exact)

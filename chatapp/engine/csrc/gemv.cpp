@@ -138,29 +138,46 @@ __attribute__((target("avx512f"))) void rows_avx512(const T* w, int64_t K, const
 // products; lane j's are scaled by its block's scale (s4[j]) into fp32 accumulators. A row's tail is read by
 // masked loads: the zero bytes read as 128 and meet the zero padding of xq.
 struct QuantizedX {
-  std::vector<int8_t> q;   // [K rounded up to 64], zero past K
-  std::vector<float> s4;   // one scale per 4 values (lane), [K64 / 4]
-  float corr = 0.f;        // 128 * sum_k scale(k) * xq[k]
+  std::vector<int8_t> q;       // [K rounded up to `round` (64 or 128)], zero past K
+  std::vector<float> s4;       // one scale per 4 values (lane), [that length / 4]
+  std::vector<int32_t> sum32;  // the sum of q over each 32 values, [that length / 32]
+  float corr = 0.f;            // 128 * sum_k scale(k) * xq[k]
 };
 
-QuantizedX quantize_x(const float* x, int64_t K) {
-  const int64_t K64 = (K + 63) / 64 * 64;
+// x rounded to int8 in blocks of `block` (32 or 128) values, one scale amax / 127 a block, to nearest (ties to
+// even, as std::nearbyint in the default rounding mode): 16 values at a time in SSE2 (every x86-64 CPU has it; a
+// scalar loop calling nearbyint took 10-20 us of a 25-100 us product), any tail of K one at a time.
+QuantizedX quantize_x(const float* x, int64_t K, int64_t round = 64, int64_t block = 32) {
+  const int64_t K64 = (K + round - 1) / round * round;
   QuantizedX out;
   out.q.assign(K64, 0);
   out.s4.assign(K64 / 4, 0.f);
+  out.sum32.assign(K64 / 32, 0);
+  const __m128 sign = _mm_set1_ps(-0.f);
   double corr = 0.0;
-  for (int64_t k0 = 0; k0 < K; k0 += 32) {
-    const int64_t k1 = std::min<int64_t>(k0 + 32, K);
-    float amax = 0.f;
-    for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[k]));
+  for (int64_t k0 = 0; k0 < K; k0 += block) {
+    const int64_t k1 = std::min<int64_t>(k0 + block, K), k16 = k0 + (k1 - k0) / 16 * 16;
+    __m128 m = _mm_setzero_ps();
+    for (int64_t k = k0; k < k16; k += 4) m = _mm_max_ps(m, _mm_andnot_ps(sign, _mm_loadu_ps(x + k)));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    float amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+    for (int64_t k = k16; k < k1; ++k) amax = std::max(amax, std::fabs(x[k]));
     const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    const __m128 vinv = _mm_set1_ps(inv);
+    for (int64_t k = k0; k < k16; k += 16) {
+      const __m128i a = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(x + k), vinv));
+      const __m128i b = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(x + k + 4), vinv));
+      const __m128i c = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(x + k + 8), vinv));
+      const __m128i d = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(x + k + 12), vinv));
+      _mm_storeu_si128((__m128i*)(out.q.data() + k), _mm_packs_epi16(_mm_packs_epi32(a, b), _mm_packs_epi32(c, d)));
+    }
+    for (int64_t k = k16; k < k1; ++k) out.q[k] = static_cast<int8_t>(_mm_cvtss_si32(_mm_set_ss(x[k] * inv)));
     int32_t sum = 0;
     for (int64_t k = k0; k < k1; ++k) {
-      const int32_t v = static_cast<int32_t>(std::nearbyint(x[k] * inv));
-      out.q[k] = static_cast<int8_t>(std::max(-127, std::min(127, v)));
+      out.sum32[k / 32] += out.q[k];
       sum += out.q[k];
     }
-    for (int64_t j = k0 / 4; j < (k0 + 32) / 4; ++j) out.s4[j] = s;
+    for (int64_t j = k0 / 4; j < std::min(k0 + block, K64) / 4; ++j) out.s4[j] = s;
     corr += 128.0 * s * sum;
   }
   out.corr = static_cast<float>(corr);
@@ -234,6 +251,176 @@ __attribute__((target("avx2,fma"))) void rows_int8_avx2(const int8_t* w, int64_t
 }
 #endif
 
+// int4 weights, quant.py's "nibbles" layout (level 3: AVX512-VNNI, level 4: AVX2; gemv_int4 below). Each row holds
+// K128 = K rounded up to 128 weights in K128 / 2 bytes: in every 64 bytes, byte j carries weight j of that span of
+// 128 in its low nibble and weight 64 + j in its high one, as q in [0, 15]; the row's groups of G weights (32, 64
+// or 128) have a bf16 (scale, zero) pair each, [K128 / G, 2], and w = (q - 8) * scale + zero (the grid of aten's
+// int4 kernel, so both layouts hold the same weights). Padding weights and groups are zeros.
+//
+// x is rounded to int8 with one scale a span of 128 (quantize_x; llama.cpp's K-quant products round theirs by
+// 256), so a group's sum is
+//   sum w x = scale * xscale * sum q xq + (zero - 8 scale) * sum x,
+// sum q xq from unsigned-by-signed byte products of the nibbles with xq (vpdpbusd, or vpmaddubsw: 15 x 127 x 2
+// < 2^15, and four such pairs still fit int16), kept in int32 over the whole group; the second term from the
+// group sums of the same rounded x (`xs`), once a row. (Sums of x as given there would leave
+// scale * sum q (xq - x) as the error, q in [0, 15] far from centred, where the rounding of x alone leaves
+// sum w (xq - x): 10x more on random weights.) A row starts by converting its (scale, zero) pairs: scale *
+// xscale in fp32 for the loop (`ws`), and the offset term. 128 weights then cost one 64-byte load, a shift, two
+// masks, two byte products, one conversion and one multiply-add (G = 128): the nibbles are never widened.
+
+inline float bf16_bits(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+
+// Per call: the group sums of x as rounded (`sums`, zero for padding groups) and each group's x scale (`scales`,
+// that of the span of 128 it lies in), [K128 / G] each.
+struct GroupX {
+  std::vector<float> sums, scales;
+};
+
+GroupX group_x(const QuantizedX& xq, int64_t K128, int64_t G) {
+  GroupX out{std::vector<float>(K128 / G, 0.f), std::vector<float>(K128 / G, 0.f)};
+  for (int64_t b = 0; b < K128 / 32; ++b) out.sums[b * 32 / G] += xq.s4[b * 8] * xq.sum32[b];
+  for (int64_t g = 0; g < K128 / G; ++g) out.scales[g] = xq.s4[g * G / 4];
+  return out;
+}
+
+// Portable: every weight dequantized in fp32, x as given (no rounding of x).
+void rows_int4_portable(const uint8_t* w, const uint16_t* sz, int64_t K, int64_t G, const float* xf, float* out,
+                        int64_t n0, int64_t n1) {
+  const int64_t K128 = (K + 127) / 128 * 128, groups = K128 / G;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* r = w + n * (K128 / 2);
+    const uint16_t* s = sz + n * groups * 2;
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      const uint8_t b = r[k / 128 * 64 + k % 64];
+      const int q = k % 128 < 64 ? (b & 15) : (b >> 4);
+      acc += ((q - 8) * bf16_bits(s, 2 * (k / G)) + bf16_bits(s, 2 * (k / G) + 1)) * xf[k];
+    }
+    out[n - n0] = acc;
+  }
+}
+
+#if defined(__x86_64__)
+// A row's preamble: ws[g] = scale_g * xscale_g, and the offset term sum_g (zero_g - 8 scale_g) * xsum_g, returned.
+// A (scale, zero) pair of bf16 is one 32-bit lane, the scale in its low half; 16 groups (AVX-512) or 8 at a time.
+__attribute__((target("avx512f"))) inline __m512 row_scales16(const uint16_t* s, const GroupX& gx, int64_t groups,
+                                                              float* ws) {
+  __m512 off = _mm512_setzero_ps();
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t g = 0; g < groups; g += 16) {
+    const __mmask16 m = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
+    const __m512i pair = _mm512_maskz_loadu_epi32(m, s + 2 * g);
+    const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+    const __m512 zr = _mm512_castsi512_ps(_mm512_and_si512(pair, high));
+    _mm512_storeu_ps(ws + g, _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(m, gx.scales.data() + g)));  // (ws has slack)
+    off = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.f), sc, zr), _mm512_maskz_loadu_ps(m, gx.sums.data() + g), off);
+  }
+  return off;  // in lanes, summed with the row's products
+}
+
+__attribute__((target("avx2,fma"))) inline float row_scales8(const uint16_t* s, const GroupX& gx, int64_t groups,
+                                                            float* ws) {
+  __m256 off = _mm256_setzero_ps();
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const int64_t G8 = groups / 8 * 8;
+  for (int64_t g = 0; g < G8; g += 8) {
+    const __m256i pair = _mm256_loadu_si256((const __m256i*)(s + 2 * g));
+    const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+    const __m256 zr = _mm256_castsi256_ps(_mm256_and_si256(pair, high));
+    _mm256_storeu_ps(ws + g, _mm256_mul_ps(sc, _mm256_loadu_ps(gx.scales.data() + g)));
+    off = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.f), sc, zr), _mm256_loadu_ps(gx.sums.data() + g), off);
+  }
+  float t = hsum8(off);
+  for (int64_t g = G8; g < groups; ++g) {
+    ws[g] = bf16_bits(s, 2 * g) * gx.scales[g];
+    t += (bf16_bits(s, 2 * g + 1) - 8.f * bf16_bits(s, 2 * g)) * gx.sums[g];
+  }
+  return t;
+}
+
+// AVX512-VNNI: 128 weights an iteration. The low nibbles meet xq[k, k + 64), the high ones xq[k + 64, k + 128): two
+// vpdpbusd into one int32 sum (G = 128; lane j sums weights 4j..4j+3 and 64+4j..), or into one each (G = 64:
+// the halves are two groups), or lanes 0-7 and 8-15 of each in two groups (G = 32: the scales by vpermps).
+template <int G>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_int4_vnni(
+    const uint8_t* w, const uint16_t* sz, int64_t K128, const int8_t* x, const GroupX& gx, float* out, int64_t n0,
+    int64_t n1) {
+  const __m512i mask = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+  const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const int64_t groups = K128 / G;
+  std::vector<float> ws(groups + 16);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* r = w + n * (K128 / 2);
+    __m512 a0 = row_scales16(sz + n * groups * 2, gx, groups, ws.data()), a1 = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K128; k += 128) {
+      const __m512i b = _mm512_loadu_si512(r + k / 2);
+      const __m512i lo = _mm512_and_si512(b, mask), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask);
+      if constexpr (G == 128) {
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(x + k)), hi,
+                                              _mm512_loadu_si512(x + k + 64));
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(ws[k / 128]), a0);
+      } else if constexpr (G == 64) {
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(x + k))),
+                             _mm512_set1_ps(ws[k / 64]), a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512(x + k + 64))),
+                             _mm512_set1_ps(ws[k / 64 + 1]), a1);
+      } else {
+        const __m512 s01 = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double*)(ws.data() + k / 32)))));
+        const __m512 s23 = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double*)(ws.data() + k / 32 + 2)))));
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(x + k))), s01, a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512(x + k + 64))), s23, a1);
+      }
+    }
+    out[n - n0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  }
+}
+
+// AVX2: the same layout 32 bytes at a time. The first 32 bytes of a span of 128 hold weights [0, 32) and [64, 96),
+// the next [32, 64) and [96, 128): four vpmaddubsw (nibbles unsigned, xq signed) whose int16 pair sums are added
+// within a group (four at most: 4 x 3,810 < 2^15), then summed by fours into int32 lanes by vpmaddwd.
+__attribute__((target("avx2,fma"))) inline __m256i nibble_pairs(__m256i nib, const int8_t* x) {
+  return _mm256_maddubs_epi16(nib, _mm256_loadu_si256((const __m256i*)x));
+}
+__attribute__((target("avx2,fma"))) inline __m256 group_sum8(__m256i pairs, float ws, __m256 acc) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1))), _mm256_set1_ps(ws), acc);
+}
+
+template <int G>
+__attribute__((target("avx2,fma"))) void rows_int4_avx2(const uint8_t* w, const uint16_t* sz, int64_t K128,
+                                                       const int8_t* x, const GroupX& gx, float* out, int64_t n0,
+                                                       int64_t n1) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const int64_t groups = K128 / G;
+  std::vector<float> ws(groups + 8);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* r = w + n * (K128 / 2);
+    const float offset = row_scales8(sz + n * groups * 2, gx, groups, ws.data());
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    for (int64_t k = 0; k < K128; k += 128) {
+      const __m256i b0 = _mm256_loadu_si256((const __m256i*)(r + k / 2));
+      const __m256i b1 = _mm256_loadu_si256((const __m256i*)(r + k / 2 + 32));
+      // Blocks 0..3 of the span: weights [0, 32), [32, 64), [64, 96), [96, 128).
+      const __m256i p0 = nibble_pairs(_mm256_and_si256(b0, mask), x + k);
+      const __m256i p1 = nibble_pairs(_mm256_and_si256(b1, mask), x + k + 32);
+      const __m256i p2 = nibble_pairs(_mm256_and_si256(_mm256_srli_epi16(b0, 4), mask), x + k + 64);
+      const __m256i p3 = nibble_pairs(_mm256_and_si256(_mm256_srli_epi16(b1, 4), mask), x + k + 96);
+      if constexpr (G == 128) {
+        a0 = group_sum8(_mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3)), ws[k / 128], a0);
+      } else if constexpr (G == 64) {
+        a0 = group_sum8(_mm256_add_epi16(p0, p1), ws[k / 64], a0);
+        a1 = group_sum8(_mm256_add_epi16(p2, p3), ws[k / 64 + 1], a1);
+      } else {
+        a0 = group_sum8(p0, ws[k / 32], a0);
+        a1 = group_sum8(p1, ws[k / 32 + 1], a1);
+        a0 = group_sum8(p2, ws[k / 32 + 2], a0);
+        a1 = group_sum8(p3, ws[k / 32 + 3], a1);
+      }
+    }
+    out[n - n0] = hsum8(_mm256_add_ps(a0, a1)) + offset;
+  }
+}
+#endif
+
 // Rows per task: a block of rows is a few hundred KB of weight, so threads stream long runs.
 constexpr int64_t kGrain = 64;
 
@@ -300,6 +487,19 @@ void check_x(const char* op, const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, op, ": x must be bf16 or fp32");
 }
 
+void check_int4(const char* op, const at::Tensor& packed, const at::Tensor& sz, int64_t group, int64_t K) {
+  TORCH_CHECK(packed.device().is_cpu() && sz.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(group == 32 || group == 64 || group == 128, op, ": the group size must be 32, 64 or 128, got ", group);
+  TORCH_CHECK(K > 0 && K % group == 0, op, ": K = ", K, " is not a multiple of the group size ", group);
+  const int64_t K128 = (K + 127) / 128 * 128;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() &&
+              packed.size(1) == K128 / 2, op, ": the nibbles must be a contiguous uint8 [N, ", K128 / 2, "], got ",
+              packed.sizes());
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == packed.size(0) &&
+              sz.size(1) == K128 / group && sz.size(2) == 2, op, ": the scales must be a contiguous bf16 [N, ", K128 / group,
+              ", 2], got ", sz.sizes());
+}
+
 }  // namespace
 
 // The highest level this CPU runs for bf16, fp32 and int8 weights, in that order (top_level).
@@ -362,13 +562,77 @@ at::Tensor gemv_int8(const at::Tensor& x_, const at::Tensor& q, const at::Tensor
   });
 }
 
+// y [1, N] = x [1, K] @ W^T for int4 weights in the nibbles layout (packed uint8 [N, K128 / 2], sz bf16
+// [N, K128 / G, 2]; see rows_int4_vnni), in x's dtype. Level 3 runs the AVX512-VNNI loop, 4 (or 1, 2) the AVX2
+// one, each with x rounded to int8 blocks of 32; 0 (or a CPU without AVX2) dequantizes each weight in fp32.
+at::Tensor gemv_int4(const at::Tensor& x_, const at::Tensor& packed, const at::Tensor& sz, int64_t group, int64_t level) {
+  const int64_t K = x_.size(-1);
+  check_int4("gemv_int4", packed, sz, group, K);
+  TORCH_CHECK(x_.device().is_cpu() && x_.numel() == K, "gemv_int4: x must hold one row of K values, got ", x_.sizes());
+  TORCH_CHECK(x_.scalar_type() == at::kBFloat16 || x_.scalar_type() == at::kFloat, "gemv_int4: x must be bf16 or fp32");
+  const int64_t top = top_level(at::kChar);
+  level = level <= 0 || top < 1 ? 0 : level == 3 && top >= 3 ? 3 : 4;
+  const auto x = x_.contiguous();
+  std::vector<float> buf;
+  const float* xf = as_float(x, buf);
+  const int64_t K128 = (K + 127) / 128 * 128;
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const auto* s = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
+#if defined(__x86_64__)
+  const QuantizedX xq = level > 0 ? quantize_x(xf, K, 128, 128) : QuantizedX();
+  const GroupX gx = level > 0 ? group_x(xq, K128, group) : GroupX();
+  const int8_t* xp = xq.q.data();
+#endif
+  return product(x, packed.size(0), nullptr, [&](float* o, int64_t n0, int64_t n1) {
+#if defined(__x86_64__)
+    if (level == 3) {
+      if (group == 128) return rows_int4_vnni<128>(w, s, K128, xp, gx, o, n0, n1);
+      if (group == 64) return rows_int4_vnni<64>(w, s, K128, xp, gx, o, n0, n1);
+      return rows_int4_vnni<32>(w, s, K128, xp, gx, o, n0, n1);
+    }
+    if (level == 4) {
+      if (group == 128) return rows_int4_avx2<128>(w, s, K128, xp, gx, o, n0, n1);
+      if (group == 64) return rows_int4_avx2<64>(w, s, K128, xp, gx, o, n0, n1);
+      return rows_int4_avx2<32>(w, s, K128, xp, gx, o, n0, n1);
+    }
+#endif
+    rows_int4_portable(w, s, K, group, xf, o, n0, n1);
+  });
+}
+
+// The bf16 weights [N, K] that int4 nibbles hold (prefill multiplies them block by block with F.linear).
+at::Tensor int4_unpack(const at::Tensor& packed, const at::Tensor& sz, int64_t group, int64_t K) {
+  check_int4("int4_unpack", packed, sz, group, K);
+  const int64_t N = packed.size(0), K128 = (K + 127) / 128 * 128, groups = K128 / group;
+  auto out = at::empty({N, K}, packed.options().dtype(at::kBFloat16));
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const auto* s = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
+  auto* o = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* r = w + n * (K128 / 2);
+      const uint16_t* sr = s + n * groups * 2;
+      for (int64_t k = 0; k < K; ++k) {
+        const uint8_t b = r[k / 128 * 64 + k % 64];
+        const int q = k % 128 < 64 ? (b & 15) : (b >> 4);
+        o[n * K + k] = at::BFloat16((q - 8) * bf16_bits(sr, 2 * (k / group)) + bf16_bits(sr, 2 * (k / group) + 1));
+      }
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY(smollchat_cpu, m) {
   m.def("gemv(Tensor x, Tensor w, int level) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor q, Tensor scales, int level) -> Tensor");
+  m.def("gemv_int4(Tensor x, Tensor packed, Tensor sz, int group, int level) -> Tensor");
+  m.def("int4_unpack(Tensor packed, Tensor sz, int group, int k) -> Tensor");
   m.def("gemv_cpu_levels", &gemv_cpu_levels);
 }
 
 TORCH_LIBRARY_IMPL(smollchat_cpu, CPU, m) {
   m.impl("gemv", gemv);
   m.impl("gemv_int8", gemv_int8);
+  m.impl("gemv_int4", gemv_int4);
+  m.impl("int4_unpack", int4_unpack);
 }
