@@ -108,7 +108,7 @@ def _fake_int4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: i
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
-def _fake_unpack(packed: torch.Tensor, sz: torch.Tensor, group: int, k: int) -> torch.Tensor:
+def _fake_unpack(packed: torch.Tensor, sz: torch.Tensor, group: int, k: int, level: int) -> torch.Tensor:
     return packed.new_empty(packed.shape[0], k, dtype=torch.bfloat16)
 
 

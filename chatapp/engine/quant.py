@@ -124,7 +124,7 @@ class QuantLinear(nn.Module):
         k = self.in_features
         step = max(16, UNPACK_BYTES // (2 * k))
         parts = [F.linear(x2, torch.ops.smollchat_cpu.int4_unpack(self.packed[n:n + step], self.scales[n:n + step],
-                                                                  self.group_size, k))
+                                                                  self.group_size, k, self.gemv))
                  for n in range(0, self.out_features, step)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
@@ -236,7 +236,8 @@ def quantize_int4(w: torch.Tensor, group: int, layout: str = "aten") -> tuple[to
 def dequantize(layer: QuantLinear) -> torch.Tensor:
     """The float [N, K] weight a QuantLinear applies (tests and error reports)."""
     if layer.layout == "nibbles":
-        return torch.ops.smollchat_cpu.int4_unpack(layer.packed, layer.scales, layer.group_size, layer.in_features).float()
+        return torch.ops.smollchat_cpu.int4_unpack(layer.packed, layer.scales, layer.group_size, layer.in_features,
+                                                   layer.gemv).float()
     eye = torch.eye(layer.in_features, dtype=ACT)
     bias, layer.bias = layer.bias, None
     try:

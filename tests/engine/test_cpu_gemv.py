@@ -187,7 +187,8 @@ def test_the_int4_nibbles_product_is_the_dequantized_product(levels, shape, xdty
     grid = (q.float() - 8) * scale.float().repeat_interleave(group, 1) + zero.float().repeat_interleave(group, 1)
     packed, sz = quantize_int4(w, group, "nibbles")
     assert packed.shape == (n, -(-k // 128) * 64) and sz.shape == (n, -(-k // 128) * 128 // group, 2)
-    assert torch.equal(torch.ops.smollchat_cpu.int4_unpack(packed, sz, group, k), grid.bfloat16())
+    for lvl in (0, 3, 4):  # the same bits at every level
+        assert torch.equal(torch.ops.smollchat_cpu.int4_unpack(packed, sz, group, k, lvl), grid.bfloat16()), lvl
     x = torch.randn(1, k, generator=g).to(xdtype)
     exact = x.double() @ grid.double().t()
     rounded = quantized_x(x, 128).double()[None] @ grid.double().t()
@@ -241,7 +242,7 @@ def test_int4_operands_are_refused_with_what_is_wrong(levels):
     with pytest.raises(RuntimeError, match="nibbles must be a contiguous uint8"):
         torch.ops.smollchat_cpu.gemv_int4(torch.randn(1, 512), packed, sz, 128, 3)
     with pytest.raises(RuntimeError, match="scales must be a contiguous bf16"):
-        torch.ops.smollchat_cpu.int4_unpack(packed, sz[:, :1].contiguous(), 128, 256)
+        torch.ops.smollchat_cpu.int4_unpack(packed, sz[:, :1].contiguous(), 128, 256, 3)
 
 
 def test_an_int8_model_takes_the_product_the_choice_names(levels, fixtures_root):

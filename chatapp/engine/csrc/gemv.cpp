@@ -600,23 +600,92 @@ at::Tensor gemv_int4(const at::Tensor& x_, const at::Tensor& packed, const at::T
   });
 }
 
-// The bf16 weights [N, K] that int4 nibbles hold (prefill multiplies them block by block with F.linear).
-at::Tensor int4_unpack(const at::Tensor& packed, const at::Tensor& sz, int64_t group, int64_t K) {
+// Unpacking int4 nibbles to bf16 (int4_unpack), one block of 32 weights at a time: block b of a row is the low
+// (b % 4 < 2) or high nibbles of 32 bytes at (b / 4) * 64 + (b % 2) * 32. A group has only 16 values, so each
+// group's are computed once, as at::BFloat16((q - 8) * scale + zero), into a table its nibbles index (vpermw on
+// AVX-512 BW, two vpshufb for the low and high bytes on AVX2, a load otherwise): every level gives the same bits.
+struct UnpackTable {
+  alignas(64) uint16_t bits[32] = {0};
+  int64_t group = -1;
+  bool fill(const uint16_t* sr, int64_t g) {  // false if it already holds group g
+    if (g == group) return false;
+    const float scale = bf16_bits(sr, 2 * g), zero = bf16_bits(sr, 2 * g + 1);
+    for (int q = 0; q < 16; ++q) {
+      const at::BFloat16 v((q - 8) * scale + zero);
+      std::memcpy(&bits[q], &v, 2);
+    }
+    group = g;
+    return true;
+  }
+};
+
+void unpack_row_portable(const uint8_t* r, const uint16_t* sr, int64_t K, int64_t G, uint16_t* o) {
+  UnpackTable t;
+  for (int64_t b = 0; b < K / 32; ++b) {
+    t.fill(sr, b * 32 / G);
+    const uint8_t* bytes = r + b / 4 * 64 + (b % 2) * 32;
+    const int shift = b % 4 < 2 ? 0 : 4;
+    for (int j = 0; j < 32; ++j) o[b * 32 + j] = t.bits[(bytes[j] >> shift) & 15];
+  }
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw"))) void unpack_row_avx512(const uint8_t* r, const uint16_t* sr, int64_t K,
+                                                                   int64_t G, uint16_t* o) {
+  UnpackTable t;
+  __m512i table = _mm512_setzero_si512();
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  for (int64_t b = 0; b < K / 32; ++b) {
+    if (t.fill(sr, b * 32 / G)) table = _mm512_load_si512(t.bits);
+    const __m256i bytes = _mm256_loadu_si256((const __m256i*)(r + b / 4 * 64 + (b % 2) * 32));
+    const __m256i nib = _mm256_and_si256(b % 4 < 2 ? bytes : _mm256_srli_epi16(bytes, 4), mask);
+    _mm512_storeu_si512(o + b * 32, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(nib), table));
+  }
+}
+
+__attribute__((target("avx2,fma"))) void unpack_row_avx2(const uint8_t* r, const uint16_t* sr, int64_t K, int64_t G,
+                                                        uint16_t* o) {
+  UnpackTable t;
+  __m256i low = _mm256_setzero_si256(), high = low;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  for (int64_t b = 0; b < K / 32; ++b) {
+    if (t.fill(sr, b * 32 / G)) {  // the 16 values' low bytes and high bytes, in both 128-bit lanes
+      alignas(16) uint8_t lo[16], hi[16];
+      for (int q = 0; q < 16; ++q) lo[q] = t.bits[q] & 0xFF, hi[q] = t.bits[q] >> 8;
+      low = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)lo));
+      high = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)hi));
+    }
+    const __m256i bytes = _mm256_loadu_si256((const __m256i*)(r + b / 4 * 64 + (b % 2) * 32));
+    const __m256i nib = _mm256_and_si256(b % 4 < 2 ? bytes : _mm256_srli_epi16(bytes, 4), mask);
+    const __m256i l = _mm256_shuffle_epi8(low, nib), h = _mm256_shuffle_epi8(high, nib);
+    // unpack works within 128-bit lanes: values 0-7 | 16-23 and 8-15 | 24-31; put them back in order.
+    const __m256i a = _mm256_unpacklo_epi8(l, h), c = _mm256_unpackhi_epi8(l, h);
+    _mm256_storeu_si256((__m256i*)(o + b * 32), _mm256_permute2x128_si256(a, c, 0x20));
+    _mm256_storeu_si256((__m256i*)(o + b * 32 + 16), _mm256_permute2x128_si256(a, c, 0x31));
+  }
+}
+#endif
+
+// The bf16 weights [N, K] that int4 nibbles hold (prefill multiplies them block by block with F.linear), at
+// `level`: 3 (what the VNNI product needs, so AVX-512 BW) by vpermw, 4 (or 1, 2) by vpshufb, else portable.
+at::Tensor int4_unpack(const at::Tensor& packed, const at::Tensor& sz, int64_t group, int64_t K, int64_t level) {
   check_int4("int4_unpack", packed, sz, group, K);
   const int64_t N = packed.size(0), K128 = (K + 127) / 128 * 128, groups = K128 / group;
+  const int64_t top = top_level(at::kChar);
+  level = level <= 0 || top < 1 ? 0 : level == 3 && top >= 3 ? 3 : 4;
   auto out = at::empty({N, K}, packed.options().dtype(at::kBFloat16));
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const auto* s = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
-  auto* o = out.data_ptr<at::BFloat16>();
+  auto* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* r = w + n * (K128 / 2);
       const uint16_t* sr = s + n * groups * 2;
-      for (int64_t k = 0; k < K; ++k) {
-        const uint8_t b = r[k / 128 * 64 + k % 64];
-        const int q = k % 128 < 64 ? (b & 15) : (b >> 4);
-        o[n * K + k] = at::BFloat16((q - 8) * bf16_bits(sr, 2 * (k / group)) + bf16_bits(sr, 2 * (k / group) + 1));
-      }
+#if defined(__x86_64__)
+      if (level == 3) { unpack_row_avx512(r, sr, K, group, o + n * K); continue; }
+      if (level == 4) { unpack_row_avx2(r, sr, K, group, o + n * K); continue; }
+#endif
+      unpack_row_portable(r, sr, K, group, o + n * K);
     }
   });
   return out;
@@ -626,7 +695,7 @@ TORCH_LIBRARY(smollchat_cpu, m) {
   m.def("gemv(Tensor x, Tensor w, int level) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor q, Tensor scales, int level) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor packed, Tensor sz, int group, int level) -> Tensor");
-  m.def("int4_unpack(Tensor packed, Tensor sz, int group, int k) -> Tensor");
+  m.def("int4_unpack(Tensor packed, Tensor sz, int group, int k, int level) -> Tensor");
   m.def("gemv_cpu_levels", &gemv_cpu_levels);
 }
 
