@@ -1,9 +1,10 @@
-"""What the int8 x int8 products (cpu_gemv's VNNI and AVX2 ones: activations rounded to int8 blocks of 32) cost in
-quality next to the same int8 weights multiplied by the activations as given (aten's product): relative logit
-error against the float model and top-1 agreement, one token at a time through every position of a prompt
-(the decode path, where the one-row product runs), on each golden fixture and on a real-size random Axiom.
+"""What the byte products cost in quality next to the same quantized weights multiplied by the activations as
+given (aten's products): int8 weights through cpu_gemv's int8 x int8 products (VNNI and AVX2; activations rounded to
+int8 blocks of 32), int4 weights in our nibbles layout through gemv_int4 (activations rounded in spans of 128).
+Relative logit error against the float model and top-1 agreement, one token at a time through every position of a
+prompt (the decode path, where the one-row product runs), on each golden fixture and on a real-size random Axiom.
 
-    python bench/int8_quality.py [--fixtures ../shared/fixtures] [--real axiom] [--tokens 32]
+    python bench/quant_quality.py [--fixtures ../shared/fixtures] [--real axiom] [--tokens 32]
 """
 from __future__ import annotations
 
@@ -18,8 +19,13 @@ from chatapp.engine import cpu_gemv
 from chatapp.engine.bench import random_model
 from chatapp.engine.loader import load_model, prepare_for_inference
 
-PATHS = {"int8 (x as given)": "row/linear/linear", "int8 x int8 (VNNI)": "row/gemv-avx512vnni/linear",
-         "int8 x int8 (AVX2)": "row/gemv-avx2-q8/linear"}
+#: Column name -> (quantization, kernel path); aten's paths multiply by x as given.
+PATHS = {"int8 (x as given)": ("int8", "row/linear/linear"),
+         "int8 x int8 (VNNI)": ("int8", "row/gemv-avx512vnni/linear"),
+         "int8 x int8 (AVX2)": ("int8", "row/gemv-avx2-q8/linear"),
+         "int4 (aten, x as given)": ("int4", "row/linear/linear"),
+         "int4 nibbles (VNNI)": ("int4", "nibbles/gemv-avx512vnni/linear"),
+         "int4 nibbles (AVX2)": ("int4", "nibbles/gemv-avx2-q8/linear")}
 
 
 def decode_logits(model, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -42,8 +48,9 @@ def main() -> None:
     ap.add_argument("--real", default="axiom")
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
-    runs = set(cpu_gemv.products(torch.int8))
-    paths = {name: path for name, path in PATHS.items() if path == "row/linear/linear" or path.split("/")[1] in runs}
+    runs = {"int8": set(cpu_gemv.products(torch.int8)), "int4": set(cpu_gemv.products(cpu_gemv.INT4))}
+    paths = {name: (mode, path) for name, (mode, path) in PATHS.items()
+             if path == "row/linear/linear" or path.split("/")[1] in runs[mode]}
     for name in PATHS.keys() - paths.keys():
         print(f"({name}: not on this machine)")
     print("model | " + " | ".join(f"{k}: rel. error / top-1" for k in paths))
@@ -51,8 +58,8 @@ def main() -> None:
         ids = load_file(str(d / "golden.safetensors"))["input_ids"]
         ref = decode_logits(load_model(d, kernels="reference"), ids, torch.float32)
         cells = []
-        for path in paths.values():
-            model = load_model(d, quantize="int8", kernels={"dtype": "float32", "widening": path, "narrowing": path})
+        for mode, path in paths.values():
+            model = load_model(d, quantize=mode, kernels={"dtype": "float32", "widening": path, "narrowing": path})
             cells.append(compare(ref, decode_logits(model, ids, torch.float32)))
         print(f"{d.name} fixture | " + " | ".join(cells))
     entry = get_entry(args.real)
@@ -64,7 +71,7 @@ def main() -> None:
                               kernels={"dtype": "bfloat16", "widening": path, "narrowing": path})
         return decode_logits(model, ids, torch.bfloat16)
     ref = real(None)
-    cells = [compare(ref, real("int8", path)) for path in paths.values()]
+    cells = [compare(ref, real(mode, path)) for mode, path in paths.values()]
     print(f"{entry.id} real size, random weights, bf16 | " + " | ".join(cells))
 
 
