@@ -89,24 +89,37 @@ def dram_read_gbs(mib: int = 256, repeats: int = 5) -> float:
     return buf.nbytes / statistics.median(times) / 1e9
 
 
-def gemv_gbs(dtype: torch.dtype, mib: int = 64, repeats: int = 7, product: str = "linear", int8: bool = False) -> float:
+def gemv_gbs(dtype: torch.dtype, mib: int = 64, repeats: int = 7, product: str = "linear", quant: str = "") -> float:
     """Weight bytes per second of a one-token product on a [N, 4096] matrix (a decode step's kernel): `product`
     is the decode product the model's kernel choice took for its widening matrices (gemv_product): our one-row
-    product at its level, or PyTorch's (F.linear on `dtype` weights; aten's int8 product for `int8` ones)."""
+    product at its level, or PyTorch's (F.linear on `dtype` weights; aten's int8 or int4 product for `quant`
+    "int8" or "int4" ones; int4 in our nibbles layout where the product is ours)."""
     k = 4096
     level = cpu_gemv.PRODUCTS.get(product, 0)
-    if int8:
+    x = torch.randn(1, k).bfloat16()
+    if quant == "int8":
         w = torch.randint(-127, 128, (mib * 2 ** 20 // k, k), dtype=torch.int8)
         scales = torch.ones(w.shape[0], dtype=torch.bfloat16)
-        x = torch.randn(1, k).bfloat16()
+        nbytes = w.nbytes
 
         def call() -> Any:
             if level:
                 return torch.ops.smollchat_cpu.gemv_int8(x, w, scales, level)
             return torch.ops.aten._weight_int8pack_mm(x, w, scales)
+    elif quant == "int4":
+        from .kernels import _int4_matrix
+
+        packed, sz, group = _int4_matrix(mib * 2 ** 21 // k, k, "nibbles" if level else "row", 0)
+        nbytes = packed.nbytes + sz.nbytes
+
+        def call() -> Any:
+            if level:
+                return torch.ops.smollchat_cpu.gemv_int4(x, packed, sz, group, level)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
     else:
         w = torch.randn(mib * 2 ** 20 // (k * torch.empty((), dtype=dtype).element_size()), k).to(dtype)
-        x = torch.randn(1, k).to(dtype)
+        x = x.to(dtype)
+        nbytes = w.nbytes
 
         def call() -> Any:
             return torch.ops.smollchat_cpu.gemv(x, w, level) if level else F.linear(x, w)
@@ -116,16 +129,16 @@ def gemv_gbs(dtype: torch.dtype, mib: int = 64, repeats: int = 7, product: str =
         t = time.perf_counter()
         call()
         times.append(time.perf_counter() - t)
-    return w.nbytes / statistics.median(times) / 1e9
+    return nbytes / statistics.median(times) / 1e9
 
 
-def gemv_product(model: nn.Module, quantize: str | None) -> tuple[str, bool]:
+def gemv_product(model: nn.Module, quantize: str | None) -> tuple[str, str]:
     """The one-row product a decode step of `model` runs on its widening matrices, as gemv_gbs takes it: one
-    of ours where the kernel choice took it (its name), else "linear" (PyTorch's); and whether it is an int8
-    product."""
+    of ours where the kernel choice took it (its name), else "linear" (PyTorch's); and the weights' kind ("int8",
+    "int4", or "" for float ones)."""
     choice = getattr(model, "kernel_choice", None)
     name = choice.widening.decode if choice is not None else "linear"
-    return (name if name in cpu_gemv.PRODUCTS else "linear"), quantize == "int8"
+    return (name if name in cpu_gemv.PRODUCTS else "linear"), (quantize if quantize in ("int8", "int4") else "")
 
 
 def bytes_per_token(model: nn.Module, controls: Any = None) -> int:
@@ -223,11 +236,12 @@ def run(entry: ModelEntry, opts: BenchOptions, progress: Callable[[str], None] |
     rec["state"] = _state_bytes(state, used, context)
     say("bandwidth")
     rec["dram_read_gbs"] = round(dram_read_gbs(64 if opts.quick else 256), 2)
-    product, int8 = gemv_product(model, quant)
-    # (int4 weights are not timed here: their figure is F.linear's on the float dtype, and says so.)
-    rec["gemv_product"] = product if product != "linear" else (
-        "aten int8" if int8 else f"F.linear {str(dtype).removeprefix('torch.')}")
-    rec["gemv_gbs"] = round(gemv_gbs(dtype, 16 if opts.quick else 64, product=product, int8=int8), 2)
+    product, kind = gemv_product(model, quant)
+    if product != "linear":
+        rec["gemv_product"] = f"{product} {kind}" if kind else product
+    else:
+        rec["gemv_product"] = f"aten {kind}" if kind else f"F.linear {str(dtype).removeprefix('torch.')}"
+    rec["gemv_gbs"] = round(gemv_gbs(dtype, 16 if opts.quick else 64, product=product, quant=kind), 2)
     rec["roofline_fraction"] = round(rec["decode_tok_s"] * rec["weight_bytes_per_token"] / (rec["dram_read_gbs"] * 1e9), 3)
     if not opts.quick:
         def ours_decode() -> float:  # one more decode run of ours, between a peer's (llama.cpp interleaves)

@@ -17,28 +17,32 @@ FIELDS = {"model", "dtype", "quantize", "threads", "cpu", "load_s", "peak_rss_by
 
 
 def test_the_gemv_figure_runs_the_product_the_kernel_choice_took(monkeypatch):
-    # Our one-row product at its level (float and int8 weights), or PyTorch's; each call multiplies the matrix.
+    # Our one-row product at its level (float, int8 and int4 weights), or PyTorch's; each call multiplies the matrix.
     from chatapp.engine import bench, cpu_gemv
     from chatapp.engine.kernels import KernelChoice, MatrixPath
 
     if not cpu_gemv.products(torch.bfloat16):
         pytest.skip(f"no one-row product of ours here: {cpu_gemv.error() or 'no AVX2'}")
     seen = []
-    for op in ("gemv", "gemv_int8"):
+    for op in ("gemv", "gemv_int8", "gemv_int4"):
         real = getattr(torch.ops.smollchat_cpu, op)
         monkeypatch.setattr(torch.ops.smollchat_cpu, op, lambda *a, _r=real, _op=op: seen.append((_op, a[-1])) or _r(*a))
     name = cpu_gemv.products(torch.bfloat16)[0]
     model = torch.nn.Module()
     model.kernel_choice = KernelChoice("bfloat16", MatrixPath("row", name, "linear"), MatrixPath(), "measured")
-    assert bench.gemv_product(model, None) == (name, False)
+    assert bench.gemv_product(model, None) == (name, "")
     assert bench.gemv_gbs(torch.bfloat16, 1, repeats=2, product=name) > 0
     assert seen == [("gemv", cpu_gemv.PRODUCTS[name])] * 3
     seen.clear()
-    assert bench.gemv_gbs(torch.bfloat16, 1, repeats=2, product="gemv-avx2", int8=True) > 0
+    assert bench.gemv_gbs(torch.bfloat16, 1, repeats=2, product="gemv-avx2", quant="int8") > 0
     assert seen == [("gemv_int8", 1)] * 3
     seen.clear()
+    assert bench.gemv_gbs(torch.bfloat16, 1, repeats=2, product="gemv-avx2-q8", quant="int4") > 0
+    assert seen == [("gemv_int4", 4)] * 3
+    seen.clear()
+    assert bench.gemv_gbs(torch.bfloat16, 1, repeats=2, product="linear", quant="int4") > 0 and seen == []
     model.kernel_choice = KernelChoice("bfloat16", MatrixPath("column"), MatrixPath(), "measured")
-    assert bench.gemv_product(model, "int8") == ("linear", True)
+    assert bench.gemv_product(model, "int8") == ("linear", "int8")
     assert bench.gemv_gbs(torch.bfloat16, 1, repeats=2, product="linear") > 0 and seen == []
 
 
