@@ -1,7 +1,8 @@
 """One message of the conversation: a header (role, branch position, status, selection mark), the
 body, and under a reply its run figures (tokens, TTFT, prefill and decode speed, stop reason).
 
-A reply's body is Markdown; a prompt is shown as typed (line breaks and all), as plain text. Every
+A reply's body is Markdown, drawn by widgets/streaming_body.py's MarkdownBody (one widget of cached lines, not
+Textual's Markdown widget: see there); a prompt is shown as typed (line breaks and all), as plain text. Every
 string here comes from a user or a model, so it reaches the screen through `textsafe` only.
 """
 from __future__ import annotations
@@ -13,11 +14,11 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.message import Message
 from textual.widget import Widget
-from textual.widgets import Markdown, Static
+from textual.widgets import Static
 
 from ...textsafe import displayable, plain
 from ..figures import human_duration, run_line
-from .streaming_body import OpenTail, StreamingBody
+from .streaming_body import MarkdownBody, OpenTail
 
 ROLE_LABELS = {"user": "You", "assistant": "Model", "system": "System"}
 STATUS_LABELS = {"streaming": "● streaming", "stopped": "■ stopped", "error": "✕ error"}
@@ -33,8 +34,8 @@ def failed_send(message) -> bool:
 
 
 class MessageView(Vertical):
-    """Shows one `chat.conversation.Message`; the live reply streams into it through `write`, shown by a
-    StreamingBody in place of the Markdown body until it ends (widgets/streaming_body.py)."""
+    """Shows one `chat.conversation.Message`; the live reply streams into its body through `write`, its open
+    block drawn again as it grows until the reply ends (widgets/streaming_body.py)."""
 
     DEFAULT_CSS = """
     MessageView {
@@ -54,7 +55,6 @@ class MessageView(Vertical):
     MessageView .failed { color: $text-error; height: auto; margin-bottom: 1; }
     /* The last block's bottom margin is the gap to the next message (a :last-child rule to drop it
        would restyle every block of a streaming reply on each mount). */
-    MessageView Markdown { margin: 0; padding: 0; background: transparent; }
     """
 
     @dataclass
@@ -73,15 +73,13 @@ class MessageView(Vertical):
         self.sibling = sibling
         """(index, count) among the message's siblings: a branch point when count > 1."""
         self.selected = False
-        self._streaming: StreamingBody | None = None
-        self._frozen_chars = 0
         self._open: OpenTail | None = None
         self._live_figures = ""
 
     def compose(self) -> ComposeResult:
         yield Static(self._header(), classes="header")
         if self.message.role == "assistant":
-            yield Markdown("" if self.live else displayable(self.message.content or ""), open_links=False)
+            yield MarkdownBody("" if self.live else displayable(self.message.content or ""))
             yield Static(self._stats(), classes="stats")
         else:
             yield Static(plain(self.message.content or ""), classes="prompt")
@@ -94,8 +92,8 @@ class MessageView(Vertical):
         self.post_message(self.Clicked(self.message.id))
 
     @property
-    def body(self) -> Markdown:
-        return self.query_one(Markdown)
+    def body(self) -> MarkdownBody:
+        return self.query_one(MarkdownBody)
 
     async def open_inspector(self, inspector: Widget) -> None:
         """Show the reply token by token (widgets/inspector.py) in place of its Markdown body."""
@@ -174,33 +172,26 @@ class MessageView(Vertical):
     @property
     def shown_chars(self) -> int:
         """Characters of the reply's text on screen (while streaming: the frozen pieces and the tail)."""
-        if self._streaming is None:
-            return len(self.body.source)
-        return self._frozen_chars + len(self._open.source)
+        return len(self.body.source)
 
     async def write(self, text: str) -> None:
-        """Append streamed text, shown by a StreamingBody in place of the Markdown body (widgets/streaming_body.py):
-        each finished block (and the first part of a long open one) is rendered once, and only the open
-        block, the tail, is rendered again on each write."""
+        """Append streamed text to the body (widgets/streaming_body.py): each finished block (and the first part
+        of a long open one) is rendered once, and only the open block, the tail, is rendered again on each
+        write."""
         text = displayable(text)
-        if self._streaming is None:
-            self._streaming, self._open, self._frozen_chars = StreamingBody(), OpenTail(self.body.source), 0
-            self.body.display = False
-            await self.mount(self._streaming, before=self.body)
+        body = self.body
+        if self._open is None:  # the text already shown becomes the open tail
+            self._open = OpenTail(body.source)
+            body.clear()
         pieces = self._open.add(text)
-        self._frozen_chars += sum(len(p.source) for p in pieces)
-        self._streaming.show(pieces, self._open.source, self._open.shown)
+        body.show(pieces, self._open.source, self._open.shown)
 
     async def finish(self) -> None:
-        """Render the stored text once in full in the Markdown body, in place of the frozen blocks and
-        the streamed tail (an append-only render can leave a block that closed late, such as a code
-        fence, showing stale content)."""
+        """Render the stored text once in full, in place of the frozen blocks and the streamed tail (an
+        append-only render can leave a block that closed late, such as a code fence, showing stale content,
+        and a split block shows its split)."""
         self.live = False
         if self.message.role == "assistant":
-            with self.app.batch_update():
-                if self._streaming is not None:
-                    await self._streaming.remove()
-                    self._streaming, self._open = None, None
-                    self.body.display = True
-                await self.body.update(displayable(self.message.content or ""))
+            self._open = None
+            self.body.update(displayable(self.message.content or ""))
         self.refresh_message()
