@@ -4,9 +4,9 @@ int8: one symmetric scale per output row, `aten._weight_int8pack_mm` (or our one
 cpu_gemv.py). int4: asymmetric groups of 128 (64 or 32 where the input width does not divide) along the input,
 w = (q - 8) * scale + zero, in one of two layouts the kernel choice races on the running machine (kernels.py):
 packed for `aten._weight_int4pack_mm_for_cpu` ("aten"), or our "nibbles" (quantize_int4), each row its own bytes,
-multiplied one row of x at a time by csrc/gemv.cpp's gemv_int4 (nibbles by x rounded to int8: on a Zen 4 it read
-Axiom-380M's int4 matrices at 27-36 GB/s where aten's product read 17-20) and, for several rows (prefill), unpacked
-to bf16 a block of rows at a time for F.linear. aten's kernels take bf16 activations:
+multiplied by csrc/gemv.cpp's gemv_int4 (nibbles by x rounded to int8: on a Zen 4 it read Axiom-380M's int4
+matrices at 27-36 GB/s where aten's product read 17-20) and, for many rows (prefill past NIBBLE_ROWS), unpacked to
+bf16 a block of rows at a time for F.linear. aten's kernels take bf16 activations:
 with fp32 ones they fall to a scalar path 4-13x slower on an AVX2 CPU (measured: 2048 x 1024 GEMV
 int8 0.41 ms bf16 against 2.4 ms fp32), so a QuantLinear casts its input to bf16 and its output back.
 Scales and zero points are rounded to bf16 before the weights are rounded to the grid, so the stored
@@ -54,7 +54,11 @@ MIN_WEIGHTS = 4096
 FORMAT = 3
 #: int4 layouts: aten's packed one, or our nibbles (quantize_int4).
 INT4_LAYOUTS = ("aten", "nibbles")
-#: Prefill through nibbles unpacks at most this many bytes of bf16 weight at a time (a block of rows).
+#: Up to this many rows of x, our nibbles are multiplied by gemv_int4 itself (every row of x against each block of
+#: weight rows read once); more rows unpack the weights to bf16 for F.linear, at most UNPACK_BYTES at a time.
+#: Measured on a Zen 4 (2 threads), the two met at 32-64 rows on Axiom's and Huginn's shapes (5632 x 1024 at 64
+#: rows: 3.6 ms either way; 17920 x 5280 at 16 rows: 29 ms against 64).
+NIBBLE_ROWS = 48
 UNPACK_BYTES = 8 * 2**20
 HEAD = "<head>"
 
@@ -68,8 +72,8 @@ class QuantLinear(nn.Module):
 
     The packed weight and its scales are frozen parameters, so `weight_bytes()` counts what is held.
     int4 in aten's layout pads the output rows to a multiple of 16 (the packer's rule) and slices the padding off;
-    in ours (`layout` "nibbles") one-row calls take gemv_int4 at level `gemv` (0: dequantized in fp32, portable),
-    several rows F.linear on blocks of unpacked bf16 rows. An int8 layer's one-row calls take our own product at
+    in ours (`layout` "nibbles") up to NIBBLE_ROWS rows take gemv_int4 at level `gemv` (0: dequantized in fp32,
+    portable), more rows F.linear on blocks of unpacked bf16 rows. An int8 layer's one-row calls take our own product at
     level `gemv` where the kernel choice measured it faster (kernels.apply_quantized; cpu_gemv.py), on the same
     int8 rows and scales.
     """
@@ -106,7 +110,7 @@ class QuantLinear(nn.Module):
             y = F.linear(x2.float(), self.packed.float() * self.scales.float()[:, None]).to(ACT)
         elif self.mode == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.packed, self.scales)
-        elif self.layout == "nibbles" and x2.shape[0] == 1:
+        elif self.layout == "nibbles" and x2.shape[0] <= NIBBLE_ROWS:
             y = torch.ops.smollchat_cpu.gemv_int4(x2, self.packed, self.scales, self.group_size, self.gemv)
         elif self.layout == "nibbles":
             y = self._unpacked_product(x2)

@@ -270,19 +270,6 @@ __attribute__((target("avx2,fma"))) void rows_int8_avx2(const int8_t* w, int64_t
 
 inline float bf16_bits(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
 
-// Per call: the group sums of x as rounded (`sums`, zero for padding groups) and each group's x scale (`scales`,
-// that of the span of 128 it lies in), [K128 / G] each.
-struct GroupX {
-  std::vector<float> sums, scales;
-};
-
-GroupX group_x(const QuantizedX& xq, int64_t K128, int64_t G) {
-  GroupX out{std::vector<float>(K128 / G, 0.f), std::vector<float>(K128 / G, 0.f)};
-  for (int64_t b = 0; b < K128 / 32; ++b) out.sums[b * 32 / G] += xq.s4[b * 8] * xq.sum32[b];
-  for (int64_t g = 0; g < K128 / G; ++g) out.scales[g] = xq.s4[g * G / 4];
-  return out;
-}
-
 // Portable: every weight dequantized in fp32, x as given (no rounding of x).
 void rows_int4_portable(const uint8_t* w, const uint16_t* sz, int64_t K, int64_t G, const float* xf, float* out,
                         int64_t n0, int64_t n1) {
@@ -301,6 +288,19 @@ void rows_int4_portable(const uint8_t* w, const uint16_t* sz, int64_t K, int64_t
 }
 
 #if defined(__x86_64__)
+// Per call: the group sums of x as rounded (`sums`, zero for padding groups) and each group's x scale (`scales`,
+// that of the span of 128 it lies in), [K128 / G] each.
+struct GroupX {
+  std::vector<float> sums, scales;
+};
+
+GroupX group_x(const QuantizedX& xq, int64_t K128, int64_t G) {
+  GroupX out{std::vector<float>(K128 / G, 0.f), std::vector<float>(K128 / G, 0.f)};
+  for (int64_t b = 0; b < K128 / 32; ++b) out.sums[b * 32 / G] += xq.s4[b * 8] * xq.sum32[b];
+  for (int64_t g = 0; g < K128 / G; ++g) out.scales[g] = xq.s4[g * G / 4];
+  return out;
+}
+
 // A row's preamble: ws[g] = scale_g * xscale_g, and the offset term sum_g (zero_g - 8 scale_g) * xsum_g, returned.
 // A (scale, zero) pair of bf16 is one 32-bit lane, the scale in its low half; 16 groups (AVX-512) or 8 at a time.
 __attribute__((target("avx512f"))) inline __m512 row_scales16(const uint16_t* s, const GroupX& gx, int64_t groups,
@@ -338,40 +338,60 @@ __attribute__((target("avx2,fma"))) inline float row_scales8(const uint16_t* s, 
   return t;
 }
 
+// The rows of x one call of an int4 row loop multiplies (up to kTile: each span of weights is loaded and split
+// into nibbles once for all of them), each rounded to int8 (quantize_x) with its group sums and scales.
+constexpr int kTile = 4;
+struct XTile {
+  const int8_t* q[kTile];
+  const GroupX* g[kTile];
+};
+
 // AVX512-VNNI: 128 weights an iteration. The low nibbles meet xq[k, k + 64), the high ones xq[k + 64, k + 128): two
 // vpdpbusd into one int32 sum (G = 128; lane j sums weights 4j..4j+3 and 64+4j..), or into one each (G = 64:
 // the halves are two groups), or lanes 0-7 and 8-15 of each in two groups (G = 32: the scales by vpermps).
-template <int G>
+// T rows of x at once; out[t * stride + n - n0].
+template <int G, int T>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_int4_vnni(
-    const uint8_t* w, const uint16_t* sz, int64_t K128, const int8_t* x, const GroupX& gx, float* out, int64_t n0,
+    const uint8_t* w, const uint16_t* sz, int64_t K128, const XTile& xt, float* out, int64_t stride, int64_t n0,
     int64_t n1) {
   const __m512i mask = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
   const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  const int64_t groups = K128 / G;
-  std::vector<float> ws(groups + 16);
+  const int64_t groups = K128 / G, wstride = groups + 16;
+  std::vector<float> wsv(T * wstride);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* r = w + n * (K128 / 2);
-    __m512 a0 = row_scales16(sz + n * groups * 2, gx, groups, ws.data()), a1 = _mm512_setzero_ps();
+    __m512 a0[T], a1[T];
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) {
+      a0[t] = row_scales16(sz + n * groups * 2, *xt.g[t], groups, wsv.data() + t * wstride);
+      a1[t] = _mm512_setzero_ps();
+    }
     for (int64_t k = 0; k < K128; k += 128) {
       const __m512i b = _mm512_loadu_si512(r + k / 2);
       const __m512i lo = _mm512_and_si512(b, mask), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask);
-      if constexpr (G == 128) {
-        const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(x + k)), hi,
-                                              _mm512_loadu_si512(x + k + 64));
-        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(ws[k / 128]), a0);
-      } else if constexpr (G == 64) {
-        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(x + k))),
-                             _mm512_set1_ps(ws[k / 64]), a0);
-        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512(x + k + 64))),
-                             _mm512_set1_ps(ws[k / 64 + 1]), a1);
-      } else {
-        const __m512 s01 = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double*)(ws.data() + k / 32)))));
-        const __m512 s23 = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double*)(ws.data() + k / 32 + 2)))));
-        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(x + k))), s01, a0);
-        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512(x + k + 64))), s23, a1);
+#pragma GCC unroll 4
+      for (int t = 0; t < T; ++t) {
+        const int8_t* x = xt.q[t];
+        const float* ws = wsv.data() + t * wstride;
+        if constexpr (G == 128) {
+          const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(x + k)), hi,
+                                                _mm512_loadu_si512(x + k + 64));
+          a0[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(ws[k / 128]), a0[t]);
+        } else if constexpr (G == 64) {
+          a0[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(x + k))),
+                                  _mm512_set1_ps(ws[k / 64]), a0[t]);
+          a1[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512(x + k + 64))),
+                                  _mm512_set1_ps(ws[k / 64 + 1]), a1[t]);
+        } else {
+          const __m512 s01 = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double*)(ws + k / 32)))));
+          const __m512 s23 = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double*)(ws + k / 32 + 2)))));
+          a0[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(x + k))), s01, a0[t]);
+          a1[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512(x + k + 64))), s23, a1[t]);
+        }
       }
     }
-    out[n - n0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) out[t * stride + n - n0] = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
   }
 }
 
@@ -385,40 +405,71 @@ __attribute__((target("avx2,fma"))) inline __m256 group_sum8(__m256i pairs, floa
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1))), _mm256_set1_ps(ws), acc);
 }
 
-template <int G>
+template <int G, int T>
 __attribute__((target("avx2,fma"))) void rows_int4_avx2(const uint8_t* w, const uint16_t* sz, int64_t K128,
-                                                       const int8_t* x, const GroupX& gx, float* out, int64_t n0,
+                                                       const XTile& xt, float* out, int64_t stride, int64_t n0,
                                                        int64_t n1) {
   const __m256i mask = _mm256_set1_epi8(0x0F);
-  const int64_t groups = K128 / G;
-  std::vector<float> ws(groups + 8);
+  const int64_t groups = K128 / G, wstride = groups + 8;
+  std::vector<float> wsv(T * wstride);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* r = w + n * (K128 / 2);
-    const float offset = row_scales8(sz + n * groups * 2, gx, groups, ws.data());
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    float offset[T];
+    __m256 a0[T], a1[T];
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) {
+      offset[t] = row_scales8(sz + n * groups * 2, *xt.g[t], groups, wsv.data() + t * wstride);
+      a0[t] = a1[t] = _mm256_setzero_ps();
+    }
     for (int64_t k = 0; k < K128; k += 128) {
       const __m256i b0 = _mm256_loadu_si256((const __m256i*)(r + k / 2));
       const __m256i b1 = _mm256_loadu_si256((const __m256i*)(r + k / 2 + 32));
       // Blocks 0..3 of the span: weights [0, 32), [32, 64), [64, 96), [96, 128).
-      const __m256i p0 = nibble_pairs(_mm256_and_si256(b0, mask), x + k);
-      const __m256i p1 = nibble_pairs(_mm256_and_si256(b1, mask), x + k + 32);
-      const __m256i p2 = nibble_pairs(_mm256_and_si256(_mm256_srli_epi16(b0, 4), mask), x + k + 64);
-      const __m256i p3 = nibble_pairs(_mm256_and_si256(_mm256_srli_epi16(b1, 4), mask), x + k + 96);
-      if constexpr (G == 128) {
-        a0 = group_sum8(_mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3)), ws[k / 128], a0);
-      } else if constexpr (G == 64) {
-        a0 = group_sum8(_mm256_add_epi16(p0, p1), ws[k / 64], a0);
-        a1 = group_sum8(_mm256_add_epi16(p2, p3), ws[k / 64 + 1], a1);
-      } else {
-        a0 = group_sum8(p0, ws[k / 32], a0);
-        a1 = group_sum8(p1, ws[k / 32 + 1], a1);
-        a0 = group_sum8(p2, ws[k / 32 + 2], a0);
-        a1 = group_sum8(p3, ws[k / 32 + 3], a1);
+      const __m256i n0_ = _mm256_and_si256(b0, mask), n1_ = _mm256_and_si256(b1, mask);
+      const __m256i n2_ = _mm256_and_si256(_mm256_srli_epi16(b0, 4), mask), n3_ = _mm256_and_si256(_mm256_srli_epi16(b1, 4), mask);
+#pragma GCC unroll 4
+      for (int t = 0; t < T; ++t) {
+        const int8_t* x = xt.q[t];
+        const float* ws = wsv.data() + t * wstride;
+        const __m256i p0 = nibble_pairs(n0_, x + k), p1 = nibble_pairs(n1_, x + k + 32);
+        const __m256i p2 = nibble_pairs(n2_, x + k + 64), p3 = nibble_pairs(n3_, x + k + 96);
+        if constexpr (G == 128) {
+          a0[t] = group_sum8(_mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3)), ws[k / 128], a0[t]);
+        } else if constexpr (G == 64) {
+          a0[t] = group_sum8(_mm256_add_epi16(p0, p1), ws[k / 64], a0[t]);
+          a1[t] = group_sum8(_mm256_add_epi16(p2, p3), ws[k / 64 + 1], a1[t]);
+        } else {
+          a0[t] = group_sum8(p0, ws[k / 32], a0[t]);
+          a1[t] = group_sum8(p1, ws[k / 32 + 1], a1[t]);
+          a0[t] = group_sum8(p2, ws[k / 32 + 2], a0[t]);
+          a1[t] = group_sum8(p3, ws[k / 32 + 3], a1[t]);
+        }
       }
     }
-    out[n - n0] = hsum8(_mm256_add_ps(a0, a1)) + offset;
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) out[t * stride + n - n0] = hsum8(_mm256_add_ps(a0[t], a1[t])) + offset[t];
   }
 }
+
+// The level's int4 row loop for a tile of T (1..kTile) rows of x.
+template <int G, int T>
+void int4_tile(int64_t level, const uint8_t* w, const uint16_t* sz, int64_t K128, const XTile& xt, float* out,
+               int64_t stride, int64_t n0, int64_t n1) {
+  if (level == 3) rows_int4_vnni<G, T>(w, sz, K128, xt, out, stride, n0, n1);
+  else rows_int4_avx2<G, T>(w, sz, K128, xt, out, stride, n0, n1);
+}
+
+template <int G>
+void int4_rows(int64_t level, int T, const uint8_t* w, const uint16_t* sz, int64_t K128, const XTile& xt, float* out,
+               int64_t stride, int64_t n0, int64_t n1) {
+  switch (T) {
+    case 1: return int4_tile<G, 1>(level, w, sz, K128, xt, out, stride, n0, n1);
+    case 2: return int4_tile<G, 2>(level, w, sz, K128, xt, out, stride, n0, n1);
+    case 3: return int4_tile<G, 3>(level, w, sz, K128, xt, out, stride, n0, n1);
+    default: return int4_tile<G, 4>(level, w, sz, K128, xt, out, stride, n0, n1);
+  }
+}
+
 #endif
 
 // Rows per task: a block of rows is a few hundred KB of weight, so threads stream long runs.
@@ -562,42 +613,64 @@ at::Tensor gemv_int8(const at::Tensor& x_, const at::Tensor& q, const at::Tensor
   });
 }
 
-// y [1, N] = x [1, K] @ W^T for int4 weights in the nibbles layout (packed uint8 [N, K128 / 2], sz bf16
-// [N, K128 / G, 2]; see rows_int4_vnni), in x's dtype. Level 3 runs the AVX512-VNNI loop, 4 (or 1, 2) the AVX2
-// one, each with x rounded to int8 blocks of 32; 0 (or a CPU without AVX2) dequantizes each weight in fp32.
+// y [..., N] = x [..., K] @ W^T for int4 weights in the nibbles layout (packed uint8 [N, K128 / 2], sz bf16
+// [N, K128 / G, 2]; see rows_int4_vnni), in x's dtype, for any number M of rows of x. Level 3 runs the
+// AVX512-VNNI loop, 4 (or 1, 2) the AVX2 one, each with x rounded to int8 spans of 128; 0 (or a CPU without AVX2)
+// dequantizes each weight in fp32. Threads take blocks of kGrain weight rows; within a block the rows of x go
+// kTile at a time, so the block's weights are read from memory once (then from cache) for all M rows.
 at::Tensor gemv_int4(const at::Tensor& x_, const at::Tensor& packed, const at::Tensor& sz, int64_t group, int64_t level) {
   const int64_t K = x_.size(-1);
   check_int4("gemv_int4", packed, sz, group, K);
-  TORCH_CHECK(x_.device().is_cpu() && x_.numel() == K, "gemv_int4: x must hold one row of K values, got ", x_.sizes());
+  TORCH_CHECK(x_.device().is_cpu() && x_.dim() >= 1, "gemv_int4: x must be a CPU tensor [..., K]");
   TORCH_CHECK(x_.scalar_type() == at::kBFloat16 || x_.scalar_type() == at::kFloat, "gemv_int4: x must be bf16 or fp32");
   const int64_t top = top_level(at::kChar);
-  level = level <= 0 || top < 1 ? 0 : level == 3 && top >= 3 ? 3 : 4;
+  level = level <= 0 || top < 1 ? 0 : level == 3 && top >= 3 ? 3 : 4;  // (top is 0 off x86-64)
   const auto x = x_.contiguous();
+  const int64_t M = K ? x.numel() / K : 0, N = packed.size(0), K128 = (K + 127) / 128 * 128;
   std::vector<float> buf;
   const float* xf = as_float(x, buf);
-  const int64_t K128 = (K + 127) / 128 * 128;
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const auto* s = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
 #if defined(__x86_64__)
-  const QuantizedX xq = level > 0 ? quantize_x(xf, K, 128, 128) : QuantizedX();
-  const GroupX gx = level > 0 ? group_x(xq, K128, group) : GroupX();
-  const int8_t* xp = xq.q.data();
+  std::vector<QuantizedX> xq(level > 0 ? M : 0);
+  std::vector<GroupX> gx(xq.size());
+  for (size_t m = 0; m < xq.size(); ++m) {
+    xq[m] = quantize_x(xf + m * K, K, 128, 128);
+    gx[m] = group_x(xq[m], K128, group);
+  }
 #endif
-  return product(x, packed.size(0), nullptr, [&](float* o, int64_t n0, int64_t n1) {
+  auto out = at::empty(with_last(x, N), x.options());
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  auto* ob = bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
+  auto* of = bf16 ? nullptr : out.data_ptr<float>();
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    float acc[kTile * kGrain];
+    for (int64_t b0 = n0; b0 < n1; b0 += kGrain) {
+      const int64_t b1 = std::min(n1, b0 + kGrain);
+      for (int64_t m0 = 0; m0 < M; m0 += kTile) {
+        const int T = static_cast<int>(std::min<int64_t>(kTile, M - m0));
 #if defined(__x86_64__)
-    if (level == 3) {
-      if (group == 128) return rows_int4_vnni<128>(w, s, K128, xp, gx, o, n0, n1);
-      if (group == 64) return rows_int4_vnni<64>(w, s, K128, xp, gx, o, n0, n1);
-      return rows_int4_vnni<32>(w, s, K128, xp, gx, o, n0, n1);
-    }
-    if (level == 4) {
-      if (group == 128) return rows_int4_avx2<128>(w, s, K128, xp, gx, o, n0, n1);
-      if (group == 64) return rows_int4_avx2<64>(w, s, K128, xp, gx, o, n0, n1);
-      return rows_int4_avx2<32>(w, s, K128, xp, gx, o, n0, n1);
-    }
+        if (level > 0) {
+          XTile xt{};
+          for (int t = 0; t < T; ++t) xt.q[t] = xq[m0 + t].q.data(), xt.g[t] = &gx[m0 + t];
+          if (group == 128) int4_rows<128>(level, T, w, s, K128, xt, acc, kGrain, b0, b1);
+          else if (group == 64) int4_rows<64>(level, T, w, s, K128, xt, acc, kGrain, b0, b1);
+          else int4_rows<32>(level, T, w, s, K128, xt, acc, kGrain, b0, b1);
+        } else
 #endif
-    rows_int4_portable(w, s, K, group, xf, o, n0, n1);
+        {
+          for (int t = 0; t < T; ++t) rows_int4_portable(w, s, K, group, xf + (m0 + t) * K, acc + t * kGrain, b0, b1);
+        }
+        for (int t = 0; t < T; ++t)
+          for (int64_t n = b0; n < b1; ++n) {
+            const float v = acc[t * kGrain + n - b0];
+            if (bf16) ob[(m0 + t) * N + n] = at::BFloat16(v);
+            else of[(m0 + t) * N + n] = v;
+          }
+      }
+    }
   });
+  return out;
 }
 
 // Unpacking int4 nibbles to bf16 (int4_unpack), one block of 32 weights at a time: block b of a row is the low
