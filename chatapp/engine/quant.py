@@ -68,7 +68,7 @@ class QuantError(ValueError):
 
 
 class QuantLinear(nn.Module):
-    """y = x W^T (+ b) with W stored int8 per row or int4 per group, on the aten packed CPU kernels.
+    """y = x W^T (+ b) with W stored int8 per row or int4 per group, on aten's packed CPU kernels or ours.
 
     The packed weight and its scales are frozen parameters, so `weight_bytes()` counts what is held.
     int4 in aten's layout pads the output rows to a multiple of 16 (the packer's rule) and slices the padding off;
@@ -217,6 +217,8 @@ def quantize_int4(w: torch.Tensor, group: int, layout: str = "aten") -> tuple[to
       every 64 bytes weight j of that span of 128 in the low nibble of byte j and weight 64 + j in the high one;
       scale/zero [N, K128/group, 2], one row's groups together. Padding weights and groups are zeros.
     """
+    if layout not in INT4_LAYOUTS:
+        raise QuantError(f"unknown int4 layout {layout!r}: one of {', '.join(INT4_LAYOUTS)}")
     q, scale, zero = int4_grid(w, group)
     n, k = q.shape
     if layout == "nibbles":
@@ -228,8 +230,6 @@ def quantize_int4(w: torch.Tensor, group: int, layout: str = "aten") -> tuple[to
         sz = torch.zeros(n, k128 // group, 2, dtype=ACT)
         sz[:, :k // group, 0], sz[:, :k // group, 1] = scale, zero
         return packed, sz
-    if layout != "aten":
-        raise QuantError(f"unknown int4 layout {layout!r}: aten or nibbles")
     n16 = -(-n // 16) * 16
     q = torch.cat([q, torch.full((n16 - n, k), 8, dtype=torch.int32)])  # padding rows dequantize to 0
     sz = torch.stack([scale, zero], -1).float()
