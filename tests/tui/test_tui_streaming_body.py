@@ -202,3 +202,29 @@ async def test_a_long_streamed_reply_is_one_widget_drawn_as_its_pieces_and_drops
         assert again.body.size.width == width
         assert [again.body.render_line(y).text for y in range(len(expected))] == \
             [body.render_line(y).text for y in range(len(expected))]
+
+
+@pytest.mark.asyncio
+async def test_a_reply_s_text_can_be_selected_with_the_mouse():
+    """A reply body is one widget of drawn lines (not Textual's Markdown widget), so it carries what Textual's
+    text selection needs itself: each line's cells know their offset, the selected span is drawn in the selection
+    style, and the selection's text is the text as drawn."""
+    from textual.geometry import Offset
+    from textual.selection import Selection
+
+    text = "First paragraph here.\n\nSecond one, a bit longer than the first."
+    app = Host(Message(id="r1", parent_id=None, role="assistant", content=text, created_at=0.0))
+    async with app.run_test(size=(80, 20)) as pilot:
+        body = app.query_one(MessageView).body
+        body.update(text)  # (the Host's view is a live one: it starts empty)
+        await pilot.pause()
+        line = body.render_line(2)
+        assert line.text.startswith("Second one")
+        offsets = [seg.style.meta.get("offset") for seg in line if seg.style is not None and seg.style.meta]
+        assert offsets and offsets[0] == (0, 2)
+        assert body.get_selection(Selection(Offset(6, 0), Offset(10, 2)))[0] == "paragraph here.\n\nSecond one"
+        app.screen.selections = {body: Selection(Offset(0, 2), Offset(6, 2))}
+        await pilot.pause()
+        selected = body.render_line(2)
+        style = app.screen.get_component_rich_style("screen--selection")
+        assert [seg.text for seg in selected if seg.style and style.bgcolor == seg.style.bgcolor][0].startswith("Second")

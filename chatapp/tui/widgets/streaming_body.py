@@ -31,7 +31,10 @@ from dataclasses import dataclass
 
 from markdown_it import MarkdownIt
 from rich.markdown import Markdown as RichMarkdown
+from rich.segment import Segment
+from rich.style import Style
 from textual.geometry import Size
+from textual.selection import Selection
 from textual.strip import Strip
 from textual.visual import Visual, visualize
 from textual.widget import Widget
@@ -214,10 +217,31 @@ class StreamingBody(Widget):
     def render_line(self, y: int) -> Strip:
         frozen, tail = self._render_to(self.size.width)
         if y < len(frozen):
-            return frozen[y]
-        if y - len(frozen) < len(tail):
-            return tail[y - len(frozen)]
-        return Strip.blank(self.size.width, self.visual_style.rich_style)
+            strip = frozen[y]
+        elif y - len(frozen) < len(tail):
+            strip = tail[y - len(frozen)]
+        else:
+            return Strip.blank(self.size.width, self.visual_style.rich_style)
+        # Text selection with the mouse, as Textual's own widgets have it: each cell carries its offset, and the
+        # selected span of the line is drawn in the screen's selection style.
+        selection = self.text_selection
+        span = selection.get_span(y) if selection is not None else None
+        if span is not None:
+            start, end = span
+            end = strip.cell_length if end == -1 else min(end, strip.cell_length)
+            style = self.screen.get_component_rich_style("screen--selection")
+            chosen = Strip([Segment(text, (seg_style or Style()) + style, control)
+                            for text, seg_style, control in strip.crop(start, end)])
+            strip = Strip.join([strip.crop(0, start), chosen, strip.crop(end)])
+        return strip.apply_offsets(0, y)
+
+    def get_selection(self, selection: Selection) -> tuple[str, str] | None:
+        """The selected text, as drawn (lines without their trailing padding)."""
+        frozen, tail = self._render_to(self.size.width)
+        return selection.extract("\n".join(line.text.rstrip() for line in frozen + tail)), "\n"
+
+    def selection_updated(self, selection: Selection | None) -> None:
+        self.refresh()
 
     def notify_style_update(self) -> None:
         super().notify_style_update()
