@@ -55,11 +55,16 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
+def digest() -> str:
+    """A hash of the sources, the header and the flags: which kernels a build holds (kernels.py measures its race
+    again when they change)."""
+    return hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS) + repr((CFLAGS, LDFLAGS)).encode()).hexdigest()[:12]
+
+
 def build_dir() -> Path:
     """Where the extension is built: keyed by the source, the flags and torch (the library dispatches on the CPU
     at run time, so one cache folder can serve machines of different kinds)."""
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS) + repr((CFLAGS, LDFLAGS)).encode()).hexdigest()[:12]
-    return locations.cache_dir() / "extensions" / f"gemv-{digest}-torch{torch.__version__}"
+    return locations.cache_dir() / "extensions" / f"gemv-{digest()}-torch{torch.__version__}"
 
 
 def load() -> bool:

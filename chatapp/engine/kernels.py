@@ -36,7 +36,9 @@ candidates alternating, the fastest call per candidate (another process only eve
 times slower than the best after the first round drops out, and rounds stop once ~0.25 s per case is spent,
 so a load spends well under 2 s on it. A call made while another process held a core does not count
 (decisions.timed: the OpenMP kernels then wait at their barriers, 20x slower and random); a load too busy to
-measure takes `default()` and records nothing, so the next load measures. The result is kept in
+measure takes `default()` and records nothing, so the next load measures. A record also names the
+way it was measured and the build of our kernels it raced (`_method`); either changed, it is measured again. The
+result is kept in
 `<cache>/kernels.json`; later loads read it (`smollchat bench --remeasure` measures again). A model with under
 MIN_MEASURE_BYTES of matrices (the demos) gets `default()` without measuring, and "reference" (--eager) is
 row-major plain F.linear: the reference numerics. A replay forces the choice its run card recorded
@@ -439,10 +441,17 @@ def _decisions() -> DecisionFile:
 METHOD = "flushed"
 
 
+def _method() -> str:
+    """How a measurement is taken, and with which of our kernels: METHOD and the extension's build digest (a race our
+    products won or lost is run again once their code changes: an int8 product made faster, say)."""
+    return f"{METHOD}+{cpu_gemv.digest()}"
+
+
 def _current(seen: Mapping[str, Any], raced: list[str]) -> bool:
-    """Whether a recorded measurement still stands: taken the way this version measures, over the candidates this
-    machine has now (a new product, or one that became runnable, is raced at the next load)."""
-    return seen.get("method") == METHOD and sorted(seen.get("candidates") or []) == sorted(raced)
+    """Whether a recorded measurement still stands: taken the way this version measures, with the kernels it has,
+    over the candidates this machine has now (a new product, or one that became runnable, is raced at the next
+    load)."""
+    return seen.get("method") == _method() and sorted(seen.get("candidates") or []) == sorted(raced)
 
 
 def decision_key(device: torch.device, dtype: torch.dtype, shapes: Mapping[str, tuple[int, int]]) -> str:
@@ -511,7 +520,7 @@ def _choose_matrices(model: nn.Module, dtype: torch.dtype, device: torch.device,
                           chosen.get("narrowing", fallback.narrowing), "measured" + (f" ({quantize})" if quantize else ""),
                           timings)
     _decisions().record(key, {**choice.as_dict(), "timings_ms": timings, "measure_s": round(time.perf_counter() - t, 3),
-                              "method": METHOD, "candidates": raced})
+                              "method": _method(), "candidates": raced})
     log.info("kernel choice for %s: %s in %.2f s", key, choice.paths, time.perf_counter() - t)
     return choice
 
@@ -675,7 +684,7 @@ def choose_attention(model: nn.Module, dtype: torch.dtype, device: torch.device,
         log.warning("the machine was too busy to measure the decode attention: SDPA for this load")
         return "sdpa"
     best = min(timings, key=timings.get)
-    _decisions().record(key, {"attention": best, "timings_ms": timings, "method": METHOD, "candidates": raced})
+    _decisions().record(key, {"attention": best, "timings_ms": timings, "method": _method(), "candidates": raced})
     return best
 
 
