@@ -93,6 +93,7 @@ def load() -> bool:
             torch.library.register_fake("smollchat_cpu::decode_attention")(_fake_attention)
             torch.library.register_fake("smollchat_cpu::gemv_int4")(_fake_int4)
             torch.library.register_fake("smollchat_cpu::int4_unpack")(_fake_unpack)
+            torch.library.register_fake("smollchat_cpu::int8_unpack")(_fake_unpack8)
         except Exception as e:  # noqa: BLE001 - any build or load failure: PyTorch's products only
             _state.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
             log.warning("smollchat's CPU product could not be built, using PyTorch's (%s)", _state["error"])
@@ -115,6 +116,10 @@ def _fake_int4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: i
 
 def _fake_unpack(packed: torch.Tensor, sz: torch.Tensor, group: int, k: int, level: int) -> torch.Tensor:
     return packed.new_empty(packed.shape[0], k, dtype=torch.bfloat16)
+
+
+def _fake_unpack8(q: torch.Tensor, scales: torch.Tensor, level: int) -> torch.Tensor:
+    return q.new_empty(q.shape, dtype=torch.bfloat16)
 
 
 def _fake_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, level: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ cpu_gemv.py). int4: asymmetric groups of 128 (64 or 32 where the input width doe
 w = (q - 8) * scale + zero, in one of two layouts the kernel choice races on the running machine (kernels.py):
 packed for `aten._weight_int4pack_mm_for_cpu` ("aten"), or our "nibbles" (quantize_int4), each row its own bytes,
 multiplied by csrc/gemv.cpp's gemv_int4 (nibbles by x rounded to int8: on a Zen 4 it read Axiom-380M's int4
-matrices at 27-36 GB/s where aten's product read 17-20) and, for many rows (prefill past NIBBLE_ROWS), unpacked to
+matrices at 27-36 GB/s where aten's product read 17-20) and, for many rows (prefill past UNPACK_ROWS; int8 rows too), unpacked to
 bf16 a block of rows at a time for F.linear. aten's kernels take bf16 activations:
 with fp32 ones they fall to a scalar path 4-13x slower on an AVX2 CPU (measured: 2048 x 1024 GEMV
 int8 0.41 ms bf16 against 2.4 ms fp32), so a QuantLinear casts its input to bf16 and its output back.
@@ -55,10 +55,12 @@ FORMAT = 3
 #: int4 layouts: aten's packed one, or our nibbles (quantize_int4).
 INT4_LAYOUTS = ("aten", "nibbles")
 #: Up to this many rows of x, our nibbles are multiplied by gemv_int4 itself (every row of x against each block of
-#: weight rows read once); more rows unpack the weights to bf16 for F.linear, at most UNPACK_BYTES at a time.
-#: Measured on a Zen 4 (2 threads), the two met at 32-64 rows on Axiom's and Huginn's shapes (5632 x 1024 at 64
-#: rows: 3.6 ms either way; 17920 x 5280 at 16 rows: 29 ms against 64).
-NIBBLE_ROWS = 48
+#: weight rows read once), and int8 rows by aten's int8 product; more rows unpack the weights to bf16 for F.linear,
+#: at most UNPACK_BYTES at a time (where our extension runs). Measured on a Zen 4 (2 threads): int4, the two met
+#: at 32-64 rows on Axiom's and Huginn's shapes (5632 x 1024 at 64 rows: 3.6 ms either way; 17920 x 5280 at 16
+#: rows: 29 ms against 64); int8 at 128 rows, aten's product 10.8 ms against 4.7 (5632 x 1024), 4.8 against 2.1
+#: (1024 x 2816).
+UNPACK_ROWS = 48
 UNPACK_BYTES = 8 * 2**20
 HEAD = "<head>"
 
@@ -72,10 +74,10 @@ class QuantLinear(nn.Module):
 
     The packed weight and its scales are frozen parameters, so `weight_bytes()` counts what is held.
     int4 in aten's layout pads the output rows to a multiple of 16 (the packer's rule) and slices the padding off;
-    in ours (`layout` "nibbles") up to NIBBLE_ROWS rows take gemv_int4 at level `gemv` (0: dequantized in fp32,
-    portable), more rows F.linear on blocks of unpacked bf16 rows. An int8 layer's one-row calls take our own product at
-    level `gemv` where the kernel choice measured it faster (kernels.apply_quantized; cpu_gemv.py), on the same
-    int8 rows and scales.
+    in ours (`layout` "nibbles") up to UNPACK_ROWS rows take gemv_int4 at level `gemv` (0: dequantized in fp32,
+    portable), more rows F.linear on blocks of unpacked bf16 rows. An int8 layer's one-row calls take our own product
+    at level `gemv` where the kernel choice measured it faster (kernels.apply_quantized; cpu_gemv.py), on the same
+    int8 rows and scales, and then more than UNPACK_ROWS rows the unpacked bf16 blocks too.
     """
 
     gemv = -1
@@ -108,9 +110,11 @@ class QuantLinear(nn.Module):
             # 2 and 4-34 rows on a Zen 4); such widths are the small test models', so they take the same
             # product in fp32 on every machine.
             y = F.linear(x2.float(), self.packed.float() * self.scales.float()[:, None]).to(ACT)
+        elif self.mode == "int8" and self.gemv > 0 and x2.shape[0] > UNPACK_ROWS:
+            y = self._unpacked_product(x2)
         elif self.mode == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.packed, self.scales)
-        elif self.layout == "nibbles" and x2.shape[0] <= NIBBLE_ROWS:
+        elif self.layout == "nibbles" and x2.shape[0] <= UNPACK_ROWS:
             y = torch.ops.smollchat_cpu.gemv_int4(x2, self.packed, self.scales, self.group_size, self.gemv)
         elif self.layout == "nibbles":
             y = self._unpacked_product(x2)
@@ -123,13 +127,17 @@ class QuantLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _unpacked_product(self, x2: torch.Tensor) -> torch.Tensor:
-        """Several rows of x against int4 nibbles: F.linear on bf16 blocks of the weight's rows, unpacked one block at
-        a time (at most UNPACK_BYTES), so the full bf16 matrix is never held."""
+        """Many rows of x: F.linear on bf16 blocks of the weight's rows (int4 nibbles or int8 rows), unpacked one block
+        at a time (at most UNPACK_BYTES), so the full bf16 matrix is never held."""
         k = self.in_features
         step = max(16, UNPACK_BYTES // (2 * k))
-        parts = [F.linear(x2, torch.ops.smollchat_cpu.int4_unpack(self.packed[n:n + step], self.scales[n:n + step],
-                                                                  self.group_size, k, self.gemv))
-                 for n in range(0, self.out_features, step)]
+
+        def block(n: int) -> torch.Tensor:
+            if self.mode == "int8":
+                return torch.ops.smollchat_cpu.int8_unpack(self.packed[n:n + step], self.scales[n:n + step], self.gemv)
+            return torch.ops.smollchat_cpu.int4_unpack(self.packed[n:n + step], self.scales[n:n + step],
+                                                       self.group_size, k, self.gemv)
+        parts = [F.linear(x2, block(n)) for n in range(0, self.out_features, step)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
     def extra_repr(self) -> str:

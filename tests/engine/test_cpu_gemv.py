@@ -326,3 +326,21 @@ def test_the_build_folder_follows_every_source_and_header(tmp_path, monkeypatch)
     header.write_text(cpu_gemv.HEADERS[0].read_text() + "\n// changed\n")
     monkeypatch.setattr(cpu_gemv, "HEADERS", (header,))
     assert cpu_gemv.build_dir() != before
+
+
+def test_int8_rows_unpack_to_the_bf16_of_their_scaled_values(levels):
+    """int8_unpack (prefill past quant.UNPACK_ROWS rows) gives q * scale rounded once to bf16, ties to even, at every
+    level, tails of K (not a multiple of 16) included; and a layer past that many rows is the product of those."""
+    from chatapp.engine.quant import UNPACK_ROWS, QuantLinear, quantize_int8
+
+    g = torch.Generator().manual_seed(3)
+    for n, k in ((37, 100), (5, 48), (64, 1024)):  # (the last one is the layer's below)
+        q, scales = quantize_int8(torch.randn(n, k, generator=g) * 3)
+        want = (q.float() * scales.float()[:, None]).bfloat16()
+        for lvl in (0, 1, 3):
+            assert torch.equal(torch.ops.smollchat_cpu.int8_unpack(q, scales, lvl), want), (n, k, lvl)
+    layer = QuantLinear("int8", 1024, 64, q, scales)
+    layer.gemv = 1
+    x = torch.randn(UNPACK_ROWS + 5, 1024, generator=g)
+    assert_close(layer(x).double(), (x.bfloat16().double() @ want.double().t()), dtype=torch.bfloat16,
+                 what="int8 rows past UNPACK_ROWS")
