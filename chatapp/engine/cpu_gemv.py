@@ -58,7 +58,8 @@ _state: dict[str, object] = {}
 def digest() -> str:
     """A hash of the sources, the header and the flags: which kernels a build holds (kernels.py measures its race
     again when they change)."""
-    return hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS) + repr((CFLAGS, LDFLAGS)).encode()).hexdigest()[:12]
+    text = b"".join(f.read_bytes() for f in SOURCES + HEADERS) + repr((CFLAGS, LDFLAGS)).encode()
+    return hashlib.sha256(text).hexdigest()[:12]
 
 
 def build_dir() -> Path:

@@ -5,8 +5,8 @@ cpu_gemv.py). int4: asymmetric groups of 128 (64 or 32 where the input width doe
 w = (q - 8) * scale + zero, in one of two layouts the kernel choice races on the running machine (kernels.py):
 packed for `aten._weight_int4pack_mm_for_cpu` ("aten"), or our "nibbles" (quantize_int4), each row its own bytes,
 multiplied by csrc/gemv.cpp's gemv_int4 (nibbles by x rounded to int8: on a Zen 4 it read Axiom-380M's int4
-matrices at 27-36 GB/s where aten's product read 17-20) and, for many rows (prefill past UNPACK_ROWS; int8 rows too), unpacked to
-bf16 a block of rows at a time for F.linear. aten's kernels take bf16 activations:
+matrices at 27-36 GB/s where aten's product read 17-20) and, for many rows (prefill past UNPACK_ROWS; int8 rows
+too), unpacked to bf16 a block of rows at a time for F.linear. aten's kernels take bf16 activations:
 with fp32 ones they fall to a scalar path 4-13x slower on an AVX2 CPU (measured: 2048 x 1024 GEMV
 int8 0.41 ms bf16 against 2.4 ms fp32), so a QuantLinear casts its input to bf16 and its output back.
 Scales and zero points are rounded to bf16 before the weights are rounded to the grid, so the stored
@@ -360,7 +360,8 @@ def quantize_model(model: nn.Module, mode: str, files: list[Path] | None = None,
         report.kept["<head>"] = ("the architecture computes its logits without project_head" if not _calls_project_head(model)
                                  else "no single embedding or lm_head to take the head from")
     def layout(shape: tuple[int, int]) -> str:
-        return "nibbles" if mode == "int4" and choice is not None and choice.path_for(shape).layout == "nibbles" else "aten"
+        ours = mode == "int4" and choice is not None and choice.path_for(shape).layout == "nibbles"
+        return "nibbles" if ours else "aten"
 
     layouts = {c: layout(shape) for c, shape in (("widening", (2, 1)), ("narrowing", (1, 2)))}
     path = cache_path(files, mode, group_size, layouts) if files else None
@@ -496,7 +497,8 @@ def _from_cache(cached: dict, name: str, n: int, k: int, layout: str = "aten"):
     if entry is None:
         return None
     info, packed, scales = entry
-    if (info.get("n"), info.get("k")) != (n, k) or (info.get("mode") == "int4" and info.get("layout", "aten") != layout):
+    other_layout = info.get("mode") == "int4" and info.get("layout", "aten") != layout
+    if (info.get("n"), info.get("k")) != (n, k) or other_layout:
         return None
     return info["mode"], packed, scales, int(info["group"]), info.get("reason", "")
 

@@ -168,7 +168,8 @@ def test_the_int8_x_int8_products_do_not_saturate_at_the_extremes(levels):
 
 
 # (rows, input width, group): widths that are and are not multiples of 128 (the nibbles' span: padded), each group.
-INT4_SHAPES = [(5, 96, 32), (67, 160, 32), (300, 576, 64), (129, 1024, 128), (40, 2816, 128), (3, 5280, 32), (70, 64, 64)]
+INT4_SHAPES = [(5, 96, 32), (67, 160, 32), (300, 576, 64), (129, 1024, 128), (40, 2816, 128), (3, 5280, 32),
+               (70, 64, 64)]
 
 
 @pytest.mark.parametrize("shape", INT4_SHAPES, ids=[f"{n}x{k}g{g}" for n, k, g in INT4_SHAPES])
@@ -319,7 +320,8 @@ def test_the_build_folder_follows_every_source_and_header(tmp_path, monkeypatch)
     included = {m for f in cpu_gemv.SOURCES for m in re.findall(r'#include "([^"]+)"', f.read_text())}
     assert included and {csrc / name for name in included} <= set(cpu_gemv.HEADERS)
     pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
-    patterns = re.findall(r'"([^"]+)"', re.search(r"\[tool\.setuptools\.package-data\]\n\"\*\" = \[(.*)\]", pyproject).group(1))
+    listed = re.search(r"\[tool\.setuptools\.package-data\]\n\"\*\" = \[(.*)\]", pyproject).group(1)
+    patterns = re.findall(r'"([^"]+)"', listed)
     assert all(any(f.match(p) for p in patterns) for f in cpu_gemv.SOURCES + cpu_gemv.HEADERS)
     before = cpu_gemv.build_dir()
     header = tmp_path / "simd.h"

@@ -227,4 +227,5 @@ async def test_a_reply_s_text_can_be_selected_with_the_mouse():
         await pilot.pause()
         selected = body.render_line(2)
         style = app.screen.get_component_rich_style("screen--selection")
-        assert [seg.text for seg in selected if seg.style and style.bgcolor == seg.style.bgcolor][0].startswith("Second")
+        marked = [seg.text for seg in selected if seg.style and style.bgcolor == seg.style.bgcolor]
+        assert marked and marked[0].startswith("Second")
