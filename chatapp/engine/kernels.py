@@ -308,12 +308,22 @@ def _pool(shape: tuple[int, int], dtype: torch.dtype, layout: str, itemsize: flo
     return pool
 
 
+def _int4_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    """The shape an int4 class is timed at: its own, or, where no int4 group divides the input width (such a matrix
+    is quantized to int8 rows, quant._pack; Byrne has a 2,000-wide one), the width rounded up to 128, the nearest
+    one both int4 layouts take."""
+    from .quant import GROUPS
+
+    out_f, in_f = shape
+    return shape if any(in_f % g == 0 for g in GROUPS) else (out_f, -(-in_f // 128) * 128)
+
+
 def _int4_matrix(rows: int, in_f: int, layout: str, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """A constant int4 matrix as quant.py packs one (its time does not depend on the values): (packed, scales, group)
     in aten's layout ("row") or ours ("nibbles")."""
     from .quant import GROUPS
 
-    group = next((g for g in GROUPS if in_f % g == 0), GROUPS[-1])
+    group = next(g for g in GROUPS if in_f % g == 0)  # (_int4_shape: one does)
     if layout == "nibbles":
         k128 = -(-in_f // 128) * 128
         return (torch.full((rows, k128 // 2), 17 * (i % 15 + 1), dtype=torch.uint8),
@@ -410,6 +420,8 @@ def _measure_class(cls: str, shape: tuple[int, int], dtype: torch.dtype, item: f
     added to `timings` by case."""
     paths = candidates(dtype, "decode")
     layouts = sorted({p.layout for p in paths})
+    if dtype == cpu_gemv.INT4:
+        shape = _int4_shape(shape)
     pools = {layout: _pool(shape, dtype, layout, item, memory // len(layouts)) for layout in layouts}
     one = torch.randn(1, shape[1]).to(dtype if dtype.is_floating_point else torch.bfloat16)
     case = f"{cls} decode {shape[0]}x{shape[1]}"
