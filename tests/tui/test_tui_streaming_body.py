@@ -229,3 +229,70 @@ async def test_a_reply_s_text_can_be_selected_with_the_mouse():
         style = app.screen.get_component_rich_style("screen--selection")
         marked = [seg.text for seg in selected if seg.style and style.bgcolor == seg.style.bgcolor]
         assert marked and marked[0].startswith("Second")
+
+
+def mixed_text() -> str:
+    """Every kind of short top-level block after every other (rules, tables, numbered lists, headings, quotes,
+    paragraphs), then blocks long enough to be split while streaming (a paragraph, a code fence, a list), each
+    after and before several kinds."""
+    short = ["---", "| a | b |\n|---|---|\n| 1 | 2 |", "3. three\n4. four", "# Title", "> quoted\n> more",
+             "plain words " * 8]
+    long = ["```\n" + "\n".join(f"line {i} " + "x" * 40 for i in range(36)) + "\n```",
+            " ".join(f"long{i}" for i in range(260)),
+            "\n".join(f"- entry {i} " + "y" * 30 for i in range(40))]
+    blocks = [block for a in short for b in short for block in (a, b)]
+    blocks += [block for b in long for a in short[::2] for block in (a, b)] + short
+    return "\n\n".join(blocks)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("trimmed", [False, True])
+async def test_the_end_of_a_stream_draws_as_a_full_render_and_renders_only_its_split_blocks_and_tail(monkeypatch,
+                                                                                                  trimmed):
+    text = mixed_text()
+    message = Message(id="r1", parent_id=None, role="assistant", content="", created_at=0.0, status="streaming")
+    app = Host(message)
+    async with app.run_test(size=(90, 30)) as pilot:
+        view = app.query_one(MessageView)
+        await pilot.pause()
+        for start in range(0, len(text), 40):
+            message.content += text[start:start + 40]
+            await view.write(text[start:start + 40])
+        await pilot.pause()
+        body = view.body
+        pieces = body.pieces
+        assert any(not p.gap for p in pieces)  # some blocks were split
+        # The whole blocks frozen while streaming (not the piece that closed a split one) keep their lines.
+        whole = [p for i, p in enumerate(pieces) if p.gap and (i == 0 or pieces[i - 1].gap)]
+        kept = sum(len(p.source) for p in whole)
+        assert len(whole) >= 20
+        rendered = []
+        draw = StreamingBody._markdown_lines
+        monkeypatch.setattr(StreamingBody, "_markdown_lines",
+                            lambda self, t, width: (rendered.append(t), draw(self, t, width))[1])
+        if trimmed:  # the stored reply differs from what streamed (a stop string cut off): drawn in full
+            message.content = text[:-40]
+        message.status = "ok"
+        await view.finish()
+        drawn = sum(map(len, rendered))  # what the end rendered (a later paint at another width renders it all)
+        await pilot.pause()
+        final = message.content
+        width = body.size.width
+        lines = app.console.render_lines(RichMarkdown(final, hyperlinks=False),
+                                         app.console.options.update_width(width))
+        expected = ["".join(seg.text for seg in line).rstrip() for line in lines] + [""]
+        assert body.source == final
+        assert body.get_content_height(body.size, body.size, width) == len(expected)
+        assert [body.render_line(y).text.rstrip() for y in range(len(expected))] == expected
+        if trimmed:
+            assert sum(map(len, rendered)) >= len(final)
+        else:  # the split blocks and the tail, each whole, are all the end renders
+            assert drawn == len(final) - kept
+        # At another width every piece is drawn again, still as a full render draws the text.
+        await pilot.resize_terminal(60, 30)
+        await pilot.pause()
+        width = body.size.width
+        lines = app.console.render_lines(RichMarkdown(final, hyperlinks=False),
+                                         app.console.options.update_width(width))
+        expected = ["".join(seg.text for seg in line).rstrip() for line in lines] + [""]
+        assert [body.render_line(y).text.rstrip() for y in range(len(expected))] == expected

@@ -187,11 +187,11 @@ class MessageView(Vertical):
         body.show(pieces, self._open.source, self._open.shown)
 
     async def finish(self) -> None:
-        """Render the stored text once in full, in place of the frozen blocks and the streamed tail (an
-        append-only render can leave a block that closed late, such as a code fence, showing stale content,
-        and a split block shows its split)."""
+        """Draw the stored text as a finished reply is drawn (MarkdownBody.settle: the blocks frozen while
+        streaming keep their lines; a block split while streaming, shown with its split, and the tail are
+        rendered again whole; a stored text that differs from the streamed one is rendered in full)."""
         self.live = False
         if self.message.role == "assistant":
             self._open = None
-            self.body.update(displayable(self.message.content or ""))
+            self.body.settle(displayable(self.message.content or ""))
         self.refresh_message()
