@@ -113,11 +113,11 @@ def split_open_block(text: str, parser: MarkdownIt) -> tuple[int, str, str]:
     return cut, "", ""
 
 
+#: The blank line between two pieces, as Rich draws the one between two blocks (the widget's background).
+BLANK = Strip([])
 #: Top-level blocks Rich draws after a blank line of their own, even first (the last block inside them leaves
 #: one pending): no blank line is added before them. Every other block follows a blank line unless the block
 #: before it is a rule (`hr`: Rich's HorizontalRule leaves none pending).
-#: The blank line between two pieces, as Rich draws the one between two blocks (the widget's background).
-BLANK = Strip([])
 _OWN_BLANK = ("bullet_list_open", "ordered_list_open", "blockquote_open", "table_open")
 
 
@@ -300,7 +300,7 @@ class MarkdownBody(StreamingBody):
         within the text (CommonMark never changes a block once a later one has started), so its lines stay.
         A block split while streaming (its parts up to the piece that closed it) becomes one piece, rendered
         again, and so does the open tail. The blank lines between the pieces are set as Rich sets them (`joins`).
-        The end of a 20,000-token reply then renders its last blocks, not 160,000 characters (1.0 s, the UI
+        The end of a 20,000-token reply then renders those blocks only, not 160,000 characters (1.0 s, the UI
         frozen). Text that differs from what streamed (the stored reply, trimmed) is rendered in full."""
         if source != self.text or not self.pieces:
             self.update(source)
