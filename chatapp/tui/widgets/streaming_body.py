@@ -63,24 +63,35 @@ def line_starts(text: str) -> list[int]:
 def finished_prefix(text: str, parser: MarkdownIt) -> int:
     """How many leading characters of `text` are top-level Markdown blocks that later text can no
     longer change: everything before the last top-level block (0 when there is only one)."""
-    last_start = None
-    for token in parser.parse(text):
-        if token.level == 0 and token.map is not None:
-            last_start = token.map[0]
-    if not last_start:
-        return 0
-    return line_starts(text)[last_start]
+    return finished_blocks(text, parser)[0]
+
+
+def finished_blocks(text: str, parser: MarkdownIt) -> tuple[int, tuple[str, str]]:
+    """finished_prefix, and the types of the first and last top-level blocks in that prefix (`Piece.ends`)."""
+    tops = [token for token in parser.parse(text) if token.level == 0 and token.map is not None]
+    if not tops or not tops[-1].map[0]:
+        return 0, ("", "")
+    # (Blank lines alone before a first block are a prefix of no block.)
+    return line_starts(text)[tops[-1].map[0]], (tops[0].type, tops[-2].type) if len(tops) > 1 else ("", "")
+
+
+def block_ends(text: str, parser: MarkdownIt) -> tuple[str, str]:
+    """The types of the first and last top-level blocks of `text` (`Piece.ends`)."""
+    tops = [token.type for token in parser.parse(text) if token.level == 0 and token.map is not None]
+    return (tops[0], tops[-1]) if tops else ("", "")
 
 
 @dataclass(frozen=True)
 class Piece:
     """A frozen part of the reply: `source` (its characters of the reply's text) drawn as `shown` (the
     source, with a split code fence closed or reopened); `gap`: a blank line follows (a whole block does,
-    the first part of a split block does not)."""
+    the first part of a split block does not); `ends`: the token types of its first and last top-level
+    blocks, as parsed when it was frozen (for `joins`; None where not known)."""
 
     source: str
     shown: str
     gap: bool = True
+    ends: tuple[str, str] | None = None
 
 
 def split_open_block(text: str, parser: MarkdownIt) -> tuple[int, str, str]:
@@ -121,14 +132,11 @@ BLANK = Strip([])
 _OWN_BLANK = ("bullet_list_open", "ordered_list_open", "blockquote_open", "table_open")
 
 
-def joins(texts: list[str], parser: MarkdownIt) -> list[bool]:
-    """For each text of whole top-level blocks, drawn alone, whether a blank line follows it where the texts
-    are drawn one after another as Rich draws them joined (False for the last)."""
-    ends: list[tuple[str, str]] = []  # (first, last) top-level block type of each text
-    for text in texts:
-        top = [t.type for t in parser.parse(text) if t.level == 0 and t.nesting >= 0]
-        ends.append((top[0], top[-1]) if top else ("", "hr"))
-    return [ends[i][1] != "hr" and ends[i + 1][0] not in _OWN_BLANK for i in range(len(texts) - 1)] + [False]
+def joins(ends: list[tuple[str, str]]) -> list[bool]:
+    """For texts of whole top-level blocks drawn alone, given the types of each one's first and last block
+    (`block_ends`), whether a blank line follows each where they are drawn one after another as Rich draws
+    them joined (False for the last, and after a text with no block)."""
+    return [ends[i][1] not in ("hr", "") and ends[i + 1][0] not in _OWN_BLANK for i in range(len(ends) - 1)] + [False]
 
 
 class StreamMarkdown(RichMarkdown):
@@ -163,9 +171,9 @@ class OpenTail:
         self.source += text
         pieces = []
         shown = self.shown
-        cut = finished_prefix(shown, self._parser)
+        cut, ends = finished_blocks(shown, self._parser)
         if cut > len(self.reopen):
-            pieces.append(Piece(self.source[:cut - len(self.reopen)], shown[:cut]))
+            pieces.append(Piece(self.source[:cut - len(self.reopen)], shown[:cut], ends=ends))
             self.source, self.reopen = shown[cut:], ""
         if len(self.source) > self.open_chars:
             shown = self.shown
@@ -216,15 +224,17 @@ class StreamingBody(Widget):
     def _markdown_lines(self, text: str, width: int) -> list[Strip]:
         return Visual.to_strips(self, visualize(self, StreamMarkdown(text)), width, None, self.visual_style)
 
+    def _add_lines(self, piece: Piece, lines: list[Strip]) -> None:
+        """Append a piece's drawn lines (and the blank line after it, where it has one) to the rendered ones."""
+        lines = lines + [BLANK] if piece.gap else lines
+        self._lines.extend(lines)
+        self._counts.append(len(lines))
+
     def _render_to(self, width: int) -> tuple[list[Strip], list[Strip]]:
         if width != self._width:
             self._lines, self._counts, self._rendered, self._width, self._tail_key = [], [], 0, width, None
         for piece in self.pieces[self._rendered:]:
-            lines = self._markdown_lines(piece.shown, width)
-            if piece.gap:
-                lines.append(BLANK)
-            self._lines.extend(lines)
-            self._counts.append(len(lines))
+            self._add_lines(piece, self._markdown_lines(piece.shown, width))
         self._rendered = len(self.pieces)
         if self._tail_key != (width, self._tail_shown):
             self._tail_key = (width, self._tail_shown)
@@ -323,14 +333,12 @@ class MarkdownBody(StreamingBody):
             y += count
         if rest := "".join(run) + self.tail:
             kept.append((Piece(rest, rest), None))
-        gaps = joins([piece.source for piece, _ in kept], StreamMarkdown._parser)
+        # Block types as parsed when frozen; the merged pieces are parsed here.
+        gaps = joins([piece.ends or block_ends(piece.source, StreamMarkdown._parser) for piece, _ in kept])
         self.clear()
         self.pieces = [replace(piece, gap=gap) for (piece, _), gap in zip(kept, gaps)]
         if width:
             for piece, (_, lines) in zip(self.pieces, kept):
-                lines = self._markdown_lines(piece.shown, width) if lines is None else lines
-                lines = lines + [BLANK] if piece.gap else lines
-                self._lines.extend(lines)
-                self._counts.append(len(lines))
+                self._add_lines(piece, self._markdown_lines(piece.shown, width) if lines is None else lines)
             self._width, self._rendered = width, len(self.pieces)
         self.refresh(layout=True)
