@@ -42,10 +42,12 @@ from .. import locations
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
-#: Built into the same library: the decode step's attention (csrc/attention.cpp; layers.causal_attention).
-SOURCES = (SOURCE, SOURCE.with_name("attention.cpp"))
-#: Included by both sources (shared SIMD helpers): hashed into the build folder's name with them.
-HEADERS = (SOURCE.with_name("simd.h"),)
+#: Built into the same library: the decode step's attention (csrc/attention.cpp; layers.causal_attention) and the
+#: fused decode step of a dense transformer that calls both (csrc/dense_step.cpp; dense_step.py).
+SOURCES = (SOURCE, SOURCE.with_name("attention.cpp"), SOURCE.with_name("dense_step.cpp"))
+#: Included by the sources (shared SIMD helpers; the products one source calls in another): hashed into the build
+#: folder's name with them.
+HEADERS = (SOURCE.with_name("simd.h"), SOURCE.with_name("ops.h"))
 #: -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself is built
 #: with OpenMP (then it shares the libgomp torch loaded: same soname, one thread pool).
 CFLAGS = ["-O3", "-fopenmp"]

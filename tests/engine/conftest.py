@@ -22,6 +22,15 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def inductor_only(monkeypatch):
+    """Decode steps compile with inductor even where the fused C++ step (engine/dense_step.py) would be taken:
+    for the tests of the compiled path on Axiom's demo (the fused step has its own, test_dense_step.py)."""
+    from chatapp.engine import dense_step, graphs
+
+    monkeypatch.setattr(graphs.dense_step, "build", lambda *a, **k: (None, dense_step.NO_LAYOUT))
+
+
 @pytest.fixture(scope="module")
 def fx(request, fixtures_root):
     name = request.module.FIXTURE

@@ -119,7 +119,7 @@ def test_a_recorded_attention_is_replayed_or_put_back_to_sdpa(levels, fixtures_r
         kernels.KernelChoice.from_dict({**rec, "attention": "fast"})
 
 
-def test_a_compiled_step_over_our_attention_gives_its_eager_tokens(levels):
+def test_a_compiled_step_over_our_attention_gives_its_eager_tokens(levels, inductor_only):
     from chatapp.catalog import get_entry
     from chatapp.engine.runtime import load_engine
     from tests.engine.test_graphs import greedy

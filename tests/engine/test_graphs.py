@@ -18,6 +18,9 @@ from chatapp.engine.loader import LoadError
 from chatapp.engine.runtime import load_engine
 from tests.engine.closeness import assert_close
 
+# Axiom's demo is these tests' model, and on a CPU its step would be the fused C++ one: the compiled path here.
+pytestmark = pytest.mark.usefixtures("inductor_only")
+
 
 def greedy(engine, n: int = 24) -> list[int]:
     # Banning repeated ids keeps greedy off a single repeated id on random weights, so the test sees many steps'

@@ -122,6 +122,15 @@ class Model(ArchModel):
         head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
         return project_head(self, x, head)
 
+    def dense_layout(self):
+        from ..dense_step import DenseLayout
+
+        a, layers = self.args, self.layers
+        return DenseLayout(a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim,
+                           norms=[n for b in layers for n in (b.attn_norm, b.ffn_norm)] + [self.norm],
+                           products=[m for b in layers for m in (b.attn.wqkv, b.attn.wo, b.ffn.w13, b.ffn.w2)],
+                           attention=[b.attn for b in layers], rope=self._rope, embed=self.embed)
+
     def make_state(self, max_len: int, device, dtype) -> StateList:
         a = self.args
         return StateList([KVState(max_len, a.n_kv_heads, a.head_dim, device, dtype) for _ in range(a.n_layers)],

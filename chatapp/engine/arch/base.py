@@ -177,6 +177,11 @@ class ArchModel(nn.Module):
         """One forward under one call's controls; a model without controls or inner steps just runs."""
         return Forward(self(ids, state, last_only=last_only))
 
+    def dense_layout(self):
+        """What the fused CPU decode step needs (dense_step.DenseLayout), for a pre-norm GQA transformer with
+        interleaved RoPE and a SwiGLU FFN; None (the default) where the architecture is another."""
+        return None
+
     def speculator(self, controls: Mapping[str, Any], cancel: threading.Event | None = None):
         """A per-call self-speculative decoder (`step(state, token_id)`), where the architecture has one."""
         return None

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <vector>
 
+#include "ops.h"
 #include "simd.h"
 
 namespace {
