@@ -13,7 +13,7 @@ from textual.geometry import Region
 
 from chatapp.chat.conversation import Message
 from chatapp.tui.widgets.message import MessageView
-from chatapp.tui.widgets.streaming_body import (OPEN_CHARS, OpenTail, StreamingBody, StreamMarkdown,
+from chatapp.tui.widgets.streaming_body import (OPEN_CHARS, _blank_between, OpenTail, StreamingBody, StreamMarkdown,
                                                 finished_prefix)
 
 
@@ -164,13 +164,15 @@ async def test_a_long_streamed_reply_is_one_widget_drawn_as_its_pieces_and_drops
         # Bounded by the open block, not by the reply; the whole reply rendered as Markdown is ~1,000 widgets.
         assert longest_tail < step + max(len(b) for b in text.split("\n\n")) + 2
         assert most_widgets <= 6
-        # The body's lines are its pieces, each drawn as Rich draws that Markdown alone, a blank line after.
+        # The body's lines are its pieces, each drawn as Rich draws that Markdown alone, with a blank line between
+        # two where Rich draws one between their blocks (none between the parts of a split block).
         width = body.size.width
         expected = []
-        for piece in body.pieces:
+        for i, piece in enumerate(body.pieces):
             static_lines = app.console.render_lines(RichMarkdown(piece.shown, hyperlinks=False),
                                                     app.console.options.update_width(width))
-            expected += ["".join(seg.text for seg in line).rstrip() for line in static_lines] + [""]
+            expected += [""] if i and _blank_between(body.pieces[i - 1], piece.ends and piece.ends[0]) else []
+            expected += ["".join(seg.text for seg in line).rstrip() for line in static_lines]
         drawn = [body.render_line(y).text.rstrip() for y in range(len(expected))]
         assert drawn == expected
         assert "Part 0" in drawn[0]
@@ -296,3 +298,30 @@ async def test_the_end_of_a_stream_draws_as_a_full_render_and_renders_only_its_s
                                          app.console.options.update_width(width))
         expected = ["".join(seg.text for seg in line).rstrip() for line in lines] + [""]
         assert [body.render_line(y).text.rstrip() for y in range(len(expected))] == expected
+
+
+@pytest.mark.asyncio
+async def test_while_streaming_the_blank_lines_between_blocks_are_those_of_a_full_render():
+    """Every kind of short block after every other, streamed a few characters at a time: after each write the body
+    draws the text so far as Rich draws it whole (a list, quote or table brings its own blank line, a rule leaves
+    none), so nothing moves when the reply ends."""
+    short = ["---", "| a | b |\n|---|---|\n| 1 | 2 |", "3. three\n4. four", "# Title", "> quoted\n> more",
+             "- dash\n- more", "plain words " * 3]
+    text = "\n\n".join(block for a in short for b in short for block in (a, b))
+    message = Message(id="r1", parent_id=None, role="assistant", content="", created_at=0.0, status="streaming")
+    app = Host(message)
+    async with app.run_test(size=(70, 30)) as pilot:
+        view = app.query_one(MessageView)
+        await pilot.pause()
+        for start in range(0, len(text), 9):
+            message.content += text[start:start + 9]
+            await view.write(text[start:start + 9])
+            await pilot.pause()
+            body = view.body
+            width = body.size.width
+            lines = app.console.render_lines(RichMarkdown(message.content, hyperlinks=False),
+                                             app.console.options.update_width(width))
+            expected = ["".join(seg.text for seg in line).rstrip() for line in lines] + [""]
+            drawn = [body.render_line(y).text.rstrip() for y in range(body.get_content_height(body.size, body.size, width))]
+            assert drawn == expected, f"after {len(message.content)} characters"
+        assert len(body.pieces) > 40

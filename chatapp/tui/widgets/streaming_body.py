@@ -19,11 +19,12 @@ frames, so each paint had more to render: the display fell 0.3-2 s behind (bench
   heading or one line with no space stays whole.
 
 So a paint renders the new text once plus the open block's last <= OPEN_CHARS, whatever the reply's length.
-When the reply ends, `MessageView.finish` settles the body (`MarkdownBody.settle`): the whole blocks frozen
-while streaming keep their lines, what an append-only render draws otherwise than a full render (a block
-split while streaming, shown with its split, and the open tail) is rendered again whole, and the blank lines
-between pieces are set as Rich sets them between blocks (`joins`); text that differs from what streamed is
-rendered in full. A finished reply is drawn the same way, not by Textual's
+The blank line between two pieces (and before the tail) is set as Rich sets the one between their blocks
+(`joins`), once the block after it is known, so a streaming reply draws as a full render would, except
+inside a split block. When the reply ends, `MessageView.finish` settles the body (`MarkdownBody.settle`): the
+whole blocks frozen while streaming keep their lines, what an append-only render draws otherwise than a full
+render (a block split while streaming, shown with its split, and the open tail) is rendered again whole;
+text that differs from what streamed is rendered in full. A finished reply is drawn the same way, not by Textual's
 Markdown widget: that mounted ~650 widgets in 1.3 s for a 2,000-token reply and ~6,400 in 17 s for a
 20,000-token one (the UI frozen meanwhile, at the end of every long reply and when a chat holding one
 opened), where Rich renders the same text into lines in 0.07 and 0.29 s.
@@ -66,19 +67,34 @@ def finished_prefix(text: str, parser: MarkdownIt) -> int:
     return finished_blocks(text, parser)[0]
 
 
+def top_blocks(tokens: list) -> list[tuple[str, list[int]]]:
+    """The top-level blocks of a parsed text: (type, line map), the type as `_kind` names it."""
+    return [(_kind(tokens, i), t.map) for i, t in enumerate(tokens) if t.level == 0 and t.map is not None]
+
+
+def _kind(tokens: list, i: int) -> str:
+    """The type of the top-level block opened by tokens[i], for joins: a quote or heading with nothing in it apart."""
+    t = tokens[i]
+    if t.type == "blockquote_open" and tokens[i + 1].type == "blockquote_close":
+        return "blockquote_empty"
+    if t.type == "heading_open" and not tokens[i + 1].content:
+        return "heading_empty"
+    return t.type
+
+
 def finished_blocks(text: str, parser: MarkdownIt) -> tuple[int, tuple[str, str]]:
     """finished_prefix, and the types of the first and last top-level blocks in that prefix (`Piece.ends`)."""
-    tops = [token for token in parser.parse(text) if token.level == 0 and token.map is not None]
-    if not tops or not tops[-1].map[0]:
+    tops = top_blocks(parser.parse(text))
+    if not tops or not tops[-1][1][0]:
         return 0, ("", "")
     # (Blank lines alone before a first block are a prefix of no block.)
-    return line_starts(text)[tops[-1].map[0]], (tops[0].type, tops[-2].type) if len(tops) > 1 else ("", "")
+    return line_starts(text)[tops[-1][1][0]], (tops[0][0], tops[-2][0]) if len(tops) > 1 else ("", "")
 
 
 def block_ends(text: str, parser: MarkdownIt) -> tuple[str, str]:
     """The types of the first and last top-level blocks of `text` (`Piece.ends`)."""
-    tops = [token.type for token in parser.parse(text) if token.level == 0 and token.map is not None]
-    return (tops[0], tops[-1]) if tops else ("", "")
+    tops = top_blocks(parser.parse(text))
+    return (tops[0][0], tops[-1][0]) if tops else ("", "")
 
 
 @dataclass(frozen=True)
@@ -126,17 +142,40 @@ def split_open_block(text: str, parser: MarkdownIt) -> tuple[int, str, str]:
 
 #: The blank line between two pieces, as Rich draws the one between two blocks (the widget's background).
 BLANK = Strip([])
-#: Top-level blocks Rich draws after a blank line of their own, even first (the last block inside them leaves
-#: one pending): no blank line is added before them. Every other block follows a blank line unless the block
-#: before it is a rule (`hr`: Rich's HorizontalRule leaves none pending).
-_OWN_BLANK = ("bullet_list_open", "ordered_list_open", "blockquote_open", "table_open")
+#: Rich draws a blank line before an element when the element closed just before it leaves one pending (every
+#: kind but a rule, `hr`). For a list, quote or table that element is its own last child, so it draws that blank
+#: line itself, even first, and drawn alone it has it already: no blank line is added before them; nor before a
+#: heading with no text yet (drawn alone it is two blank lines, one standing for that blank line). Every other
+#: block (a quote with nothing in it too) follows a blank line unless the block before it is a rule. Streaming
+#: passes through such empty blocks ("#", ">" before their text arrives); tests/tui/test_tui_streaming_body.py
+#: checks every state of a stream of every pair of block kinds against a full render.
+_OWN_BLANK = ("bullet_list_open", "ordered_list_open", "blockquote_open", "table_open", "heading_empty")
 
 
 def joins(ends: list[tuple[str, str]]) -> list[bool]:
     """For texts of whole top-level blocks drawn alone, given the types of each one's first and last block
     (`block_ends`), whether a blank line follows each where they are drawn one after another as Rich draws
     them joined (False for the last, and after a text with no block)."""
-    return [ends[i][1] not in ("hr", "") and ends[i + 1][0] not in _OWN_BLANK for i in range(len(ends) - 1)] + [False]
+    return [_joined(ends[i][1], ends[i + 1][0]) for i in range(len(ends) - 1)] + [False]
+
+
+def _joined(last: str, first: str) -> bool:
+    """Whether Rich draws a blank line of the text's own between a block of type `last` and one of type `first`
+    that follows it."""
+    return last not in ("hr", "") and first not in _OWN_BLANK
+
+
+def _blank_between(piece: Piece, first: str | None) -> bool:
+    """Whether a blank line follows `piece` where what comes after it starts with a block of type `first` (None:
+    not known): never after the first part of a split block; as Rich joins the two where both types are known."""
+    if not piece.gap:
+        return False
+    return piece.ends is None or first is None or _joined(piece.ends[1], first)
+
+
+def _first_block(parsed: list) -> str | None:
+    """The type of the first top-level block of a parsed text (None without one)."""
+    return next((kind for kind, _ in top_blocks(parsed)), None)
 
 
 class StreamMarkdown(RichMarkdown):
@@ -200,7 +239,10 @@ class StreamingBody(Widget):
         self._tail_shown = ""
         self._lines: list[Strip] = []
         self._rendered = 0  # pieces in _lines
-        self._counts: list[int] = []  # lines of each rendered piece in _lines, its gap included
+        # Lines of each rendered piece in _lines, and whether a blank line follows it there: set when what follows
+        # is known (the next piece, rendered; for the last one, the tail adds it to its own lines).
+        self._counts: list[int] = []
+        self._blanks: list[bool] = []
         self._width = 0
         self._tail_lines: list[Strip] = []
         self._tail_key: tuple[int, str] | None = None
@@ -221,25 +263,38 @@ class StreamingBody(Widget):
         self.tail, self._tail_shown = tail, tail if shown is None else shown
         self.refresh(layout=True)
 
+    def _markdown(self, text: str, width: int) -> tuple[list[Strip], str | None]:
+        """`text` drawn at `width`, and the type of its first top-level block."""
+        markdown = StreamMarkdown(text)
+        return Visual.to_strips(self, visualize(self, markdown), width, None, self.visual_style), _first_block(markdown.parsed)
+
     def _markdown_lines(self, text: str, width: int) -> list[Strip]:
-        return Visual.to_strips(self, visualize(self, StreamMarkdown(text)), width, None, self.visual_style)
+        return self._markdown(text, width)[0]
 
     def _add_lines(self, piece: Piece, lines: list[Strip]) -> None:
-        """Append a piece's drawn lines (and the blank line after it, where it has one) to the rendered ones."""
-        lines = lines + [BLANK] if piece.gap else lines
+        """Append a piece's drawn lines to the rendered ones, after the blank line that follows the piece before
+        it where Rich would draw one (both pieces' block types are known now)."""
+        if self._counts:
+            self._blanks.append(_blank_between(self.pieces[len(self._counts) - 1], piece.ends and piece.ends[0]))
+            if self._blanks[-1]:
+                self._lines.append(BLANK)
         self._lines.extend(lines)
         self._counts.append(len(lines))
 
     def _render_to(self, width: int) -> tuple[list[Strip], list[Strip]]:
         if width != self._width:
-            self._lines, self._counts, self._rendered, self._width, self._tail_key = [], [], 0, width, None
+            self._lines, self._counts, self._blanks, self._rendered, self._width = [], [], [], 0, width
+            self._tail_key = None
         for piece in self.pieces[self._rendered:]:
             self._add_lines(piece, self._markdown_lines(piece.shown, width))
-        self._rendered = len(self.pieces)
+        if self._rendered != len(self.pieces):
+            self._rendered, self._tail_key = len(self.pieces), None
         if self._tail_key != (width, self._tail_shown):
             self._tail_key = (width, self._tail_shown)
-            self._tail_lines = self._markdown_lines(self._tail_shown, width) if self._tail_shown else []
-            self._tail_lines.append(Strip.blank(width, self.visual_style.rich_style))  # the gap to what follows
+            lines, first = self._markdown(self._tail_shown, width) if self._tail_shown else ([], None)
+            # The blank line after the last piece, as the tail's first block joins it (the tail's lines hold it).
+            lead = [BLANK] if self.pieces and self._tail_shown and _blank_between(self.pieces[-1], first) else []
+            self._tail_lines = lead + lines + [Strip.blank(width, self.visual_style.rich_style)]  # the gap to what follows
         return self._lines, self._tail_lines
 
     def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
@@ -297,7 +352,7 @@ class MarkdownBody(StreamingBody):
     def clear(self) -> None:
         """Show nothing (a stream then starts from an empty body)."""
         self.pieces, self.tail, self._tail_shown = [], "", ""
-        self._lines, self._counts, self._rendered, self._tail_key = [], [], 0, None
+        self._lines, self._counts, self._blanks, self._rendered, self._tail_key = [], [], [], 0, None
 
     def update(self, source: str) -> None:
         self.clear()
@@ -329,14 +384,14 @@ class MarkdownBody(StreamingBody):
                     kept.append((Piece("".join(run), "".join(run)), None))
                     run = []
             else:
-                kept.append((piece, self._lines[y:y + count - 1] if width else None))
-            y += count
+                kept.append((piece, self._lines[y:y + count] if width else None))
+            y += count + (width and i < len(self._blanks) and self._blanks[i])
         if rest := "".join(run) + self.tail:
             kept.append((Piece(rest, rest), None))
         # Block types as parsed when frozen; the merged pieces are parsed here.
-        gaps = joins([piece.ends or block_ends(piece.source, StreamMarkdown._parser) for piece, _ in kept])
+        ends = [piece.ends or block_ends(piece.source, StreamMarkdown._parser) for piece, _ in kept]
         self.clear()
-        self.pieces = [replace(piece, gap=gap) for (piece, _), gap in zip(kept, gaps)]
+        self.pieces = [replace(piece, gap=gap, ends=e) for (piece, _), gap, e in zip(kept, joins(ends), ends)]
         if width:
             for piece, (_, lines) in zip(self.pieces, kept):
                 self._add_lines(piece, self._markdown_lines(piece.shown, width) if lines is None else lines)
