@@ -22,6 +22,12 @@ such as q|k|v, gate|up and the head; narrowing: the rest), since the two classes
   architectures pass its weight to project_head (a tied head is the embedding table the lookup reads), and a
   prepacked parameter cannot be a traced input of the compiled step.
 
+A quantized class whose one-row product is ours also gets the row count past which its calls unpack the weights to
+bf16 for F.linear instead of its own many-row product (our int4 rows kernel, aten's int8 one): the two are raced
+at 8, 16, 32 ... 256 rows until unpacking wins, and the path records the crossing ("row/gemv-avx512vnni/unpack128";
+on a Zen 4: int8 128 rows for 5632 x 1024, 16 for 1024 x 2816, int4 64 for both), since it moves with the CPU's
+bf16 GEMM (a CPU without bf16 instructions unpacks later).
+
 The decode attention (one new token against the KV cache) is chosen the same way, per machine, dtype and head
 shape: PyTorch's SDPA or our own (csrc/attention.cpp, "attention-avx512"), timed at 512 cached tokens over
 several layers' caches (choose_attention; on a Zen 4 with Axiom's 16 x 8 heads of 64: SDPA 35-43 us a call at
@@ -79,7 +85,8 @@ log = logging.getLogger(__name__)
 
 LAYOUTS = ("row", "column", "packed", "nibbles")
 PRODUCTS = ("linear", "tiles", "packed", *cpu_gemv.PRODUCTS)
-#: The products of more than one row (a GEMV product is for one row only).
+#: The products of more than one row (a GEMV product is for one row only). A quantized class whose one-row product
+#: is ours may name "unpack<N>" instead: more than N rows unpack its weights to bf16 for F.linear (unpack_rows).
 PREFILL_PRODUCTS = ("linear", "tiles", "packed")
 CLASSES = ("widening", "narrowing")
 #: Models with fewer matrix bytes than this are not measured (default()): the demos, and the tests' models.
@@ -96,6 +103,11 @@ PREFILL_ROWS = 16
 ROUNDS = 5
 #: After the first round a candidate this many times slower than the best stops being timed.
 DROP_RATIO = 3.0
+#: Rows of x at which a quantized class's own many-row product (our int4 rows kernel, aten's int8 one) is raced
+#: against its weights unpacked to bf16 for F.linear, in order, until the unpacking wins; a matrix cut to
+#: UNPACK_RACE_BYTES of weights for it.
+UNPACK_RACE_ROWS = (8, 16, 32, 64, 128, 256)
+UNPACK_RACE_BYTES = 4 * 2**20
 
 Timer = Callable[[str, "MatrixPath", Callable[[], Any]], float]
 
@@ -109,14 +121,15 @@ class MatrixPath:
     prefill: str = "linear"
 
     def __post_init__(self) -> None:
-        if self.layout not in LAYOUTS or self.decode not in PRODUCTS or self.prefill not in PREFILL_PRODUCTS:
+        prefill_ok = self.prefill in PREFILL_PRODUCTS or (unpack_rows(self) is not None and self.decode in cpu_gemv.PRODUCTS)
+        if self.layout not in LAYOUTS or self.decode not in PRODUCTS or not prefill_ok:
             raise ValueError(f"unknown matrix path {self}: the layout is one of {', '.join(LAYOUTS)}, the products "
                              f"one of {', '.join(PRODUCTS)} (a GEMV for decode only)")
         if (self.layout == "packed") != (self.decode == "packed") or (self.layout == "packed") != (self.prefill == "packed"):
             raise ValueError(f"unknown matrix path {self}: a packed weight has one product, packed/packed/packed")
-        if self.layout == "nibbles" and (self.decode not in cpu_gemv.PRODUCTS or self.prefill != "linear"):
+        if self.layout == "nibbles" and (self.decode not in cpu_gemv.PRODUCTS or self.prefill in ("tiles", "packed")):
             raise ValueError(f"unknown matrix path {self}: int4 nibbles take one of our products for decode and "
-                             "linear for prefill")
+                             "linear or unpack<N> for prefill")
 
     def __str__(self) -> str:
         return f"{self.layout}/{self.decode}/{self.prefill}"
@@ -174,6 +187,13 @@ class KernelChoice:
                        attention=str(d.get("attention", "sdpa")))  # (cards written before it: SDPA)
         except KeyError as e:
             raise ValueError(f"a recorded kernel choice lacks {e.args[0]!r}: {dict(d)}") from None
+
+
+def unpack_rows(path: MatrixPath) -> int | None:
+    """N of a path's "unpack<N>" prefill (the most rows its quantized weights are multiplied by their own many-row
+    product), None for any other prefill."""
+    rest = path.prefill.removeprefix("unpack")
+    return int(rest) if rest != path.prefill and rest.isdigit() else None
 
 
 PACKED = MatrixPath("packed", "packed", "packed")
@@ -430,6 +450,8 @@ def _measure_class(cls: str, shape: tuple[int, int], dtype: torch.dtype, item: f
     if not timings[case]:
         return None
     best = MatrixPath.parse(min(timings[case], key=timings[case].get))
+    if dtype in (torch.int8, cpu_gemv.INT4) and best.decode in cpu_gemv.PRODUCTS:
+        return _measure_unpack(cls, best, shape, dtype, pools[best.layout][0], timer, budget_s, timings)
     if dtype != torch.bfloat16 or best.layout == "packed":  # a packed weight has one product
         return best
     rows = torch.randn(PREFILL_ROWS, shape[1]).to(dtype)
@@ -445,12 +467,50 @@ def _measure_class(cls: str, shape: tuple[int, int], dtype: torch.dtype, item: f
     return MatrixPath.parse(min(timings[case], key=timings[case].get))
 
 
+def _measure_unpack(cls: str, best: MatrixPath, shape: tuple[int, int], dtype: torch.dtype, w: Any, timer: Timer,
+                    budget_s: float, timings: dict[str, dict[str, float]]) -> MatrixPath:
+    """`best` (a quantized class's path through one of our one-row products) with the row count past which its
+    calls unpack the weights for F.linear as measured here ("unpack<N>": the most rows in UNPACK_RACE_ROWS at
+    which the class's own many-row product still won; 4 where unpacking won at the fewest); `best` itself where
+    the machine was too busy to tell. Times added to `timings`."""
+    from .quant import QuantLinear
+
+    level = cpu_gemv.PRODUCTS[best.decode]
+    if dtype == cpu_gemv.INT4:
+        packed, sz, group = w
+        rows = max(16, min(packed.shape[0], int(UNPACK_RACE_BYTES // (shape[1] / 2))))
+        layer = QuantLinear("int4", shape[1], rows, packed[:rows], sz[:rows], group, layout="nibbles")
+    else:
+        rows = max(16, min(w.shape[0], UNPACK_RACE_BYTES // shape[1]))
+        layer = QuantLinear("int8", shape[1], rows, w[:rows], torch.ones(rows, dtype=torch.bfloat16))
+    layer.gemv = level
+    crossing = 0
+    for n in UNPACK_RACE_ROWS:
+        x = torch.randn(n, shape[1]).bfloat16()
+
+        def call(limit: int) -> Callable[[], None]:
+            def run() -> None:
+                layer.unpack_rows = limit
+                layer(x)
+            return run
+        case = f"{cls} prefill {n} rows, own product or unpacked"
+        t = timings[case] = _race(case, ["own", "unpack"], {"own": call(n), "unpack": call(0)}, timer, budget_s / 2)
+        if not t:
+            return best  # too busy to tell: UNPACK_ROWS
+        # (A path dropped from the race after its first round lost it by DROP_RATIO.)
+        if t.get("unpack", math.inf) < t.get("own", math.inf):
+            break
+        crossing = n
+    return MatrixPath(best.layout, best.decode, f"unpack{crossing or UNPACK_RACE_ROWS[0] // 2}")
+
+
 def _decisions() -> DecisionFile:
     return DecisionFile(locations.cache_dir() / "kernels.json")
 
 
-#: How a recorded measurement was taken: one made another way (before flush_cache, "flushed" here) is taken again.
-METHOD = "flushed"
+#: How a recorded measurement was taken: one made another way (before flush_cache, "flushed" here; before the
+#: quantized classes' unpacking crossing, "+unpack") is taken again.
+METHOD = "flushed+unpack"
 
 
 def _method() -> str:
@@ -554,7 +614,7 @@ def _runnable(choice: KernelChoice, dtype: torch.dtype, device: torch.device) ->
             return ROW
         if p.decode in cpu_gemv.PRODUCTS and p.decode not in gemvs:
             missing.append(f"the {p.decode} product")
-            return MatrixPath(p.layout, "linear", p.prefill)
+            return MatrixPath(p.layout, "linear", "linear" if unpack_rows(p) is not None else p.prefill)
         return p
     widening, narrowing = fix(choice.widening), fix(choice.narrowing)
     attention = choice.attention
@@ -646,12 +706,13 @@ def apply_quantized(model: nn.Module, choice: KernelChoice) -> None:
     """After quantize_model: route the quantized layers' one-row calls to the product the choice names (int8: ours
     where it measured faster, else aten's; int4: ours at its level where quantize_model packed our nibbles), and
     remember the choice as `model.kernel_choice`."""
-    from .quant import QuantLinear
+    from .quant import UNPACK_ROWS, QuantLinear
 
     for m in model.modules():
         if isinstance(m, QuantLinear) and (m.mode == "int8" or m.layout == "nibbles"):
-            m.gemv = cpu_gemv.PRODUCTS.get(choice.path_for((m.out_features, m.in_features)).decode,
-                                            -1 if m.mode == "int8" else 0)
+            path = choice.path_for((m.out_features, m.in_features))
+            m.gemv = cpu_gemv.PRODUCTS.get(path.decode, -1 if m.mode == "int8" else 0)
+            m.unpack_rows = unpack_rows(path) or UNPACK_ROWS
     _route_attention(model, choice)
 
 

@@ -54,12 +54,14 @@ MIN_WEIGHTS = 4096
 FORMAT = 3
 #: int4 layouts: aten's packed one, or our nibbles (quantize_int4).
 INT4_LAYOUTS = ("aten", "nibbles")
-#: Up to this many rows of x, our nibbles are multiplied by gemv_int4 itself (every row of x against each block of
-#: weight rows read once), and int8 rows by aten's int8 product; more rows unpack the weights to bf16 for F.linear,
-#: at most UNPACK_BYTES at a time (where our extension runs). Measured on a Zen 4 (2 threads): int4, the two met
-#: at 32-64 rows on Axiom's and Huginn's shapes (5632 x 1024 at 64 rows: 3.6 ms either way; 17920 x 5280 at 16
-#: rows: 29 ms against 64); int8 at 128 rows, aten's product 10.8 ms against 4.7 (5632 x 1024), 4.8 against 2.1
-#: (1024 x 2816).
+#: Up to `QuantLinear.unpack_rows` rows of x, our nibbles are multiplied by gemv_int4 itself (every row of x against
+#: each block of weight rows read once), and int8 rows by aten's int8 product; more rows unpack the weights to bf16
+#: for F.linear, at most UNPACK_BYTES at a time (where our extension runs). The kernel choice measures where the two
+#: meet on the running machine, per class of matrix (kernels.py, a path's "unpackN" prefill); UNPACK_ROWS is the
+#: crossing used where it was not measured (a choice recorded before, a forced one). Measured on a Zen 4 (2
+#: threads): int4, the two met at 32-64 rows on Axiom's and Huginn's shapes (5632 x 1024 at 64 rows: 3.6 ms either
+#: way; 17920 x 5280 at 16 rows: 29 ms against 64); int8 at 128 rows, aten's product 10.8 ms against 4.7 (5632 x
+#: 1024), 4.8 against 2.1 (1024 x 2816). A CPU whose bf16 F.linear is slow (no bf16 instructions) meets later.
 UNPACK_ROWS = 48
 UNPACK_BYTES = 8 * 2**20
 HEAD = "<head>"
@@ -74,13 +76,15 @@ class QuantLinear(nn.Module):
 
     The packed weight and its scales are frozen parameters, so `weight_bytes()` counts what is held.
     int4 in aten's layout pads the output rows to a multiple of 16 (the packer's rule) and slices the padding off;
-    in ours (`layout` "nibbles") up to UNPACK_ROWS rows take gemv_int4 at level `gemv` (0: dequantized in fp32,
+    in ours (`layout` "nibbles") up to `unpack_rows` rows take gemv_int4 at level `gemv` (0: dequantized in fp32,
     portable), more rows F.linear on blocks of unpacked bf16 rows. An int8 layer's one-row calls take our own product
     at level `gemv` where the kernel choice measured it faster (kernels.apply_quantized; cpu_gemv.py), on the same
-    int8 rows and scales, and then more than UNPACK_ROWS rows the unpacked bf16 blocks too.
+    int8 rows and scales, and then more than `unpack_rows` rows the unpacked bf16 blocks too.
     """
 
     gemv = -1
+    #: Calls of more rows than this unpack the weights for F.linear (where our extension runs them: UNPACK_ROWS).
+    unpack_rows = UNPACK_ROWS
 
     def __init__(self, mode: str, in_features: int, out_features: int, packed: torch.Tensor,
                  scales: torch.Tensor, group_size: int = 0, bias: torch.Tensor | None = None,
@@ -110,11 +114,11 @@ class QuantLinear(nn.Module):
             # 2 and 4-34 rows on a Zen 4); such widths are the small test models', so they take the same
             # product in fp32 on every machine.
             y = F.linear(x2.float(), self.packed.float() * self.scales.float()[:, None]).to(ACT)
-        elif self.mode == "int8" and self.gemv > 0 and x2.shape[0] > UNPACK_ROWS:
+        elif self.mode == "int8" and self.gemv > 0 and x2.shape[0] > self.unpack_rows:
             y = self._unpacked_product(x2)
         elif self.mode == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.packed, self.scales)
-        elif self.layout == "nibbles" and x2.shape[0] <= UNPACK_ROWS:
+        elif self.layout == "nibbles" and x2.shape[0] <= self.unpack_rows:
             y = torch.ops.smollchat_cpu.gemv_int4(x2, self.packed, self.scales, self.group_size, self.gemv)
         elif self.layout == "nibbles":
             y = self._unpacked_product(x2)

@@ -353,3 +353,44 @@ def test_only_file_mapped_pages_are_released_and_the_values_stay(tmp_path):
     anon = torch.randn(512, 256)
     kept = anon.clone()
     assert not kernels.release_mapped(anon) and torch.equal(anon, kept)
+
+
+@pytest.mark.parametrize("mdtype", ["int8", "int4"])
+def test_a_quantized_class_on_our_product_unpacks_past_the_rows_measured_here(mdtype):
+    """Where a quantized class's one-row product is ours, the race goes on to the row count at which unpacking its
+    weights to bf16 for F.linear starts to beat the class's own many-row product (here, by a clock under which that
+    happens at 64 rows: the path says unpack32), stops there, and the layers take that crossing."""
+    from chatapp.engine.quant import QuantLinear
+
+    dtype = torch.int8 if mdtype == "int8" else cpu_gemv.INT4
+    ours = cpu_gemv.products(dtype)
+    if not ours:
+        pytest.skip("no product of ours for these weights here (no C++ compiler, or no AVX2)")
+    layout = "row" if mdtype == "int8" else "nibbles"
+    calls = []
+
+    def timer(case, path, fn):
+        calls.append(case)
+        if " decode " in case:
+            return 0.001 if str(path) == f"{layout}/{ours[0]}/linear" else 0.002
+        rows = int(case.split(" prefill ")[1].split()[0])
+        return 0.001 if path == ("unpack" if rows >= 64 else "own") else 0.002
+    chosen, timings = kernels.measure({"widening": (256, 128)}, dtype, timer)
+    path = chosen["widening"]
+    assert str(path) == f"{layout}/{ours[0]}/unpack32" and kernels.unpack_rows(path) == 32
+    assert [c for c in timings if "prefill" in c] == [f"widening prefill {n} rows, own product or unpacked"
+                                                      for n in (8, 16, 32, 64)]
+    # The layers of a model take it: 33 rows and more unpack.
+    layer = QuantLinear("int8", 128, 256, torch.ones(256, 128, dtype=torch.int8), torch.ones(256, dtype=torch.bfloat16))
+    model = torch.nn.Sequential(layer)
+    kernels.apply_quantized(model, kernels.KernelChoice("float32", path, path, "test"))
+    assert layer.unpack_rows == 32
+
+
+def test_an_unpacking_crossing_is_a_path_of_our_quantized_products_only():
+    assert kernels.MatrixPath.parse("row/gemv-avx2/unpack16").prefill == "unpack16"
+    assert kernels.unpack_rows(kernels.MatrixPath.parse("nibbles/gemv-avx2-q8/unpack64")) == 64
+    assert kernels.unpack_rows(kernels.MatrixPath()) is None
+    for text in ("row/linear/unpack16", "row/gemv-avx2/unpackx", "packed/packed/unpack8"):
+        with pytest.raises(ValueError):
+            kernels.MatrixPath.parse(text)
