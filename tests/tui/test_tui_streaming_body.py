@@ -169,10 +169,8 @@ async def test_a_long_streamed_reply_is_one_widget_drawn_as_its_pieces_and_drops
         width = body.size.width
         expected = []
         for i, piece in enumerate(body.pieces):
-            static_lines = app.console.render_lines(RichMarkdown(piece.shown, hyperlinks=False),
-                                                    app.console.options.update_width(width))
             expected += [""] if i and _blank_between(body.pieces[i - 1], piece.ends and piece.ends[0]) else []
-            expected += ["".join(seg.text for seg in line).rstrip() for line in static_lines]
+            expected += rich_lines(app, piece.shown, width)
         drawn = [body.render_line(y).text.rstrip() for y in range(len(expected))]
         assert drawn == expected
         assert "Part 0" in drawn[0]
@@ -192,8 +190,7 @@ async def test_a_long_streamed_reply_is_one_widget_drawn_as_its_pieces_and_drops
         assert len(view.query("*")) <= most_widgets  # no widget a block, unlike Textual's Markdown widget
         # The finished body is the whole text drawn as Rich draws it, once, then the gap to what follows.
         width = body.size.width
-        lines = app.console.render_lines(RichMarkdown(text, hyperlinks=False), app.console.options.update_width(width))
-        expected = ["".join(seg.text for seg in line).rstrip() for line in lines] + [""]
+        expected = rich_lines(app, text, width) + [""]
         assert body.get_content_height(body.size, body.size, width) == len(expected)
         assert [body.render_line(y).text.rstrip() for y in range(len(expected))] == expected
 
@@ -247,6 +244,12 @@ def mixed_text() -> str:
     return "\n\n".join(blocks)
 
 
+def rich_lines(app, text: str, width: int) -> list[str]:
+    """`text` rendered whole by Rich's Markdown at `width`: the lines' text, trailing spaces dropped."""
+    lines = app.console.render_lines(RichMarkdown(text, hyperlinks=False), app.console.options.update_width(width))
+    return ["".join(seg.text for seg in line).rstrip() for line in lines]
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("trimmed", [False, True])
 async def test_the_end_of_a_stream_draws_as_a_full_render_and_renders_only_its_split_blocks_and_tail(monkeypatch,
@@ -280,9 +283,7 @@ async def test_the_end_of_a_stream_draws_as_a_full_render_and_renders_only_its_s
         await pilot.pause()
         final = message.content
         width = body.size.width
-        lines = app.console.render_lines(RichMarkdown(final, hyperlinks=False),
-                                         app.console.options.update_width(width))
-        expected = ["".join(seg.text for seg in line).rstrip() for line in lines] + [""]
+        expected = rich_lines(app, final, width) + [""]
         assert body.source == final
         assert body.get_content_height(body.size, body.size, width) == len(expected)
         assert [body.render_line(y).text.rstrip() for y in range(len(expected))] == expected
@@ -294,9 +295,7 @@ async def test_the_end_of_a_stream_draws_as_a_full_render_and_renders_only_its_s
         await pilot.resize_terminal(60, 30)
         await pilot.pause()
         width = body.size.width
-        lines = app.console.render_lines(RichMarkdown(final, hyperlinks=False),
-                                         app.console.options.update_width(width))
-        expected = ["".join(seg.text for seg in line).rstrip() for line in lines] + [""]
+        expected = rich_lines(app, final, width) + [""]
         assert [body.render_line(y).text.rstrip() for y in range(len(expected))] == expected
 
 
@@ -319,9 +318,7 @@ async def test_while_streaming_the_blank_lines_between_blocks_are_those_of_a_ful
             await pilot.pause()
             body = view.body
             width = body.size.width
-            lines = app.console.render_lines(RichMarkdown(message.content, hyperlinks=False),
-                                             app.console.options.update_width(width))
-            expected = ["".join(seg.text for seg in line).rstrip() for line in lines] + [""]
+            expected = rich_lines(app, message.content, width) + [""]
             drawn = [body.render_line(y).text.rstrip() for y in range(body.get_content_height(body.size, body.size, width))]
             assert drawn == expected, f"after {len(message.content)} characters"
         assert len(body.pieces) > 40
