@@ -1,8 +1,8 @@
 """The compiled decode step: one token through `torch.compile` (inductor), CPU C++ or a CUDA graph, or, for an
 architecture with a fused CPU step (Axiom: dense_step.py, one C++ op a token), through that op instead of inductor.
 The fused step is measured against eager and recorded like a compile, under its own key (with the build of our
-kernels), and it costs no compile: on Axiom-380M int8 it took 14.2 ms a token where the inductor step took 15.0 and
-eager 20.7 (2-vCPU Zen 4, one process, bench/README.md).
+kernels), and it costs no compile: on Axiom-380M int8 it took 15.8 ms a token where the inductor step took 17.6 and
+eager 22.7 (2-vCPU Zen 4, one process: bench/README.md, fifth pass).
 
 Only the one-token forward is compiled; prefill stays eager. The step is the model's own forward, so the
 compiled and eager paths share every line of the architecture. The KV length is the one thing that changes
@@ -292,7 +292,8 @@ def decode_step(model, arch: str, state: StateList, device: torch.device, dtype:
         backend = "cuda graphs" if device.type == "cuda" else "inductor cpp" + (", frozen" if freezing else "")
     compile_s, eager_ms, compiled_ms = warm_up(step, state, device, measure=measure)
     if step.failed:
-        return eager, CompileReport(mode, False, f"compile failed: {step.failed}")
+        what = "the fused step" if fused is not None else "compile"
+        return eager, CompileReport(mode, False, f"{what} failed: {step.failed}")
     if measure and math.isnan(compiled_ms):
         # Too busy to time: compiled for this load (it measured faster at real size wherever it was measured:
         # bench/README.md), nothing recorded, so the next load measures again.
