@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 #include <torch/custom_class.h>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "ops.h"
@@ -76,18 +77,18 @@ class DenseStep : public torch::CustomClassHolder {
   DenseStep(int64_t n_heads, int64_t n_kv, int64_t head_dim, int64_t ffn_dim, double eps, int64_t attention,
             std::vector<at::Tensor> norms, std::vector<at::Tensor> weights, std::vector<at::Tensor> scales,
             std::vector<int64_t> meta)
-      : H_(n_heads), Hkv_(n_kv), hd_(head_dim), F_(ffn_dim), eps_(eps), attention_(attention), norms_(std::move(norms)) {
+      : H_(n_heads), Hkv_(n_kv), hd_(head_dim), F_(ffn_dim), eps_(eps), attention_(attention) {
     const int64_t n = static_cast<int64_t>(weights.size());
     TORCH_CHECK(n >= 5 && (n - 1) % 4 == 0 && static_cast<int64_t>(scales.size()) == n &&
                     static_cast<int64_t>(meta.size()) == 4 * n,
                 "DenseStep: four products a layer and a head, each with its scales and (kind, level, group, out)");
     layers_ = (n - 1) / 4;
-    TORCH_CHECK(static_cast<int64_t>(norms_.size()) == 2 * layers_ + 1, "DenseStep: two norms a layer and a final one");
+    TORCH_CHECK(static_cast<int64_t>(norms.size()) == 2 * layers_ + 1, "DenseStep: two norms a layer and a final one");
     TORCH_CHECK(n_kv > 0 && n_heads % n_kv == 0 && head_dim % 2 == 0, "DenseStep: query heads a multiple of kv heads, even head width");
     for (int64_t i = 0; i < n; ++i)
       products_.push_back(Product{meta[4 * i], meta[4 * i + 1], meta[4 * i + 2], meta[4 * i + 3], weights[i], scales[i]});
-    dim_ = norms_[0].numel();
-    for (auto& w : norms_) {
+    dim_ = norms[0].numel();
+    for (const auto& w : norms) {  // their values, once, in fp32
       TORCH_CHECK(w.numel() == dim_ && w.is_contiguous(), "DenseStep: every norm weight has the model's width");
       std::vector<float> f(dim_);
       read(w, f.data());
@@ -166,8 +167,6 @@ class DenseStep : public torch::CustomClassHolder {
     return logits.to(at::kFloat).view({1, 1, -1});
   }
 
-  int64_t layers() const { return layers_; }
-
  private:
   // out = round(round(x * rsqrt(mean(x^2) + eps)) * w), as layers.rms_norm (the weight after the cast back).
   void norm(const float* x, const std::vector<float>& w, bool bf16, at::Tensor& out) const {
@@ -183,7 +182,6 @@ class DenseStep : public torch::CustomClassHolder {
   double eps_;
   int64_t attention_;
   int64_t layers_ = 0, dim_ = 0;
-  std::vector<at::Tensor> norms_;
   std::vector<std::vector<float>> norm_values_;
   std::vector<Product> products_;
   std::vector<at::Tensor> ks_, vs_;
@@ -194,6 +192,5 @@ TORCH_LIBRARY_FRAGMENT(smollchat_cpu, m) {
       .def(torch::init<int64_t, int64_t, int64_t, int64_t, double, int64_t, std::vector<at::Tensor>,
                        std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>>())
       .def("bind", &DenseStep::bind)
-      .def("step", &DenseStep::step)
-      .def("layers", &DenseStep::layers);
+      .def("step", &DenseStep::step);
 }
