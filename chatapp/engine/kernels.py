@@ -478,10 +478,10 @@ def _measure_unpack(cls: str, best: MatrixPath, shape: tuple[int, int], dtype: t
     level = cpu_gemv.PRODUCTS[best.decode]
     if dtype == cpu_gemv.INT4:
         packed, sz, group = w
-        rows = max(16, min(packed.shape[0], int(UNPACK_RACE_BYTES // (shape[1] / 2))))
+        rows = min(packed.shape[0], max(16, int(UNPACK_RACE_BYTES // (shape[1] / 2))))
         layer = QuantLinear("int4", shape[1], rows, packed[:rows], sz[:rows], group, layout="nibbles")
     else:
-        rows = max(16, min(w.shape[0], UNPACK_RACE_BYTES // shape[1]))
+        rows = min(w.shape[0], max(16, UNPACK_RACE_BYTES // shape[1]))
         layer = QuantLinear("int8", shape[1], rows, w[:rows], torch.ones(rows, dtype=torch.bfloat16))
     layer.gemv = level
     crossing = 0
