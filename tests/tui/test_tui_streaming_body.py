@@ -322,3 +322,34 @@ async def test_while_streaming_the_blank_lines_between_blocks_are_those_of_a_ful
             drawn = [body.render_line(y).text.rstrip() for y in range(body.get_content_height(body.size, body.size, width))]
             assert drawn == expected, f"after {len(message.content)} characters"
         assert len(body.pieces) > 40
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("end", ["finish", "unmount"])
+async def test_a_streaming_reply_keeps_its_drawn_lines_out_of_the_collector_s_passes_until_it_ends(end):
+    """While a reply streams, what is alive as its blocks freeze (their drawn lines among it) is frozen out of the
+    cyclic collector's passes (gc.freeze), which otherwise walked every line of a long reply again and again; the
+    end of the stream, or the view's removal mid-stream, gives it all back."""
+    import gc
+
+    text = reply_text(40)
+    message = Message(id="r1", parent_id=None, role="assistant", content="", created_at=0.0, status="streaming")
+    app = Host(message)
+    assert gc.get_freeze_count() == 0
+    async with app.run_test(size=(90, 30)) as pilot:
+        view = app.query_one(MessageView)
+        await pilot.pause()
+        for start in range(0, len(text), 300):
+            message.content += text[start:start + 300]
+            await view.write(text[start:start + 300])
+            await pilot.pause()
+        frozen = gc.get_freeze_count()
+        strip = view.body._lines[0]
+        assert frozen > 0 and not any(o is strip for o in gc.get_objects())  # frozen objects are not tracked
+        if end == "finish":
+            message.status = "ok"
+            await view.finish()
+        else:
+            await view.remove()
+        await pilot.pause()
+        assert gc.get_freeze_count() == 0

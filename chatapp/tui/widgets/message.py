@@ -7,6 +7,7 @@ string here comes from a user or a model, so it reaches the screen through `text
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 from textual import events
@@ -74,6 +75,7 @@ class MessageView(Vertical):
         """(index, count) among the message's siblings: a branch point when count > 1."""
         self.selected = False
         self._open: OpenTail | None = None
+        self._froze = False  # gc.freeze() called for this stream, not yet undone
         self._live_figures = ""
 
     def compose(self) -> ComposeResult:
@@ -185,6 +187,23 @@ class MessageView(Vertical):
             body.clear()
         pieces = self._open.add(text)
         body.show(pieces, self._open.source, self._open.shown)
+        if pieces:
+            # A long reply's drawn lines are long-lived objects by the hundred thousand, and each full pass of the
+            # cyclic garbage collector walks them all: at 20,000 tokens such passes stopped the UI for 0.2-0.6 s
+            # several times a reply (bench/tui.md). Frozen (gc.freeze: moved out of the collector's generations,
+            # in constant time), they are skipped; the end of the stream hands them back (_thaw).
+            gc.freeze()
+            self._froze = True
+
+    def _thaw(self) -> None:
+        """Give the objects frozen while this reply streamed back to the collector (garbage among them, such as
+        cycles that died meanwhile, is collected by its next full pass)."""
+        if self._froze:
+            gc.unfreeze()
+            self._froze = False
+
+    def on_unmount(self) -> None:
+        self._thaw()  # a view removed while streaming (the chat closed, the reply deleted)
 
     async def finish(self) -> None:
         """Draw the stored text as a finished reply is drawn (MarkdownBody.settle: the blocks frozen while
@@ -194,4 +213,5 @@ class MessageView(Vertical):
         if self.message.role == "assistant":
             self._open = None
             self.body.settle(displayable(self.message.content or ""))
+        self._thaw()  # once the reply's last lines are rendered
         self.refresh_message()
