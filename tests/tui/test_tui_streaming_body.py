@@ -132,6 +132,15 @@ def test_the_shared_parser_draws_as_rich_does():
     assert console.render_lines(StreamMarkdown(text)) == console.render_lines(RichMarkdown(text, hyperlinks=False))
 
 
+async def streamed(view: MessageView, message: Message, text: str, step: int):
+    """Write `text` into the streaming `view` `step` characters at a time, the message's content first, as the
+    generation worker does; yields after each write."""
+    for start in range(0, len(text), step):
+        message.content += text[start:start + step]
+        await view.write(text[start:start + step])
+        yield
+
+
 class Host(App):
     def __init__(self, message: Message) -> None:
         super().__init__()
@@ -151,9 +160,7 @@ async def test_a_long_streamed_reply_is_one_widget_drawn_as_its_pieces_and_drops
         view = app.query_one(MessageView)
         await pilot.pause()
         step, most_widgets, longest_tail = 700, 0, 0
-        for start in range(0, len(text), step):
-            message.content += text[start:start + step]
-            await view.write(text[start:start + step])
+        async for _ in streamed(view, message, text, step):
             body = view.query_one(StreamingBody)
             most_widgets = max(most_widgets, len(view.query("*")))
             longest_tail = max(longest_tail, len(body.tail))
@@ -260,9 +267,8 @@ async def test_the_end_of_a_stream_draws_as_a_full_render_and_renders_only_its_s
     async with app.run_test(size=(90, 30)) as pilot:
         view = app.query_one(MessageView)
         await pilot.pause()
-        for start in range(0, len(text), 40):
-            message.content += text[start:start + 40]
-            await view.write(text[start:start + 40])
+        async for _ in streamed(view, message, text, 40):
+            pass
         await pilot.pause()
         body = view.body
         pieces = body.pieces
@@ -312,9 +318,7 @@ async def test_while_streaming_the_blank_lines_between_blocks_are_those_of_a_ful
     async with app.run_test(size=(70, 30)) as pilot:
         view = app.query_one(MessageView)
         await pilot.pause()
-        for start in range(0, len(text), 9):
-            message.content += text[start:start + 9]
-            await view.write(text[start:start + 9])
+        async for _ in streamed(view, message, text, 9):
             await pilot.pause()
             body = view.body
             width = body.size.width
@@ -339,9 +343,7 @@ async def test_a_streaming_reply_keeps_its_drawn_lines_out_of_the_collector_s_pa
     async with app.run_test(size=(90, 30)) as pilot:
         view = app.query_one(MessageView)
         await pilot.pause()
-        for start in range(0, len(text), 300):
-            message.content += text[start:start + 300]
-            await view.write(text[start:start + 300])
+        async for _ in streamed(view, message, text, 300):
             await pilot.pause()
         frozen = gc.get_freeze_count()
         strip = view.body._lines[0]
