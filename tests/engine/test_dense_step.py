@@ -3,6 +3,7 @@ reference fixture's greedy ids and step logits through every product and attenti
 logits against the same quantized modules run eager, and eager (never a crash) where it cannot run or fails."""
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -64,7 +65,7 @@ def test_the_reference_fixture_decodes_its_greedy_ids_through_the_fused_step(ext
         pytest.skip(f"this machine (or its kernel family) has no {' and no '.join(missing)}")
     d = fixtures_root / "axiom"
     golden = load_file(str(d / "golden.safetensors"))
-    tol = __import__("json").loads((d / "golden.json").read_text())["suggested_tolerance"]["greedy_step_logits_fp32"]
+    tol = json.loads((d / "golden.json").read_text())["suggested_tolerance"]["greedy_step_logits_fp32"]
     model = load_model(d, kernels={"dtype": "float32", "widening": path, "narrowing": path, "attention": attention})
     fused = _fused(model, torch.float32)
     expected = golden["greedy_ids"][0].tolist()
